@@ -1,0 +1,41 @@
+#!/bin/sh
+# Set-up and entry points: ./dev.sh run [train flags...] | ./dev.sh test [pytest args...]
+# Each command creates .venv and installs the project from pyproject.toml when needed
+# (again whenever pyproject.toml changes).
+set -eu
+cd "$(dirname "$0")"
+VENV=.venv
+
+setup() {
+    stamp="$VENV/.installed-$(cksum < pyproject.toml | cut -d' ' -f1)"
+    [ -f "$stamp" ] && return 0
+    python=$(command -v python3.11 || command -v python3) || {
+        echo "error: python3.11 (or python3) is needed on PATH" >&2
+        exit 2
+    }
+    echo "setting up $VENV with $python (first run, or pyproject.toml changed)..." >&2
+    "$python" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    "$VENV/bin/python" -m pip install --quiet -e '.[test]'
+    rm -f "$VENV"/.installed-*
+    touch "$stamp"
+}
+
+command=${1:-}
+[ $# -gt 0 ] && shift
+case "$command" in
+    run)
+        setup
+        exec "$VENV/bin/python" -m research train "$@"
+        ;;
+    test)
+        setup
+        "$VENV/bin/ruff" check .
+        "$VENV/bin/ruff" format --check .
+        exec "$VENV/bin/python" -m pytest "$@"
+        ;;
+    *)
+        echo "usage: ./dev.sh run [train flags...] | ./dev.sh test [pytest args...]" >&2
+        exit 2
+        ;;
+esac

@@ -1,0 +1,1 @@
+"""An autograd-verified research testbed: a numpy MLP with handwritten backprop."""

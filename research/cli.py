@@ -1,0 +1,339 @@
+"""Command line: ``python -m research {train,gradcheck} ...``.
+
+User mistakes (bad flags, missing data, an unreachable tracking store) end with one message on
+stderr and exit code 2, never a traceback. A run that diverges exits 1; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from research.train import PRESETS, DivergenceError, EpochMetrics, TrainConfig
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line, exit code 2."""
+
+
+def _add_data_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mnist-dir",
+        help="folder holding the four MNIST IDX files (.gz or raw), for offline use; "
+        "default $RESEARCH_MNIST_DIR, else download through tensorflow-datasets",
+    )
+    parser.add_argument(
+        "--data-dir",
+        help="where the prepared dataset and its cache live; default $RESEARCH_DATA_DIR, "
+        "else ~/.cache/research",
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m research",
+        description="A numpy MLP with handwritten backprop, verified against JAX.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train",
+        help="train one network on MNIST and log it to MLflow",
+        description="Train one network on MNIST (train split), report validation metrics per "
+        "epoch, and log the run to MLflow.",
+    )
+    train.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="default",
+        help="starting configuration: 'seed' is the origin program's, 'default' a modern one",
+    )
+    fields = TrainConfig.__dataclass_fields__
+    for name, flags, kind, extra in (
+        ("hidden_size", ["--hidden-size", "--hidden"], int, {}),
+        ("n_hidden_layers", ["--n-hidden-layers"], int, {}),
+        ("activation", ["--activation"], str, {"choices": ["sigmoid", "tanh", "relu"]}),
+        ("output", ["--output"], str, {"choices": ["sigmoid", "softmax", "identity"]}),
+        ("loss", ["--loss"], str, {"choices": ["mse", "cross_entropy", "bce"]}),
+        ("l2", ["--l2"], float, {}),
+        ("init", ["--init"], str, {"choices": ["normal", "xavier", "he"]}),
+        ("optimizer", ["--optimizer"], str, {"choices": ["sgd", "momentum", "adam"]}),
+        ("learning_rate", ["--learning-rate", "--lr"], float, {}),
+        ("momentum", ["--momentum"], float, {}),
+        ("batch_size", ["--batch-size"], int, {}),
+        ("epochs", ["--epochs"], int, {}),
+        ("seed", ["--seed"], int, {}),
+        ("dtype", ["--dtype"], str, {"choices": ["float32", "float64"]}),
+    ):
+        default = fields[name].default
+        train.add_argument(
+            *flags, dest=name, type=kind, default=None, help=f"(default preset: {default})", **extra
+        )
+    train.add_argument(
+        "--nesterov",
+        dest="nesterov",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Nesterov momentum (momentum optimizer only)",
+    )
+    train.add_argument(
+        "--raw",
+        dest="raw_inputs",
+        action="store_true",
+        default=None,
+        help="feed raw 0..255 pixels, as the origin did (default: scaled to [0, 1])",
+    )
+    train.add_argument(
+        "--subset",
+        type=int,
+        metavar="N",
+        help="train on the first N training rows only (quick looks and tests)",
+    )
+    train.add_argument(
+        "--evaluate-test",
+        action="store_true",
+        help="evaluate the final model once on the test split (never used for choices)",
+    )
+    train.add_argument("--experiment", default="train", help="MLflow experiment (default: train)")
+    train.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db",
+    )
+    train.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_data_flags(train)
+
+    check = commands.add_parser(
+        "gradcheck",
+        help="compare numpy's handwritten gradients with JAX autodiff, per layer",
+        description="Compare the handwritten numpy gradients with JAX autodiff on one batch, "
+        "per layer and array; exits 1 if any array is outside tolerance.",
+    )
+    check.add_argument("--preset", choices=sorted(PRESETS), default="seed")
+    check.add_argument("--hidden-size", "--hidden", dest="hidden_size", type=int)
+    check.add_argument("--n-hidden-layers", dest="n_hidden_layers", type=int)
+    check.add_argument("--activation", choices=["sigmoid", "tanh", "relu"])
+    check.add_argument("--output", choices=["sigmoid", "softmax", "identity"])
+    check.add_argument("--loss", choices=["mse", "cross_entropy", "bce"])
+    check.add_argument("--l2", type=float)
+    check.add_argument("--init", choices=["normal", "xavier", "he"])
+    check.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    check.add_argument("--batch-size", dest="batch_size", type=int, default=256)
+    check.add_argument("--seed", type=int, default=0)
+    check.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="use a random batch instead of real MNIST (no data needed)",
+    )
+    check.add_argument("--rtol", type=float, help="default 1e-10 (float64), 1e-4 (float32)")
+    check.add_argument("--atol", type=float, help="default 1e-12 (float64), 1e-5 (float32)")
+    _add_data_flags(check)
+    return parser
+
+
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+    overrides = {
+        name: getattr(args, name)
+        for name in TrainConfig.field_names()
+        if getattr(args, name, None) is not None
+    }
+    base = PRESETS[args.preset]
+    try:
+        return replace(base, **overrides)
+    except ValueError as error:
+        raise UserError(f"invalid training configuration: {error}") from None
+
+
+def _load_data(args: argparse.Namespace, raw: bool):
+    from research.data import DataError, load_mnist
+
+    try:
+        return load_mnist(args.mnist_dir, args.data_dir, raw=raw)
+    except DataError as error:
+        raise UserError(str(error)) from None
+
+
+def _epoch_row(metrics: EpochMetrics) -> str:
+    return (
+        f"{metrics.epoch:>5}  {metrics.train_loss:>10.4f}  {metrics.val_loss:>10.4f}  "
+        f"{100 * metrics.val_accuracy:>11.2f}%  {metrics.seconds:>7.2f}s"
+    )
+
+
+EPOCH_HEADER = (
+    f"{'epoch':>5}  {'train/loss':>10}  {'val/loss':>10}  {'val/accuracy':>12}  {'time':>8}"
+)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from research import train as training
+    from research.figures import save_loss_curves
+    from research.tracking import TrackingError, save_weights, start_training_run
+
+    config = _config_from_args(args)
+    if config.optimizer != "momentum" and args.nesterov:
+        raise UserError("--nesterov applies only to --optimizer momentum")
+    data = _load_data(args, config.raw_inputs)
+    x_train, labels_train = data.train.x, data.train.labels
+    if args.subset is not None:
+        if not 1 <= args.subset <= len(x_train):
+            raise UserError(f"--subset {args.subset} must be between 1 and {len(x_train)}")
+        x_train, labels_train = x_train[: args.subset], labels_train[: args.subset]
+    if config.batch_size > len(x_train):
+        raise UserError(
+            f"--batch-size {config.batch_size} is larger than the {len(x_train)} training rows"
+        )
+    spec = config.spec()
+    print(
+        f"training {'x'.join(map(str, spec.sizes))} {config.activation}/{config.output}/"
+        f"{config.loss}, {config.optimizer} learning_rate={config.learning_rate:g}, "
+        f"batch_size={config.batch_size}, {config.epochs} epochs, {config.dtype} "
+        f"(preset {args.preset}; {spec.n_params:,} parameters)"
+    )
+
+    run = None
+    if not args.no_track:
+        try:
+            run = start_training_run(
+                args.experiment,
+                tags={"preset": args.preset, "command": "train"},
+                tracking_uri=args.tracking_uri,
+            )
+            run.log_params(
+                {**config.as_params(), "sizes": list(spec.sizes), "n_train_rows": len(x_train)}
+            )
+        except TrackingError as error:
+            raise UserError(str(error)) from None
+
+    progress = tqdm(
+        total=config.epochs, unit="epoch", disable=args.quiet, leave=False, dynamic_ncols=True
+    )
+    tqdm.write(EPOCH_HEADER)
+
+    def on_step(epoch: int, step: int, steps: int) -> None:
+        if step % 20 == 0 or step == steps:
+            progress.set_postfix_str(f"step {step}/{steps}", refresh=False)
+            progress.update(0)
+
+    def on_epoch(metrics: EpochMetrics, params) -> None:
+        progress.update(1)
+        tqdm.write(_epoch_row(metrics))
+        if run is not None:
+            run.log_metrics(metrics.as_metrics(), step=metrics.epoch)
+
+    started = time.perf_counter()
+    status = "FAILED"
+    try:
+        result = training.train(
+            config,
+            x_train,
+            labels_train,
+            data.validation.x,
+            data.validation.labels,
+            on_epoch=on_epoch,
+            on_step=None if args.quiet else on_step,
+        )
+        status = "FINISHED"
+    except DivergenceError as error:
+        progress.close()
+        if run is not None:
+            run.set_tags({"diverged": str(error)})
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        status = "KILLED"
+        progress.close()
+        print("interrupted; the MLflow run is marked KILLED", file=sys.stderr)
+        return 130
+    finally:
+        if run is not None and status != "FINISHED":
+            run.finish(status)
+    progress.close()
+    wall = time.perf_counter() - started
+
+    last = result.history[-1]
+    best = max(result.history, key=lambda m: m.val_accuracy)
+    print(
+        f"done in {wall:.1f} s: val/accuracy {100 * last.val_accuracy:.2f}% after {last.epoch} "
+        f"epochs (best {100 * best.val_accuracy:.2f}% at epoch {best.epoch})"
+    )
+    summary = {"wall_seconds": wall, "n_params": float(spec.n_params)}
+    if args.evaluate_test:
+        test_loss, test_accuracy = training.evaluate(
+            result.params, data.test.x, data.test.labels, spec
+        )
+        print(f"test accuracy (evaluated once, at the end): {100 * test_accuracy:.2f}%")
+        summary.update({"test_accuracy": test_accuracy, "test_loss": test_loss})
+
+    if run is not None:
+        run.log_metrics(summary, step=last.epoch)
+        with tempfile.TemporaryDirectory() as folder:
+            curve = save_loss_curves(
+                result.history, Path(folder) / "loss_curves.png", title=f"run {run.run_id[:8]}"
+            )
+            weights = Path(folder) / "weights.npz"
+            save_weights(weights, result.params, spec)
+            run.log_artifact(curve)
+            run.log_artifact(weights)
+        run.finish("FINISHED")
+        print(f"MLflow run {run.run_id} in experiment '{args.experiment}'")
+        print(f"browse it: {run.ui_hint}")
+    return 0
+
+
+def _run_gradcheck(args: argparse.Namespace) -> int:
+    from research.data import one_hot
+    from research.gradcheck import TOLERANCES, format_table, gradcheck
+    from research.mlp import init_params
+
+    config = _config_from_args(args)
+    spec = config.spec()
+    dtype = np.dtype(args.dtype)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size} is not allowed; give an integer >= 1")
+    if args.synthetic:
+        rng = np.random.default_rng(args.seed)
+        x = rng.random((args.batch_size, spec.sizes[0]))
+        labels = rng.integers(0, spec.sizes[-1], args.batch_size)
+        source = "a random batch"
+    else:
+        data = _load_data(args, config.raw_inputs)
+        x, labels = data.train.x[: args.batch_size], data.train.labels[: args.batch_size]
+        source = f"the first {len(x)} MNIST training rows"
+    x = np.asarray(x, dtype=dtype)
+    y = one_hot(labels, spec.sizes[-1], dtype=dtype)
+    params = init_params(spec, args.seed, dtype=dtype, scheme=config.init)
+    rtol_default, atol_default = TOLERANCES[dtype.name]
+    rtol = args.rtol if args.rtol is not None else rtol_default
+    atol = args.atol if args.atol is not None else atol_default
+    print(
+        f"gradcheck: {'x'.join(map(str, spec.sizes))} {spec.activation}/{spec.output}/{spec.loss}"
+        f" l2={spec.l2:g}, {dtype.name}, {config.init} init (seed {args.seed}), on {source}"
+    )
+    started = time.perf_counter()
+    rows = gradcheck(params, x, y, spec, rtol=rtol, atol=atol)
+    print(format_table(rows, rtol, atol))
+    print(f"({time.perf_counter() - started:.1f} s, including JAX compilation)")
+    return 0 if all(row.passed for row in rows) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return _run_train(args)
+        return _run_gradcheck(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE

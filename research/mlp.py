@@ -1,0 +1,314 @@
+"""The multilayer perceptron: its spec, numpy forward pass and handwritten backprop.
+
+Pure functions over a parameter list ``[{"W": (n_in, n_out), "b": (n_out,)}, ...]``, one dict per
+layer. Everything is vectorized over the batch (rows of ``x``), works at any depth, keeps the dtype
+of the parameters (float32 in, float32 out) and stays finite for pre-activations up to |z| ~ 1e3.
+
+The losses, for a batch of B rows, targets ``y`` and outputs ``a`` (k indexes the output units):
+
+- ``mse``:           (1/B) Σ_b ½ Σ_k (a_bk − y_bk)²        (the origin program's update rule)
+- ``cross_entropy``: −(1/B) Σ_b Σ_k y_bk log softmax(z)_bk  (from logits, log-sum-exp)
+- ``bce``:           −(1/B) Σ_b Σ_k [y log a + (1−y) log(1−a)], a = sigmoid(z) (from logits)
+
+plus (l2/2) Σ_layers ‖W‖² over the weights (not the biases).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+Params = list[dict[str, np.ndarray]]
+
+ACTIVATIONS = ("sigmoid", "tanh", "relu")
+OUTPUTS = ("sigmoid", "softmax", "identity")
+LOSSES = ("mse", "cross_entropy", "bce")
+INIT_SCHEMES = ("normal", "xavier", "he")
+# A loss computed from logits only makes sense with the output it was derived for.
+LOSS_NEEDS_OUTPUT = {"cross_entropy": "softmax", "bce": "sigmoid"}
+
+
+@dataclass(frozen=True)
+class MLPSpec:
+    """What the network is: layer widths, nonlinearities, loss and weight decay.
+
+    Attributes:
+        sizes: layer widths from input to output, e.g. ``(784, 30, 10)``; at least two.
+        activation: hidden-layer nonlinearity, one of ``sigmoid``, ``tanh``, ``relu``.
+        output: output-layer nonlinearity, one of ``sigmoid``, ``softmax``, ``identity``.
+        loss: ``mse``, ``cross_entropy`` (needs ``softmax``) or ``bce`` (needs ``sigmoid``).
+        l2: weight-decay coefficient ≥ 0; adds (l2/2) Σ ‖W‖² to the loss.
+    """
+
+    sizes: tuple[int, ...]
+    activation: Literal["sigmoid", "tanh", "relu"]
+    output: Literal["sigmoid", "softmax", "identity"]
+    loss: Literal["mse", "cross_entropy", "bce"]
+    l2: float = 0.0
+
+    def __post_init__(self) -> None:
+        try:
+            sizes = tuple(self.sizes)
+        except TypeError:
+            raise ValueError(
+                f"MLPSpec.sizes={self.sizes!r} is not a sequence; "
+                "give layer widths from input to output, e.g. (784, 30, 10)"
+            ) from None
+        if len(sizes) < 2 or not all(
+            isinstance(n, int | np.integer) and not isinstance(n, bool) and n >= 1 for n in sizes
+        ):
+            raise ValueError(
+                f"MLPSpec.sizes={self.sizes!r} is invalid; allowed: at least two positive "
+                "integers (input width, ..., output width), e.g. (784, 30, 10)"
+            )
+        object.__setattr__(self, "sizes", tuple(int(n) for n in sizes))
+        for field, value, allowed in (
+            ("activation", self.activation, ACTIVATIONS),
+            ("output", self.output, OUTPUTS),
+            ("loss", self.loss, LOSSES),
+        ):
+            if value not in allowed:
+                raise ValueError(
+                    f"MLPSpec.{field}={value!r} is not allowed; choose one of {', '.join(allowed)}"
+                )
+        needed = LOSS_NEEDS_OUTPUT.get(self.loss)
+        if needed is not None and self.output != needed:
+            raise ValueError(
+                f"MLPSpec.loss={self.loss!r} needs output={needed!r}, got output={self.output!r}; "
+                f"use output={needed!r} or loss='mse'"
+            )
+        if (
+            isinstance(self.l2, bool)
+            or not isinstance(self.l2, int | float | np.floating | np.integer)
+            or not np.isfinite(self.l2)
+            or self.l2 < 0
+        ):
+            raise ValueError(f"MLPSpec.l2={self.l2!r} is not allowed; give a finite number >= 0")
+        object.__setattr__(self, "l2", float(self.l2))
+
+    @property
+    def n_layers(self) -> int:
+        """Number of weight layers (hidden layers + 1)."""
+        return len(self.sizes) - 1
+
+    @property
+    def n_params(self) -> int:
+        """Total count of weights and biases."""
+        return sum((n_in + 1) * n_out for n_in, n_out in zip(self.sizes[:-1], self.sizes[1:]))
+
+
+def seed_spec() -> MLPSpec:
+    """The origin program's network: [784, 30, 10], sigmoid everywhere, squared error."""
+    return MLPSpec(sizes=(784, 30, 10), activation="sigmoid", output="sigmoid", loss="mse")
+
+
+def init_params(
+    spec: MLPSpec,
+    seed: int | np.random.Generator = 0,
+    dtype: np.dtype | type = np.float64,
+    scheme: str = "normal",
+) -> Params:
+    """Draws initial parameters.
+
+    Schemes: ``normal`` (the origin's standard normal for W and b), ``xavier`` (Glorot uniform,
+    limit sqrt(6 / (n_in + n_out)), zero biases), ``he`` (normal with std sqrt(2 / n_in), zero
+    biases). Returns one ``{"W": (n_in, n_out), "b": (n_out,)}`` dict per layer in ``dtype``.
+    """
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"init scheme {scheme!r} is not allowed; choose one of {INIT_SCHEMES}")
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    params: Params = []
+    for n_in, n_out in zip(spec.sizes[:-1], spec.sizes[1:]):
+        if scheme == "normal":
+            W = rng.standard_normal((n_in, n_out))
+            b = rng.standard_normal(n_out)
+        elif scheme == "xavier":
+            limit = np.sqrt(6.0 / (n_in + n_out))
+            W = rng.uniform(-limit, limit, size=(n_in, n_out))
+            b = np.zeros(n_out)
+        else:  # he
+            W = rng.standard_normal((n_in, n_out)) * np.sqrt(2.0 / n_in)
+            b = np.zeros(n_out)
+        params.append({"W": W.astype(dtype), "b": b.astype(dtype)})
+    return params
+
+
+# --- nonlinearities ---------------------------------------------------------------------------
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """Logistic function without overflow: exp is only taken of −|z|."""
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1 / (1 + e), e / (1 + e)).astype(z.dtype, copy=False)
+
+
+def _log_sigmoid(z: np.ndarray) -> np.ndarray:
+    """log σ(z) = −softplus(−z), computed stably."""
+    return np.minimum(z, 0) - np.log1p(np.exp(-np.abs(z)))
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise log softmax of (B, k) logits by log-sum-exp."""
+    shifted = z - z.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def _hidden(z: np.ndarray, activation: str) -> np.ndarray:
+    if activation == "sigmoid":
+        return sigmoid(z)
+    if activation == "tanh":
+        return np.tanh(z)
+    return np.maximum(z, 0)
+
+
+def _hidden_derivative(a: np.ndarray, activation: str) -> np.ndarray:
+    """dσ/dz expressed through the activation a = σ(z), so z need not be kept."""
+    if activation == "sigmoid":
+        return a * (1 - a)
+    if activation == "tanh":
+        return 1 - a * a
+    return (a > 0).astype(a.dtype)
+
+
+def _output(z: np.ndarray, output: str) -> np.ndarray:
+    if output == "sigmoid":
+        return sigmoid(z)
+    if output == "softmax":
+        return np.exp(_log_softmax(z))
+    return z
+
+
+# --- forward and backward ---------------------------------------------------------------------
+
+
+def forward_layers(
+    params: Params, x: np.ndarray, spec: MLPSpec
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Returns the inputs of every layer [x, h1, ..., h_L-1] and the output logits (B, n_out)."""
+    inputs = [x]
+    h = x
+    for layer in params[:-1]:
+        h = _hidden(h @ layer["W"] + layer["b"], spec.activation)
+        inputs.append(h)
+    logits = h @ params[-1]["W"] + params[-1]["b"]
+    return inputs, logits
+
+
+def forward(params: Params, x: np.ndarray, spec: MLPSpec) -> np.ndarray:
+    """Network outputs for a batch.
+
+    Args:
+        params: one ``{"W": (n_in, n_out), "b": (n_out,)}`` per layer.
+        x: inputs (B, sizes[0]).
+    Returns:
+        (B, sizes[-1]): output-layer activations (probabilities for softmax/sigmoid outputs).
+    """
+    _, logits = forward_layers(params, np.asarray(x, dtype=params[0]["W"].dtype), spec)
+    return _output(logits, spec.output)
+
+
+def _check_shapes(params: Params, x: np.ndarray, y: np.ndarray, spec: MLPSpec) -> None:
+    if len(params) != spec.n_layers:
+        raise ValueError(
+            f"params has {len(params)} layers, spec.sizes={spec.sizes} needs {spec.n_layers}"
+        )
+    for i, (layer, n_in, n_out) in enumerate(zip(params, spec.sizes[:-1], spec.sizes[1:])):
+        if layer["W"].shape != (n_in, n_out) or layer["b"].shape != (n_out,):
+            raise ValueError(
+                f"layer {i}: W{layer['W'].shape} b{layer['b'].shape} do not match "
+                f"spec ({n_in}, {n_out})"
+            )
+    if x.ndim != 2 or x.shape[1] != spec.sizes[0]:
+        raise ValueError(f"x has shape {x.shape}, expected (B, {spec.sizes[0]})")
+    if y.shape != (x.shape[0], spec.sizes[-1]):
+        raise ValueError(f"y has shape {y.shape}, expected ({x.shape[0]}, {spec.sizes[-1]})")
+
+
+def data_loss(logits: np.ndarray, y: np.ndarray, spec: MLPSpec) -> np.ndarray:
+    """Batch-mean loss (without the l2 term) from output logits (B, k); a 0-d array."""
+    batch = logits.shape[0]
+    if spec.loss == "cross_entropy":
+        return -np.sum(y * _log_softmax(logits)) / batch
+    if spec.loss == "bce":
+        # log(1 − σ(z)) = log σ(−z): both terms from logits, so no log(0).
+        return -np.sum(y * _log_sigmoid(logits) + (1 - y) * _log_sigmoid(-logits)) / batch
+    residual = _output(logits, spec.output) - y
+    return 0.5 * np.sum(residual * residual) / batch
+
+
+def l2_penalty(params: Params, l2: float) -> float:
+    """(l2/2) Σ_layers ‖W‖²."""
+    if l2 == 0:
+        return 0.0
+    return 0.5 * l2 * sum(float(np.sum(layer["W"] * layer["W"])) for layer in params)
+
+
+def loss(params: Params, x: np.ndarray, y: np.ndarray, spec: MLPSpec) -> float:
+    """The full objective (data loss + l2 penalty) on a batch x (B, n_in), y (B, n_out)."""
+    _, logits = forward_layers(params, np.asarray(x, dtype=params[0]["W"].dtype), spec)
+    return float(data_loss(logits, y, spec)) + l2_penalty(params, spec.l2)
+
+
+def loss_and_grads(
+    params: Params, x: np.ndarray, y: np.ndarray, spec: MLPSpec
+) -> tuple[float, Params]:
+    """The handwritten backward pass: loss and its gradient for every parameter array.
+
+    Args:
+        params: one ``{"W": (n_in, n_out), "b": (n_out,)}`` per layer, float32 or float64.
+        x: inputs (B, sizes[0]); cast to the parameters' dtype.
+        y: targets (B, sizes[-1]): one-hot for cross_entropy/bce, any real values for mse.
+        spec: the network.
+    Returns:
+        ``(loss, grads)``: the scalar loss (a Python float) and gradients in the structure and
+        dtype of ``params``.
+    """
+    dtype = params[0]["W"].dtype
+    x = np.asarray(x, dtype=dtype)
+    y = np.asarray(y, dtype=dtype)
+    _check_shapes(params, x, y, spec)
+    batch = x.shape[0]
+    inputs, logits = forward_layers(params, x, spec)
+
+    # delta = ∂loss/∂logits, already divided by the batch size.
+    if spec.loss == "cross_entropy":
+        log_probs = _log_softmax(logits)
+        value = -np.sum(y * log_probs) / batch
+        # d/dz of −Σ y log softmax(z) is softmax(z)·Σy − y (Σy = 1 for one-hot rows).
+        delta = (np.exp(log_probs) * y.sum(axis=1, keepdims=True) - y) / batch
+    elif spec.loss == "bce":
+        value = -np.sum(y * _log_sigmoid(logits) + (1 - y) * _log_sigmoid(-logits)) / batch
+        delta = (sigmoid(logits) - y) / batch
+    else:  # mse, through whatever output nonlinearity
+        out = _output(logits, spec.output)
+        residual = out - y
+        value = 0.5 * np.sum(residual * residual) / batch
+        if spec.output == "sigmoid":
+            delta = residual * out * (1 - out) / batch
+        elif spec.output == "softmax":
+            # Softmax Jacobian-vector product: s ⊙ (r − Σ_k s_k r_k).
+            delta = out * (residual - np.sum(out * residual, axis=1, keepdims=True)) / batch
+        else:
+            delta = residual / batch
+
+    grads: Params = [{} for _ in params]
+    for i in range(len(params) - 1, -1, -1):
+        W = params[i]["W"]
+        grads[i]["W"] = inputs[i].T @ delta
+        grads[i]["b"] = delta.sum(axis=0)
+        if spec.l2:
+            grads[i]["W"] += dtype.type(spec.l2) * W
+        if i > 0:
+            delta = (delta @ W.T) * _hidden_derivative(inputs[i], spec.activation)
+
+    total = float(value) + l2_penalty(params, spec.l2)
+    return total, grads
+
+
+def predict(params: Params, x: np.ndarray, spec: MLPSpec) -> np.ndarray:
+    """Predicted class per row: argmax of the outputs, (B,) int64."""
+    _, logits = forward_layers(params, np.asarray(x, dtype=params[0]["W"].dtype), spec)
+    # All output nonlinearities are monotone per unit; softmax preserves the row's argmax.
+    return np.argmax(logits, axis=1)

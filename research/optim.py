@@ -1,0 +1,139 @@
+"""Optimizers written by hand in numpy, as pure updates over the parameter list.
+
+Each optimizer is a pair of pure functions, in the style of optax:
+
+    optimizer = adam(learning_rate=1e-3)
+    state = optimizer.init(params)
+    params, state = optimizer.update(params, grads, state)
+
+``update`` returns new parameter and state lists and never modifies its arguments. The update
+rules match optax's ``sgd`` (with and without momentum / Nesterov) and ``adam`` exactly, which is
+how the tests check them against JAX.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from research.mlp import Params
+
+OPTIMIZERS = ("sgd", "momentum", "adam")
+
+State = Any
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """A named pair of pure functions: ``init(params) -> state`` and
+    ``update(params, grads, state) -> (new_params, new_state)``."""
+
+    name: str
+    init: Callable[[Params], State]
+    update: Callable[[Params, Params, State], tuple[Params, State]]
+
+
+def _check_rate(learning_rate: float) -> None:
+    if not (
+        isinstance(learning_rate, int | float) and np.isfinite(learning_rate) and learning_rate > 0
+    ):
+        raise ValueError(
+            f"learning_rate={learning_rate!r} is not allowed; give a finite number > 0"
+        )
+
+
+def _zeros_like(params: Params) -> Params:
+    return [{key: np.zeros_like(value) for key, value in layer.items()} for layer in params]
+
+
+def sgd(learning_rate: float) -> Optimizer:
+    """Plain SGD, the origin's rule: p ← p − learning_rate · g."""
+    _check_rate(learning_rate)
+
+    def init(params: Params) -> State:
+        return ()
+
+    def update(params: Params, grads: Params, state: State) -> tuple[Params, State]:
+        new = [
+            {key: p - p.dtype.type(learning_rate) * g[key] for key, p in layer.items()}
+            for layer, g in zip(params, grads)
+        ]
+        return new, state
+
+    return Optimizer("sgd", init, update)
+
+
+def momentum(learning_rate: float, beta: float = 0.9, nesterov: bool = False) -> Optimizer:
+    """Heavy-ball momentum: v ← β v + g; p ← p − lr · v (Nesterov: p ← p − lr · (g + β v))."""
+    _check_rate(learning_rate)
+    if not 0 <= beta < 1:
+        raise ValueError(f"beta={beta!r} is not allowed; give a number in [0, 1)")
+
+    def init(params: Params) -> State:
+        return _zeros_like(params)
+
+    def update(params: Params, grads: Params, state: State) -> tuple[Params, State]:
+        new_params: Params = []
+        new_state: Params = []
+        for layer, g, v in zip(params, grads, state):
+            new_layer, new_v = {}, {}
+            for key, p in layer.items():
+                dt = p.dtype.type
+                velocity = dt(beta) * v[key] + g[key]
+                step = g[key] + dt(beta) * velocity if nesterov else velocity
+                new_layer[key] = p - dt(learning_rate) * step
+                new_v[key] = velocity
+            new_params.append(new_layer)
+            new_state.append(new_v)
+        return new_params, new_state
+
+    return Optimizer("momentum", init, update)
+
+
+def adam(
+    learning_rate: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8
+) -> Optimizer:
+    """Adam (Kingma & Ba) with bias correction; eps is added outside the square root, as optax."""
+    _check_rate(learning_rate)
+    for name, value in (("beta1", beta1), ("beta2", beta2)):
+        if not 0 <= value < 1:
+            raise ValueError(f"{name}={value!r} is not allowed; give a number in [0, 1)")
+
+    def init(params: Params) -> State:
+        return {"count": 0, "mu": _zeros_like(params), "nu": _zeros_like(params)}
+
+    def update(params: Params, grads: Params, state: State) -> tuple[Params, State]:
+        count = state["count"] + 1
+        new_params: Params = []
+        new_mu: Params = []
+        new_nu: Params = []
+        for layer, g, m, v in zip(params, grads, state["mu"], state["nu"]):
+            new_layer, layer_mu, layer_nu = {}, {}, {}
+            for key, p in layer.items():
+                dt = p.dtype.type
+                mu = dt(beta1) * m[key] + dt(1 - beta1) * g[key]
+                nu = dt(beta2) * v[key] + dt(1 - beta2) * (g[key] * g[key])
+                mu_hat = mu / dt(1 - beta1**count)
+                nu_hat = nu / dt(1 - beta2**count)
+                new_layer[key] = p - dt(learning_rate) * mu_hat / (np.sqrt(nu_hat) + dt(eps))
+                layer_mu[key], layer_nu[key] = mu, nu
+            new_params.append(new_layer)
+            new_mu.append(layer_mu)
+            new_nu.append(layer_nu)
+        return new_params, {"count": count, "mu": new_mu, "nu": new_nu}
+
+    return Optimizer("adam", init, update)
+
+
+def make_optimizer(name: str, learning_rate: float, **options: Any) -> Optimizer:
+    """Builds an optimizer by name (``sgd``, ``momentum``, ``adam``)."""
+    if name == "sgd":
+        return sgd(learning_rate)
+    if name == "momentum":
+        return momentum(learning_rate, **options)
+    if name == "adam":
+        return adam(learning_rate, **options)
+    raise ValueError(f"optimizer {name!r} is not allowed; choose one of {', '.join(OPTIMIZERS)}")

@@ -1,0 +1,200 @@
+"""The only module that talks to MLflow: where the store is, runs, metrics, artifacts.
+
+The store defaults to MLflow's SQLite backend inside ``./mlruns`` (``mlruns/mlflow.db``) with
+artifacts under ``mlruns/artifacts``; ``--tracking-uri`` or ``MLFLOW_TRACKING_URI`` overrides it.
+Everything goes through an explicit ``MlflowClient`` rather than MLflow's global active run, so
+several runs (a study's parent and its trials) can be open at once without surprises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from research.mlp import MLPSpec, Params
+
+DEFAULT_STORE_DIR = Path("mlruns")
+
+
+class TrackingError(Exception):
+    """The tracking store cannot be opened or written; the message says which and why."""
+
+
+def default_tracking_uri(store_dir: Path | None = None) -> str:
+    """``sqlite:///<abs path>/mlruns/mlflow.db`` (relative to the current directory)."""
+    store = (store_dir or DEFAULT_STORE_DIR).resolve()
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The tracking URI to use: the argument, else ``MLFLOW_TRACKING_URI``, else the default."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def _artifact_root(uri: str) -> str | None:
+    """Artifacts sit beside a local SQLite store (``<dir>/artifacts``); servers choose their own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+    return None
+
+
+def _client(uri: str):
+    import logging
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    # MLflow and alembic announce every schema step of a new SQLite store at INFO; users need none.
+    for name in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise TrackingError(
+                f"cannot create the tracking store folder {folder}: {error.strerror}; "
+                "pass --tracking-uri or set MLFLOW_TRACKING_URI to a writable place"
+            ) from None
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def get_or_create_experiment(client: Any, name: str, uri: str) -> str:
+    """The id of experiment ``name``, created (with artifacts beside a SQLite store) if needed."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_root(uri))
+    except Exception:
+        # Another process may have created it between our lookup and create.
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def save_weights(path: Path, params: Params, spec: MLPSpec) -> None:
+    """Writes params as ``.npz`` (``W0, b0, W1, b1, ...`` and the spec as JSON text).
+
+    Written to a temporary file and renamed, so a crash never leaves a half-written file.
+    """
+    arrays = {}
+    for i, layer in enumerate(params):
+        arrays[f"W{i}"] = layer["W"]
+        arrays[f"b{i}"] = layer["b"]
+    arrays["spec"] = np.array(
+        json.dumps(
+            {
+                "sizes": list(spec.sizes),
+                "activation": spec.activation,
+                "output": spec.output,
+                "loss": spec.loss,
+                "l2": spec.l2,
+            }
+        )
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as handle:
+        tmp = Path(handle.name)
+        np.savez(handle, **arrays)
+    os.replace(tmp, path)
+
+
+def load_weights(path: Path) -> tuple[MLPSpec, Params]:
+    """Reads a file written by :func:`save_weights` (never unpickles)."""
+    with np.load(path, allow_pickle=False) as data:
+        spec_fields = json.loads(str(data["spec"]))
+        spec = MLPSpec(
+            sizes=tuple(spec_fields["sizes"]),
+            activation=spec_fields["activation"],
+            output=spec_fields["output"],
+            loss=spec_fields["loss"],
+            l2=spec_fields["l2"],
+        )
+        params = [
+            {"W": data[f"W{i}"].copy(), "b": data[f"b{i}"].copy()} for i in range(spec.n_layers)
+        ]
+    for i, (layer, n_in, n_out) in enumerate(zip(params, spec.sizes[:-1], spec.sizes[1:])):
+        if layer["W"].shape != (n_in, n_out) or layer["b"].shape != (n_out,):
+            raise ValueError(
+                f"{path}: layer {i} has shapes that do not match its spec {spec.sizes}"
+            )
+    return spec, params
+
+
+@dataclass
+class TrainingRun:
+    """An open MLflow run of one training: log epochs as they come, artifacts at the end."""
+
+    client: Any
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        self.client.log_batch(
+            self.run_id, params=[Param(key, str(value)) for key, value in params.items()]
+        )
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        timestamp = int(time.time() * 1000)
+        self.client.log_batch(
+            self.run_id,
+            metrics=[Metric(key, float(value), timestamp, step) for key, value in metrics.items()],
+        )
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Closes the run as FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(self.run_id, status)
+
+    @property
+    def ui_hint(self) -> str:
+        """Where a user finds this run."""
+        return (
+            f"mlflow ui --backend-store-uri {self.tracking_uri}  "
+            f"(experiment id {self.experiment_id}, run id {self.run_id})"
+        )
+
+
+def start_training_run(
+    experiment: str,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    tracking_uri: str | None = None,
+) -> TrainingRun:
+    """Opens a new run in ``experiment`` (created if needed) and returns it."""
+    uri = resolve_tracking_uri(tracking_uri)
+    try:
+        client = _client(uri)
+        experiment_id = get_or_create_experiment(client, experiment, uri)
+        run = client.create_run(experiment_id, run_name=run_name, tags=tags or {})
+    except TrackingError:
+        raise
+    except Exception as error:  # MLflow raises many kinds; the user needs the URI and the cause.
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise TrackingError(
+            f"cannot open the MLflow tracking store {uri}: {first_line}; "
+            "check --tracking-uri / MLFLOW_TRACKING_URI"
+        ) from None
+    return TrainingRun(client, run.info.run_id, experiment_id, uri)

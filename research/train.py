@@ -1,0 +1,280 @@
+"""The training loop: seeded shuffling, mini-batches, an optimizer step, per-epoch metrics.
+
+Training knows nothing of Optuna or MLflow: after each epoch it hands an :class:`EpochMetrics` to
+an ``on_epoch`` callback, and the tracking and tuning layers hang off that callback.
+
+Mini-batches: the rows are shuffled by a generator seeded from ``seed`` once per epoch; the last
+partial batch is kept unless ``drop_last`` is set (the origin program dropped it, so the ``seed``
+preset does too). ``train/loss`` is the mean of the batch losses over the epoch, weighted by batch
+size (computed with the gradients, so it costs nothing extra; the parameters move during the
+epoch, as in the origin's printout). ``val/loss`` and ``val/accuracy`` are computed after the
+epoch with the final parameters of that epoch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+import numpy as np
+
+from research.mlp import (
+    ACTIVATIONS,
+    INIT_SCHEMES,
+    LOSSES,
+    OUTPUTS,
+    MLPSpec,
+    Params,
+    data_loss,
+    forward_layers,
+    init_params,
+    l2_penalty,
+    loss_and_grads,
+)
+from research.optim import OPTIMIZERS, make_optimizer
+
+N_INPUTS = 784
+N_CLASSES = 10
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run. Field names are the project's names for these
+    quantities everywhere: command-line flags, study TOML keys, Optuna and MLflow params."""
+
+    hidden_size: int = 256
+    n_hidden_layers: int = 1
+    activation: str = "relu"
+    output: str = "softmax"
+    loss: str = "cross_entropy"
+    l2: float = 0.0
+    init: str = "he"
+    optimizer: str = "momentum"
+    learning_rate: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    batch_size: int = 128
+    epochs: int = 10
+    seed: int = 0
+    drop_last: bool = False
+    raw_inputs: bool = False
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        positive_ints = ("hidden_size", "n_hidden_layers", "batch_size", "epochs")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"{name}={value!r} is not allowed; give an integer >= 1")
+        choices = {
+            "activation": ACTIVATIONS,
+            "output": OUTPUTS,
+            "loss": LOSSES,
+            "init": INIT_SCHEMES,
+            "optimizer": OPTIMIZERS,
+            "dtype": ("float32", "float64"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is not allowed; "
+                    f"choose one of {', '.join(allowed)}"
+                )
+        if not (np.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(
+                f"learning_rate={self.learning_rate!r} is not allowed; give a number > 0"
+            )
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum={self.momentum!r} is not allowed; give a number in [0, 1)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer):
+            raise ValueError(f"seed={self.seed!r} is not allowed; give an integer")
+        self.spec()  # validates activation/output/loss combinations and l2
+
+    def spec(self) -> MLPSpec:
+        """The network: 784 inputs, ``n_hidden_layers`` of ``hidden_size``, 10 outputs."""
+        sizes = (N_INPUTS, *([self.hidden_size] * self.n_hidden_layers), N_CLASSES)
+        return MLPSpec(sizes, self.activation, self.output, self.loss, self.l2)
+
+    def as_params(self) -> dict[str, Any]:
+        """Flat name → value mapping (for MLflow params and tables)."""
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+PRESETS: dict[str, TrainConfig] = {
+    # The origin program: [784, 30, 10], sigmoid everywhere, squared error, plain SGD at 0.01,
+    # batch 256 with the remainder dropped, 200 epochs, standard-normal init. Inputs are scaled to
+    # [0, 1] unless raw_inputs is set (the origin fed raw 0..255 pixels).
+    "seed": TrainConfig(
+        hidden_size=30,
+        activation="sigmoid",
+        output="sigmoid",
+        loss="mse",
+        init="normal",
+        optimizer="sgd",
+        learning_rate=0.01,
+        nesterov=False,
+        batch_size=256,
+        epochs=200,
+        drop_last=True,
+        dtype="float64",
+    ),
+    # A modern default: ReLU, softmax cross-entropy, Nesterov momentum, He init.
+    "default": TrainConfig(),
+}
+
+
+def preset(name: str, **overrides: Any) -> TrainConfig:
+    """A preset with some fields replaced; unknown presets raise ValueError."""
+    if name not in PRESETS:
+        raise ValueError(f"preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    """What the loop reports after every epoch (1-based)."""
+
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    seconds: float
+
+    def as_metrics(self) -> dict[str, float]:
+        """Metric names as logged and shown everywhere."""
+        return {
+            "train/loss": self.train_loss,
+            "val/loss": self.val_loss,
+            "val/accuracy": self.val_accuracy,
+            "epoch_seconds": self.seconds,
+        }
+
+
+@dataclass
+class TrainResult:
+    params: Params
+    history: list[EpochMetrics] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return sum(m.seconds for m in self.history)
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss or parameter."""
+
+    def __init__(self, epoch: int, step: int, what: str):
+        self.epoch, self.step, self.what = epoch, step, what
+        super().__init__(
+            f"training diverged at epoch {epoch}, step {step}: {what}; try a smaller learning_rate"
+        )
+
+
+def evaluate(
+    params: Params, x: np.ndarray, labels: np.ndarray, spec: MLPSpec, chunk: int = 10_000
+) -> tuple[float, float]:
+    """Loss (with the l2 term) and accuracy of ``params`` on x (N, 784), labels (N,)."""
+    dtype = params[0]["W"].dtype
+    total_loss = 0.0
+    correct = 0
+    eye = np.eye(spec.sizes[-1], dtype=dtype)
+    for start in range(0, len(x), chunk):
+        xb = np.asarray(x[start : start + chunk], dtype=dtype)
+        lb = labels[start : start + chunk]
+        _, logits = forward_layers(params, xb, spec)
+        total_loss += float(data_loss(logits, eye[lb], spec)) * len(xb)
+        correct += int(np.count_nonzero(np.argmax(logits, axis=1) == lb))
+    return total_loss / len(x) + l2_penalty(params, spec.l2), correct / len(x)
+
+
+def train(
+    config: TrainConfig,
+    x_train: np.ndarray,
+    labels_train: np.ndarray,
+    x_val: np.ndarray,
+    labels_val: np.ndarray,
+    on_epoch: Callable[[EpochMetrics, Params], None] | None = None,
+    on_step: Callable[[int, int, int], None] | None = None,
+    params: Params | None = None,
+) -> TrainResult:
+    """Trains the network of ``config`` and returns the final parameters and the history.
+
+    Args:
+        x_train: (N, 784) inputs; labels_train: (N,) integer classes.
+        x_val, labels_val: the validation split, same layout.
+        on_epoch: called after every epoch with its metrics and the current parameters; it may
+            raise to stop training (the Optuna layer prunes this way).
+        on_step: called after every optimizer step with (epoch, step, steps_per_epoch).
+        params: starting parameters; default ``init_params(spec, seed, dtype, init)``.
+    Raises:
+        DivergenceError: a batch loss or, at the end of an epoch, a parameter is not finite.
+    """
+    spec = config.spec()
+    dtype = np.dtype(config.dtype)
+    n_rows = len(x_train)
+    if config.batch_size > n_rows:
+        raise ValueError(
+            f"batch_size={config.batch_size} is larger than the {n_rows} training rows"
+        )
+    # One generator for everything random, derived from the seed: init, then shuffles.
+    init_rng, shuffle_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(2)
+    )
+    if params is None:
+        params = init_params(spec, init_rng, dtype=dtype, scheme=config.init)
+    optimizer = make_optimizer(
+        config.optimizer,
+        config.learning_rate,
+        **(
+            {"beta": config.momentum, "nesterov": config.nesterov}
+            if config.optimizer == "momentum"
+            else {}
+        ),
+    )
+    state = optimizer.init(params)
+    x_train = np.asarray(x_train, dtype=dtype)
+    targets = np.eye(N_CLASSES, dtype=dtype)[labels_train]
+    n_batches = n_rows // config.batch_size if config.drop_last else -(-n_rows // config.batch_size)
+    result = TrainResult(params=params)
+
+    # A diverging run overflows on its way to inf/nan; that is detected and reported below as a
+    # DivergenceError, so numpy's floating-point warnings would only repeat it noisily.
+    with np.errstate(over="ignore", invalid="ignore"):
+        for epoch in range(1, config.epochs + 1):
+            started = time.perf_counter()
+            order = shuffle_rng.permutation(n_rows)
+            loss_sum = 0.0
+            rows_seen = 0
+            for step in range(1, n_batches + 1):
+                index = order[(step - 1) * config.batch_size : step * config.batch_size]
+                batch_loss, grads = loss_and_grads(params, x_train[index], targets[index], spec)
+                if not np.isfinite(batch_loss):
+                    raise DivergenceError(epoch, step, f"the batch loss is {batch_loss}")
+                params, state = optimizer.update(params, grads, state)
+                loss_sum += batch_loss * len(index)
+                rows_seen += len(index)
+                if on_step is not None:
+                    on_step(epoch, step, n_batches)
+            for i, layer in enumerate(params):
+                for key, value in layer.items():
+                    if not np.all(np.isfinite(value)):
+                        raise DivergenceError(epoch, n_batches, f"layer {i} {key} is not finite")
+            val_loss, val_accuracy = evaluate(params, x_val, labels_val, spec)
+            metrics = EpochMetrics(
+                epoch=epoch,
+                train_loss=loss_sum / rows_seen,
+                val_loss=val_loss,
+                val_accuracy=val_accuracy,
+                seconds=time.perf_counter() - started,
+            )
+            result.params = params
+            result.history.append(metrics)
+            if on_epoch is not None:
+                on_epoch(metrics, params)
+    return result

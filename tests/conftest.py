@@ -1,0 +1,38 @@
+"""Shared fixtures: where the real MNIST copy is, and the loaded splits."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mnist_dir() -> Path:
+    """The offline MNIST folder: $RESEARCH_MNIST_DIR, else ../shared/data/mnist beside the repo.
+
+    Tests never reach the network, so a missing folder is a failure with a clear message.
+    """
+    folder = Path(os.environ.get("RESEARCH_MNIST_DIR") or REPO.parent / "shared" / "data" / "mnist")
+    if not folder.is_dir():
+        pytest.fail(
+            f"MNIST folder {folder} not found: set RESEARCH_MNIST_DIR to a folder holding the four "
+            "MNIST IDX files (tests never download)"
+        )
+    return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline_mnist() -> None:
+    """Subprocesses and the data loader see the offline folder, never the network."""
+    os.environ["RESEARCH_MNIST_DIR"] = str(mnist_dir())
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    """The three splits, scaled to [0, 1] (prepared once into the user's data dir)."""
+    from research.data import load_mnist
+
+    return load_mnist(mnist_dir())
