@@ -136,6 +136,54 @@ def _build_parser() -> argparse.ArgumentParser:
     check.add_argument("--rtol", type=float, help="default 1e-10 (float64), 1e-4 (float32)")
     check.add_argument("--atol", type=float, help="default 1e-12 (float64), 1e-5 (float32)")
     _add_data_flags(check)
+
+    study = commands.add_parser(
+        "study",
+        help="run (or continue) an Optuna study; every trial is an MLflow run",
+        description="Run or continue the Optuna study defined in a TOML file (see experiments/). "
+        "Command-line values override the file's.",
+    )
+    study.add_argument("study_file", help="study definition, e.g. experiments/mnist_mlp.toml")
+    study.add_argument("--n-trials", type=int, help="trials the study should hold in the end")
+    study.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
+    study.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    study.add_argument("--epochs", type=int, help="epochs per trial")
+    study.add_argument("--subset", type=int, metavar="N", help="train on the first N rows")
+    study.add_argument("--study-name", help="Optuna study and MLflow experiment name")
+    study.add_argument(
+        "--storage",
+        help="Optuna storage: a journal file path, or a database URL such as "
+        "postgresql://user@host/db (default: mlruns/optuna.journal beside the MLflow store)",
+    )
+    study.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default sqlite:///mlruns/mlflow.db)"
+    )
+    study.add_argument(
+        "--no-final",
+        action="store_true",
+        help="skip retraining the best configuration on train+validation and the test evaluation",
+    )
+    study.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    _add_data_flags(study)
+
+    ui = commands.add_parser("ui", help="start the MLflow UI over the tracking store")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1; the UI has no authentication)",
+    )
+    ui.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default sqlite:///mlruns/mlflow.db)"
+    )
+
+    rerun = commands.add_parser(
+        "rerun",
+        help="retrain a logged run from its params and seed; check its metrics are reproduced",
+    )
+    rerun.add_argument("run_id", help="the MLflow run id of a trial or a train run")
+    rerun.add_argument("--tracking-uri", help="MLflow tracking URI")
+    _add_data_flags(rerun)
     return parser
 
 
@@ -221,8 +269,8 @@ def _run_train(args: argparse.Namespace) -> int:
     tqdm.write(EPOCH_HEADER)
 
     def on_step(epoch: int, step: int, steps: int) -> None:
-        if step % 20 == 0 or step == steps:
-            progress.set_postfix_str(f"step {step}/{steps}", refresh=False)
+        if step % 20 == 0 or step == steps - 1:
+            progress.set_postfix_str(f"step {step + 1}/{steps}", refresh=False)
             progress.update(0)
 
     def on_epoch(metrics: EpochMetrics, params) -> None:
@@ -264,8 +312,8 @@ def _run_train(args: argparse.Namespace) -> int:
     last = result.history[-1]
     best = max(result.history, key=lambda m: m.val_accuracy)
     print(
-        f"done in {wall:.1f} s: val/accuracy {100 * last.val_accuracy:.2f}% after {last.epoch} "
-        f"epochs (best {100 * best.val_accuracy:.2f}% at epoch {best.epoch})"
+        f"done in {wall:.1f} s: val/accuracy {100 * last.val_accuracy:.2f}% after "
+        f"{len(result.history)} epochs (best {100 * best.val_accuracy:.2f}% at epoch {best.epoch})"
     )
     summary = {"wall_seconds": wall, "n_params": float(spec.n_params)}
     if args.evaluate_test:
@@ -327,13 +375,136 @@ def _run_gradcheck(args: argparse.Namespace) -> int:
     return 0 if all(row.passed for row in rows) else 1
 
 
+def _run_study(args: argparse.Namespace) -> int:
+    from research.data import DataError
+    from research.study import StudyError, run_study
+    from research.study_config import StudyConfigError, load_study_config, with_overrides
+    from research.tracking import TrackingError
+
+    try:
+        config = with_overrides(
+            load_study_config(args.study_file),
+            n_trials=args.n_trials,
+            timeout=args.timeout,
+            epochs=args.epochs,
+            name=args.study_name,
+        )
+        return run_study(
+            config,
+            storage_url=args.storage,
+            tracking_uri=args.tracking_uri,
+            workers=args.workers,
+            subset=args.subset,
+            mnist_dir=args.mnist_dir,
+            data_dir=args.data_dir,
+            quiet=args.quiet,
+            final=not args.no_final,
+        )
+    except (StudyConfigError, StudyError, DataError, TrackingError) as error:
+        raise UserError(str(error)) from None
+
+
+def _run_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from research.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"warning: binding the MLflow UI to {args.host}: it has no authentication, anyone "
+            "who can reach this address can read and change every run",
+            file=sys.stderr,
+        )
+    command = [
+        sys.executable, "-m", "mlflow", "ui",
+        "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
+    ]  # fmt: skip
+    print(f"MLflow UI on http://{args.host}:{args.port} over {uri} (Ctrl-C stops it)", flush=True)
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _parse_param(name: str, text: str):
+    kind = TrainConfig.__dataclass_fields__[name].type
+    if kind in (bool, "bool"):
+        return text == "True"
+    if kind in (int, "int"):
+        return int(text)
+    if kind in (float, "float"):
+        return float(text)
+    return text
+
+
+def _run_rerun(args: argparse.Namespace) -> int:
+    from threadpoolctl import threadpool_limits
+
+    from research import train as training
+    from research.tracking import TrackingError, find_run, metric_history
+
+    try:
+        run, handle = find_run(args.run_id, args.tracking_uri)
+    except TrackingError as error:
+        raise UserError(str(error)) from None
+    params = run.data.params
+    missing = [name for name in TrainConfig.field_names() if name not in params]
+    if missing:
+        raise UserError(f"run {args.run_id} lacks the params {', '.join(missing)}; cannot rerun it")
+    config = TrainConfig(
+        **{name: _parse_param(name, params[name]) for name in TrainConfig.field_names()}
+    )
+    data = _load_data(args, config.raw_inputs)
+    n_rows = int(params.get("n_train_rows", len(data.train)))
+    threads = int(params["blas_threads"]) if "blas_threads" in params else None
+    print(f"rerunning {args.run_id} ({n_rows} training rows, {config.epochs} epochs)")
+    with threadpool_limits(limits=threads):
+        result = training.train(
+            config,
+            data.train.x[:n_rows],
+            data.train.labels[:n_rows],
+            data.validation.x,
+            data.validation.labels,
+        )
+    keys = ("train/loss", "val/loss", "val/accuracy")
+    logged = {key: metric_history(handle, key) for key in keys}
+    mismatches = 0
+    print(f"{'epoch':>5}  " + "  ".join(f"{k + ' logged':>18}  {'rerun':>18}" for k in keys))
+    for metrics in result.history:
+        new = metrics.as_metrics()
+        cells = []
+        for key in keys:
+            old = dict(logged[key]).get(metrics.epoch)
+            same = old is not None and old == new[key]
+            mismatches += not same
+            cells.append(
+                f"{'-' if old is None else repr(old):>18}  {new[key]!r:>18}{'' if same else ' *'}"
+            )
+        print(f"{metrics.epoch:>5}  " + "  ".join(cells))
+    logged_epochs = len(logged["val/loss"])
+    if logged_epochs != len(result.history):
+        print(f"the run logged {logged_epochs} epochs, the rerun trained {len(result.history)}")
+        mismatches += 1
+    if mismatches:
+        print(f"NOT reproduced: {mismatches} value(s) differ (marked *)")
+        return 1
+    print(f"reproduced exactly: {len(result.history)} epochs x {len(keys)} metrics identical")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = _build_parser().parse_args(argv)
+    commands = {
+        "train": _run_train,
+        "gradcheck": _run_gradcheck,
+        "study": _run_study,
+        "ui": _run_ui,
+        "rerun": _run_rerun,
+    }
     try:
-        if args.command == "train":
-            return _run_train(args)
-        return _run_gradcheck(args)
+        return commands[args.command](args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -247,7 +247,11 @@ def l2_penalty(params: Params, l2: float) -> float:
 
 def loss(params: Params, x: np.ndarray, y: np.ndarray, spec: MLPSpec) -> float:
     """The full objective (data loss + l2 penalty) on a batch x (B, n_in), y (B, n_out)."""
-    _, logits = forward_layers(params, np.asarray(x, dtype=params[0]["W"].dtype), spec)
+    dtype = params[0]["W"].dtype
+    x = np.asarray(x, dtype=dtype)
+    y = np.asarray(y, dtype=dtype)
+    _check_shapes(params, x, y, spec)
+    _, logits = forward_layers(params, x, spec)
     return float(data_loss(logits, y, spec)) + l2_penalty(params, spec.l2)
 
 

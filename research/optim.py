@@ -37,8 +37,11 @@ class Optimizer:
 
 
 def _check_rate(learning_rate: float) -> None:
-    if not (
-        isinstance(learning_rate, int | float) and np.isfinite(learning_rate) and learning_rate > 0
+    if (
+        isinstance(learning_rate, bool)
+        or not isinstance(learning_rate, int | float | np.integer | np.floating)
+        or not np.isfinite(learning_rate)
+        or learning_rate <= 0
     ):
         raise ValueError(
             f"learning_rate={learning_rate!r} is not allowed; give a finite number > 0"

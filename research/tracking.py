@@ -192,9 +192,148 @@ def start_training_run(
     except TrackingError:
         raise
     except Exception as error:  # MLflow raises many kinds; the user needs the URI and the cause.
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        raise TrackingError(
-            f"cannot open the MLflow tracking store {uri}: {first_line}; "
-            "check --tracking-uri / MLFLOW_TRACKING_URI"
-        ) from None
+        raise _store_error(uri, error) from None
     return TrainingRun(client, run.info.run_id, experiment_id, uri)
+
+
+# --- studies: one parent run per study, one child run per trial --------------------------------
+
+TAG_ROLE = "research.role"
+TAG_STUDY = "research.study"
+TAG_TRIAL = "research.trial_number"
+TAG_STATE = "research.state"
+TAG_SEED = "research.seed"
+TAG_COMMIT = "research.git_commit"
+TAG_ERROR = "research.error"
+TAG_PARENT = "mlflow.parentRunId"  # MLflow's own tag: the UI nests children under it
+
+
+def git_commit() -> str:
+    """The commit of the code (with ``-dirty`` when the tree has changes), or ``unknown``."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
+
+
+@dataclass
+class StudyTracker:
+    """The MLflow side of a study: its experiment, its parent run, and one child run per trial."""
+
+    client: Any
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+    @classmethod
+    def open(cls, study_name: str, tracking_uri: str | None = None) -> StudyTracker:
+        """Finds the study's parent run by tag, or creates the experiment and the run.
+
+        Re-running a study re-uses its parent run, so its trials stay under one run.
+        """
+        uri = resolve_tracking_uri(tracking_uri)
+        try:
+            client = _client(uri)
+            experiment_id = get_or_create_experiment(client, study_name, uri)
+            found = client.search_runs(
+                [experiment_id],
+                filter_string=(
+                    f"tags.`{TAG_ROLE}` = 'study' and tags.`{TAG_STUDY}` = '{study_name}'"
+                ),
+                order_by=["attributes.start_time ASC"],
+                max_results=1,
+            )
+            if found:
+                run_id = found[0].info.run_id
+                client.update_run(run_id, status="RUNNING")
+            else:
+                run = client.create_run(
+                    experiment_id,
+                    run_name=f"study-{study_name}",
+                    tags={TAG_ROLE: "study", TAG_STUDY: study_name, TAG_COMMIT: git_commit()},
+                )
+                run_id = run.info.run_id
+        except TrackingError:
+            raise
+        except Exception as error:
+            raise _store_error(uri, error) from None
+        return cls(client, uri, experiment_id, run_id)
+
+    @property
+    def parent(self) -> TrainingRun:
+        return TrainingRun(self.client, self.parent_run_id, self.experiment_id, self.tracking_uri)
+
+    def start_trial_run(self, study_name: str, trial_number: int, seed: int) -> TrainingRun:
+        """A child run named ``trial-0007`` under the parent run."""
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"trial-{trial_number:04d}",
+            tags={
+                TAG_PARENT: self.parent_run_id,
+                TAG_ROLE: "trial",
+                TAG_STUDY: study_name,
+                TAG_TRIAL: str(trial_number),
+                TAG_SEED: str(seed),
+                TAG_COMMIT: git_commit(),
+                TAG_STATE: "RUNNING",
+            },
+        )
+        return TrainingRun(self.client, run.info.run_id, self.experiment_id, self.tracking_uri)
+
+    def trial_runs(self) -> list[Any]:
+        """Every trial run under the parent (MLflow ``Run`` objects)."""
+        return self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{TAG_PARENT}` = '{self.parent_run_id}'",
+            max_results=50_000,
+        )
+
+    def close_trial_run(self, trial_number: int, state: str, reason: str) -> None:
+        """Ends the still-RUNNING run of a trial whose worker died: FAILED, with the reason."""
+        for run in self.trial_runs():
+            if run.data.tags.get(TAG_TRIAL) == str(trial_number) and run.info.status == "RUNNING":
+                self.client.set_tag(run.info.run_id, TAG_STATE, state)
+                self.client.set_tag(run.info.run_id, TAG_ERROR, reason)
+                self.client.set_terminated(run.info.run_id, "FAILED")
+
+
+def _store_error(uri: str, error: Exception) -> TrackingError:
+    text = str(error).strip()
+    first_line = text.splitlines()[0] if text else repr(error)
+    return TrackingError(
+        f"cannot open the MLflow tracking store {uri}: {first_line}; "
+        "check --tracking-uri / MLFLOW_TRACKING_URI"
+    )
+
+
+def find_run(run_id: str, tracking_uri: str | None = None) -> tuple[Any, TrainingRun]:
+    """The MLflow run ``run_id`` and a handle on it; TrackingError if there is none."""
+    uri = resolve_tracking_uri(tracking_uri)
+    client = _client(uri)
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        raise TrackingError(
+            f"no MLflow run with id {run_id!r} in {uri}; list runs with "
+            "`python -m research ui` or pass the right --tracking-uri"
+        ) from None
+    return run, TrainingRun(client, run_id, run.info.experiment_id, uri)
+
+
+def metric_history(run: TrainingRun, key: str) -> list[tuple[int, float]]:
+    """(step, value) pairs of a metric, in step order."""
+    history = run.client.get_metric_history(run.run_id, key)
+    return sorted((m.step, m.value) for m in history)

@@ -138,7 +138,8 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
 
 @dataclass(frozen=True)
 class EpochMetrics:
-    """What the loop reports after every epoch (1-based)."""
+    """What the loop reports after every epoch. ``epoch`` counts from 0, as MLflow steps and
+    Optuna's ``trial.report`` steps do, so one number names an epoch everywhere."""
 
     epoch: int
     train_loss: float
@@ -167,7 +168,7 @@ class TrainResult:
 
 
 class DivergenceError(RuntimeError):
-    """Training produced a non-finite loss or parameter."""
+    """Training produced a non-finite loss or parameter (epoch and step count from 0)."""
 
     def __init__(self, epoch: int, step: int, what: str):
         self.epoch, self.step, self.what = epoch, step, what
@@ -197,8 +198,8 @@ def train(
     config: TrainConfig,
     x_train: np.ndarray,
     labels_train: np.ndarray,
-    x_val: np.ndarray,
-    labels_val: np.ndarray,
+    x_val: np.ndarray | None,
+    labels_val: np.ndarray | None,
     on_epoch: Callable[[EpochMetrics, Params], None] | None = None,
     on_step: Callable[[int, int, int], None] | None = None,
     params: Params | None = None,
@@ -207,10 +208,12 @@ def train(
 
     Args:
         x_train: (N, 784) inputs; labels_train: (N,) integer classes.
-        x_val, labels_val: the validation split, same layout.
+        x_val, labels_val: the validation split, same layout; None for a final fit on all
+            non-test data (the validation metrics are then NaN).
         on_epoch: called after every epoch with its metrics and the current parameters; it may
             raise to stop training (the Optuna layer prunes this way).
-        on_step: called after every optimizer step with (epoch, step, steps_per_epoch).
+        on_step: called after every optimizer step with (epoch, step, steps_per_epoch), both
+            counted from 0.
         params: starting parameters; default ``init_params(spec, seed, dtype, init)``.
     Raises:
         DivergenceError: a batch loss or, at the end of an epoch, a parameter is not finite.
@@ -246,13 +249,13 @@ def train(
     # A diverging run overflows on its way to inf/nan; that is detected and reported below as a
     # DivergenceError, so numpy's floating-point warnings would only repeat it noisily.
     with np.errstate(over="ignore", invalid="ignore"):
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(config.epochs):
             started = time.perf_counter()
             order = shuffle_rng.permutation(n_rows)
             loss_sum = 0.0
             rows_seen = 0
-            for step in range(1, n_batches + 1):
-                index = order[(step - 1) * config.batch_size : step * config.batch_size]
+            for step in range(n_batches):
+                index = order[step * config.batch_size : (step + 1) * config.batch_size]
                 batch_loss, grads = loss_and_grads(params, x_train[index], targets[index], spec)
                 if not np.isfinite(batch_loss):
                     raise DivergenceError(epoch, step, f"the batch loss is {batch_loss}")
@@ -264,8 +267,13 @@ def train(
             for i, layer in enumerate(params):
                 for key, value in layer.items():
                     if not np.all(np.isfinite(value)):
-                        raise DivergenceError(epoch, n_batches, f"layer {i} {key} is not finite")
-            val_loss, val_accuracy = evaluate(params, x_val, labels_val, spec)
+                        raise DivergenceError(
+                            epoch, n_batches - 1, f"layer {i} {key} is not finite"
+                        )
+            if x_val is None or labels_val is None:
+                val_loss, val_accuracy = float("nan"), float("nan")
+            else:
+                val_loss, val_accuracy = evaluate(params, x_val, labels_val, spec)
             metrics = EpochMetrics(
                 epoch=epoch,
                 train_loss=loss_sum / rows_seen,

@@ -50,7 +50,7 @@ def test_train_logs_params_metrics_and_artifacts(tmp_path, store, capsys):
     assert run.data.params["learning_rate"] == "0.1"
     assert run.data.params["n_train_rows"] == "2000"
     history = client.get_metric_history(run.info.run_id, "val/accuracy")
-    assert [m.step for m in history] == [1, 2, 3]
+    assert [m.step for m in history] == [0, 1, 2]
     assert 0.5 < history[-1].value <= 1
     assert {"train/loss", "val/loss", "test_accuracy", "wall_seconds"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -95,7 +95,7 @@ def test_train_divergence_exits_1_and_marks_run_failed(store, capsys):
     )
     err = capsys.readouterr().err
     assert code == 1, err
-    assert "diverged at epoch 1, step" in err
+    assert "diverged at epoch 0, step" in err
     client = MlflowClient(tracking_uri=store)
     (run,) = client.search_runs([client.get_experiment_by_name("train").experiment_id])
     assert run.info.status == "FAILED"

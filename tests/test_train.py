@@ -26,7 +26,7 @@ def test_training_is_deterministic_and_reports_every_epoch():
         config, x[:500], labels[:500], x[500:], labels[500:], on_epoch=lambda m, p: seen.append(m)
     )
     second = train(config, x[:500], labels[:500], x[500:], labels[500:])
-    assert [m.epoch for m in seen] == [1, 2, 3]
+    assert [m.epoch for m in seen] == [0, 1, 2]
     assert [m.val_loss for m in first.history] == [m.val_loss for m in second.history]
     assert np.array_equal(first.params[0]["W"], second.params[0]["W"])
     assert first.history[-1].val_accuracy > 0.9  # separable clusters: it must learn
@@ -42,7 +42,7 @@ def test_partial_batch_kept_or_dropped(drop_last, steps):
     )
     calls = []
     train(config, x, labels, x[:10], labels[:10], on_step=lambda e, s, n: calls.append((s, n)))
-    assert calls[-1] == (steps, steps)
+    assert calls[-1] == (steps - 1, steps)
 
 
 def test_float32_training_stays_float32():
@@ -67,7 +67,7 @@ def test_divergence_names_epoch_and_step():
     )
     with pytest.raises(DivergenceError) as error:
         train(config, x[:500] * 100, labels[:500], x[500:], labels[500:])
-    assert error.value.epoch == 1 and error.value.step >= 1
+    assert error.value.epoch == 0 and error.value.step >= 0
     assert f"epoch {error.value.epoch}, step {error.value.step}" in str(error.value)
 
 
