@@ -405,6 +405,9 @@ def _run_study(args: argparse.Namespace) -> int:
 
 
 def _run_ui(args: argparse.Namespace) -> int:
+    import contextlib
+    import os
+    import signal
     import subprocess
 
     from research.tracking import resolve_tracking_uri
@@ -420,11 +423,28 @@ def _run_ui(args: argparse.Namespace) -> int:
         sys.executable, "-m", "mlflow", "ui",
         "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
     ]  # fmt: skip
-    print(f"MLflow UI on http://{args.host}:{args.port} over {uri} (Ctrl-C stops it)", flush=True)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # MLflow's server is a tree of processes (uvicorn, job runners): give it its own process group
+    # and stop the whole group on Ctrl-C or SIGTERM, else a killed `ui` leaves it serving.
+    previous = signal.signal(signal.SIGTERM, stop)
+    server = None
     try:
-        return subprocess.call(command)
+        server = subprocess.Popen(command, start_new_session=True)
+        address = f"http://{args.host}:{args.port}"
+        print(f"MLflow UI on {address} over {uri} (Ctrl-C stops it)", flush=True)
+        return server.wait()
     except KeyboardInterrupt:
+        for sig, wait in ((signal.SIGINT, 20), (signal.SIGKILL, None)):  # SIGKILL: what is left
+            with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
+                if server is not None:
+                    os.killpg(server.pid, sig)
+                    server.wait(timeout=wait)
         return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _parse_param(name: str, text: str):
@@ -442,7 +462,7 @@ def _run_rerun(args: argparse.Namespace) -> int:
     from threadpoolctl import threadpool_limits
 
     from research import train as training
-    from research.tracking import TrackingError, find_run, metric_history
+    from research.tracking import TAG_ERROR, TAG_STATE, TrackingError, find_run, metric_history
 
     try:
         run, handle = find_run(args.run_id, args.tracking_uri)
@@ -458,20 +478,34 @@ def _run_rerun(args: argparse.Namespace) -> int:
     data = _load_data(args, config.raw_inputs)
     n_rows = int(params.get("n_train_rows", len(data.train)))
     threads = int(params["blas_threads"]) if "blas_threads" in params else None
-    print(f"rerunning {args.run_id} ({n_rows} training rows, {config.epochs} epochs)")
-    with threadpool_limits(limits=threads):
-        result = training.train(
-            config,
-            data.train.x[:n_rows],
-            data.train.labels[:n_rows],
-            data.validation.x,
-            data.validation.labels,
-        )
     keys = ("train/loss", "val/loss", "val/accuracy")
     logged = {key: metric_history(handle, key) for key in keys}
+    tags = run.data.tags
+    if tags.get(TAG_STATE) == "PRUNED" and logged["val/loss"]:
+        # the pruner stopped the trial: retrain only the epochs it ran
+        config = replace(config, epochs=len(logged["val/loss"]))
+    # a run that diverged (a FAIL trial, a train run) must diverge again, at the same step
+    logged_error = tags.get(TAG_ERROR) or tags.get("diverged") or ""
+    if not logged_error.startswith("training diverged"):
+        logged_error = None
+    print(f"rerunning {args.run_id} ({n_rows} training rows, {config.epochs} epochs)")
+    history: list[EpochMetrics] = []
+    error = None
+    with threadpool_limits(limits=threads):
+        try:
+            training.train(
+                config,
+                data.train.x[:n_rows],
+                data.train.labels[:n_rows],
+                data.validation.x,
+                data.validation.labels,
+                on_epoch=lambda metrics, _: history.append(metrics),
+            )
+        except DivergenceError as diverged:
+            error = str(diverged)
     mismatches = 0
     print(f"{'epoch':>5}  " + "  ".join(f"{k + ' logged':>18}  {'rerun':>18}" for k in keys))
-    for metrics in result.history:
+    for metrics in history:
         new = metrics.as_metrics()
         cells = []
         for key in keys:
@@ -483,13 +517,20 @@ def _run_rerun(args: argparse.Namespace) -> int:
             )
         print(f"{metrics.epoch:>5}  " + "  ".join(cells))
     logged_epochs = len(logged["val/loss"])
-    if logged_epochs != len(result.history):
-        print(f"the run logged {logged_epochs} epochs, the rerun trained {len(result.history)}")
+    if logged_epochs != len(history):
+        print(f"the run logged {logged_epochs} epochs, the rerun trained {len(history)}")
+        mismatches += 1
+    if error != logged_error:
+        print(f"the run logged: {logged_error or 'no divergence'}")
+        print(f"the rerun: {error or 'no divergence'}")
         mismatches += 1
     if mismatches:
         print(f"NOT reproduced: {mismatches} value(s) differ (marked *)")
         return 1
-    print(f"reproduced exactly: {len(result.history)} epochs x {len(keys)} metrics identical")
+    print(
+        f"reproduced exactly: {len(history)} epochs x {len(keys)} metrics identical"
+        + (f", then the same divergence: {error}" if error else "")
+    )
     return 0
 
 

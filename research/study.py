@@ -349,6 +349,15 @@ def optimize(
                 n_trials=1,
                 catch=(DivergenceError,),
             )
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if complete:
+            pick = max if context.config.direction == "maximize" else min
+            best = pick(complete, key=lambda t: t.value)
+            context.say(
+                f"{counted_trials(study)}/{n_trials} trials done; best so far "
+                f"{context.config.objective} {_format_value(context.config, best.value)} "
+                f"(trial {best.number})"
+            )
 
 
 # --- the study as a whole ----------------------------------------------------------------------
