@@ -422,6 +422,8 @@ def _run_ui(args: argparse.Namespace) -> int:
     command = [
         sys.executable, "-m", "mlflow", "ui",
         "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
+        # One web worker is plenty for one researcher and starts in a few seconds on 2 cores.
+        "--workers", "1",
     ]  # fmt: skip
 
     def stop(signum, frame):
@@ -432,7 +434,9 @@ def _run_ui(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, stop)
     server = None
     try:
-        server = subprocess.Popen(command, start_new_session=True)
+        # MLflow's background job runners serve features this project does not use.
+        environment = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        server = subprocess.Popen(command, start_new_session=True, env=environment)
         address = f"http://{args.host}:{args.port}"
         print(f"MLflow UI on {address} over {uri} (Ctrl-C stops it)", flush=True)
         return server.wait()

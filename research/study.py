@@ -17,7 +17,8 @@ with heartbeats instead: that is how several machines share one study.
 Budget. A study runs until it holds ``n_trials`` finished trials (COMPLETE, PRUNED, or FAIL for a
 real failure such as divergence; trials that failed because their worker died do not count), or
 until ``timeout`` seconds have passed since this invocation started (no new trial starts after).
-Re-running the same command continues the same study.
+Re-running the same command continues the same study. With K workers, each checks the budget
+before it starts a trial, so the study may end with up to K − 1 trials more than asked.
 """
 
 from __future__ import annotations
@@ -263,7 +264,8 @@ def run_trial(trial: Any, context: TrialContext) -> float:
             f"{label} epoch {metrics.epoch + 1}/{train_config.epochs}: "
             f"{config.objective} {_format_value(config, value)} ({metrics.seconds:.1f} s)"
         )
-        if trial.should_prune():
+        # Pruning after the last epoch would only throw away a finished model.
+        if metrics.epoch < train_config.epochs - 1 and trial.should_prune():
             raise optuna.TrialPruned(f"pruned after epoch {metrics.epoch}")
 
     started = time.perf_counter()
