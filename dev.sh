@@ -1,5 +1,5 @@
 #!/bin/sh
-# Set-up and entry points: ./dev.sh run [train flags...] | ./dev.sh test [pytest args...]
+# Set-up and entry points: ./dev.sh run [study flags...] | ./dev.sh test [pytest args...]
 # Each command creates .venv and installs the project from pyproject.toml when needed
 # (again whenever pyproject.toml changes).
 set -eu
@@ -26,7 +26,7 @@ command=${1:-}
 case "$command" in
     run)
         setup
-        exec "$VENV/bin/python" -m research train "$@"
+        exec "$VENV/bin/python" -m research study experiments/mnist_mlp.toml "$@"
         ;;
     test)
         setup
@@ -35,7 +35,7 @@ case "$command" in
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     *)
-        echo "usage: ./dev.sh run [train flags...] | ./dev.sh test [pytest args...]" >&2
+        echo "usage: ./dev.sh run [study flags...] | ./dev.sh test [pytest args...]" >&2
         exit 2
         ;;
 esac

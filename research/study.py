@@ -67,6 +67,9 @@ def open_storage(url: str):
     import optuna
 
     if "://" in url:
+        if url.startswith("postgresql://"):
+            # SQLAlchemy's default PostgreSQL driver is psycopg2; the project ships psycopg 3.
+            url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
         try:
             return optuna.storages.RDBStorage(
                 url,
@@ -416,6 +419,8 @@ def save_study_figures(study: Any, folder: Path) -> list[Path]:
     for name, plot in figures.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # e.g. "too few trials to compute importances": the figure says so itself.
+            warnings.simplefilter("ignore", UserWarning)
             try:
                 ax = plot(study)
             except (ValueError, RuntimeError, ZeroDivisionError):

@@ -809,3 +809,57 @@ def test_two_workers_share_one_study_without_duplicates(tmp_path, capfd):
         for name, value in trial.params.items():
             assert run.data.params[name] == str(value)
         assert history(uri, run.info.run_id, "val/accuracy") == [(0, trial.value)]
+
+
+def test_a_trial_left_running_by_a_dead_worker_is_failed_and_queued_again(tmp_path, capfd):
+    """A worker killed mid-trial leaves its trial RUNNING in the journal (no heartbeat) and its
+    MLflow run RUNNING; resuming marks the trial FAIL, closes the run FAILED, retries its
+    parameters, and still ends with the requested number of counted trials."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from research.study import ATTR_INTERRUPTED, ATTR_RETRY_OF, ATTR_WORKER
+    from research.tracking import StudyTracker
+
+    uri = sqlite_uri(tmp_path)
+    code, _, err = run_cli([*tiny_study_argv(uri, 1), "--no-final"])
+    assert code == 0, err
+    # A process that has exited: its pid is free (not reused within this test in practice).
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead_pid = int(dead.stdout)
+    study = load_optuna_study(tmp_path)
+    stale = study.ask(
+        {
+            "hidden_size": optuna.distributions.IntDistribution(64, 1024, log=True),
+            "learning_rate": optuna.distributions.FloatDistribution(0.01, 0.5, log=True),
+            "batch_size": optuna.distributions.CategoricalDistribution([64, 128, 256]),
+            "l2": optuna.distributions.CategoricalDistribution([0.0, 1e-5, 1e-4]),
+        }
+    )
+    study._storage.set_trial_system_attr(
+        stale._trial_id, ATTR_WORKER, f"{socket.gethostname()}:{dead_pid}"
+    )
+    tracker = StudyTracker.open(STUDY, uri)
+    orphan = tracker.start_trial_run(STUDY, stale.number, seed=0)
+
+    code, out, err = run_cli([*tiny_study_argv(uri, 3), "--no-final"])
+    assert code == 0, err
+    assert f"trial {stale.number} was left RUNNING by a dead worker" in out
+    study = load_optuna_study(tmp_path)
+    failed = study.trials[stale.number]
+    assert failed.state == TrialState.FAIL
+    assert "died" in failed.system_attrs[ATTR_INTERRUPTED]
+    retries = [t for t in study.trials if t.user_attrs.get(ATTR_RETRY_OF) == stale.number]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    assert retries[0].params == stale.params
+    counted = [
+        t for t in study.trials
+        if t.state != TrialState.RUNNING and ATTR_INTERRUPTED not in t.system_attrs
+    ]  # fmt: skip
+    assert len(counted) == 3
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    run = mlflow_client(uri).get_run(orphan.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["research.state"] == "FAIL"
+    assert "died" in run.data.tags["research.error"]
