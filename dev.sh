@@ -30,8 +30,8 @@ case "$command" in
         ;;
     test)
         setup
-        "$VENV/bin/ruff" check research analysis tests
-        "$VENV/bin/ruff" format --check research analysis tests
+        "$VENV/bin/ruff" check research analysis tests scripts
+        "$VENV/bin/ruff" format --check research analysis tests scripts
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     *)

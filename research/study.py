@@ -710,5 +710,9 @@ def run_study(
             save_weights(weights, params, best_config.spec())
             parent.log_artifact(weights)
     parent.finish(status)
-    say(f"browse: python -m research ui   (experiment {config.name!r})")
+    say(
+        f"done in {time.time() - started_wall:.0f} s (best {config.objective} "
+        f"{_format_value(config, best.value)}); browse: python -m research ui   "
+        f"(experiment {config.name!r})"
+    )
     return 0 if status == "FINISHED" else 1

@@ -8,6 +8,7 @@ several runs (a study's parent and its trials) can be open at once without surpr
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -149,6 +150,11 @@ class TrainingRun:
         )
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Logs metrics at ``step`` in one batch (one transaction: ~5 ms on SQLite).
+
+        MLflow's asynchronous logging was tried for per-epoch metrics and made a trial's
+        bookkeeping ~1 s slower: its queue is flushed on a timer.
+        """
         from mlflow.entities import Metric
 
         timestamp = int(time.time() * 1000)
@@ -161,8 +167,11 @@ class TrainingRun:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, value)
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(
+            self.run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()]
+        )
 
     def finish(self, status: str = "FINISHED") -> None:
         """Closes the run as FINISHED, FAILED or KILLED."""
@@ -172,7 +181,7 @@ class TrainingRun:
     def ui_hint(self) -> str:
         """Where a user finds this run."""
         return (
-            f"mlflow ui --backend-store-uri {self.tracking_uri}  "
+            f"python -m research ui --tracking-uri {self.tracking_uri}  "
             f"(experiment id {self.experiment_id}, run id {self.run_id})"
         )
 
@@ -208,6 +217,7 @@ TAG_ERROR = "research.error"
 TAG_PARENT = "mlflow.parentRunId"  # MLflow's own tag: the UI nests children under it
 
 
+@functools.cache  # once per process: every trial run is tagged with it
 def git_commit() -> str:
     """The commit of the code (with ``-dirty`` when the tree has changes), or ``unknown``."""
     import subprocess

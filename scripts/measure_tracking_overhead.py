@@ -1,0 +1,86 @@
+"""How much of a trial's time goes to bookkeeping (MLflow and Optuna), measured in one run.
+
+Runs the default study's trial (hidden_size 256, learning_rate 0.1, batch_size 128, 8 epochs) six
+times through the real objective against fresh MLflow (SQLite) and Optuna (journal) stores in a
+temporary folder, and splits each trial's wall time into training (time inside ``train`` minus
+the ``on_epoch`` callbacks) and bookkeeping (everything else: run creation, params, per-epoch
+metrics, Optuna reports and pruning checks, the loss-curve PNG, weights, tags). The first trial
+warms up imports and is not counted.
+
+Usage: ``.venv/bin/python scripts/measure_tracking_overhead.py``
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import research.study as study_module
+from research.data import load_mnist
+from research.study import TrialContext, load_study, run_trial
+from research.study_config import load_study_config, with_overrides
+from research.tracking import StudyTracker
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = {"hidden_size": 256, "learning_rate": 0.1, "batch_size": 128, "l2": 0.0}
+
+
+def main() -> None:
+    config = with_overrides(load_study_config(REPO / "experiments" / "mnist_mlp.toml"), epochs=8)
+    data = load_mnist()
+    folder = Path(tempfile.mkdtemp())
+    tracker = StudyTracker.open(config.name, f"sqlite:///{folder}/mlflow.db")
+    study = load_study(config, str(folder / "optuna.journal"))
+    context = TrialContext(
+        config,
+        data.train.x,
+        data.train.labels,
+        data.validation.x,
+        data.validation.labels,
+        tracker,
+        lambda message: None,
+        2,
+    )
+    training: list[float] = []
+    real_train = study_module.train
+
+    def timed_train(*args, **kwargs):
+        callbacks: list[float] = []
+        on_epoch = kwargs["on_epoch"]
+
+        def timed_on_epoch(metrics, params):
+            started = time.perf_counter()
+            try:
+                on_epoch(metrics, params)
+            finally:
+                callbacks.append(time.perf_counter() - started)
+
+        kwargs["on_epoch"] = timed_on_epoch
+        started = time.perf_counter()
+        result = real_train(*args, **kwargs)
+        training.append(time.perf_counter() - started - sum(callbacks))
+        return result
+
+    study_module.train = timed_train
+    shares = []
+    for index in range(6):
+        study.enqueue_trial(PARAMS)
+        started = time.perf_counter()
+        study.optimize(lambda trial: run_trial(trial, context), n_trials=1)
+        total = time.perf_counter() - started
+        bookkeeping = total - training[-1]
+        if index == 0:
+            continue
+        shares.append(bookkeeping / total)
+        print(
+            f"trial {total:.2f} s = training {training[-1]:.2f} s + bookkeeping "
+            f"{bookkeeping:.3f} s ({100 * shares[-1]:.1f}%)"
+        )
+    print(f"median bookkeeping share of a trial's wall time: {100 * np.median(shares):.1f}%")
+
+
+if __name__ == "__main__":
+    main()
