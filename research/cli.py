@@ -37,6 +37,16 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1 to 65535)")
+    return port
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m research",
@@ -167,7 +177,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_data_flags(study)
 
     ui = commands.add_parser("ui", help="start the MLflow UI over the tracking store")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=_port, default=5000, help="port to listen on (default 5000)")
     ui.add_argument(
         "--host",
         default="127.0.0.1",

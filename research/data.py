@@ -159,8 +159,16 @@ def load_mnist(
     if arrays is None:
         if cache_path.exists():
             _say(f"Rebuilding the MNIST cache {cache_path} ({problem}).")
-        arrays = _arrays_from_tfds(_resolve_mnist_dir(mnist_dir), root)
-        _write_cache(cache_path, arrays)
+        try:
+            arrays = _arrays_from_tfds(_resolve_mnist_dir(mnist_dir), root)
+            _write_cache(cache_path, arrays)
+        except OSError as error:  # an unwritable or full data dir, inside tfds or our cache
+            where = error.filename or root
+            raise DataError(
+                f"cannot write the prepared MNIST data under {root} ({where}: "
+                f"{error.strerror or error}); set RESEARCH_DATA_DIR or pass --data-dir to a "
+                "writable folder"
+            ) from None
     return _to_splits(arrays, raw=raw)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -75,12 +76,15 @@ def open_storage(url: str):
                 url,
                 heartbeat_interval=20,
                 grace_period=60,
-                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+                # A trial whose worker stopped beating is failed and queued again (once).
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=1
+                ),
             )
         except Exception as error:
             text = str(error).strip().splitlines()
             raise StudyError(
-                f"cannot open the Optuna storage {url}: {text[0] if text else error!r}; "
+                f"cannot open the Optuna storage {redact(url)}: {text[0] if text else error!r}; "
                 "check --storage"
             ) from None
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
@@ -95,6 +99,19 @@ def open_storage(url: str):
             f"cannot open the Optuna journal {path}: {error.strerror}; pass --storage"
         ) from None
     return optuna.storages.JournalStorage(backend)
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for printing and logging)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if "://" not in url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def make_sampler(config: StudyConfig, n_existing: int = 0, worker: int = 0):
@@ -120,12 +137,20 @@ def make_pruner(config: StudyConfig):
     return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
 
 
+def _describe(pruner: Any) -> str:
+    """``MedianPruner(n_startup_trials=4, n_warmup_steps=1)``-style text for the parent run."""
+    keys = ("_n_startup_trials", "_n_warmup_steps", "_min_resource", "_max_resource")
+    shown = [f"{k.lstrip('_')}={getattr(pruner, k)}" for k in keys if hasattr(pruner, k)]
+    return f"{type(pruner).__name__}({', '.join(shown)})"
+
+
 def load_study(config: StudyConfig, storage_url: str, worker: int = 0):
     """Creates the study, or loads it when it exists (same name, same storage)."""
     import optuna
 
-    # Our own lines say what happens per trial and epoch; Optuna's INFO lines would repeat them.
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Our own lines say what happens per trial and epoch, failures included; Optuna's would
+    # repeat them (with a full traceback for every diverged trial).
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
 
     try:
         study = optuna.create_study(
@@ -167,14 +192,19 @@ def suggest(trial: Any, param: SearchParam) -> Any:
 
 
 def counted_trials(study: Any) -> int:
-    """Finished trials that count toward n_trials (not those whose worker died)."""
+    """Finished trials that count toward n_trials: not those that were interrupted (Ctrl-C, a
+    dead worker) and queued again, nor those Optuna's heartbeat retried."""
     from optuna.trial import TrialState
 
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.system_attrs.get("failed_trial") for t in trials} - {None}
     return sum(
         1
-        for trial in study.get_trials(deepcopy=False)
+        for trial in trials
         if trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
         and ATTR_INTERRUPTED not in trial.system_attrs
+        and trial._trial_id not in retried
+        and trial.number not in retried
     )
 
 
@@ -191,8 +221,13 @@ def _pid_alive(pid: int) -> bool:
 def recover_stale_trials(study: Any, tracker: Any, say: Callable[[str], None]) -> int:
     """Marks FAIL the RUNNING trials whose worker process on this host is gone, closes their
     MLflow runs, and queues their parameters again. Returns how many were recovered."""
+    import optuna
     from optuna.trial import TrialState
 
+    # Database storage: Optuna fails (and retries) trials whose heartbeat stopped; do it now,
+    # not only when a new trial starts, or a stale trial would hold the budget forever.
+    if isinstance(study._storage, optuna.storages.RDBStorage):
+        optuna.storages.fail_stale_trials(study)
     host = socket.gethostname()
     recovered = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -207,6 +242,17 @@ def recover_stale_trials(study: Any, tracker: Any, say: Callable[[str], None]) -
         study.enqueue_trial(trial.params, user_attrs={ATTR_RETRY_OF: trial.number})
         say(f"trial {trial.number} was left RUNNING by a dead worker: marked FAIL, queued again")
         recovered += 1
+    # Any trial that has ended in Optuna but whose MLflow run is still open (its worker died
+    # before closing it) gets its run closed as FAILED.
+    ended = {
+        str(t.number): t.state.name
+        for t in study.get_trials(deepcopy=False)
+        if t.state in (TrialState.FAIL, TrialState.COMPLETE, TrialState.PRUNED)
+    }
+    for run in tracker.trial_runs():
+        number = run.data.tags.get("research.trial_number")
+        if run.info.status == "RUNNING" and number in ended:
+            tracker.close_trial_run(int(number), ended[number], "its worker stopped")
     return recovered
 
 
@@ -294,9 +340,14 @@ def run_trial(trial: Any, context: TrialContext) -> float:
         context.say(f"{label} FAIL: {error}")
         raise
     except BaseException as error:  # Ctrl-C, a crash: close the run, let Optuna record FAIL
-        reason = "interrupted" if isinstance(error, KeyboardInterrupt) else repr(error)
+        interrupted = isinstance(error, KeyboardInterrupt)
+        reason = "interrupted (Ctrl-C)" if interrupted else repr(error)
         run.set_tags({TAG_STATE: "FAIL", TAG_ERROR: reason})
-        run.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        run.finish("KILLED" if interrupted else "FAILED")
+        if interrupted:
+            # Not a result: the trial does not count, and its parameters run again on resume.
+            trial.storage.set_trial_system_attr(trial._trial_id, ATTR_INTERRUPTED, reason)
+            trial.study.enqueue_trial(trial.params, user_attrs={ATTR_RETRY_OF: trial.number})
         raise
     value = objective_value(config, result.history[-1])
     if not math.isfinite(value):
@@ -346,14 +397,9 @@ def optimize(
         running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         if counted_trials(study) + running >= n_trials:
             return
-        with warnings.catch_warnings():
-            # Optuna logs each failed trial itself; a divergence is an expected outcome here.
-            warnings.simplefilter("ignore", category=UserWarning)
-            study.optimize(
-                lambda trial: run_trial(trial, context),
-                n_trials=1,
-                catch=(DivergenceError,),
-            )
+        study.optimize(
+            lambda trial: run_trial(trial, context), n_trials=1, catch=(DivergenceError,)
+        )
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if complete:
             pick = max if context.config.direction == "maximize" else min
@@ -514,7 +560,7 @@ def _work(request: StudyRequest, index: int, started: float) -> None:
         base = say
 
         def say(message: str) -> None:
-            if " epoch " not in message:
+            if not re.match(r"trial \d+ epoch ", message):
                 base(message)
 
     data, x_train, labels_train = _load_splits(request)
@@ -597,27 +643,39 @@ def run_study(
     study = load_study(config, storage_url)
     parent = tracker.parent
     existing = tracker.client.get_run(tracker.parent_run_id).data.params
+    settings = {
+        "objective": config.objective,
+        "direction": config.direction,
+        "sampler": config.sampler,
+        "pruner": config.pruner,
+        "pruner_settings": _describe(make_pruner(config)),
+        "sampler_seed": config.seed,
+        "study_file": config.path.name,
+        **{f"fixed.{name}": value for name, value in config.fixed.items()},
+        **{
+            f"search.{p.name}": (
+                list(p.choices)
+                if p.kind == "categorical"
+                else f"{p.kind} [{p.low}, {p.high}]{' log' if p.log else ''}"
+            )
+            for p in config.search
+        },
+    }
     if not existing:
-        parent.log_params(
-            {
-                "objective": config.objective,
-                "direction": config.direction,
-                "sampler": config.sampler,
-                "pruner": config.pruner,
-                "sampler_seed": config.seed,
-                "study_file": config.path.name,
-                **{f"fixed.{name}": value for name, value in config.fixed.items()},
-                **{
-                    f"search.{p.name}": (
-                        list(p.choices)
-                        if p.kind == "categorical"
-                        else f"{p.kind} [{p.low}, {p.high}]{' log' if p.log else ''}"
-                    )
-                    for p in config.search
-                },
-            }
-        )
-    parent.set_tags({"optuna.storage": storage_url, "n_trials": str(config.n_trials)})
+        parent.log_params(settings)
+    else:
+        # MLflow params are immutable: a resumed study keeps the first run's; say what differs.
+        changed = {
+            key: (existing[key], str(value))
+            for key, value in settings.items()
+            if key in existing and existing[key] != str(value)
+        }
+        if changed:
+            say(
+                "note: this run's settings differ from the study's first run (kept on its parent "
+                "run): " + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+            )
+    parent.set_tags({"optuna.storage": redact(storage_url), "n_trials": str(config.n_trials)})
     parent.log_artifact(config.path, "study")
     request = StudyRequest(
         config,
@@ -639,7 +697,7 @@ def run_study(
         f"{config.objective} ({config.direction}) with {config.sampler} sampler, "
         f"{config.pruner} pruner, {workers} worker(s) x {_blas_threads(workers)} BLAS thread(s)"
     )
-    say(f"Optuna storage: {storage_url}")
+    say(f"Optuna storage: {redact(storage_url)}")
     say(f"MLflow: {uri}, experiment {config.name!r}, parent run {tracker.parent_run_id}")
 
     started_wall = time.time()
@@ -712,7 +770,8 @@ def run_study(
     parent.finish(status)
     say(
         f"done in {time.time() - started_wall:.0f} s (best {config.objective} "
-        f"{_format_value(config, best.value)}); browse: python -m research ui   "
-        f"(experiment {config.name!r})"
+        f"{_format_value(config, best.value)}); browse: python -m research ui"
+        + ("" if tracking_uri is None else f" --tracking-uri {uri}")
+        + f"   (experiment {config.name!r})"
     )
     return 0 if status == "FINISHED" else 1

@@ -321,10 +321,11 @@ _FIELD_RULES: dict[str, _Rule] = {
 }
 
 _STUDY_RULES: dict[str, _Rule] = {
+    # Names become MLflow experiment names and tag values in search filters: keep them plain.
     "name": _Rule(
         "str",
-        "a non-empty printable name without leading or trailing spaces",
-        lambda v: v != "" and v == v.strip() and v.isprintable(),
+        "a name of letters, digits, '_', '-' and '.' (at most 100 characters)",
+        lambda v: re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", v) is not None,
     ),
     "objective": _Rule(
         "str",

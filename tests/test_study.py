@@ -863,3 +863,59 @@ def test_a_trial_left_running_by_a_dead_worker_is_failed_and_queued_again(tmp_pa
     assert run.info.status == "FAILED"
     assert run.data.tags["research.state"] == "FAIL"
     assert "died" in run.data.tags["research.error"]
+
+
+def test_ctrl_c_records_the_trial_as_interrupted_and_resuming_runs_it_again(tmp_path, monkeypatch):
+    """A KeyboardInterrupt during a trial's second epoch (what Ctrl-C raises): exit 130, the
+    trial FAIL and marked interrupted, its MLflow run KILLED, its params queued; the same command
+    then completes the study with the requested number of counted trials."""
+    from optuna.trial import TrialState
+
+    import research.study as study_module
+    from research.study import ATTR_INTERRUPTED, ATTR_RETRY_OF
+
+    real_train = study_module.train
+
+    def interrupted_train(*args, **kwargs):
+        on_epoch = kwargs["on_epoch"]
+
+        def on_epoch_then_ctrl_c(metrics, params):
+            on_epoch(metrics, params)
+            raise KeyboardInterrupt
+
+        return real_train(*args, **{**kwargs, "on_epoch": on_epoch_then_ctrl_c})
+
+    uri = sqlite_uri(tmp_path)
+    monkeypatch.setattr(study_module, "train", interrupted_train)
+    code, _, err = run_cli([*tiny_study_argv(uri, 2), "--no-final"])
+    assert code == 130
+    assert "interrupted" in err and "run the same command again" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    study = load_optuna_study(tmp_path)
+    (first,) = study.get_trials(states=(TrialState.FAIL,))
+    assert "interrupted" in first.system_attrs[ATTR_INTERRUPTED]
+    (queued,) = study.get_trials(states=(TrialState.WAITING,))
+    assert queued.user_attrs[ATTR_RETRY_OF] == first.number
+    _, children = study_runs(uri)
+    (run,) = children
+    assert run.info.status == "KILLED" and run.data.tags["research.state"] == "FAIL"
+
+    monkeypatch.setattr(study_module, "train", real_train)
+    code, _, err = run_cli([*tiny_study_argv(uri, 2), "--no-final"])
+    assert code == 0, err
+    study = load_optuna_study(tmp_path)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 2
+    retry = next(t for t in complete if t.user_attrs.get(ATTR_RETRY_OF) == first.number)
+    assert retry.params == first.params
+
+
+def test_storage_passwords_are_never_shown():
+    from research.study import redact
+
+    assert (
+        redact("postgresql://alice:s3cret@db:5432/optuna")
+        == "postgresql://alice:***@db:5432/optuna"
+    )
+    assert redact("postgresql://alice@db/optuna") == "postgresql://alice@db/optuna"
+    assert redact("/tmp/optuna.journal") == "/tmp/optuna.journal"

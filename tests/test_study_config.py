@@ -356,7 +356,7 @@ MISTAKES = [
     _case("negative sampler seed", _set("study", "seed", value=-1), "study.seed", "-1",
           "an integer from 0 to 2**32 - 1"),
     _case("empty study name", _set("study", "name", value=""), "study.name", '""',
-          "a non-empty printable name"),
+          "a name of letters, digits"),
     # unknown names
     _case("unknown sampler", _set("study", "sampler", value="tpee"), "study.sampler", '"tpee"',
           '"tpe", "random"', 'did you mean "tpe"'),
@@ -556,7 +556,9 @@ def test_overrides():
         ({"timeout": math.inf}, "study.timeout", "inf", "a number of seconds > 0"),
         ({"epochs": 0}, "fixed.epochs", "0", "an integer >= 1"),
         ({"epochs": 2.5}, "fixed.epochs", "2.5", "an integer >= 1"),
-        ({"name": " padded "}, "study.name", '" padded "', "a non-empty printable name"),
+        ({"name": " padded "}, "study.name", '" padded "', "a name of letters, digits"),
+        # a quote would break MLflow's tag filters that find the study's parent run
+        ({"name": "bob's"}, "study.name", '"bob\'s"', "a name of letters, digits"),
     ],
 )
 def test_bad_overrides(overrides, key, value, allowed):
