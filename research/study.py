@@ -525,6 +525,7 @@ class StudyRequest:
     config: StudyConfig
     storage_url: str
     tracking_uri: str
+    experiment_id: str
     parent_run_id: str
     mnist_dir: str | None
     data_dir: str | None
@@ -534,14 +535,17 @@ class StudyRequest:
     quiet: bool
 
 
-def _load_splits(request: StudyRequest):
+def _load_splits(
+    config: StudyConfig, mnist_dir: str | None, data_dir: str | None, subset: int | None
+):
+    """The MNIST splits and the (first ``subset`` rows of the) training split."""
     from research.data import load_mnist
 
-    raw = bool(request.config.fixed.get("raw_inputs", False))
-    data = load_mnist(request.mnist_dir, request.data_dir, raw=raw)
+    raw = bool(config.fixed.get("raw_inputs", False))
+    data = load_mnist(mnist_dir, data_dir, raw=raw)
     x_train, labels_train = data.train.x, data.train.labels
-    if request.subset is not None:
-        x_train, labels_train = x_train[: request.subset], labels_train[: request.subset]
+    if subset is not None:
+        x_train, labels_train = x_train[:subset], labels_train[:subset]
     return data, x_train, labels_train
 
 
@@ -553,7 +557,7 @@ def _work(request: StudyRequest, index: int, started: float) -> None:
     """One worker: runs trials on the shared study until the budget is used."""
     from threadpoolctl import threadpool_limits
 
-    from research.tracking import StudyTracker, _client
+    from research.tracking import StudyTracker
 
     say = worker_label(index, request.workers)
     if request.quiet:
@@ -563,13 +567,12 @@ def _work(request: StudyRequest, index: int, started: float) -> None:
             if not re.match(r"trial \d+ epoch ", message):
                 base(message)
 
-    data, x_train, labels_train = _load_splits(request)
+    data, x_train, labels_train = _load_splits(
+        request.config, request.mnist_dir, request.data_dir, request.subset
+    )
     threads = _blas_threads(request.workers)
-    tracker = StudyTracker(
-        _client(request.tracking_uri),
-        request.tracking_uri,
-        _experiment_id(request),
-        request.parent_run_id,
+    tracker = StudyTracker.attach(
+        request.tracking_uri, request.experiment_id, request.parent_run_id
     )
     context = TrialContext(
         request.config,
@@ -585,12 +588,6 @@ def _work(request: StudyRequest, index: int, started: float) -> None:
     deadline = None if request.deadline_seconds is None else started + request.deadline_seconds
     with threadpool_limits(limits=threads):
         optimize(study, context, deadline)
-
-
-def _experiment_id(request: StudyRequest) -> str:
-    from research.tracking import _client
-
-    return _client(request.tracking_uri).get_run(request.parent_run_id).info.experiment_id
 
 
 def _worker_entry(request: StudyRequest, index: int, started_wall: float) -> None:
@@ -628,11 +625,8 @@ def run_study(
     storage_url = storage_url or default_storage_url(uri)
     if workers < 1:
         raise StudyError(f"--workers {workers} is not allowed; give an integer >= 1")
-    request = StudyRequest(
-        config, storage_url, uri, "", mnist_dir, data_dir, subset, workers, config.timeout, quiet
-    )
     # Data first: a missing MNIST folder or an impossible batch size stops us before anything.
-    data, x_train, labels_train = _load_splits(request)
+    data, x_train, labels_train = _load_splits(config, mnist_dir, data_dir, subset)
     if subset is not None and not 1 <= subset <= len(data.train):
         raise StudyError(f"--subset {subset} must be between 1 and {len(data.train)}")
     check_batch_size(config, len(x_train))
@@ -681,6 +675,7 @@ def run_study(
         config,
         storage_url,
         uri,
+        tracker.experiment_id,
         tracker.parent_run_id,
         mnist_dir,
         data_dir,

@@ -282,6 +282,11 @@ class StudyTracker:
             raise _store_error(uri, error) from None
         return cls(client, uri, experiment_id, run_id)
 
+    @classmethod
+    def attach(cls, tracking_uri: str, experiment_id: str, parent_run_id: str) -> StudyTracker:
+        """The tracker of a study whose parent run exists (a worker process joining it)."""
+        return cls(_client(tracking_uri), tracking_uri, experiment_id, parent_run_id)
+
     @property
     def parent(self) -> TrainingRun:
         return TrainingRun(self.client, self.parent_run_id, self.experiment_id, self.tracking_uri)
