@@ -1,4 +1,4 @@
-"""Command line: ``python -m research {train,gradcheck} ...``.
+"""Command line: ``python -m research {train,gradcheck,study,ui,rerun,report} ...``.
 
 User mistakes (bad flags, missing data, an unreachable tracking store) end with one message on
 stderr and exit code 2, never a traceback. A run that diverges exits 1; Ctrl-C exits 130.
@@ -194,6 +194,28 @@ def _build_parser() -> argparse.ArgumentParser:
     rerun.add_argument("run_id", help="the MLflow run id of a trial or a train run")
     rerun.add_argument("--tracking-uri", help="MLflow tracking URI")
     _add_data_flags(rerun)
+
+    report = commands.add_parser(
+        "report",
+        help="figures and a self-contained report of a study (never trains)",
+        description="Turn a study in the tracking store into figures, report.md, report.html "
+        "and report.json, and log them on the study's parent run (artifacts report/).",
+    )
+    report.add_argument("study", nargs="?", help="study name (default: the most recent study)")
+    report.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default sqlite:///mlruns/mlflow.db)"
+    )
+    report.add_argument(
+        "--out", type=Path, help="output folder (default: reports/<study> beside the store)"
+    )
+    report.add_argument(
+        "--storage",
+        help="Optuna storage for the importances (default: the one the study recorded)",
+    )
+    report.add_argument(
+        "--no-log", action="store_true", help="do not log the report to the parent run"
+    )
+    _add_data_flags(report)
     return parser
 
 
@@ -548,6 +570,26 @@ def _run_rerun(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_report(args: argparse.Namespace) -> int:
+    from analysis.report import ReportError, build_report
+    from research.data import DataError
+    from research.tracking import TrackingError
+
+    try:
+        build_report(
+            args.study,
+            tracking_uri=args.tracking_uri,
+            out=args.out,
+            storage=args.storage,
+            mnist_dir=args.mnist_dir,
+            data_dir=args.data_dir,
+            log_to_mlflow=not args.no_log,
+        )
+    except (ReportError, TrackingError, DataError) as error:
+        raise UserError(str(error)) from None
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = _build_parser().parse_args(argv)
@@ -557,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         "study": _run_study,
         "ui": _run_ui,
         "rerun": _run_rerun,
+        "report": _run_report,
     }
     try:
         return commands[args.command](args)

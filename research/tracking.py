@@ -55,6 +55,8 @@ def _client(uri: str):
     # MLflow and alembic announce every schema step of a new SQLite store at INFO; users need none.
     for name in ("mlflow.store.db.utils", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Its per-download progress bar would break into our own progress lines.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     if uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).parent
@@ -352,3 +354,154 @@ def metric_history(run: TrainingRun, key: str) -> list[tuple[int, float]]:
     """(step, value) pairs of a metric, in step order."""
     history = run.client.get_metric_history(run.run_id, key)
     return sorted((m.step, m.value) for m in history)
+
+
+# --- reading studies back (for analysis/) ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """A study as the tracking store knows it: its experiment and its parent run."""
+
+    name: str
+    experiment_id: str
+    parent_run_id: str
+    last_active_ms: int  # the latest start or end time of its parent run
+
+
+def list_studies(tracking_uri: str | None = None) -> list[StudyRecord]:
+    """Every study in the store (one parent run tagged ``research.role=study``), newest first."""
+    uri = resolve_tracking_uri(tracking_uri)
+    try:
+        client = _client(uri)
+        experiment_ids = [e.experiment_id for e in client.search_experiments(max_results=50_000)]
+        parents = (
+            client.search_runs(
+                experiment_ids,
+                filter_string=f"tags.`{TAG_ROLE}` = 'study'",
+                max_results=50_000,
+            )
+            if experiment_ids
+            else []
+        )
+    except TrackingError:
+        raise
+    except Exception as error:
+        raise _store_error(uri, error) from None
+    records = [
+        StudyRecord(
+            name=run.data.tags.get(TAG_STUDY, ""),
+            experiment_id=run.info.experiment_id,
+            parent_run_id=run.info.run_id,
+            last_active_ms=max(run.info.start_time or 0, run.info.end_time or 0),
+        )
+        for run in parents
+    ]
+    return sorted(records, key=lambda record: record.last_active_ms, reverse=True)
+
+
+def find_study(name: str | None, tracking_uri: str | None = None) -> StudyRecord:
+    """The study called ``name`` (the most recent one if ``None``); TrackingError listing the
+    studies that exist if there is no such study."""
+    uri = resolve_tracking_uri(tracking_uri)
+    studies = list_studies(uri)
+    if not studies:
+        raise TrackingError(
+            f"there is no study in the tracking store {uri}; run one with "
+            "`python -m research study experiments/mnist_mlp.toml` or pass --tracking-uri"
+        )
+    if name is None:
+        return studies[0]
+    for record in studies:
+        if record.name == name:
+            return record
+    known = ", ".join(sorted({record.name for record in studies}))
+    raise TrackingError(f"no study named {name!r} in {uri}; the studies there are: {known}")
+
+
+def study_runs(record: StudyRecord, tracking_uri: str | None = None):
+    """The parent run and the trial runs of a study, from ``mlflow.search_runs``.
+
+    Returns ``(parent, trials)``: two pandas DataFrames in MLflow's layout (``run_id``,
+    ``status``, ``start_time``, ``end_time``, ``params.<name>``, ``metrics.<name>`` holding the
+    last logged value, ``tags.<name>``); ``parent`` has one row.
+    """
+    import mlflow
+
+    uri = resolve_tracking_uri(tracking_uri)
+    _client(uri)
+    frames = [
+        mlflow.search_runs(
+            experiment_ids=[record.experiment_id],
+            filter_string=filter_string,
+            max_results=50_000,
+            output_format="pandas",
+        )
+        for filter_string in (
+            f"attributes.run_id = '{record.parent_run_id}'",
+            f"tags.`{TAG_PARENT}` = '{record.parent_run_id}'",
+        )
+    ]
+    return frames[0], frames[1]
+
+
+def metric_histories(run_ids: list[str], keys: list[str], tracking_uri: str | None = None):
+    """Every logged value of ``keys`` for ``run_ids``: a long pandas DataFrame with the columns
+    ``run_id``, ``key``, ``step``, ``value`` (sorted by run, key and step)."""
+    import pandas as pd
+
+    client = _client(resolve_tracking_uri(tracking_uri))
+    rows = [
+        (run_id, key, metric.step, metric.value)
+        for run_id in run_ids
+        for key in keys
+        for metric in client.get_metric_history(run_id, key)
+    ]
+    frame = pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
+    return frame.sort_values(["run_id", "key", "step"], ignore_index=True)
+
+
+def download_artifact(
+    run_id: str, artifact_path: str, folder: Path, tracking_uri: str | None = None
+) -> Path | None:
+    """Copies one artifact of a run into ``folder``; ``None`` if the run has no such artifact."""
+    client = _client(resolve_tracking_uri(tracking_uri))
+    parent = Path(artifact_path).parent
+    listed = client.list_artifacts(run_id, None if parent == Path(".") else str(parent))
+    names = {info.path for info in listed}
+    if artifact_path not in names:
+        return None
+    return Path(client.download_artifacts(run_id, artifact_path, str(folder)))
+
+
+def log_artifacts(
+    run_id: str, folder: Path, artifact_path: str, tracking_uri: str | None = None
+) -> None:
+    """Logs every file of ``folder`` under ``artifact_path`` of an existing run."""
+    client = _client(resolve_tracking_uri(tracking_uri))
+    try:
+        client.log_artifacts(run_id, str(folder), artifact_path)
+    except OSError as error:
+        raise TrackingError(
+            f"cannot write the artifacts of run {run_id} ({error.filename or folder}): "
+            f"{error.strerror}"
+        ) from None
+
+
+def find_runs(experiment: str, filter_string: str, tracking_uri: str | None = None):
+    """Runs of ``experiment`` matching ``filter_string``, newest first, as a pandas DataFrame in
+    ``mlflow.search_runs``'s layout (empty if the experiment does not exist)."""
+    import mlflow
+    import pandas as pd
+
+    client = _client(resolve_tracking_uri(tracking_uri))
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return pd.DataFrame()
+    return mlflow.search_runs(
+        experiment_ids=[found.experiment_id],
+        filter_string=filter_string,
+        order_by=["attributes.start_time DESC"],
+        max_results=1000,
+        output_format="pandas",
+    )

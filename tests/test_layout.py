@@ -46,3 +46,34 @@ def test_only_the_reference_imports_jax():
         name for name, text in sources.items() if "import mlflow" in text or "from mlflow" in text
     }
     assert importing_mlflow == {"tracking.py"}
+
+
+def test_analysis_reads_results_and_never_trains():
+    sources = {path.name: path.read_text() for path in (REPO / "analysis").glob("*.py")}
+    assert {"report.py", "store.py", "style.py", "render.py"} <= set(sources)
+    for name, text in sources.items():
+        assert "import mlflow" not in text and "from mlflow" not in text, name
+        assert "import jax" not in text and "from jax" not in text, name
+        # Training entry points: train(), the study's objective and its final refit.
+        for call in ("train(", "optimize(", "final_fit(", "run_study(", "loss_and_grads("):
+            assert call not in text, (name, call)
+        for line in text.splitlines():
+            if line.strip().startswith(("from research", "import research")):
+                imported = line.split()[1]
+                assert imported in {
+                    "research",
+                    "research.data",
+                    "research.mlp",
+                    "research.study",
+                    "research.train",
+                    "research.tracking",
+                }, line
+    # The report takes from training only the presets (the origin's configuration, to compare).
+    assert "from research.train import PRESETS" in sources["report.py"]
+
+
+def test_importing_the_analysis_stays_light():
+    modules = imported_after("import analysis, analysis.store, analysis.report")
+    assert not {"jax", "optuna", "torch", "tensorflow_datasets"} & {
+        name.split(".")[0] for name in modules
+    }

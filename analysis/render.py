@@ -1,0 +1,310 @@
+"""A report as Markdown (beside its PNGs), as one self-contained HTML page, and as JSON.
+
+All three are written from the same sections (:func:`sections`), so they always say the same.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+if TYPE_CHECKING:
+    from analysis.report import Report
+
+TOP_TRIALS = 10
+
+
+def _pct(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or pd.isna(value):
+        return "n/a"
+    return f"{100 * float(value):.{digits}f}%"
+
+
+def _cell(value: Any) -> str:
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def sections(report: Report) -> list[dict[str, Any]]:
+    """The report's content in order: each section has a ``title``, ``paragraphs`` (text),
+    ``tables`` (DataFrames of text) and ``figures`` (file names)."""
+    results = report.results
+    trials = results.trials
+    counts = trials["state"].value_counts().to_dict()
+    best = results.best
+    out: list[dict[str, Any]] = []
+
+    overview = [
+        f"Objective: {results.objective} ({results.direction}). Sampler "
+        f"{results.parent_params.get('sampler', '?')}, pruner "
+        f"{results.parent_params.get('pruner', '?')}. Trials: {len(trials)} finished ("
+        + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("COMPLETE", "PRUNED", "FAIL"))
+        + ").",
+        f"Tracking store {report.tracking_uri}; experiment {results.name!r}, parent run "
+        f"{results.record.parent_run_id}.",
+    ]
+    overview += [f"Note: {note}." for note in report.notes]
+    failed = trials[trials["state"] == "FAIL"]
+    tables = []
+    if len(failed):
+        tables.append(pd.DataFrame({"trial": failed["trial"], "why it failed": failed["error"]}))
+    out.append({"title": "Overview", "paragraphs": overview, "tables": tables, "figures": []})
+
+    if best is not None:
+        params = {d.name: best[d.name] for d in results.search}
+        text = [
+            f"Trial {int(best['trial'])}: {results.objective} "
+            + (
+                _pct(best[results.objective])
+                if "accuracy" in results.objective
+                else f"{best[results.objective]:.4g}"
+            )
+            + f" after {int(best['epochs_run'])} epochs in {best['wall_seconds']:.1f} s; "
+            + ", ".join(f"{k} = {_cell(v)}" for k, v in params.items())
+            + "."
+        ]
+        ranked = trials[trials["state"] == "COMPLETE"].sort_values(
+            results.objective, ascending=results.direction != "maximize"
+        )
+        top = ranked.head(TOP_TRIALS)
+        table = pd.DataFrame(
+            {
+                "trial": top["trial"],
+                **{d.name: top[d.name].map(_cell) for d in results.search},
+                results.objective: top[results.objective].map(
+                    _pct if "accuracy" in results.objective else _cell
+                ),
+                "epochs": top["epochs_run"],
+                "wall (s)": top["wall_seconds"].map(lambda v: f"{v:.1f}"),
+            }
+        )
+        out.append(
+            {
+                "title": "Best trial",
+                "paragraphs": [*text, f"The top {len(top)} completed trials:"],
+                "tables": [table],
+                "figures": [],
+            }
+        )
+
+    if report.test:
+        test = report.test
+        text = [
+            f"Evaluated once on the test split: {test['source']}.",
+            f"Test accuracy {_pct(test['accuracy'])} ({test['correct']:,} of {test['n']:,}); "
+            f"95% confidence interval {_pct(test['ci_low'])} to {_pct(test['ci_high'])} "
+            "(Wilson score interval).",
+        ]
+        if test.get("logged_test_accuracy") is not None:
+            text.append(
+                f"The study logged test_accuracy {_pct(test['logged_test_accuracy'])} for the "
+                "same weights."
+            )
+        per_class = pd.DataFrame(test["per_class"])
+        table = pd.DataFrame(
+            {
+                "digit": per_class["digit"],
+                "test rows": per_class["n"],
+                "correct": per_class["correct"],
+                "accuracy": per_class["accuracy"].map(_pct),
+                "95% CI": [
+                    f"{_pct(lo)} to {_pct(hi)}"
+                    for lo, hi in zip(per_class["ci_low"], per_class["ci_high"])
+                ],
+            }
+        )
+        figures = [
+            name
+            for name in ("confusion_matrix.png", "per_class_accuracy.png", "misclassified.png")
+            if name in report.figures
+        ]
+        out.append(
+            {
+                "title": "Best model on the test split",
+                "paragraphs": text,
+                "tables": [table],
+                "figures": figures,
+            }
+        )
+
+    if report.comparison is not None and len(report.comparison):
+        frame = report.comparison
+        table = pd.DataFrame(
+            {
+                "configuration": frame["configuration"],
+                "val/accuracy": frame.get("val/accuracy", pd.Series(dtype=float)).map(_pct),
+                "test_accuracy": frame.get("test_accuracy", pd.Series(dtype=float)).map(_pct),
+                "epochs": frame.get("epochs", pd.Series(dtype=float)).map(_cell),
+                "wall (s)": frame.get("wall_seconds", pd.Series(dtype=float)).map(
+                    lambda v: "" if pd.isna(v) else f"{v:.1f}"
+                ),
+                "parameters": frame.get("n_params", pd.Series(dtype=float)).map(
+                    lambda v: "" if pd.isna(v) else f"{int(v):,}"
+                ),
+                "source": frame["source"],
+            }
+        )
+        out.append(
+            {
+                "title": "The origin's configuration against the tuned best",
+                "paragraphs": [
+                    "Wall time is the training time of that one configuration (a study's is its "
+                    "best trial's, on the study's training rows); test accuracy of a study is "
+                    "that of its final refit on train+validation."
+                ],
+                "tables": [table],
+                "figures": [],
+            }
+        )
+
+    search_figures = [
+        name
+        for name in (
+            "loss_curves.png",
+            "objective_vs_params.png",
+            "optimization_history.png",
+            "param_importances.png",
+        )
+        if name in report.figures
+    ]
+    out.append({"title": "The search", "paragraphs": [], "tables": [], "figures": search_figures})
+    return out
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table of ``frame`` (cells as text, pipes escaped)."""
+
+    def row(cells: list[Any]) -> str:
+        return "| " + " | ".join(_cell(c).replace("|", "\\|") for c in cells) + " |"
+
+    lines = [row(list(frame.columns)), "| " + " | ".join("---" for _ in frame.columns) + " |"]
+    lines += [row(list(values)) for values in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    with tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, suffix=path.suffix, delete=False, encoding="utf-8"
+    ) as handle:
+        handle.write(text)
+    os.replace(handle.name, path)
+
+
+def write_markdown(report: Report, path: Path) -> None:
+    """``report.md``, with the figures as relative links to the PNGs beside it."""
+    lines = [
+        f"# Study report: {report.results.name}",
+        "",
+        f"Made {report.created} by `python -m research report` in {report.seconds:.1f} s.",
+    ]
+    for section in sections(report):
+        lines += ["", f"## {section['title']}", ""]
+        for paragraph in section["paragraphs"]:
+            lines += [paragraph, ""]
+        for table in section["tables"]:
+            lines += [markdown_table(table), ""]
+        for name in section["figures"]:
+            lines += [f"![{name}]({name})", "", f"*{report.figures[name]}*", ""]
+    _atomic_write(path, "\n".join(lines).rstrip() + "\n")
+
+
+HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>Study report: {{ name }}</title>
+<style>
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1100px;
+       margin: 2em auto; padding: 0 1em; color: #222; line-height: 1.45; }
+h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 2em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; }
+th { background: #f4f6f8; }
+figure { margin: 1.2em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 0.9em; }
+.meta { color: #666; }
+</style></head><body>
+<h1>Study report: {{ name }}</h1>
+<p class="meta">Made {{ created }} by <code>python -m research report</code> in {{ seconds }} s.</p>
+{% for section in sections %}
+<h2>{{ section.title }}</h2>
+{% for paragraph in section.paragraphs %}<p>{{ paragraph }}</p>
+{% endfor %}
+{% for table in section.tables %}{{ table | safe }}
+{% endfor %}
+{% for figure in section.figures %}<figure><img alt="{{ figure.name }}" src="{{ figure.src }}">
+<figcaption>{{ figure.caption }}</figcaption></figure>
+{% endfor %}
+{% endfor %}
+</body></html>
+"""
+
+
+def write_html(report: Report, path: Path, figure_folder: Path) -> None:
+    """``report.html``: one file with every figure embedded as a data URI (opens offline)."""
+    import jinja2
+
+    rendered = []
+    for section in sections(report):
+        figures = []
+        for name in section["figures"]:
+            data = base64.b64encode((figure_folder / name).read_bytes()).decode("ascii")
+            figures.append(
+                {
+                    "name": name,
+                    "src": f"data:image/png;base64,{data}",
+                    "caption": report.figures[name],
+                }
+            )
+        tables = [
+            table.to_html(index=False, border=0, escape=True, na_rep="")
+            for table in section["tables"]
+        ]
+        rendered.append({**section, "figures": figures, "tables": tables})
+    template = jinja2.Environment(autoescape=True).from_string(HTML)
+    text = template.render(
+        name=report.results.name,
+        created=report.created,
+        seconds=f"{report.seconds:.1f}",
+        sections=rendered,
+    )
+    _atomic_write(path, text)
+
+
+def write_json(report: Report, path: Path) -> None:
+    """``report.json``: the numbers behind the report, for scripts and tests."""
+    results = report.results
+    best = results.best
+    payload = {
+        "study": results.name,
+        "tracking_uri": report.tracking_uri,
+        "parent_run_id": results.record.parent_run_id,
+        "objective": results.objective,
+        "direction": results.direction,
+        "states": results.trials["state"].value_counts().to_dict(),
+        "skipped_running": results.skipped_running,
+        "best_trial": None if best is None else int(best["trial"]),
+        "best_value": None if best is None else float(best[results.objective]),
+        "test": report.test,
+        "importances": None
+        if report.importances is None
+        else dict(zip(report.importances["param"], report.importances["importance"])),
+        "figures": sorted(report.figures),
+        "notes": report.notes,
+        "seconds": report.seconds,
+    }
+    _atomic_write(path, json.dumps(payload, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")

@@ -1,0 +1,394 @@
+"""``python -m research report``: one study turned into figures and a self-contained report.
+
+Reads the tracking store (through :mod:`research.tracking`), the Optuna study (for parameter
+importances only) and the test split (to evaluate the best model once); it never trains. Writes
+into ``--out`` (default ``mlruns/reports/<study>/``): the figures as 150 dpi PNGs, ``report.md``
+beside them, ``report.html`` with every figure embedded (opens offline) and ``report.json`` with
+the numbers; then logs them as artifacts under ``report/`` of the study's parent run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analysis import curves, evaluation, history, hyperparams
+from analysis.render import write_html, write_json, write_markdown
+from analysis.store import StudyResults, load_study_results
+from analysis.style import light_style, save_png
+from research import tracking
+
+BASELINE_STUDY = "seed_baseline"
+MISTAKES_SHOWN = 24
+
+
+class ReportError(Exception):
+    """The report cannot be made as asked; the message says why and how to fix it."""
+
+
+@dataclass
+class Report:
+    """Everything the report says, as data (rendered to Markdown, HTML and JSON)."""
+
+    results: StudyResults
+    tracking_uri: str
+    created: str
+    figures: dict[str, str] = field(default_factory=dict)  # file name -> caption
+    notes: list[str] = field(default_factory=list)
+    test: dict[str, Any] | None = None
+    comparison: pd.DataFrame | None = None
+    importances: pd.DataFrame | None = None
+    seconds: float = 0.0
+
+
+def default_out_dir(tracking_uri: str, study: str) -> Path:
+    """``<store folder>/reports/<study>`` for a local SQLite store, else ``mlruns/reports/``."""
+    if tracking_uri.startswith("sqlite:///"):
+        folder = Path(tracking_uri.removeprefix("sqlite:///")).parent
+    else:
+        folder = tracking.DEFAULT_STORE_DIR
+    return folder / "reports" / study
+
+
+def build_report(
+    study: str | None = None,
+    *,
+    tracking_uri: str | None = None,
+    out: Path | None = None,
+    storage: str | None = None,
+    mnist_dir: str | None = None,
+    data_dir: str | None = None,
+    log_to_mlflow: bool = True,
+    say: Callable[[str], None] = print,
+) -> tuple[Report, Path]:
+    """Makes the report of ``study`` (the most recent study if None); returns it and its folder.
+
+    Raises ``research.tracking.TrackingError`` (unknown study, unreadable store), ``ReportError``
+    and ``research.data.DataError`` for user mistakes.
+    """
+    started = time.perf_counter()
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    results = load_study_results(study, uri)
+    out = Path(out) if out else default_out_dir(uri, results.name)
+    report = Report(results, uri, dt.datetime.now().strftime("%Y-%m-%d %H:%M"))
+    states = results.trials["state"].value_counts().to_dict()
+    say(
+        f"study {results.name!r}: {len(results.trials)} trial runs "
+        f"({', '.join(f'{n} {s}' for s, n in sorted(states.items())) or 'none'}) "
+        f"in {uri}"
+    )
+    if results.skipped_running:
+        report.notes.append(
+            f"{len(results.skipped_running)} trial(s) still running were left out: "
+            + ", ".join(map(str, results.skipped_running))
+        )
+        say("note: " + report.notes[-1])
+    if results.trials.empty:
+        raise ReportError(
+            f"study {results.name!r} has no finished trial yet; run the study first "
+            f"(or wait for its running trials)"
+        )
+
+    best = results.best
+    best_trial = None if best is None else int(best["trial"])
+    figures: dict[str, tuple[Any, str]] = {}
+    with light_style():
+        if not results.curves.empty:
+            figures["loss_curves.png"] = (
+                curves.loss_curves_figure(results.curves, best_trial),
+                "train/loss and val/loss per epoch of every trial, colored by the trial's final "
+                "validation accuracy; pruned and failed trials dashed and faint, ending where "
+                "they stopped; the best trial thick.",
+            )
+        if results.search:
+            figures["objective_vs_params.png"] = (
+                hyperparams.objective_vs_params_figure(
+                    results.trials, results.search, results.objective, best_trial
+                ),
+                f"{results.objective} of each trial against each searched hyperparameter "
+                "(log axes where the search was log).",
+            )
+        figures["optimization_history.png"] = (
+            history.optimization_history_figure(
+                results.trials, results.objective, results.direction
+            ),
+            f"{results.objective} of each trial in the order they ran, and the best so far.",
+        )
+        report.importances, note = _importances(results, storage)
+        if report.importances is not None:
+            figures["param_importances.png"] = (
+                history.importances_figure(report.importances),
+                "How much of the variance of the objective each hyperparameter explains "
+                "(Optuna's fANOVA over the completed trials, seed 0).",
+            )
+        else:
+            report.notes.append(f"parameter importances: {note}")
+            say("note: " + report.notes[-1])
+
+        if best is None:
+            report.notes.append("no trial completed, so there is no best model to evaluate")
+            say("note: " + report.notes[-1])
+        else:
+            test_figures = _evaluate_best(report, best, mnist_dir, data_dir, say)
+            figures.update(test_figures)
+        report.comparison = _comparison(report, uri, say)
+
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=_mkdir(out.parent)))
+        try:
+            for name, (figure, caption) in figures.items():
+                save_png(figure, staging / name)
+                report.figures[name] = caption
+            report.seconds = time.perf_counter() - started
+            write_markdown(report, staging / "report.md")
+            write_html(report, staging / "report.html", staging)
+            write_json(report, staging / "report.json")
+            _replace_folder(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    if log_to_mlflow:
+        tracking.log_artifacts(results.record.parent_run_id, out, "report", uri)
+        say(f"logged to MLflow: run {results.record.parent_run_id}, artifacts report/")
+    say(f"report written in {time.perf_counter() - started:.1f} s: {out / 'report.html'}")
+    return report, out
+
+
+def _mkdir(folder: Path) -> Path:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ReportError(
+            f"cannot create the report folder {folder}: {error.strerror}; pass --out"
+        ) from None
+    return folder
+
+
+def _replace_folder(staging: Path, out: Path) -> None:
+    """Puts the finished report in place of any older one; never leaves a half-written one."""
+    # Temporary files and folders are private (0600/0700); a report is for sharing.
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in staging.iterdir():
+        path.chmod(0o666 & ~umask)
+    staging.chmod(0o777 & ~umask)
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}-old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _importances(results: StudyResults, storage: str | None) -> tuple[pd.DataFrame | None, str]:
+    """Optuna's fANOVA importances of the study, or None and the reason there are none."""
+    import warnings
+
+    import optuna
+
+    from research.study import StudyError, open_storage
+
+    complete = results.trials[results.trials["state"] == "COMPLETE"]
+    if len(complete) < 2:
+        return None, f"need at least 2 completed trials, the study has {len(complete)}"
+    if not results.search:
+        return None, "nothing was searched"
+    url = storage or results.parent_tags.get("optuna.storage")
+    if not url or "***" in url:
+        return None, "the Optuna storage is not known (its password is not stored); pass --storage"
+    if "://" not in url and not Path(url).is_file():
+        # Opening a journal that is not there would create an empty one.
+        return None, f"the Optuna journal {url} does not exist; pass --storage"
+    try:
+        study = optuna.load_study(study_name=results.name, storage=open_storage(url))
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            importances = optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+            )
+    except StudyError as error:
+        return None, str(error)
+    except (KeyError, ValueError, RuntimeError) as error:
+        # KeyError: no such study in that storage; ValueError/RuntimeError: too little variety.
+        return None, f"Optuna could not compute them from {url}: {error}"
+    frame = pd.DataFrame(list(importances.items()), columns=["param", "importance"])
+    return frame, ""
+
+
+def _evaluate_best(
+    report: Report, best: pd.Series, mnist_dir: str | None, data_dir: str | None, say: Callable
+) -> dict[str, tuple[Any, str]]:
+    """Evaluates the best model once on the test split; fills ``report.test``."""
+    from research.data import load_mnist
+    from research.mlp import forward
+
+    results = report.results
+    uri = report.tracking_uri
+    with tempfile.TemporaryDirectory() as folder:
+        weights = tracking.download_artifact(
+            results.record.parent_run_id, "best_weights.npz", Path(folder), uri
+        )
+        source = "the best configuration retrained on train+validation (the study's final fit)"
+        if weights is None:
+            weights = tracking.download_artifact(best["run_id"], "weights.npz", Path(folder), uri)
+            source = f"trial {int(best['trial'])}'s weights (trained on the training split only)"
+        if weights is None:
+            report.notes.append(
+                f"no weights were found on the parent run or on trial {int(best['trial'])}, "
+                "so there is no test evaluation"
+            )
+            say("note: " + report.notes[-1])
+            return {}
+        spec, params = tracking.load_weights(weights)
+    run_params = _run_params(best["run_id"], uri)
+    raw = run_params.get("raw_inputs") == "True"
+    data = load_mnist(mnist_dir, data_dir, raw=raw)
+    x_test = data.test.x.astype(params[0]["W"].dtype, copy=False)
+    say(f"evaluating {source} once on the {len(x_test):,} test digits")
+    outputs = np.asarray(forward(params, x_test, spec), dtype=np.float64)
+    labels = data.test.labels
+    result = evaluation.evaluate_outputs(outputs, labels)
+    logged = results.parent_metrics.get("test_accuracy") if "retrained" in source else None
+    report.test = {
+        "source": source,
+        "n": result.n,
+        "correct": result.correct,
+        "accuracy": result.accuracy,
+        "ci_low": result.ci_low,
+        "ci_high": result.ci_high,
+        "logged_test_accuracy": logged,
+        "confusion_matrix": result.confusion.tolist(),
+        "per_class": result.per_class.to_dict(orient="records"),
+        "spec": {
+            "sizes": list(spec.sizes),
+            "activation": spec.activation,
+            "output": spec.output,
+            "loss": spec.loss,
+        },
+    }
+    say(
+        f"test accuracy {result.accuracy:.2%} (95% CI {result.ci_low:.2%} to "
+        f"{result.ci_high:.2%}, {result.n - result.correct} mistakes)"
+    )
+    if logged is not None and not math.isclose(logged, result.accuracy, abs_tol=0.5 / result.n):
+        report.notes.append(
+            f"the study logged test_accuracy {logged:.4%} but this evaluation gives "
+            f"{result.accuracy:.4%}: the data or the code changed since"
+        )
+        say("warning: " + report.notes[-1])
+    score = "p" if spec.output == "softmax" else "output"
+    figures = evaluation.evaluation_figures(
+        result, data.test.x, outputs, labels, score, MISTAKES_SHOWN
+    )
+    captions = {
+        "confusion_matrix.png": "Test confusion matrix of the best model: counts, colored by "
+        "the share of the true digit's rows.",
+        "per_class_accuracy.png": "Test accuracy per digit with 95% Wilson intervals; the "
+        "dashed line is the overall accuracy.",
+        "misclassified.png": f"The {MISTAKES_SHOWN} test digits the best model got wrong with "
+        "the highest output for the wrong digit.",
+    }
+    return {name: (figure, captions[name]) for name, figure in figures.items()}
+
+
+def _run_params(run_id: str, uri: str) -> dict[str, str]:
+    run, _ = tracking.find_run(run_id, uri)
+    return dict(run.data.params)
+
+
+def _comparison(report: Report, uri: str, say: Callable) -> pd.DataFrame:
+    """The origin's configuration beside the tuned best: accuracy, epochs, wall time, size."""
+    from research.data import N_TRAIN
+    from research.train import PRESETS
+
+    rows = []
+    seed = PRESETS["seed"]
+    origin_runs = tracking.find_runs("train", "tags.preset = 'seed'", uri)
+    origin = {
+        "configuration": "origin (seed preset): [784, 30, 10] sigmoid, mse, sgd",
+        "source": "not in this store; run `python -m research train --preset seed --evaluate-test`",
+        "val/accuracy": math.nan,
+        "test_accuracy": math.nan,
+        "epochs": seed.epochs,
+        "wall_seconds": math.nan,
+        "n_params": seed.spec().n_params,
+    }
+    # Only a finished run of the preset exactly as the origin had it, on all training rows.
+    expected = {f"params.{key}": str(value) for key, value in seed.as_params().items()}
+    matching = [
+        run
+        for _, run in origin_runs.iterrows()
+        if run["status"] == "FINISHED"
+        and all(run.get(key) == value for key, value in expected.items())
+        and run.get("params.n_train_rows") == str(N_TRAIN)
+    ]
+    if matching:
+        run = matching[0]
+        origin.update(
+            source=f"train run {run['run_id'][:8]}",
+            **{
+                "val/accuracy": run.get("metrics.val/accuracy", math.nan),
+                "test_accuracy": run.get("metrics.test_accuracy", math.nan),
+                "epochs": int(run.get("params.epochs", seed.epochs)),
+                "wall_seconds": run.get("metrics.wall_seconds", math.nan),
+            },
+        )
+    rows.append(origin)
+    results = report.results
+    if results.name != BASELINE_STUDY:
+        try:
+            baseline = load_study_results(BASELINE_STUDY, uri)
+        except tracking.TrackingError:
+            rows.append(
+                {
+                    "configuration": "origin network, tuned (experiments/seed_baseline.toml)",
+                    "source": "not in this store; run `python -m research study "
+                    "experiments/seed_baseline.toml`",
+                    "n_params": seed.spec().n_params,
+                }
+            )
+        else:
+            rows.append(_study_row(baseline, "origin network, tuned (seed_baseline best)", None))
+    test = report.test["accuracy"] if report.test else None
+    rows.append(_study_row(results, f"tuned best ({results.name})", test))
+    frame = pd.DataFrame(rows)
+    say(
+        "comparison: "
+        + "; ".join(
+            f"{row['configuration']}: test {_pct(row.get('test_accuracy'))}" for row in rows
+        )
+    )
+    return frame
+
+
+def _study_row(results: StudyResults, label: str, test_accuracy: float | None) -> dict[str, Any]:
+    best = results.best
+    if best is None:
+        return {"configuration": label, "source": f"study {results.name}: no completed trial"}
+    if test_accuracy is None:
+        test_accuracy = results.parent_metrics.get("test_accuracy", math.nan)
+    return {
+        "configuration": label,
+        "source": f"study {results.name}, trial {int(best['trial'])}",
+        "val/accuracy": float(best["val/accuracy"]),
+        "test_accuracy": test_accuracy,
+        "epochs": int(best["epochs_run"]),
+        "wall_seconds": float(best["wall_seconds"]),
+        "n_params": best["n_params"],
+    }
+
+
+def _pct(value: Any) -> str:
+    return "n/a" if value is None or pd.isna(value) else f"{value:.2%}"

@@ -1,0 +1,202 @@
+"""A study's results read back from the tracking store, as plain pandas DataFrames.
+
+Everything MLflow-specific goes through :mod:`research.tracking`; this module only reshapes what
+it returns, so every figure can be drawn (and tested) from DataFrames alone.
+
+``trials`` has one row per finished trial run: ``trial`` (the Optuna trial number), ``run_id``,
+``state`` (``COMPLETE``, ``PRUNED`` or ``FAIL``), the searched parameters under their own names
+(``hidden_size``, ``learning_rate``, ...), the last logged ``val/accuracy``, ``val/loss`` and
+``train/loss``, ``epochs_run``, ``epochs`` (asked for), ``wall_seconds``, ``n_params`` and
+``error``. ``curves`` is long: one row per trial and epoch, with ``trial``, ``state``,
+``epoch`` (from 0), ``train/loss``, ``val/loss`` and ``val/accuracy``.
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from research import tracking
+
+CURVE_METRICS = ("train/loss", "val/loss", "val/accuracy")
+FINISHED_STATES = ("COMPLETE", "PRUNED", "FAIL")
+
+
+@dataclass(frozen=True)
+class SearchDimension:
+    """One searched hyperparameter, as the study's parent run records it."""
+
+    name: str
+    kind: str  # "int", "float" or "categorical"
+    log: bool = False
+    choices: tuple[Any, ...] = ()
+
+
+@dataclass
+class StudyResults:
+    """What the report needs of one study, read from the tracking store."""
+
+    record: tracking.StudyRecord
+    objective: str
+    direction: str
+    search: list[SearchDimension]
+    trials: pd.DataFrame
+    curves: pd.DataFrame
+    parent_params: dict[str, str]
+    parent_metrics: dict[str, float]
+    parent_tags: dict[str, str]
+    skipped_running: list[int] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def best(self) -> pd.Series | None:
+        """The best COMPLETE trial's row (by the study's objective and direction), or None."""
+        complete = self.trials[self.trials["state"] == "COMPLETE"]
+        complete = complete[np.isfinite(complete[self.objective].astype(float))]
+        if complete.empty:
+            return None
+        values = complete[self.objective].astype(float)
+        index = values.idxmax() if self.direction == "maximize" else values.idxmin()
+        return complete.loc[index]
+
+
+def parse_search(params: dict[str, str]) -> list[SearchDimension]:
+    """The search space from the parent run's ``search.<name>`` params.
+
+    They read ``"float [0.01, 0.5] log"``, ``"int [64, 1024]"`` or ``"[64, 128, 256]"``.
+    """
+    dimensions = []
+    for key, text in sorted(params.items()):
+        if not key.startswith("search."):
+            continue
+        name = key.removeprefix("search.")
+        match = re.fullmatch(r"(int|float) \[(.+), (.+)\]( log)?", text.strip())
+        if match:
+            dimensions.append(SearchDimension(name, match.group(1), log=bool(match.group(4))))
+        else:
+            choices = ast.literal_eval(text)
+            dimensions.append(SearchDimension(name, "categorical", choices=tuple(choices)))
+    return dimensions
+
+
+def _typed(values: pd.Series, dimension: SearchDimension | None) -> pd.Series:
+    """MLflow keeps params as text; give searched ones back their type."""
+    if dimension is None or dimension.kind == "float":
+        return pd.to_numeric(values, errors="coerce") if dimension else values
+    if dimension.kind == "int":
+        return pd.to_numeric(values, errors="coerce").astype("Int64")
+    # Categorical: map the text back onto the declared choices (0.0 vs "0.0", True vs "True").
+    by_text = {str(choice): choice for choice in dimension.choices}
+    return values.map(lambda text: by_text.get(text, text))
+
+
+def n_params_of(sizes_text: str) -> int:
+    """Weights and biases of an MLP with the logged ``sizes`` (``"[784, 30, 10]"``)."""
+    sizes = ast.literal_eval(sizes_text)
+    return int(sum(n_in * n_out + n_out for n_in, n_out in itertools.pairwise(sizes)))
+
+
+def trials_frame(runs: pd.DataFrame, search: list[SearchDimension]) -> pd.DataFrame:
+    """One row per trial run (see the module docstring) from ``mlflow.search_runs`` output."""
+    by_name = {dimension.name: dimension for dimension in search}
+    columns = ["trial", "run_id", "state", *by_name, *CURVE_METRICS]
+    columns += ["epochs_run", "epochs", "wall_seconds", "n_params", "error"]
+    if runs.empty:
+        return pd.DataFrame(columns=columns)
+
+    def column(name: str, default: Any = np.nan) -> pd.Series:
+        return runs[name] if name in runs.columns else pd.Series(default, index=runs.index)
+
+    frame = pd.DataFrame(
+        {
+            "trial": pd.to_numeric(column(f"tags.{tracking.TAG_TRIAL}")).astype(int),
+            "run_id": runs["run_id"],
+            "state": column(f"tags.{tracking.TAG_STATE}", "RUNNING").fillna("RUNNING"),
+        }
+    )
+    for name, dimension in by_name.items():
+        frame[name] = _typed(column(f"params.{name}", None), dimension)
+    for metric in CURVE_METRICS:
+        frame[metric] = pd.to_numeric(column(f"metrics.{metric}"), errors="coerce")
+    frame["epochs"] = pd.to_numeric(column("params.epochs"), errors="coerce").astype("Int64")
+    frame["wall_seconds"] = pd.to_numeric(column("metrics.wall_seconds"), errors="coerce")
+    frame["n_params"] = column("params.sizes", None).map(
+        lambda text: n_params_of(text) if isinstance(text, str) else pd.NA
+    )
+    frame["error"] = column(f"tags.{tracking.TAG_ERROR}", "").fillna("")
+    frame["epochs_run"] = 0
+    return frame[[c for c in columns if c in frame.columns]]
+
+
+def curves_frame(histories: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
+    """Per-epoch metrics (long format, see the module docstring) from tracking's histories."""
+    columns = ["trial", "state", "epoch", *CURVE_METRICS]
+    if histories.empty:
+        return pd.DataFrame(columns=columns)
+    wide = histories.pivot_table(index=["run_id", "step"], columns="key", values="value")
+    wide = wide.reset_index().rename(columns={"step": "epoch"})
+    for metric in CURVE_METRICS:
+        if metric not in wide.columns:
+            wide[metric] = np.nan
+    wide = wide.merge(trials[["run_id", "trial", "state"]], on="run_id")
+    return wide[columns].sort_values(["trial", "epoch"], ignore_index=True)
+
+
+def load_study_results(name: str | None, tracking_uri: str | None = None) -> StudyResults:
+    """Reads a study (the most recent one if ``name`` is None) from the tracking store.
+
+    Trials still RUNNING are left out and listed in ``skipped_running``. Raises
+    ``research.tracking.TrackingError`` (naming the studies that exist) for an unknown study.
+    """
+    record = tracking.find_study(name, tracking_uri)
+    parent, runs = tracking.study_runs(record, tracking_uri)
+    row = parent.iloc[0]
+    parent_params = _prefixed(row, "params.")
+    parent_metrics = {k: float(v) for k, v in _prefixed(row, "metrics.").items()}
+    parent_tags = _prefixed(row, "tags.")
+    search = parse_search(parent_params)
+
+    trials = trials_frame(runs, search)
+    running = trials["state"] == "RUNNING"
+    skipped = sorted(int(number) for number in trials.loc[running, "trial"])
+    trials = trials[~running]
+    # A trial re-queued after its worker died has two runs; the report shows every run.
+    trials = trials.sort_values(["trial", "run_id"], ignore_index=True)
+
+    histories = tracking.metric_histories(list(trials["run_id"]), list(CURVE_METRICS), tracking_uri)
+    curves = curves_frame(histories, trials)
+    epochs_run = curves.groupby("trial")["epoch"].max() + 1
+    trials["epochs_run"] = trials["trial"].map(epochs_run).fillna(0).astype(int)
+    return StudyResults(
+        record=record,
+        objective=parent_params.get("objective", "val/accuracy"),
+        direction=parent_params.get("direction", "maximize"),
+        search=search,
+        trials=trials,
+        curves=curves,
+        parent_params=parent_params,
+        parent_metrics=parent_metrics,
+        parent_tags=parent_tags,
+        skipped_running=skipped,
+    )
+
+
+def _prefixed(row: pd.Series, prefix: str) -> dict[str, Any]:
+    return {
+        key.removeprefix(prefix): value
+        for key, value in row.items()
+        if isinstance(key, str) and key.startswith(prefix) and not _missing(value)
+    }
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))

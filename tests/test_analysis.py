@@ -1,0 +1,335 @@
+"""The report's building blocks on hand-made data: every plot function, the evaluation counts, the
+reading of MLflow's run frames and the Markdown tables. No MLflow, no Optuna, no training."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from analysis import curves, evaluation, history, hyperparams
+from analysis.render import markdown_table
+from analysis.store import SearchDimension, curves_frame, n_params_of, parse_search, trials_frame
+from analysis.style import BEST, EmptyDataError, new_figure, save_png
+
+
+def hand_made_curves() -> pd.DataFrame:
+    """Trial 0 complete (3 epochs), trial 1 pruned after 2, trial 2 complete and best."""
+    rows = []
+    for trial, state, losses, accuracies in (
+        (0, "COMPLETE", [1.0, 0.5, 0.3], [0.80, 0.85, 0.88]),
+        (1, "PRUNED", [2.0, 1.9], [0.30, 0.32]),
+        (2, "COMPLETE", [0.9, 0.2, 0.04], [0.85, 0.93, 0.97]),
+    ):
+        for epoch, (loss, accuracy) in enumerate(zip(losses, accuracies)):
+            rows.append((trial, state, epoch, loss, loss * 1.1, accuracy))
+    return pd.DataFrame(rows, columns=["trial", "state", "epoch", "train/loss", "val/loss",
+                                       "val/accuracy"])  # fmt: skip
+
+
+def hand_made_trials() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "trial": [0, 1, 2, 3],
+            "state": ["COMPLETE", "PRUNED", "COMPLETE", "FAIL"],
+            "hidden_size": [64, 128, 512, 1024],
+            "learning_rate": [0.01, 0.1, 0.05, 0.5],
+            "batch_size": [64, 256, 128, 64],
+            "val/accuracy": [0.88, 0.32, 0.97, np.nan],
+        }
+    )
+
+
+SEARCH = [
+    SearchDimension("hidden_size", "int", log=True),
+    SearchDimension("learning_rate", "float", log=True),
+    SearchDimension("batch_size", "categorical", choices=(64, 128, 256)),
+]
+
+
+# --- loss curves ----------------------------------------------------------------------------------
+
+
+def test_loss_curves_draw_each_trial_once_and_the_best_on_top():
+    _figure, ax = new_figure(5, 4)
+    mappable = curves.plot_loss_curves(hand_made_curves(), ax, "val/loss", best_trial=2)
+    lines = ax.get_lines()
+    # trial 0: a line; trial 1 (pruned): a faint dashed line and a cross where it stopped;
+    # trial 2 (best): one thick line in the best-trial color, drawn last.
+    assert len(lines) == 4
+    complete, pruned, cross, best = lines
+    assert complete.get_linestyle() == "-" and list(complete.get_xdata()) == [0, 1, 2]
+    assert pruned.get_linestyle() == "--" and pruned.get_alpha() < 0.5
+    assert list(cross.get_xdata()) == [1] and cross.get_marker() == "x"
+    assert best.get_color() == BEST and best.get_linewidth() > complete.get_linewidth()
+    assert best.get_zorder() > complete.get_zorder()
+    assert ax.get_yscale() == "log"  # 2.2 down to 0.044: a ratio of 50
+    # Colors come from the final validation accuracy: trial 0 (88%) between 32% and 97%.
+    assert mappable.norm.vmin == pytest.approx(0.32) and mappable.norm.vmax == pytest.approx(0.97)
+    assert [text.get_text() for text in ax.get_legend().get_texts()][-1] == "best (trial 2)"
+
+
+def test_loss_curves_stay_linear_when_the_range_is_narrow():
+    frame = hand_made_curves()
+    frame = frame[frame["trial"] == 0]
+    _figure, ax = new_figure(5, 4)
+    curves.plot_loss_curves(frame, ax, "train/loss")
+    assert ax.get_yscale() == "linear"
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        (hand_made_curves().iloc[0:0], "cannot draw the val/loss curves: there are no rows"),
+        (hand_made_curves().drop(columns="state"), "the data has no column(s) ['state']"),
+    ],
+)
+def test_loss_curves_of_nothing_is_a_clear_error(frame, message):
+    _figure, ax = new_figure(5, 4)
+    with pytest.raises(EmptyDataError, match=re.escape(message)):
+        curves.plot_loss_curves(frame, ax, "val/loss")
+
+
+def test_the_loss_curves_figure_has_two_panels_and_one_colorbar(tmp_path):
+    figure = curves.loss_curves_figure(hand_made_curves(), best_trial=2)
+    panels = [ax for ax in figure.axes if ax.get_label() != "<colorbar>"]
+    assert [ax.get_title() for ax in panels] == ["train/loss", "val/loss"]
+    assert len(figure.axes) == 3
+    assert save_png(figure, tmp_path / "curves.png").stat().st_size > 10_000
+
+
+# --- the objective against each hyperparameter ---------------------------------------------------
+
+
+def test_objective_against_a_log_parameter():
+    _figure, ax = new_figure(4, 3)
+    hyperparams.plot_objective_vs_param(hand_made_trials(), ax, SEARCH[1], best_trial=2)
+    assert ax.get_xscale() == "log"
+    assert ax.get_xlabel() == "learning_rate (log scale)"
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == ["pruned (value when stopped)", "complete", "best (trial 2)",
+                      "1 failed (not shown)"]  # fmt: skip
+    pruned, complete, best, _ = ax.collections
+    assert pruned.get_offsets().tolist() == [[0.1, 0.32]]
+    assert sorted(complete.get_offsets()[:, 0]) == [0.01, 0.05]
+    assert best.get_offsets().tolist() == [[0.05, 0.97]]
+
+
+def test_objective_against_a_categorical_parameter_keeps_the_declared_order():
+    figure, ax = new_figure(4, 3)
+    hyperparams.plot_objective_vs_param(hand_made_trials(), ax, SEARCH[2])
+    figure.canvas.draw()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["64", "128", "256"]
+    complete = ax.collections[1].get_offsets()
+    # Trial 0 (batch 64) near position 0, trial 2 (batch 128) near 1: jittered by < 0.15.
+    assert abs(complete[0, 0] - 0) < 0.15 and abs(complete[1, 0] - 1) < 0.15
+
+
+def test_the_parameters_figure_has_one_panel_per_searched_parameter():
+    figure = hyperparams.objective_vs_params_figure(hand_made_trials(), SEARCH, "val/accuracy", 2)
+    visible = [ax for ax in figure.axes if ax.get_visible()]
+    assert [ax.get_xlabel() for ax in visible] == [
+        "hidden_size (log scale)", "learning_rate (log scale)", "batch_size"
+    ]  # fmt: skip
+    with pytest.raises(EmptyDataError, match="nothing was searched"):
+        hyperparams.objective_vs_params_figure(hand_made_trials(), [], "val/accuracy", None)
+
+
+def test_objective_against_a_parameter_of_an_empty_frame():
+    _figure, ax = new_figure(4, 3)
+    with pytest.raises(EmptyDataError, match="val/accuracy against hidden_size: there are no rows"):
+        hyperparams.plot_objective_vs_param(hand_made_trials().iloc[0:0], ax, SEARCH[0])
+
+
+# --- the optimization history and the importances ------------------------------------------------
+
+
+def test_best_so_far_carries_over_trials_that_did_not_complete():
+    trials = hand_made_trials()
+    assert history.best_so_far(trials, "val/accuracy", "maximize").tolist() == [
+        0.88, 0.88, 0.97, 0.97
+    ]  # fmt: skip
+    trials["val/loss"] = [0.5, 0.1, 0.7, np.nan]  # trial 1 was pruned: its 0.1 is no result
+    assert history.best_so_far(trials, "val/loss", "minimize").tolist() == [0.5, 0.5, 0.5, 0.5]
+
+
+def test_the_optimization_history_marks_every_trial():
+    _figure, ax = new_figure(6, 4)
+    history.plot_optimization_history(hand_made_trials(), ax)
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == ["complete", "pruned (value when stopped)", "failed (1; no value)",
+                      "best so far"]  # fmt: skip
+    failed = ax.collections[2].get_offsets()
+    assert failed[:, 0].tolist() == [3]
+    low, high = ax.get_xlim()
+    assert low < 0 and high > 3  # the failed trial 3 is inside the axes
+    (step,) = ax.get_lines()
+    assert step.get_ydata()[-1] == 0.97
+
+
+def test_importances_are_sorted_bars():
+    frame = pd.DataFrame({"param": ["batch_size", "learning_rate"], "importance": [0.2, 0.8]})
+    _figure, ax = new_figure(5, 3)
+    history.plot_importances(frame, ax)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["batch_size", "learning_rate"]
+    assert [p.get_width() for p in ax.patches] == [0.2, 0.8]
+    with pytest.raises(EmptyDataError, match="parameter importances: there are no rows"):
+        history.plot_importances(frame.iloc[0:0], ax)
+
+
+# --- evaluation on the test split ----------------------------------------------------------------
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    data=st.data(),
+    n=st.integers(1, 300),
+)
+def test_evaluation_counts_are_consistent(data, n):
+    outputs = data.draw(hnp.arrays(np.float64, (n, 10), elements=st.floats(0, 1, width=32)))
+    labels = data.draw(hnp.arrays(np.int64, (n,), elements=st.integers(0, 9)))
+    result = evaluation.evaluate_outputs(outputs, labels)
+    predicted = outputs.argmax(axis=1)
+    assert result.confusion.sum() == n
+    assert result.correct == int((predicted == labels).sum()) == np.trace(result.confusion)
+    assert result.per_class["n"].tolist() == np.bincount(labels, minlength=10).tolist()
+    seen = result.per_class[result.per_class["n"] > 0]
+    weighted = (seen["accuracy"] * seen["n"]).sum() / n
+    assert weighted == pytest.approx(result.accuracy, abs=1e-12)
+    assert result.ci_low <= result.accuracy <= result.ci_high
+    assert 0 <= result.ci_low and result.ci_high <= 1
+
+
+@pytest.mark.parametrize(("correct", "n"), [(0, 10), (9_826, 10_000), (7, 7), (1, 3)])
+def test_the_wilson_interval_matches_its_formula(correct, n):
+    z = 1.959963984540054
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    low, high = evaluation.wilson_interval(correct, n)
+    assert low == pytest.approx(centre - half, abs=1e-12)
+    assert high == pytest.approx(centre + half, abs=1e-12)
+
+
+def test_evaluation_rejects_outputs_of_the_wrong_shape():
+    with pytest.raises(ValueError, match=r"outputs must be \(N, 10\)"):
+        evaluation.evaluate_outputs(np.zeros((3, 9)), np.zeros(3))
+    with pytest.raises(ValueError, match=r"outputs must be \(N, 10\)"):
+        evaluation.evaluate_outputs(np.zeros((0, 10)), np.zeros(0))
+
+
+def test_the_most_confident_mistakes_come_first():
+    outputs = np.full((5, 10), 0.01)
+    labels = np.array([0, 1, 2, 3, 4])
+    outputs[0, 0] = 0.9  # right
+    outputs[1, 7] = 0.6  # wrong, 0.6 sure
+    outputs[2, 5] = 0.95  # wrong, 0.95 sure
+    outputs[3, 3] = 0.5  # right
+    outputs[4, 1] = 0.6  # wrong, 0.6 sure: ties keep the index order
+    assert evaluation.most_confident_mistakes(outputs, labels, 10).tolist() == [2, 1, 4]
+    assert evaluation.most_confident_mistakes(outputs, labels, 1).tolist() == [2]
+
+
+def test_the_confusion_matrix_writes_every_non_zero_count():
+    confusion = np.diag(np.full(10, 100))
+    confusion[3, 5] = 7
+    _figure, ax = new_figure(5, 5)
+    evaluation.plot_confusion_matrix(confusion, ax)
+    texts = sorted(t.get_text() for t in ax.texts)
+    assert texts == sorted(["100"] * 10 + ["7"])
+    with pytest.raises(ValueError, match="cannot draw the confusion matrix"):
+        evaluation.plot_confusion_matrix(np.zeros((10, 10)), ax)
+
+
+def test_per_class_accuracy_bars_with_their_intervals():
+    outputs = np.eye(10)[[0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9]]
+    labels = np.array([0, 1, 2, 2, 3, 4, 5, 6, 7, 8, 9, 0])
+    result = evaluation.evaluate_outputs(outputs, labels)
+    _figure, ax = new_figure(6, 3)
+    evaluation.plot_per_class_accuracy(result.per_class, ax, result.accuracy)
+    bars = [p.get_height() for p in ax.patches]
+    assert bars == pytest.approx([0.5, 1, 0.5, 1, 1, 1, 1, 1, 1, 1])
+    assert ax.get_legend().get_texts()[0].get_text() == "overall 83.33%"
+
+
+def test_the_misclassified_grid_hides_spare_panels():
+    _figure, axes = new_figure(6, 3, nrows=2, ncols=4, squeeze=False)
+    images = np.random.default_rng(0).random((5, 784))
+    evaluation.plot_misclassified(images, [1] * 5, [7] * 5, [0.9] * 5, axes)
+    assert sum(ax.get_visible() for ax in axes.flat) == 5
+    assert axes[0, 0].get_title() == "true 1 → 7\np = 0.90"
+    with pytest.raises(ValueError, match="the model made no mistakes"):
+        evaluation.plot_misclassified(images[:0], [], [], [], axes)
+
+
+# --- reading MLflow's frames, and the tables -----------------------------------------------------
+
+
+def test_the_search_space_is_read_back_from_the_parent_params():
+    params = {
+        "objective": "val/accuracy",
+        "search.hidden_size": "int [64, 1024] log",
+        "search.learning_rate": "float [0.01, 0.5] log",
+        "search.l2": "[0.0, 1e-05, 0.0001]",
+        "search.dropout": "float [0.0, 0.5]",
+    }
+    assert parse_search(params) == [
+        SearchDimension("dropout", "float"),
+        SearchDimension("hidden_size", "int", log=True),
+        SearchDimension("l2", "categorical", choices=(0.0, 1e-05, 0.0001)),
+        SearchDimension("learning_rate", "float", log=True),
+    ]
+
+
+def test_trial_runs_become_a_typed_frame():
+    runs = pd.DataFrame(
+        {
+            "run_id": ["a", "b", "c"],
+            "tags.research.trial_number": ["0", "1", "2"],
+            "tags.research.state": ["COMPLETE", "FAIL", None],
+            "tags.research.error": [None, "training diverged", None],
+            "params.hidden_size": ["64", "128", "30"],
+            "params.l2": ["0.0", "1e-05", "0.0"],
+            "params.epochs": ["3", "3", "3"],
+            "params.sizes": ["[784, 64, 10]", "[784, 128, 10]", "[784, 30, 10]"],
+            "metrics.val/accuracy": [0.9, np.nan, np.nan],
+            "metrics.wall_seconds": [1.5, np.nan, np.nan],
+        }
+    )
+    search = [
+        SearchDimension("hidden_size", "int"),
+        SearchDimension("l2", "categorical", choices=(0.0, 1e-05)),
+    ]
+    frame = trials_frame(runs, search)
+    assert frame["trial"].tolist() == [0, 1, 2]
+    assert frame["state"].tolist() == ["COMPLETE", "FAIL", "RUNNING"]
+    assert frame["hidden_size"].tolist() == [64, 128, 30]
+    assert frame["l2"].tolist() == [0.0, 1e-05, 0.0] and isinstance(frame["l2"][1], float)
+    assert frame["n_params"].tolist() == [n_params_of("[784, 64, 10]"), 101_770, 23_860]
+    assert frame["error"].tolist() == ["", "training diverged", ""]
+    assert trials_frame(runs.iloc[0:0], search).empty
+
+
+def test_metric_histories_become_long_curves():
+    histories = pd.DataFrame(
+        [("a", "val/loss", 0, 1.0), ("a", "val/loss", 1, 0.5), ("a", "train/loss", 0, 2.0)],
+        columns=["run_id", "key", "step", "value"],
+    )
+    trials = pd.DataFrame({"run_id": ["a"], "trial": [4], "state": ["PRUNED"]})
+    frame = curves_frame(histories, trials)
+    assert frame["epoch"].tolist() == [0, 1]
+    assert frame["val/loss"].tolist() == [1.0, 0.5]
+    assert frame["train/loss"].iloc[0] == 2.0 and math.isnan(frame["train/loss"].iloc[1])
+    assert frame["trial"].tolist() == [4, 4] and frame["state"].tolist() == ["PRUNED"] * 2
+    assert curves_frame(histories.iloc[0:0], trials).empty
+
+
+def test_markdown_tables_escape_pipes():
+    frame = pd.DataFrame({"a": [1, 2.5], "b": ["x|y", None]})
+    assert markdown_table(frame) == "| a | b |\n| --- | --- |\n| 1 | x\\|y |\n| 2.5 |  |"

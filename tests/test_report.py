@@ -1,0 +1,301 @@
+"""``python -m research report`` end to end: real studies in a temporary store (real Optuna journal,
+real MLflow SQLite store, a subset of real MNIST), then the report command; no mocks."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_study import (
+    PNG_MAGIC,
+    artifact_paths,
+    journal_storage,
+    mlflow_client,
+    run_cli,
+    sqlite_uri,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST_MLP = REPO / "experiments" / "mnist_mlp.toml"
+SEARCH_FIGURES = {
+    "loss_curves.png",
+    "objective_vs_params.png",
+    "optimization_history.png",
+    "param_importances.png",
+}
+TEST_FIGURES = {"confusion_matrix.png", "per_class_accuracy.png", "misclassified.png"}
+N_TEST = 10_000
+
+# A float32 network with linear outputs and momentum on a few rows: quick trials, and a learning
+# rate that surely diverges (as in test_study's prune_fail study).
+EDGE_STUDY = """\
+[study]
+name = "edge"
+objective = "val/accuracy"
+n_trials = 2
+sampler = "random"
+pruner = "none"
+seed = 0
+
+[fixed]
+n_hidden_layers = 1
+activation = "tanh"
+output = "identity"
+loss = "mse"
+init = "xavier"
+optimizer = "momentum"
+momentum = 0.9
+nesterov = true
+batch_size = 128
+l2 = 0.0
+epochs = 2
+seed = 0
+drop_last = false
+raw_inputs = false
+dtype = "float32"
+
+[search.hidden_size]
+type = "int"
+low = 16
+high = 32
+
+[search.learning_rate]
+type = "float"
+low = 0.05
+high = 100.0
+log = true
+"""
+
+
+def assert_png(path: Path) -> None:
+    """A readable, non-empty PNG at 150 dpi."""
+    from PIL import Image
+
+    data = path.read_bytes()
+    assert data.startswith(PNG_MAGIC), path
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        width, height = image.size
+        dpi = image.info.get("dpi")
+    assert width > 300 and height > 200, (path, image.size)
+    assert dpi is not None and round(dpi[0]) == 150, (path, dpi)
+
+
+def report_json(folder: Path) -> dict:
+    return json.loads((folder / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    """The default study, 3 trials of 2 epochs on 2,000 rows with its final refit, then the
+    report command (the default study name: the most recent one)."""
+    folder = tmp_path_factory.mktemp("report")
+    uri = sqlite_uri(folder)
+    code, out, err = run_cli(
+        [
+            "study", str(MNIST_MLP), "--n-trials", "3", "--epochs", "2", "--subset", "2000",
+            "--tracking-uri", uri, "--quiet",
+        ]
+    )  # fmt: skip
+    assert code == 0, out + err
+    code, out, err = run_cli(["report", "--tracking-uri", uri])
+    return folder, uri, code, out, err
+
+
+@pytest.mark.slow
+def test_the_report_of_a_tiny_study_has_every_figure_and_consistent_numbers(tiny_report):
+    folder, uri, code, out, err = tiny_report
+    assert code == 0, out + err
+    assert err == ""
+    reports = folder / "mlruns" / "reports" / "mnist_mlp"
+    assert "report written in " in out and str(reports / "report.html") in out
+
+    expected = SEARCH_FIGURES | TEST_FIGURES
+    pngs = {path.name for path in reports.glob("*.png")}
+    assert pngs == expected
+    for name in expected:
+        assert_png(reports / name)
+    assert not list(reports.parent.glob(".*")), "a staging folder was left behind"
+
+    # The HTML embeds every figure (opens offline) and references no outside file.
+    html = (reports / "report.html").read_text()
+    for name in expected:
+        encoded = base64.b64encode((reports / name).read_bytes()).decode()
+        assert f'alt="{name}" src="data:image/png;base64,{encoded}"' in html, name
+    assert not re.search(r'src="(?!data:)', html)
+    markdown = (reports / "report.md").read_text()
+    for name in expected:
+        assert f"]({name})" in markdown, name
+
+    # The same files are artifacts of the study's parent run.
+    client = mlflow_client(uri)
+    summary = report_json(reports)
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.data.tags["research.role"] == "study"
+    logged = artifact_paths(uri, parent.info.run_id, "report")
+    assert {f"report/{name}" for name in expected | {"report.html", "report.md"}} <= logged
+
+    # One evaluation of the final refit on the whole test split, consistent with itself and with
+    # the test_accuracy the study logged for the same weights.
+    test = summary["test"]
+    assert "retrained on train+validation" in test["source"]
+    confusion = np.array(test["confusion_matrix"])
+    assert confusion.shape == (10, 10)
+    assert confusion.sum() == test["n"] == N_TEST
+    assert np.trace(confusion) == test["correct"]
+    per_class = test["per_class"]
+    assert [row["n"] for row in per_class] == list(confusion.sum(axis=1))
+    weighted = sum(row["accuracy"] * row["n"] for row in per_class) / N_TEST
+    assert weighted == pytest.approx(test["accuracy"], abs=1e-12)
+    assert test["accuracy"] == parent.data.metrics["test_accuracy"]
+    assert test["ci_low"] < test["accuracy"] < test["ci_high"]
+    assert test["ci_high"] - test["ci_low"] < 0.03  # 10,000 rows pin it to about ±1%
+    assert f"test accuracy {100 * test['accuracy']:.2f}%" in out
+
+    # The report names the best trial the study chose.
+    assert summary["best_trial"] == int(parent.data.tags["best_trial"])
+    assert summary["states"] == {"COMPLETE": 3}
+    assert set(summary["importances"]) == {"hidden_size", "learning_rate", "batch_size", "l2"}
+
+
+@pytest.mark.slow
+def test_running_the_report_again_replaces_it_whole(tiny_report):
+    folder, uri, *_ = tiny_report
+    reports = folder / "mlruns" / "reports" / "mnist_mlp"
+    stale = reports / "stale.png"
+    stale.write_bytes(PNG_MAGIC)
+    out_dir = folder / "elsewhere"
+    code, out, err = run_cli(["report", "mnist_mlp", "--tracking-uri", uri, "--out", str(out_dir)])
+    assert code == 0, out + err
+    assert {p.name for p in out_dir.glob("*.png")} == SEARCH_FIGURES | TEST_FIGURES
+    missing = folder / "moved" / "optuna.journal"
+    code, out, err = run_cli(
+        ["report", "--tracking-uri", uri, "--no-log", "--storage", str(missing)]
+    )
+    assert code == 0, out + err
+    assert not stale.exists()  # the folder was replaced, not merged into
+    assert f"the Optuna journal {missing} does not exist; pass --storage" in out
+    assert not missing.parent.exists()  # looking for it created nothing
+    assert not (reports / "param_importances.png").exists()
+
+
+@pytest.mark.slow
+def test_the_comparison_takes_the_origin_from_a_train_run_of_the_exact_preset(
+    tiny_report, tmp_path
+):
+    from dataclasses import replace
+
+    from research.data import N_TRAIN
+    from research.tracking import start_training_run
+    from research.train import PRESETS
+
+    uri = tiny_report[1]
+    seed = PRESETS["seed"]
+    # What `train --preset seed --evaluate-test` logs; then a shorter run, newer but not the
+    # origin's configuration, which the comparison must not take.
+    for epochs, test_accuracy in ((200, 0.448), (5, 0.113)):
+        run = start_training_run("train", tags={"preset": "seed"}, tracking_uri=uri)
+        config = replace(seed, epochs=epochs)
+        run.log_params(
+            {**config.as_params(), "sizes": list(config.spec().sizes), "n_train_rows": N_TRAIN}
+        )
+        run.log_metrics({"val/accuracy": test_accuracy - 0.01}, step=epochs - 1)
+        run.log_metrics({"test_accuracy": test_accuracy, "wall_seconds": 61.5}, step=epochs - 1)
+        run.finish()
+    out_dir = tmp_path / "report"
+    code, out, err = run_cli(
+        ["report", "mnist_mlp", "--tracking-uri", uri, "--no-log", "--out", str(out_dir)]
+    )
+    assert code == 0, out + err
+    rows = [
+        line for line in (out_dir / "report.md").read_text().splitlines()
+        if line.startswith(("| origin", "| tuned best"))
+    ]  # fmt: skip
+    origin, tuned_origin, tuned = rows
+    assert origin.startswith("| origin (seed preset)")
+    assert "| 43.80% | 44.80% | 200 | 61.5 | 23,860 | train run " in origin
+    assert "not in this store; run `python -m research study experiments/seed_baseline.toml`" in (
+        tuned_origin
+    )
+    best = report_json(out_dir)["test"]["accuracy"]
+    assert f"| {100 * best:.2f}% | 2 |" in tuned
+
+
+@pytest.mark.slow
+def test_failed_single_and_running_trials(tmp_path):
+    """A diverged trial is counted and explained, a lone completed trial still gives a report
+    (without importances, evaluated from the trial's own weights: no final refit), and a trial
+    still running is left out and named."""
+    import optuna
+
+    from research.tracking import StudyTracker
+
+    study_file = tmp_path / "edge.toml"
+    study_file.write_text(EDGE_STUDY)
+    uri = sqlite_uri(tmp_path)
+    journal = tmp_path / "mlruns" / "optuna.journal"
+    journal.parent.mkdir()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name="edge", storage=journal_storage(journal), direction="maximize"
+    )
+    study.enqueue_trial({"hidden_size": 16, "learning_rate": 50.0})  # diverges
+    study.enqueue_trial({"hidden_size": 24, "learning_rate": 0.05})
+    code, out, err = run_cli(
+        ["study", str(study_file), "--subset", "1000", "--tracking-uri", uri, "--no-final",
+         "--quiet"]
+    )  # fmt: skip
+    assert code == 0, out + err
+    assert "1 COMPLETE, 1 FAIL" in out, out
+    # A worker that is still training trial 2: its MLflow run is open (RUNNING).
+    tracker = StudyTracker.open("edge", uri)
+    tracker.start_trial_run("edge", 2, seed=0)
+
+    code, out, err = run_cli(["report", "edge", "--tracking-uri", uri])
+    assert code == 0, out + err
+    reports = tmp_path / "mlruns" / "reports" / "edge"
+    summary = report_json(reports)
+    assert summary["states"] == {"COMPLETE": 1, "FAIL": 1}
+    assert summary["skipped_running"] == [2]
+    assert "1 trial(s) still running were left out: 2" in out
+    assert "need at least 2 completed trials, the study has 1" in out
+    assert summary["importances"] is None
+    assert summary["test"]["source"].startswith("trial 1's weights")
+    assert summary["test"]["logged_test_accuracy"] is None
+    assert {p.name for p in reports.glob("*.png")} == (
+        SEARCH_FIGURES - {"param_importances.png"}
+    ) | TEST_FIGURES
+    for path in reports.glob("*.png"):
+        assert_png(path)
+    markdown = (reports / "report.md").read_text()
+    diverged = r"\| 0 \| training diverged at epoch 0, step \d+: the batch loss is inf"
+    assert re.search(diverged, markdown)
+    assert "1 FAIL" in markdown
+
+
+def test_an_unknown_study_lists_the_studies_that_exist(tmp_path):
+    from research.tracking import StudyTracker
+
+    uri = sqlite_uri(tmp_path)
+    for name in ("mnist_mlp", "seed_baseline"):
+        StudyTracker.open(name, uri)
+    code, _out, err = run_cli(["report", "mnist_mpl", "--tracking-uri", uri])
+    assert code == 2
+    assert err == (
+        f"error: no study named 'mnist_mpl' in {uri}; "
+        "the studies there are: mnist_mlp, seed_baseline\n"
+    )
+    assert not (tmp_path / "mlruns" / "reports").exists()
+
+
+def test_an_empty_store_says_how_to_make_a_study(tmp_path):
+    uri = sqlite_uri(tmp_path)
+    code, _out, err = run_cli(["report", "--tracking-uri", uri])
+    assert code == 2
+    assert err.startswith(f"error: there is no study in the tracking store {uri}; run one with")
+    assert not (tmp_path / "mlruns" / "reports").exists()
