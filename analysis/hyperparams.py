@@ -1,4 +1,4 @@
-"""The objective against each searched hyperparameter, one panel each."""
+"""Validation accuracy against each searched hyperparameter, one panel each."""
 
 from __future__ import annotations
 
@@ -19,28 +19,30 @@ from analysis.style import (
 )
 
 
-def plot_objective_vs_param(
+def plot_metric_vs_param(
     trials: pd.DataFrame,
     ax: Any,
     dimension: SearchDimension,
-    objective: str = "val/accuracy",
-    best_trial: int | None = None,
+    metric: str = "val/accuracy",
+    best_run: str | None = None,
 ) -> None:
-    """Each trial's last ``objective`` against its value of ``dimension``.
+    """Each trial's last ``metric`` against its value of ``dimension``.
 
     Completed trials are filled dots, pruned ones hollow grey circles at the value they had when
-    stopped, failed ones (no usable objective) are left out and counted in the legend. A log
-    axis where the search was log; categorical choices are evenly spaced, in declared order,
-    with a small deterministic jitter so equal points stay visible.
-    ``trials``: one row per trial with ``trial``, ``state``, ``objective`` and the parameter.
+    stopped; failed ones and any without a value are left out and counted in the legend. A log
+    axis where the search was log; categorical choices are evenly spaced, in declared order
+    (then any other value the trials used), with a small deterministic jitter so equal points
+    stay visible. ``trials``: one row per trial run with ``run_id``, ``trial``, ``state``,
+    ``metric`` and the parameter.
     """
     name = dimension.name
-    require_rows(trials, f"{objective} against {name}", ("trial", "state", objective, name))
-    values = trials[objective].astype(float)
-    is_accuracy = "accuracy" in objective
-    categorical = dimension.kind == "categorical"
-    if categorical:
-        order = list(dimension.choices) or sorted(trials[name].dropna().unique().tolist())
+    require_rows(trials, f"{metric} against {name}", ("run_id", "trial", "state", metric, name))
+    values = trials[metric].astype(float)
+    if dimension.kind == "categorical":
+        order = list(dimension.choices)
+        known = {str(choice) for choice in order}
+        # A resumed study may have searched choices its first run did not record.
+        order += [v for v in dict.fromkeys(trials[name].dropna()) if str(v) not in known]
         position = {str(choice): index for index, choice in enumerate(order)}
         x = trials[name].map(lambda v: position.get(str(v), np.nan)).astype(float)
         # Deterministic jitter from the trial number: the same figure every time.
@@ -48,7 +50,7 @@ def plot_objective_vs_param(
         ax.set_xticks(range(len(order)), [_short(choice) for choice in order])
         ax.set_xlim(-0.5, len(order) - 0.5)
     else:
-        x = trials[name].astype(float)
+        x = pd.to_numeric(trials[name], errors="coerce").astype(float)
         if dimension.log:
             ax.set_xscale("log")
             plain_log_axis(ax.xaxis)
@@ -60,64 +62,68 @@ def plot_objective_vs_param(
         "COMPLETE": {"s": 30, "color": STATE_COLORS["COMPLETE"], "label": "complete",
                      "zorder": 3},
     }  # fmt: skip
+    shown = np.isfinite(values) & np.isfinite(x) & trials["state"].isin(list(styles))
     for state, style in styles.items():
-        rows = (trials["state"] == state) & np.isfinite(values) & np.isfinite(x)
+        rows = shown & (trials["state"] == state)
         if rows.any():
             ax.scatter(x[rows], values[rows], **style)
-    failed = int((~np.isfinite(values) | (trials["state"] == "FAIL")).sum())
-    if best_trial is not None and (trials["trial"] == best_trial).any():
-        rows = trials["trial"] == best_trial
+    best = shown & (trials["run_id"] == best_run)
+    if best.any():
         ax.scatter(
-            x[rows],
-            values[rows],
+            x[best],
+            values[best],
             s=160,
             marker="*",
             color=BEST,
             edgecolors="black",
             linewidths=0.6,
-            label=f"best (trial {best_trial})",
+            label=f"best (trial {int(trials.loc[best, 'trial'].iloc[0])})",
             zorder=4,
         )
-    if failed:
+    hidden = int((~shown).sum())
+    if hidden:
+        failed = int((trials["state"] == "FAIL").sum())
+        what = "failed" if hidden == failed else "failed or without a value"
         ax.scatter(
-            [], [], marker="x", color=STATE_COLORS["FAIL"], label=f"{failed} failed (not shown)"
+            [], [], marker="x", color=STATE_COLORS["FAIL"], label=f"{hidden} {what} (not shown)"
         )
     ax.set_xlabel(f"{name}{' (log scale)' if dimension.log else ''}")
-    ax.set_ylabel(objective)
-    if is_accuracy:
+    ax.set_ylabel(metric)
+    if "accuracy" in metric:
         ax.yaxis.set_major_formatter(percent_formatter())
 
 
 def _short(value: Any) -> str:
-    if isinstance(value, float) and value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e4):
-        return f"{value:.0e}"
-    return str(value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def objective_vs_params_figure(
+def metric_vs_params_figure(
     trials: pd.DataFrame,
     search: list[SearchDimension],
-    objective: str,
-    best_trial: int | None,
+    metric: str = "val/accuracy",
+    best_run: str | None = None,
 ):
-    """One panel per searched hyperparameter (up to 3 per row), a shared legend below."""
+    """One panel per searched hyperparameter (up to 3 per row), one legend below them all."""
     if not search:
         from analysis.style import EmptyDataError
 
-        raise EmptyDataError(
-            "cannot draw the objective against the parameters: nothing was searched"
-        )
+        raise EmptyDataError(f"cannot draw {metric} against the parameters: nothing was searched")
     columns = 2 if len(search) == 4 else min(3, len(search))
     rows = math.ceil(len(search) / columns)
     figure, axes = new_figure(
         3.9 * columns, 3.3 * rows + 0.5, nrows=rows, ncols=columns, sharey=True, squeeze=False
     )
     for ax, dimension in zip(axes.flat, search):
-        plot_objective_vs_param(trials, ax, dimension, objective, best_trial)
+        plot_metric_vs_param(trials, ax, dimension, metric, best_run)
     for ax in list(axes.flat)[len(search) :]:
         ax.set_visible(False)
     for ax in axes[:, 1:].flat:
         ax.set_ylabel("")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="outside lower center", ncols=len(labels))
+    legend: dict[str, Any] = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    figure.legend(
+        list(legend.values()), list(legend), loc="outside lower center", ncols=len(legend)
+    )
     return figure

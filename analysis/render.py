@@ -21,10 +21,16 @@ if TYPE_CHECKING:
 TOP_TRIALS = 10
 
 
-def _pct(value: Any, digits: int = 2) -> str:
+def pct(value: Any, digits: int = 2) -> str:
+    """A fraction as a percentage (``0.9826`` -> ``98.26%``); ``n/a`` if missing."""
     if value is None or (isinstance(value, float) and math.isnan(value)) or pd.isna(value):
         return "n/a"
     return f"{100 * float(value):.{digits}f}%"
+
+
+def seconds(value: Any) -> str:
+    """``12.3 s``, or ``an unrecorded time`` for a run that logged none."""
+    return "an unrecorded time" if value is None or pd.isna(value) else f"{float(value):.1f} s"
 
 
 def _cell(value: Any) -> str:
@@ -65,11 +71,11 @@ def sections(report: Report) -> list[dict[str, Any]]:
         text = [
             f"Trial {int(best['trial'])}: {results.objective} "
             + (
-                _pct(best[results.objective])
+                pct(best[results.objective])
                 if "accuracy" in results.objective
                 else f"{best[results.objective]:.4g}"
             )
-            + f" after {int(best['epochs_run'])} epochs in {best['wall_seconds']:.1f} s; "
+            + f" after {int(best['epochs_run'])} epochs in {seconds(best['wall_seconds'])}; "
             + ", ".join(f"{k} = {_cell(v)}" for k, v in params.items())
             + "."
         ]
@@ -82,10 +88,10 @@ def sections(report: Report) -> list[dict[str, Any]]:
                 "trial": top["trial"],
                 **{d.name: top[d.name].map(_cell) for d in results.search},
                 results.objective: top[results.objective].map(
-                    _pct if "accuracy" in results.objective else _cell
+                    pct if "accuracy" in results.objective else _cell
                 ),
                 "epochs": top["epochs_run"],
-                "wall (s)": top["wall_seconds"].map(lambda v: f"{v:.1f}"),
+                "wall (s)": top["wall_seconds"].map(lambda v: "n/a" if pd.isna(v) else f"{v:.1f}"),
             }
         )
         out.append(
@@ -101,13 +107,13 @@ def sections(report: Report) -> list[dict[str, Any]]:
         test = report.test
         text = [
             f"Evaluated once on the test split: {test['source']}.",
-            f"Test accuracy {_pct(test['accuracy'])} ({test['correct']:,} of {test['n']:,}); "
-            f"95% confidence interval {_pct(test['ci_low'])} to {_pct(test['ci_high'])} "
+            f"Test accuracy {pct(test['accuracy'])} ({test['correct']:,} of {test['n']:,}); "
+            f"95% confidence interval {pct(test['ci_low'])} to {pct(test['ci_high'])} "
             "(Wilson score interval).",
         ]
         if test.get("logged_test_accuracy") is not None:
             text.append(
-                f"The study logged test_accuracy {_pct(test['logged_test_accuracy'])} for the "
+                f"The study logged test_accuracy {pct(test['logged_test_accuracy'])} for the "
                 "same weights."
             )
         per_class = pd.DataFrame(test["per_class"])
@@ -116,9 +122,9 @@ def sections(report: Report) -> list[dict[str, Any]]:
                 "digit": per_class["digit"],
                 "test rows": per_class["n"],
                 "correct": per_class["correct"],
-                "accuracy": per_class["accuracy"].map(_pct),
+                "accuracy": per_class["accuracy"].map(pct),
                 "95% CI": [
-                    f"{_pct(lo)} to {_pct(hi)}"
+                    f"{pct(lo)} to {pct(hi)}"
                     for lo, hi in zip(per_class["ci_low"], per_class["ci_high"])
                 ],
             }
@@ -142,8 +148,8 @@ def sections(report: Report) -> list[dict[str, Any]]:
         table = pd.DataFrame(
             {
                 "configuration": frame["configuration"],
-                "val/accuracy": frame.get("val/accuracy", pd.Series(dtype=float)).map(_pct),
-                "test_accuracy": frame.get("test_accuracy", pd.Series(dtype=float)).map(_pct),
+                "val/accuracy": frame.get("val/accuracy", pd.Series(dtype=float)).map(pct),
+                "test_accuracy": frame.get("test_accuracy", pd.Series(dtype=float)).map(pct),
                 "epochs": frame.get("epochs", pd.Series(dtype=float)).map(_cell),
                 "wall (s)": frame.get("wall_seconds", pd.Series(dtype=float)).map(
                     lambda v: "" if pd.isna(v) else f"{v:.1f}"
@@ -171,7 +177,7 @@ def sections(report: Report) -> list[dict[str, Any]]:
         name
         for name in (
             "loss_curves.png",
-            "objective_vs_params.png",
+            "val_accuracy_vs_params.png",
             "optimization_history.png",
             "param_importances.png",
         )

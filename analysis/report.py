@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import curves, evaluation, history, hyperparams
-from analysis.render import write_html, write_json, write_markdown
+from analysis.render import pct, write_html, write_json, write_markdown
 from analysis.store import StudyResults, load_study_results
 from analysis.style import light_style, save_png
 from research import tracking
@@ -80,7 +80,7 @@ def build_report(
     started = time.perf_counter()
     uri = tracking.resolve_tracking_uri(tracking_uri)
     results = load_study_results(study, uri)
-    out = Path(out) if out else default_out_dir(uri, results.name)
+    out = check_out_dir(Path(out) if out else default_out_dir(uri, results.name))
     report = Report(results, uri, dt.datetime.now().strftime("%Y-%m-%d %H:%M"))
     states = results.trials["state"].value_counts().to_dict()
     say(
@@ -92,6 +92,15 @@ def build_report(
         report.notes.append(
             f"{len(results.skipped_running)} trial(s) still running were left out: "
             + ", ".join(map(str, results.skipped_running))
+            + " (if their worker died instead, running the study command again recovers them)"
+        )
+        say("note: " + report.notes[-1])
+    if results.repeated_trials:
+        report.notes.append(
+            "trial numbers "
+            + ", ".join(map(str, results.repeated_trials))
+            + " each have several runs: studies kept in different Optuna storages log to this "
+            "experiment; every run is shown, and the importances come from one storage only"
         )
         say("note: " + report.notes[-1])
     if results.trials.empty:
@@ -101,23 +110,24 @@ def build_report(
         )
 
     best = results.best
-    best_trial = None if best is None else int(best["trial"])
+    best_run = None if best is None else str(best["run_id"])
     figures: dict[str, tuple[Any, str]] = {}
     with light_style():
         if not results.curves.empty:
             figures["loss_curves.png"] = (
-                curves.loss_curves_figure(results.curves, best_trial),
+                curves.loss_curves_figure(results.curves, best_run),
                 "train/loss and val/loss per epoch of every trial, colored by the trial's final "
                 "validation accuracy; pruned and failed trials dashed and faint, ending where "
                 "they stopped; the best trial thick.",
             )
         if results.search:
-            figures["objective_vs_params.png"] = (
-                hyperparams.objective_vs_params_figure(
-                    results.trials, results.search, results.objective, best_trial
+            figures["val_accuracy_vs_params.png"] = (
+                hyperparams.metric_vs_params_figure(
+                    results.trials, results.search, "val/accuracy", best_run
                 ),
-                f"{results.objective} of each trial against each searched hyperparameter "
-                "(log axes where the search was log).",
+                "Final validation accuracy of each trial against each searched hyperparameter "
+                "(log axes where the search was log; pruned trials at the value they had when "
+                "stopped).",
             )
         figures["optimization_history.png"] = (
             history.optimization_history_figure(
@@ -144,8 +154,9 @@ def build_report(
             figures.update(test_figures)
         report.comparison = _comparison(report, uri, say)
 
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=_mkdir(out.parent)))
+        staging = None
         try:
+            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
             for name, (figure, caption) in figures.items():
                 save_png(figure, staging / name)
                 report.figures[name] = caption
@@ -154,8 +165,14 @@ def build_report(
             write_html(report, staging / "report.html", staging)
             write_json(report, staging / "report.json")
             _replace_folder(staging, out)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+        except BaseException as error:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(error, OSError):
+                raise ReportError(
+                    f"cannot write the report into {out}: "
+                    f"{error.strerror or error} ({error.filename or out}); pass --out"
+                ) from None
             raise
     if log_to_mlflow:
         tracking.log_artifacts(results.record.parent_run_id, out, "report", uri)
@@ -164,14 +181,38 @@ def build_report(
     return report, out
 
 
-def _mkdir(folder: Path) -> Path:
+REPORT_FILES = ("report.json", "report.md", "report.html")
+
+
+def check_out_dir(out: Path) -> Path:
+    """The absolute output folder, checked before any work: its parent can be written, and it
+    is new, empty or an earlier report (which is replaced whole). Any other folder is refused,
+    never emptied."""
+    out = out.expanduser().resolve()
+    if out.parent == out:
+        raise ReportError(f"--out {out} is not a folder the report can replace; pass another")
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {out} is a file; pass a folder for the report")
+    if out.is_dir():
+        names = {path.name for path in out.iterdir()}
+        earlier = "report.json" in names and all(
+            name in REPORT_FILES or name.endswith(".png") for name in names
+        )
+        if names and not earlier:
+            raise ReportError(
+                f"--out {out} holds files that are not a report ({', '.join(sorted(names)[:3])}"
+                f"{', ...' if len(names) > 3 else ''}); the report replaces its folder whole, so "
+                "pass a new or empty folder"
+            )
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.TemporaryFile(dir=out.parent)
     except OSError as error:
         raise ReportError(
-            f"cannot create the report folder {folder}: {error.strerror}; pass --out"
+            f"cannot write the report folder {out}: {error.strerror}; pass --out"
         ) from None
-    return folder
+    probe.close()
+    return out
 
 
 def _replace_folder(staging: Path, out: Path) -> None:
@@ -207,9 +248,10 @@ def _importances(results: StudyResults, storage: str | None) -> tuple[pd.DataFra
     url = storage or results.parent_tags.get("optuna.storage")
     if not url or "***" in url:
         return None, "the Optuna storage is not known (its password is not stored); pass --storage"
-    if "://" not in url and not Path(url).is_file():
+    local = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
+    if ("://" not in url or url.startswith("sqlite:///")) and not Path(local).is_file():
         # Opening a journal that is not there would create an empty one.
-        return None, f"the Optuna journal {url} does not exist; pass --storage"
+        return None, f"the Optuna storage {local} does not exist; pass --storage"
     try:
         study = optuna.load_study(study_name=results.name, storage=open_storage(url))
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -224,6 +266,8 @@ def _importances(results: StudyResults, storage: str | None) -> tuple[pd.DataFra
         # KeyError: no such study in that storage; ValueError/RuntimeError: too little variety.
         return None, f"Optuna could not compute them from {url}: {error}"
     frame = pd.DataFrame(list(importances.items()), columns=["param", "importance"])
+    if frame.empty:
+        return None, "Optuna found no parameter that varied among the completed trials"
     return frame, ""
 
 
@@ -237,9 +281,21 @@ def _evaluate_best(
     results = report.results
     uri = report.tracking_uri
     with tempfile.TemporaryDirectory() as folder:
-        weights = tracking.download_artifact(
-            results.record.parent_run_id, "best_weights.npz", Path(folder), uri
-        )
+        weights = None
+        # The refit is the best trial's only if the study's last final fit chose the same trial
+        # (a later resume with --no-final may have found a better one).
+        refit_trial = results.parent_tags.get("best_trial")
+        if refit_trial == str(int(best["trial"])) and not results.repeated_trials:
+            weights = tracking.download_artifact(
+                results.record.parent_run_id, "best_weights.npz", Path(folder), uri
+            )
+        elif refit_trial is not None:
+            report.notes.append(
+                f"the study's final fit retrained trial {refit_trial}, not the best trial "
+                f"{int(best['trial'])} shown here, so the test evaluation uses the best trial's "
+                "own weights; run the study command again (without --no-final) to refit it"
+            )
+            say("note: " + report.notes[-1])
         source = "the best configuration retrained on train+validation (the study's final fit)"
         if weights is None:
             weights = tracking.download_artifact(best["run_id"], "weights.npz", Path(folder), uri)
@@ -366,9 +422,7 @@ def _comparison(report: Report, uri: str, say: Callable) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     say(
         "comparison: "
-        + "; ".join(
-            f"{row['configuration']}: test {_pct(row.get('test_accuracy'))}" for row in rows
-        )
+        + "; ".join(f"{row['configuration']}: test {pct(row.get('test_accuracy'))}" for row in rows)
     )
     return frame
 
@@ -388,7 +442,3 @@ def _study_row(results: StudyResults, label: str, test_accuracy: float | None) -
         "wall_seconds": float(best["wall_seconds"]),
         "n_params": best["n_params"],
     }
-
-
-def _pct(value: Any) -> str:
-    return "n/a" if value is None or pd.isna(value) else f"{value:.2%}"

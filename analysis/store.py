@@ -7,8 +7,10 @@ it returns, so every figure can be drawn (and tested) from DataFrames alone.
 ``state`` (``COMPLETE``, ``PRUNED`` or ``FAIL``), the searched parameters under their own names
 (``hidden_size``, ``learning_rate``, ...), the last logged ``val/accuracy``, ``val/loss`` and
 ``train/loss``, ``epochs_run``, ``epochs`` (asked for), ``wall_seconds``, ``n_params`` and
-``error``. ``curves`` is long: one row per trial and epoch, with ``trial``, ``state``,
-``epoch`` (from 0), ``train/loss``, ``val/loss`` and ``val/accuracy``.
+``error``. ``curves`` is long: one row per trial run and epoch, with ``run_id``, ``trial``,
+``state``, ``epoch`` (from 0), ``train/loss``, ``val/loss`` and ``val/accuracy``. Rows are keyed
+by ``run_id``: two runs can carry the same trial number when studies kept in different Optuna
+storages log to one MLflow experiment.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class StudyResults:
     parent_metrics: dict[str, float]
     parent_tags: dict[str, str]
     skipped_running: list[int] = field(default_factory=list)
+    repeated_trials: list[int] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -139,7 +142,7 @@ def trials_frame(runs: pd.DataFrame, search: list[SearchDimension]) -> pd.DataFr
 
 def curves_frame(histories: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
     """Per-epoch metrics (long format, see the module docstring) from tracking's histories."""
-    columns = ["trial", "state", "epoch", *CURVE_METRICS]
+    columns = ["run_id", "trial", "state", "epoch", *CURVE_METRICS]
     if histories.empty:
         return pd.DataFrame(columns=columns)
     wide = histories.pivot_table(index=["run_id", "step"], columns="key", values="value")
@@ -148,7 +151,7 @@ def curves_frame(histories: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
         if metric not in wide.columns:
             wide[metric] = np.nan
     wide = wide.merge(trials[["run_id", "trial", "state"]], on="run_id")
-    return wide[columns].sort_values(["trial", "epoch"], ignore_index=True)
+    return wide[columns].sort_values(["trial", "run_id", "epoch"], ignore_index=True)
 
 
 def load_study_results(name: str | None, tracking_uri: str | None = None) -> StudyResults:
@@ -168,14 +171,14 @@ def load_study_results(name: str | None, tracking_uri: str | None = None) -> Stu
     trials = trials_frame(runs, search)
     running = trials["state"] == "RUNNING"
     skipped = sorted(int(number) for number in trials.loc[running, "trial"])
-    trials = trials[~running]
-    # A trial re-queued after its worker died has two runs; the report shows every run.
-    trials = trials.sort_values(["trial", "run_id"], ignore_index=True)
+    trials = trials[~running].sort_values(["trial", "run_id"], ignore_index=True)
+    counts = trials["trial"].value_counts()
+    repeated = sorted(int(number) for number in counts[counts > 1].index)
 
     histories = tracking.metric_histories(list(trials["run_id"]), list(CURVE_METRICS), tracking_uri)
     curves = curves_frame(histories, trials)
-    epochs_run = curves.groupby("trial")["epoch"].max() + 1
-    trials["epochs_run"] = trials["trial"].map(epochs_run).fillna(0).astype(int)
+    epochs_run = curves.groupby("run_id")["epoch"].max() + 1
+    trials["epochs_run"] = trials["run_id"].map(epochs_run).fillna(0).astype(int)
     return StudyResults(
         record=record,
         objective=parent_params.get("objective", "val/accuracy"),
@@ -187,6 +190,7 @@ def load_study_results(name: str | None, tracking_uri: str | None = None) -> Stu
         parent_metrics=parent_metrics,
         parent_tags=parent_tags,
         skipped_running=skipped,
+        repeated_trials=repeated,
     )
 
 

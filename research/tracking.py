@@ -369,25 +369,45 @@ class StudyRecord:
     last_active_ms: int  # the latest start or end time of its parent run
 
 
+def _read_client(uri: str):
+    """A client for reading an existing store: a SQLite store that is not there is an error,
+    not a new empty store (a mistyped path must not create one)."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise TrackingError(
+                f"there is no tracking store at {path}; pass --tracking-uri (or set "
+                "MLFLOW_TRACKING_URI) to the store your studies wrote, e.g. "
+                "sqlite:///mlruns/mlflow.db"
+            )
+    return _client(uri)
+
+
+def _reading(uri: str, what: str, action):
+    """Runs ``action()``; MLflow's many error kinds become one TrackingError naming ``what``."""
+    try:
+        return action()
+    except TrackingError:
+        raise
+    except Exception as error:  # MLflow, SQLAlchemy, HTTP: the user needs the URI and the cause
+        text = str(error).strip()
+        first_line = text.splitlines()[0] if text else repr(error)
+        raise TrackingError(f"cannot read {what} from {uri}: {first_line}") from None
+
+
 def list_studies(tracking_uri: str | None = None) -> list[StudyRecord]:
     """Every study in the store (one parent run tagged ``research.role=study``), newest first."""
     uri = resolve_tracking_uri(tracking_uri)
-    try:
-        client = _client(uri)
+    client = _read_client(uri)
+
+    def parents() -> list[Any]:
         experiment_ids = [e.experiment_id for e in client.search_experiments(max_results=50_000)]
-        parents = (
-            client.search_runs(
-                experiment_ids,
-                filter_string=f"tags.`{TAG_ROLE}` = 'study'",
-                max_results=50_000,
-            )
-            if experiment_ids
-            else []
+        if not experiment_ids:
+            return []
+        return client.search_runs(
+            experiment_ids, filter_string=f"tags.`{TAG_ROLE}` = 'study'", max_results=50_000
         )
-    except TrackingError:
-        raise
-    except Exception as error:
-        raise _store_error(uri, error) from None
+
     records = [
         StudyRecord(
             name=run.data.tags.get(TAG_STUDY, ""),
@@ -395,7 +415,7 @@ def list_studies(tracking_uri: str | None = None) -> list[StudyRecord]:
             parent_run_id=run.info.run_id,
             last_active_ms=max(run.info.start_time or 0, run.info.end_time or 0),
         )
-        for run in parents
+        for run in _reading(uri, "the studies", parents)
     ]
     return sorted(records, key=lambda record: record.last_active_ms, reverse=True)
 
@@ -429,20 +449,27 @@ def study_runs(record: StudyRecord, tracking_uri: str | None = None):
     import mlflow
 
     uri = resolve_tracking_uri(tracking_uri)
-    _client(uri)
-    frames = [
-        mlflow.search_runs(
+    _read_client(uri)
+
+    def search(filter_string: str):
+        return mlflow.search_runs(
             experiment_ids=[record.experiment_id],
             filter_string=filter_string,
             max_results=50_000,
             output_format="pandas",
         )
-        for filter_string in (
-            f"attributes.run_id = '{record.parent_run_id}'",
-            f"tags.`{TAG_PARENT}` = '{record.parent_run_id}'",
-        )
-    ]
-    return frames[0], frames[1]
+
+    parent = _reading(
+        uri,
+        f"study {record.name!r}",
+        lambda: search(f"attributes.run_id = '{record.parent_run_id}'"),
+    )
+    trials = _reading(
+        uri,
+        f"the trials of study {record.name!r}",
+        lambda: search(f"tags.`{TAG_PARENT}` = '{record.parent_run_id}'"),
+    )
+    return parent, trials
 
 
 def metric_histories(run_ids: list[str], keys: list[str], tracking_uri: str | None = None):
@@ -450,14 +477,20 @@ def metric_histories(run_ids: list[str], keys: list[str], tracking_uri: str | No
     ``run_id``, ``key``, ``step``, ``value`` (sorted by run, key and step)."""
     import pandas as pd
 
-    client = _client(resolve_tracking_uri(tracking_uri))
-    rows = [
-        (run_id, key, metric.step, metric.value)
-        for run_id in run_ids
-        for key in keys
-        for metric in client.get_metric_history(run_id, key)
-    ]
-    frame = pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
+    uri = resolve_tracking_uri(tracking_uri)
+    client = _read_client(uri)
+
+    def read() -> list[tuple[str, str, int, float]]:
+        return [
+            (run_id, key, metric.step, metric.value)
+            for run_id in run_ids
+            for key in keys
+            for metric in client.get_metric_history(run_id, key)
+        ]
+
+    frame = pd.DataFrame(
+        _reading(uri, "the metric histories", read), columns=["run_id", "key", "step", "value"]
+    )
     return frame.sort_values(["run_id", "key", "step"], ignore_index=True)
 
 
@@ -465,20 +498,25 @@ def download_artifact(
     run_id: str, artifact_path: str, folder: Path, tracking_uri: str | None = None
 ) -> Path | None:
     """Copies one artifact of a run into ``folder``; ``None`` if the run has no such artifact."""
-    client = _client(resolve_tracking_uri(tracking_uri))
-    parent = Path(artifact_path).parent
-    listed = client.list_artifacts(run_id, None if parent == Path(".") else str(parent))
-    names = {info.path for info in listed}
-    if artifact_path not in names:
-        return None
-    return Path(client.download_artifacts(run_id, artifact_path, str(folder)))
+    uri = resolve_tracking_uri(tracking_uri)
+    client = _read_client(uri)
+
+    def download() -> Path | None:
+        parent = Path(artifact_path).parent
+        listed = client.list_artifacts(run_id, None if parent == Path(".") else str(parent))
+        if artifact_path not in {info.path for info in listed}:
+            return None
+        return Path(client.download_artifacts(run_id, artifact_path, str(folder)))
+
+    return _reading(uri, f"artifact {artifact_path} of run {run_id}", download)
 
 
 def log_artifacts(
     run_id: str, folder: Path, artifact_path: str, tracking_uri: str | None = None
 ) -> None:
     """Logs every file of ``folder`` under ``artifact_path`` of an existing run."""
-    client = _client(resolve_tracking_uri(tracking_uri))
+    uri = resolve_tracking_uri(tracking_uri)
+    client = _read_client(uri)
     try:
         client.log_artifacts(run_id, str(folder), artifact_path)
     except OSError as error:
@@ -486,6 +524,8 @@ def log_artifacts(
             f"cannot write the artifacts of run {run_id} ({error.filename or folder}): "
             f"{error.strerror}"
         ) from None
+    except Exception as error:
+        raise _store_error(uri, error) from None
 
 
 def find_runs(experiment: str, filter_string: str, tracking_uri: str | None = None):
@@ -494,14 +534,19 @@ def find_runs(experiment: str, filter_string: str, tracking_uri: str | None = No
     import mlflow
     import pandas as pd
 
-    client = _client(resolve_tracking_uri(tracking_uri))
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return pd.DataFrame()
-    return mlflow.search_runs(
-        experiment_ids=[found.experiment_id],
-        filter_string=filter_string,
-        order_by=["attributes.start_time DESC"],
-        max_results=1000,
-        output_format="pandas",
-    )
+    uri = resolve_tracking_uri(tracking_uri)
+    client = _read_client(uri)
+
+    def search():
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            return pd.DataFrame()
+        return mlflow.search_runs(
+            experiment_ids=[found.experiment_id],
+            filter_string=filter_string,
+            order_by=["attributes.start_time DESC"],
+            max_results=1000,
+            output_format="pandas",
+        )
+
+    return _reading(uri, f"the runs of experiment {experiment!r}", search)

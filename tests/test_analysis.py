@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -28,14 +29,15 @@ def hand_made_curves() -> pd.DataFrame:
         (2, "COMPLETE", [0.9, 0.2, 0.04], [0.85, 0.93, 0.97]),
     ):
         for epoch, (loss, accuracy) in enumerate(zip(losses, accuracies)):
-            rows.append((trial, state, epoch, loss, loss * 1.1, accuracy))
-    return pd.DataFrame(rows, columns=["trial", "state", "epoch", "train/loss", "val/loss",
-                                       "val/accuracy"])  # fmt: skip
+            rows.append((f"run{trial}", trial, state, epoch, loss, loss * 1.1, accuracy))
+    return pd.DataFrame(rows, columns=["run_id", "trial", "state", "epoch", "train/loss",
+                                       "val/loss", "val/accuracy"])  # fmt: skip
 
 
 def hand_made_trials() -> pd.DataFrame:
     return pd.DataFrame(
         {
+            "run_id": ["run0", "run1", "run2", "run3"],
             "trial": [0, 1, 2, 3],
             "state": ["COMPLETE", "PRUNED", "COMPLETE", "FAIL"],
             "hidden_size": [64, 128, 512, 1024],
@@ -58,7 +60,7 @@ SEARCH = [
 
 def test_loss_curves_draw_each_trial_once_and_the_best_on_top():
     _figure, ax = new_figure(5, 4)
-    mappable = curves.plot_loss_curves(hand_made_curves(), ax, "val/loss", best_trial=2)
+    mappable = curves.plot_loss_curves(hand_made_curves(), ax, "val/loss", best_run="run2")
     lines = ax.get_lines()
     # trial 0: a line; trial 1 (pruned): a faint dashed line and a cross where it stopped;
     # trial 2 (best): one thick line in the best-trial color, drawn last.
@@ -70,8 +72,10 @@ def test_loss_curves_draw_each_trial_once_and_the_best_on_top():
     assert best.get_color() == BEST and best.get_linewidth() > complete.get_linewidth()
     assert best.get_zorder() > complete.get_zorder()
     assert ax.get_yscale() == "log"  # 2.2 down to 0.044: a ratio of 50
-    # Colors come from the final validation accuracy: trial 0 (88%) between 32% and 97%.
-    assert mappable.norm.vmin == pytest.approx(0.32) and mappable.norm.vmax == pytest.approx(0.97)
+    # Colors come from the final validation accuracy, from its 5th percentile (so that one
+    # far-off trial does not squeeze the others into one color) to the best.
+    assert mappable.norm.vmin == pytest.approx(np.percentile([0.88, 0.32, 0.97], 5))
+    assert mappable.norm.vmax == pytest.approx(0.97)
     assert [text.get_text() for text in ax.get_legend().get_texts()][-1] == "best (trial 2)"
 
 
@@ -97,7 +101,7 @@ def test_loss_curves_of_nothing_is_a_clear_error(frame, message):
 
 
 def test_the_loss_curves_figure_has_two_panels_and_one_colorbar(tmp_path):
-    figure = curves.loss_curves_figure(hand_made_curves(), best_trial=2)
+    figure = curves.loss_curves_figure(hand_made_curves(), best_run="run2")
     panels = [ax for ax in figure.axes if ax.get_label() != "<colorbar>"]
     assert [ax.get_title() for ax in panels] == ["train/loss", "val/loss"]
     assert len(figure.axes) == 3
@@ -109,7 +113,7 @@ def test_the_loss_curves_figure_has_two_panels_and_one_colorbar(tmp_path):
 
 def test_objective_against_a_log_parameter():
     _figure, ax = new_figure(4, 3)
-    hyperparams.plot_objective_vs_param(hand_made_trials(), ax, SEARCH[1], best_trial=2)
+    hyperparams.plot_metric_vs_param(hand_made_trials(), ax, SEARCH[1], best_run="run2")
     assert ax.get_xscale() == "log"
     assert ax.get_xlabel() == "learning_rate (log scale)"
     labels = ax.get_legend_handles_labels()[1]
@@ -123,7 +127,7 @@ def test_objective_against_a_log_parameter():
 
 def test_objective_against_a_categorical_parameter_keeps_the_declared_order():
     figure, ax = new_figure(4, 3)
-    hyperparams.plot_objective_vs_param(hand_made_trials(), ax, SEARCH[2])
+    hyperparams.plot_metric_vs_param(hand_made_trials(), ax, SEARCH[2])
     figure.canvas.draw()
     assert [t.get_text() for t in ax.get_xticklabels()] == ["64", "128", "256"]
     complete = ax.collections[1].get_offsets()
@@ -132,19 +136,19 @@ def test_objective_against_a_categorical_parameter_keeps_the_declared_order():
 
 
 def test_the_parameters_figure_has_one_panel_per_searched_parameter():
-    figure = hyperparams.objective_vs_params_figure(hand_made_trials(), SEARCH, "val/accuracy", 2)
+    figure = hyperparams.metric_vs_params_figure(hand_made_trials(), SEARCH, "val/accuracy", "run2")
     visible = [ax for ax in figure.axes if ax.get_visible()]
     assert [ax.get_xlabel() for ax in visible] == [
         "hidden_size (log scale)", "learning_rate (log scale)", "batch_size"
     ]  # fmt: skip
     with pytest.raises(EmptyDataError, match="nothing was searched"):
-        hyperparams.objective_vs_params_figure(hand_made_trials(), [], "val/accuracy", None)
+        hyperparams.metric_vs_params_figure(hand_made_trials(), [], "val/accuracy", None)
 
 
 def test_objective_against_a_parameter_of_an_empty_frame():
     _figure, ax = new_figure(4, 3)
     with pytest.raises(EmptyDataError, match="val/accuracy against hidden_size: there are no rows"):
-        hyperparams.plot_objective_vs_param(hand_made_trials().iloc[0:0], ax, SEARCH[0])
+        hyperparams.plot_metric_vs_param(hand_made_trials().iloc[0:0], ax, SEARCH[0])
 
 
 # --- the optimization history and the importances ------------------------------------------------
@@ -263,7 +267,7 @@ def test_the_misclassified_grid_hides_spare_panels():
     images = np.random.default_rng(0).random((5, 784))
     evaluation.plot_misclassified(images, [1] * 5, [7] * 5, [0.9] * 5, axes)
     assert sum(ax.get_visible() for ax in axes.flat) == 5
-    assert axes[0, 0].get_title() == "true 1 → 7\np = 0.90"
+    assert axes[0, 0].get_title() == "true 1 → 7\np = 0.9000"
     with pytest.raises(ValueError, match="the model made no mistakes"):
         evaluation.plot_misclassified(images[:0], [], [], [], axes)
 
@@ -333,3 +337,101 @@ def test_metric_histories_become_long_curves():
 def test_markdown_tables_escape_pipes():
     frame = pd.DataFrame({"a": [1, 2.5], "b": ["x|y", None]})
     assert markdown_table(frame) == "| a | b |\n| --- | --- |\n| 1 | x\\|y |\n| 2.5 |  |"
+
+
+# --- what the review found: minimize, odd categorical values, repeated trial numbers, --out ------
+
+
+def results_with(trials: pd.DataFrame, objective: str, direction: str):
+    from analysis.store import StudyResults
+    from research.tracking import StudyRecord
+
+    return StudyResults(
+        record=StudyRecord("s", "1", "parent", 0),
+        objective=objective,
+        direction=direction,
+        search=SEARCH,
+        trials=trials,
+        curves=pd.DataFrame(),
+        parent_params={},
+        parent_metrics={},
+        parent_tags={},
+    )
+
+
+def test_the_best_trial_follows_the_direction_and_ignores_pruned_trials():
+    trials = hand_made_trials()
+    trials["val/loss"] = [0.5, 0.1, 0.3, np.nan]  # trial 1 is pruned: not a result
+    assert results_with(trials, "val/accuracy", "maximize").best["trial"] == 2
+    assert results_with(trials, "val/loss", "minimize").best["trial"] == 2
+    trials["val/loss"] = [0.2, 0.1, 0.3, np.nan]
+    assert results_with(trials, "val/loss", "minimize").best["trial"] == 0
+    trials["state"] = "PRUNED"
+    assert results_with(trials, "val/loss", "minimize").best is None
+
+
+def test_boolean_choices_and_choices_the_parent_run_does_not_list():
+    runs = pd.DataFrame(
+        {
+            "run_id": ["a", "b", "c"],
+            "tags.research.trial_number": ["0", "1", "2"],
+            "tags.research.state": ["COMPLETE"] * 3,
+            "params.nesterov": ["True", "False", "True"],
+            "params.batch_size": ["64", "128", "512"],  # 512: added when the study resumed
+            "metrics.val/accuracy": [0.9, 0.8, 0.95],
+        }
+    )
+    search = [
+        SearchDimension("nesterov", "categorical", choices=(True, False)),
+        SearchDimension("batch_size", "categorical", choices=(64, 128)),
+    ]
+    frame = trials_frame(runs, search)
+    assert frame["nesterov"].tolist() == [True, False, True]
+    _, ax = new_figure(4, 3)
+    hyperparams.plot_metric_vs_param(frame, ax, search[0])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["True", "False"]
+    _, ax = new_figure(4, 3)
+    hyperparams.plot_metric_vs_param(frame, ax, search[1], best_run="c")
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["64", "128", "512"]
+    (complete, best) = ax.collections
+    assert len(complete.get_offsets()) == 3 and best.get_offsets()[0, 1] == 0.95
+
+
+def test_two_runs_with_one_trial_number_stay_two_curves():
+    """Studies in two Optuna storages can log to one MLflow experiment: both have a trial 0."""
+    frame = hand_made_curves()
+    twin = frame[frame["trial"] == 0].assign(run_id="other0", **{"val/loss": 9.0})
+    frame = pd.concat([frame, twin], ignore_index=True)
+    _, ax = new_figure(5, 4)
+    curves.plot_loss_curves(frame, ax, "val/loss", best_run="run0")
+    lines = ax.get_lines()
+    assert len(lines) == 5  # run0, other0, run1 and its cross, run2
+    thick = [line for line in lines if line.get_color() == BEST]
+    assert len(thick) == 1 and thick[0].get_ydata()[0] == pytest.approx(1.1)
+    assert max(len(line.get_xdata()) for line in lines) == 3  # no run joined to another
+
+
+def test_the_output_folder_is_checked_before_any_work(tmp_path):
+    from analysis.report import ReportError, check_out_dir
+
+    assert check_out_dir(tmp_path / "new" / "report") == (tmp_path / "new" / "report")
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "report.json").write_text("{}")
+    (earlier / "loss_curves.png").write_bytes(b"")
+    assert check_out_dir(earlier) == earlier  # an earlier report is replaced whole
+
+    papers = tmp_path / "paper"
+    papers.mkdir()
+    (papers / "thesis.tex").write_text("years of work")
+    with pytest.raises(ReportError, match=r"holds files that are not a report \(thesis.tex\)"):
+        check_out_dir(papers)
+    assert (papers / "thesis.tex").read_text() == "years of work"
+
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ReportError, match="is a file; pass a folder"):
+        check_out_dir(tmp_path / "a_file")
+    with pytest.raises(ReportError, match="is not a folder the report can replace"):
+        check_out_dir(Path("/"))
+    with pytest.raises(ReportError, match="cannot write the report folder /proc/report"):
+        check_out_dir(Path("/proc/report"))

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 MNIST_MLP = REPO / "experiments" / "mnist_mlp.toml"
 SEARCH_FIGURES = {
     "loss_curves.png",
-    "objective_vs_params.png",
+    "val_accuracy_vs_params.png",
     "optimization_history.png",
     "param_importances.png",
 }
@@ -153,6 +153,18 @@ def test_the_report_of_a_tiny_study_has_every_figure_and_consistent_numbers(tiny
     weighted = sum(row["accuracy"] * row["n"] for row in per_class) / N_TEST
     assert weighted == pytest.approx(test["accuracy"], abs=1e-12)
     assert test["accuracy"] == parent.data.metrics["test_accuracy"]
+    # And independently: the refit's weights through the JAX reference forward pass.
+    from research import reference
+    from research.data import load_mnist
+    from research.tracking import load_weights
+
+    weights = client.download_artifacts(parent.info.run_id, "best_weights.npz", str(folder))
+    spec, params = load_weights(Path(weights))
+    data = load_mnist()
+    predicted = reference.forward(params, data.test.x, spec).argmax(axis=1)
+    expected = np.zeros((10, 10), dtype=int)
+    np.add.at(expected, (data.test.labels, predicted), 1)
+    assert (confusion == expected).all()
     assert test["ci_low"] < test["accuracy"] < test["ci_high"]
     assert test["ci_high"] - test["ci_low"] < 0.03  # 10,000 rows pin it to about ±1%
     assert f"test accuracy {100 * test['accuracy']:.2f}%" in out
@@ -179,7 +191,7 @@ def test_running_the_report_again_replaces_it_whole(tiny_report):
     )
     assert code == 0, out + err
     assert not stale.exists()  # the folder was replaced, not merged into
-    assert f"the Optuna journal {missing} does not exist; pass --storage" in out
+    assert f"the Optuna storage {missing} does not exist; pass --storage" in out
     assert not missing.parent.exists()  # looking for it created nothing
     assert not (reports / "param_importances.png").exists()
 
@@ -293,8 +305,21 @@ def test_an_unknown_study_lists_the_studies_that_exist(tmp_path):
     assert not (tmp_path / "mlruns" / "reports").exists()
 
 
-def test_an_empty_store_says_how_to_make_a_study(tmp_path):
+def test_a_mistyped_store_is_an_error_and_creates_nothing(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'typo' / 'mlflow.db'}"
+    code, _out, err = run_cli(["report", "--tracking-uri", uri])
+    assert code == 2
+    assert err.startswith(
+        f"error: there is no tracking store at {tmp_path / 'typo' / 'mlflow.db'};"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_store_without_studies_says_how_to_make_one(tmp_path):
+    from research.tracking import start_training_run
+
     uri = sqlite_uri(tmp_path)
+    start_training_run("train", tracking_uri=uri).finish()  # a store with a train run only
     code, _out, err = run_cli(["report", "--tracking-uri", uri])
     assert code == 2
     assert err.startswith(f"error: there is no study in the tracking store {uri}; run one with")
