@@ -41,7 +41,7 @@ from test_study import (
 
 from research.cli import main
 from research.study import ATTR_INTERRUPTED, ATTR_RETRY_OF
-from research.tracking import WeightsError, load_weights, save_weights
+from research.tracking import WeightsError, load_weights, save_weights, sqlalchemy_url
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
@@ -216,6 +216,7 @@ def check_concurrent_study(folder: Path, uri: str, n_trials: int, workers: int) 
     assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
     runs = assert_one_run_per_trial(trials, uri)
     assert all(run.info.status == "FINISHED" for run in runs.values())
+    print(f"{workers} workers: {len(trials)} trials for n_trials={n_trials}, {len(runs)} runs")
     for trial in trials:
         logged = history(uri, runs[trial.number].info.run_id, "val/accuracy")
         assert dict(logged) == trial.intermediate_values
@@ -275,9 +276,7 @@ def postgres():
 def new_database(server_url: str, name: str) -> str:
     import psycopg
 
-    from research.tracking import sqlalchemy_url
-
-    with psycopg.connect(sqlalchemy_url(server_url).replace("+psycopg", ""), autocommit=True) as db:
+    with psycopg.connect(server_url, autocommit=True) as db:
         db.execute(f'DROP DATABASE IF EXISTS "{name}"')
         db.execute(f'CREATE DATABASE "{name}"')
     return server_url.rsplit("/", 1)[0] + f"/{name}"
@@ -298,12 +297,15 @@ def test_two_commands_share_one_study_through_postgresql(postgres, tmp_path):
     results = [(c.communicate(timeout=600), c.returncode) for c in commands]
     assert [code for _, code in results] == [0, 0], results
 
-    study = optuna.load_study(study_name=STUDY, storage=storage.replace("://", "+psycopg://", 1))
-    trials = study.get_trials()
+    rdb = optuna.storages.RDBStorage(sqlalchemy_url(storage))
+    try:
+        trials = optuna.load_study(study_name=STUDY, storage=rdb).get_trials()
+    finally:
+        rdb.engine.dispose()  # else its pooled connection is closed by the garbage collector
     assert 6 <= len(trials) <= 7
     assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
     assert len({t.system_attrs["research:worker"] for t in trials}) == 2  # both took trials
-    runs = assert_one_run_per_trial(trials, tracking.replace("://", "+psycopg://", 1))
+    runs = assert_one_run_per_trial(trials, sqlalchemy_url(tracking))
     for trial in trials:
         run = runs[trial.number]
         assert run.info.status == "FINISHED"
@@ -405,6 +407,17 @@ log = true
 """
 
 
+def big_weights_study(folder: Path) -> tuple[str, list[str]]:
+    """The tracking URI and the command of the one-trial study above, in ``folder``."""
+    study_file = folder / "big_weights.toml"
+    study_file.write_text(BIG_WEIGHTS_STUDY)
+    uri = sqlite_uri(folder)
+    return uri, [
+        "study", str(study_file), "--subset", "1000", "--tracking-uri", uri, "--quiet",
+        "--no-final",
+    ]  # fmt: skip
+
+
 def assert_trial_not_complete(folder: Path, uri: str, name: str, reason: str) -> None:
     """The failed trial: FAIL with the reason, queued again, its MLflow run FAILED."""
     trials = load_optuna_study(folder, name).get_trials()
@@ -423,15 +436,12 @@ def assert_trial_not_complete(folder: Path, uri: str, name: str, reason: str) ->
 def test_a_file_size_limit_while_saving_weights_fails_the_trial_not_completes_it(tmp_path):
     """A real failed write (EFBIG, as a full disk gives ENOSPC): the process may write files of
     at most 4 MB; the stores stay far below, the 6.4 MB of float64 weights do not fit."""
-    study_file = tmp_path / "big_weights.toml"
-    study_file.write_text(BIG_WEIGHTS_STUDY)
-    uri = sqlite_uri(tmp_path)
+    uri, argv = big_weights_study(tmp_path)
     limit = 4 * 2**20
 
     def limit_file_size() -> None:  # in the child, before it runs Python
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    argv = ["study", str(study_file), "--subset", "1000", "--tracking-uri", uri, "--quiet"]
     study = python_m_research(argv, tmp_path, preexec_fn=limit_file_size)
     out, err = study.communicate(timeout=300)
     assert study.returncode == 2, out + err
@@ -455,22 +465,20 @@ def test_a_file_size_limit_while_saving_weights_fails_the_trial_not_completes_it
     }
 
 
+@pytest.mark.slow
 def test_an_unwritable_artifact_store_stops_the_study_before_any_trial(tmp_path):
     """Tests run as root, for whom permissions do not block writes: the store's artifact folder
     is made a plain file, so creating a run's folder in it really fails (ENOTDIR). The study's
     first artifact (its file, on the parent run) fails, before any trial trains."""
     from research.tracking import StudyTracker
 
-    study_file = tmp_path / "big_weights.toml"
-    study_file.write_text(BIG_WEIGHTS_STUDY)
-    uri = sqlite_uri(tmp_path)
+    uri, argv = big_weights_study(tmp_path)
     tracker = StudyTracker.open("big_weights", uri)
     location = mlflow_client(uri).get_experiment(tracker.experiment_id).artifact_location
     blocked = Path(location.removeprefix("file://"))
     blocked.parent.mkdir(parents=True, exist_ok=True)
     blocked.write_text("not a folder")
 
-    argv = ["study", str(study_file), "--subset", "1000", "--tracking-uri", uri, "--quiet"]
     code, out, err = run_cli(argv)
     assert code == 2, out + err
     (line,) = err.splitlines()
