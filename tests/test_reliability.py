@@ -13,7 +13,6 @@ from __future__ import annotations
 import ast
 import os
 import re
-import resource
 import signal
 import subprocess
 import sys
@@ -55,16 +54,26 @@ def study_argv(uri: str, n_trials: int, epochs: int = 2, subset: int = 1000) -> 
     ]  # fmt: skip
 
 
-def python_m_research(argv: list[str], cwd: Path, **kwargs: Any) -> subprocess.Popen:
-    """``python -m research ...`` as its own process (line-buffered text on stdout/stderr)."""
+def python_m_research(
+    argv: list[str], cwd: Path, max_file_bytes: int | None = None
+) -> subprocess.Popen:
+    """``python -m research ...`` as its own process (line-buffered text on stdout/stderr),
+    optionally unable to write files larger than ``max_file_bytes`` (RLIMIT_FSIZE: a write past
+    it fails with EFBIG). The limit is set by the child itself: a ``preexec_fn`` would fork this
+    process, which JAX (imported by other tests) warns against."""
+    limit = [] if max_file_bytes is None else [
+        "-c",
+        "import resource, runpy, sys; "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({max_file_bytes}, {max_file_bytes})); "
+        "sys.argv[0] = 'research'; runpy.run_module('research', run_name='__main__')",
+    ]  # fmt: skip
     return subprocess.Popen(
-        [sys.executable, "-m", "research", *argv],
+        [sys.executable, *(limit or ["-m", "research"]), *argv],
         cwd=cwd,
         env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        **kwargs,
     )
 
 
@@ -439,10 +448,7 @@ def test_a_file_size_limit_while_saving_weights_fails_the_trial_not_completes_it
     uri, argv = big_weights_study(tmp_path)
     limit = 4 * 2**20
 
-    def limit_file_size() -> None:  # in the child, before it runs Python
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    study = python_m_research(argv, tmp_path, preexec_fn=limit_file_size)
+    study = python_m_research(argv, tmp_path, max_file_bytes=limit)
     out, err = study.communicate(timeout=300)
     assert study.returncode == 2, out + err
     (line,) = err.splitlines()
