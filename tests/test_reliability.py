@@ -127,6 +127,16 @@ def assert_one_run_per_trial(trials: list[Any], uri: str, name: str = STUDY) -> 
     return runs
 
 
+def assert_all_joined_one_study(outputs: list[str], trials: list[Any], parent_id: str) -> None:
+    """Every command worked on the same study and parent run (it says so when it starts). How
+    many of them got to run trials depends on timing (a command still starting up may find the
+    budget used), so that is printed, not asserted."""
+    for out in outputs:
+        assert re.search(rf"^MLflow: .*, parent run {parent_id}$", out, re.MULTILINE), out
+    workers = {t.system_attrs["research:worker"] for t in trials}
+    print(f"{len(outputs)} commands: {len(workers)} of them ran trials")
+
+
 # --- 1. kill -9 of a worker in the middle of a trial --------------------------------------------
 
 
@@ -239,7 +249,9 @@ def test_four_worker_processes_on_a_fresh_store(tmp_path, capfd):
     out, err = capfd.readouterr()
     assert code == 0, out + err
     trials = check_concurrent_study(tmp_path, uri, 8, 4)
-    assert len({t.system_attrs["research:worker"] for t in trials}) >= 2
+    workers = {t.system_attrs["research:worker"] for t in trials}
+    assert all(not w.endswith(f":{os.getpid()}") for w in workers)  # worker processes ran them
+    print(f"--workers 4: {len(workers)} of them ran trials")  # timing decides, not asserted
 
 
 @pytest.mark.slow
@@ -254,7 +266,8 @@ def test_four_separate_commands_started_together_on_a_fresh_store(tmp_path):
     assert [code for code, _, _ in results] == [0] * 4, results
     assert all("Traceback" not in out + err for _, out, err in results)
     trials = check_concurrent_study(tmp_path, uri, 8, 4)
-    assert len({t.system_attrs["research:worker"] for t in trials}) >= 2
+    ((parent,), _) = study_runs(uri)
+    assert_all_joined_one_study([out for _, out, _ in results], trials, parent.info.run_id)
 
 
 # --- 4. a real PostgreSQL server ----------------------------------------------------------------
@@ -300,21 +313,22 @@ def test_two_commands_share_one_study_through_postgresql(postgres, tmp_path):
     storage = new_database(postgres, "research_optuna")
     tracking = new_database(postgres, "research_mlflow")
     argv = [
-        *study_argv(tracking, n_trials=6, epochs=1), "--storage", storage, "--quiet",
+        *study_argv(tracking, n_trials=8, epochs=2), "--storage", storage, "--quiet",
     ]  # fmt: skip
     commands = [python_m_research(argv, tmp_path) for _ in range(2)]
-    results = [(c.communicate(timeout=600), c.returncode) for c in commands]
-    assert [code for _, code in results] == [0, 0], results
+    results = [(*c.communicate(timeout=600), c.returncode) for c in commands]
+    assert [code for _, _, code in results] == [0, 0], results
 
     rdb = optuna.storages.RDBStorage(sqlalchemy_url(storage))
     try:
         trials = optuna.load_study(study_name=STUDY, storage=rdb).get_trials()
     finally:
         rdb.engine.dispose()  # else its pooled connection is closed by the garbage collector
-    assert 6 <= len(trials) <= 7
+    assert 8 <= len(trials) <= 9
     assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
-    assert len({t.system_attrs["research:worker"] for t in trials}) == 2  # both took trials
     runs = assert_one_run_per_trial(trials, sqlalchemy_url(tracking))
+    parent_id = runs[0].data.tags["mlflow.parentRunId"]
+    assert_all_joined_one_study([out for out, _, _ in results], trials, parent_id)
     for trial in trials:
         run = runs[trial.number]
         assert run.info.status == "FINISHED"
