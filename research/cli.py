@@ -606,3 +606,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (loading data, opening stores)
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import signal
 import socket
 import sys
 import tempfile
@@ -39,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from research.study_config import SearchParam, StudyConfig
+from research.tracking import redact, sqlalchemy_url, store_lock
 from research.train import DivergenceError, EpochMetrics, TrainConfig, evaluate, train
 
 ATTR_WORKER = "research:worker"
@@ -68,19 +70,18 @@ def open_storage(url: str):
     import optuna
 
     if "://" in url:
-        if url.startswith("postgresql://"):
-            # SQLAlchemy's default PostgreSQL driver is psycopg2; the project ships psycopg 3.
-            url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
         try:
-            return optuna.storages.RDBStorage(
-                url,
-                heartbeat_interval=20,
-                grace_period=60,
-                # A trial whose worker stopped beating is failed and queued again (once).
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=1
-                ),
-            )
+            with store_lock(url), warnings.catch_warnings():  # (the callback is "experimental")
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    sqlalchemy_url(url),
+                    heartbeat_interval=20,
+                    grace_period=60,
+                    # A trial whose worker stopped beating is failed and queued again (once).
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                        max_retry=1
+                    ),
+                )
         except Exception as error:
             text = str(error).strip().splitlines()
             raise StudyError(
@@ -99,19 +100,6 @@ def open_storage(url: str):
             f"cannot open the Optuna journal {path}: {error.strerror}; pass --storage"
         ) from None
     return optuna.storages.JournalStorage(backend)
-
-
-def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (for printing and logging)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    if "://" not in url:
-        return url
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def make_sampler(config: StudyConfig, n_existing: int = 0, worker: int = 0):
@@ -328,15 +316,21 @@ def run_trial(trial: Any, context: TrialContext) -> float:
             on_epoch=on_epoch,
         )
     except optuna.TrialPruned:
-        _log_curves(run, history, label, save_loss_curves)
+        _save_artifacts(trial, run, lambda: _log_curves(run, history, label, save_loss_curves))
         run.set_tags({TAG_STATE: "PRUNED"})
         run.finish("FINISHED")
         context.say(f"{label} PRUNED after {len(history)} epochs")
         raise
     except DivergenceError as error:
-        run.set_tags({TAG_STATE: "FAIL", TAG_ERROR: str(error)})
+        where = {"diverged_epoch": error.epoch, "diverged_step": error.step}
+        run.set_tags(
+            {TAG_STATE: "FAIL", TAG_ERROR: str(error)}
+            | {f"research.{key}": str(value) for key, value in where.items()}
+        )
         run.finish("FAILED")
         trial.set_user_attr("error", str(error))
+        for key, value in where.items():
+            trial.set_user_attr(key, value)
         context.say(f"{label} FAIL: {error}")
         raise
     except BaseException as error:  # Ctrl-C, a crash: close the run, let Optuna record FAIL
@@ -345,25 +339,55 @@ def run_trial(trial: Any, context: TrialContext) -> float:
         run.set_tags({TAG_STATE: "FAIL", TAG_ERROR: reason})
         run.finish("KILLED" if interrupted else "FAILED")
         if interrupted:
-            # Not a result: the trial does not count, and its parameters run again on resume.
-            trial.storage.set_trial_system_attr(trial._trial_id, ATTR_INTERRUPTED, reason)
-            trial.study.enqueue_trial(trial.params, user_attrs={ATTR_RETRY_OF: trial.number})
+            _requeue(trial, reason)
         raise
     value = objective_value(config, result.history[-1])
     if not math.isfinite(value):
         run.set_tags({TAG_STATE: "FAIL", TAG_ERROR: f"objective is {value}"})
         run.finish("FAILED")
         raise DivergenceError(len(result.history) - 1, 0, f"objective is {value}")
-    _log_curves(run, history, label, save_loss_curves)
-    with tempfile.TemporaryDirectory() as folder:
-        weights = Path(folder) / "weights.npz"
-        save_weights(weights, result.params, train_config.spec())
-        run.log_artifact(weights)
+
+    def save_curves_and_weights() -> None:
+        _log_curves(run, history, label, save_loss_curves)
+        with tempfile.TemporaryDirectory() as folder:
+            weights = Path(folder) / "weights.npz"
+            save_weights(weights, result.params, train_config.spec())
+            run.log_artifact(weights)
+
+    _save_artifacts(trial, run, save_curves_and_weights)
     run.log_metrics({"wall_seconds": time.perf_counter() - started}, step=len(history) - 1)
     run.set_tags({TAG_STATE: "COMPLETE"})
     run.finish("FINISHED")
     context.say(f"{label} COMPLETE: {config.objective} {_format_value(config, value)}")
     return value
+
+
+def _requeue(trial: Any, reason: str) -> None:
+    """Not a result (Ctrl-C, a full disk): the trial will not count toward n_trials, and its
+    parameters run again when the study resumes."""
+    trial.storage.set_trial_system_attr(trial._trial_id, ATTR_INTERRUPTED, reason)
+    trial.study.enqueue_trial(trial.params, user_attrs={ATTR_RETRY_OF: trial.number})
+
+
+def _save_artifacts(trial: Any, run: Any, save: Callable[[], None]) -> None:
+    """Runs ``save``; if the disk is full or the store unwritable, the trial is not reported
+    COMPLETE with missing artifacts: its run is closed FAILED with the reason, the trial queued
+    again, and TrackingError (naming the path) stops the study."""
+    from research.tracking import TAG_ERROR, TAG_STATE, TrackingError
+
+    try:
+        save()
+    except (OSError, TrackingError) as error:
+        if isinstance(error, OSError):
+            error = TrackingError(
+                f"cannot write {error.filename or 'a temporary file'}: {error.strerror or error}; "
+                "free some space (or lift the limit), then run the same command again"
+            )
+        run.set_tags({TAG_STATE: "FAIL", TAG_ERROR: str(error)})
+        run.finish("FAILED")
+        trial.set_user_attr("error", str(error))
+        _requeue(trial, str(error))
+        raise error from None
 
 
 def _log_curves(run: Any, history: list[EpochMetrics], label: str, save: Callable) -> None:
@@ -593,10 +617,16 @@ def _work(request: StudyRequest, index: int, started: float) -> None:
 def _worker_entry(request: StudyRequest, index: int, started_wall: float) -> None:
     # A spawned process: convert the wall-clock start into this process's monotonic clock.
     started = time.monotonic() - (time.time() - started_wall)
+    from research.data import DataError
+    from research.tracking import TrackingError
+
     try:
         _work(request, index, started)
     except KeyboardInterrupt:
         sys.exit(130)
+    except (StudyError, TrackingError, DataError) as error:  # e.g. a full disk: one line
+        say_error(f"[worker {index}] {error}")
+        sys.exit(2)
 
 
 def run_study(
@@ -697,6 +727,7 @@ def run_study(
 
     started_wall = time.time()
     status = "FINISHED"
+    processes = []
     try:
         if workers == 1:
             _work(request, 0, time.monotonic())
@@ -715,6 +746,12 @@ def run_study(
                 status = "FAILED"
                 say_error(f"{len(failed)} worker(s) exited with codes {failed}")
     except KeyboardInterrupt:
+        # Ctrl-C in a terminal reaches every worker; a SIGINT to this process alone must too.
+        for process in processes:
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGINT)
+        for process in processes:
+            process.join(timeout=30)
         parent.finish("KILLED")
         say_error(
             "interrupted: the running trial is recorded as FAIL and its MLflow run as KILLED; "

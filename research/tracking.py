@@ -8,6 +8,7 @@ several runs (a study's parent and its trials) can be open at once without surpr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -28,6 +29,23 @@ class TrackingError(Exception):
     """The tracking store cannot be opened or written; the message says which and why."""
 
 
+class WeightsError(ValueError):
+    """A weights file is not one :func:`save_weights` wrote for a valid network."""
+
+
+# Seconds the pre-flight check waits for a tracking server or database to answer. Without it,
+# MLflow retries an unreachable server for ~4 minutes and a database for ~2 before saying so.
+PREFLIGHT_TIMEOUT = 10
+
+
+def sqlalchemy_url(url: str) -> str:
+    """``postgresql://...`` with the psycopg 3 driver the project ships (SQLAlchemy's default
+    PostgreSQL driver is psycopg2, which is not installed); other URLs unchanged."""
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    return url
+
+
 def default_tracking_uri(store_dir: Path | None = None) -> str:
     """``sqlite:///<abs path>/mlruns/mlflow.db`` (relative to the current directory)."""
     store = (store_dir or DEFAULT_STORE_DIR).resolve()
@@ -44,6 +62,58 @@ def _artifact_root(uri: str) -> str | None:
     if uri.startswith("sqlite:///"):
         return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
     return None
+
+
+def _preflight(uri: str) -> None:
+    """Fails fast, with the cause, when a tracking server or database cannot be reached."""
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme in ("http", "https"):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=PREFLIGHT_TIMEOUT):
+                return
+        except urllib.error.HTTPError:
+            return  # it answered: a server is there (a proxy in front may not know /health)
+        except (OSError, ValueError) as error:
+            reason = getattr(error, "reason", None) or error
+            raise TrackingError(
+                f"cannot reach the MLflow tracking server {redact(uri)}: {reason}; start it "
+                "(mlflow server ...) or check --tracking-uri / MLFLOW_TRACKING_URI"
+            ) from None
+    elif scheme and scheme != "sqlite" and scheme.split("+")[0] in _DATABASES:
+        import sqlalchemy
+
+        arguments = {"connect_timeout": PREFLIGHT_TIMEOUT} if scheme.startswith("postgres") else {}
+        try:
+            engine = sqlalchemy.create_engine(
+                sqlalchemy_url(uri), poolclass=sqlalchemy.pool.NullPool, connect_args=arguments
+            )
+            with engine.connect():
+                pass
+        except Exception as error:
+            text = str(error).strip().splitlines()
+            raise TrackingError(
+                f"cannot open the MLflow tracking store {redact(uri)}: "
+                f"{text[0] if text else error!r}; check --tracking-uri / MLFLOW_TRACKING_URI"
+            ) from None
+
+
+_DATABASES = ("postgresql", "mysql", "mssql")
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for printing and logging)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if "://" not in url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _client(uri: str):
@@ -67,8 +137,42 @@ def _client(uri: str):
                 f"cannot create the tracking store folder {folder}: {error.strerror}; "
                 "pass --tracking-uri or set MLFLOW_TRACKING_URI to a writable place"
             ) from None
+    else:
+        _preflight(uri)
+    uri = sqlalchemy_url(uri)
     mlflow.set_tracking_uri(uri)
     return MlflowClient(tracking_uri=uri)
+
+
+@contextlib.contextmanager
+def store_lock(url: str):
+    """Holds a lock shared by every process using the store at ``url`` (a SQLite file: a lock
+    file beside it; PostgreSQL: an advisory lock in its database; else none).
+
+    Creating a store's schema, a study's experiment and its parent run is check-then-create:
+    K commands started together on a fresh store would otherwise race (schema creation fails
+    with duplicate keys, or each makes its own parent run).
+    """
+    if url.startswith("sqlite:///"):
+        import fcntl
+
+        lock = Path(url.removeprefix("sqlite:///")).with_suffix(".lock")
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with lock.open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+            yield
+    elif url.startswith(("postgresql://", "postgresql+psycopg://")):
+        import psycopg
+
+        plain = "postgresql://" + url.split("://", 1)[1]
+        with psycopg.connect(plain, autocommit=True, connect_timeout=PREFLIGHT_TIMEOUT) as db:
+            db.execute("SELECT pg_advisory_lock(%s)", (STORE_LOCK_KEY,))
+            yield  # the lock ends with the session
+    else:
+        yield
+
+
+STORE_LOCK_KEY = 0x7265_7365_6172  # "resear": any fixed 64-bit key
 
 
 def get_or_create_experiment(client: Any, name: str, uri: str) -> str:
@@ -106,32 +210,70 @@ def save_weights(path: Path, params: Params, spec: MLPSpec) -> None:
             }
         )
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as handle:
-        tmp = Path(handle.name)
-        np.savez(handle, **arrays)
-    os.replace(tmp, path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as handle:
+            tmp = Path(handle.name)
+            np.savez(handle, **arrays)
+        os.replace(tmp, path)
+    except OSError as error:  # a full disk: name the file (zipfile's errors do not)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from None
 
 
 def load_weights(path: Path) -> tuple[MLPSpec, Params]:
-    """Reads a file written by :func:`save_weights` (never unpickles)."""
-    with np.load(path, allow_pickle=False) as data:
-        spec_fields = json.loads(str(data["spec"]))
+    """Reads a file written by :func:`save_weights`; never unpickles.
+
+    Returns the spec and one ``{"W": (n_in, n_out), "b": (n_out,)}`` dict per layer. Raises
+    WeightsError, naming the file and the array, for anything else: pickled (object) arrays, a
+    missing or unreadable spec, missing or extra arrays, shapes that do not match the spec, or
+    arrays that are not float32/float64 of one dtype.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: no such weights file") from None
+    except (OSError, ValueError, EOFError) as error:  # not a zip, or an object (pickled) array
+        raise WeightsError(f"{path}: not a weights file written by this project: {error}") from None
+    try:
+        fields = json.loads(str(arrays.pop("spec")))
         spec = MLPSpec(
-            sizes=tuple(spec_fields["sizes"]),
-            activation=spec_fields["activation"],
-            output=spec_fields["output"],
-            loss=spec_fields["loss"],
-            l2=spec_fields["l2"],
+            sizes=tuple(fields["sizes"]),
+            activation=fields["activation"],
+            output=fields["output"],
+            loss=fields["loss"],
+            l2=fields["l2"],
         )
-        params = [
-            {"W": data[f"W{i}"].copy(), "b": data[f"b{i}"].copy()} for i in range(spec.n_layers)
-        ]
-    for i, (layer, n_in, n_out) in enumerate(zip(params, spec.sizes[:-1], spec.sizes[1:])):
-        if layer["W"].shape != (n_in, n_out) or layer["b"].shape != (n_out,):
-            raise ValueError(
-                f"{path}: layer {i} has shapes that do not match its spec {spec.sizes}"
+    except (KeyError, TypeError, ValueError) as error:
+        raise WeightsError(f"{path}: no valid network spec in the file ({error!r})") from None
+    expected = {}
+    for i, (n_in, n_out) in enumerate(zip(spec.sizes[:-1], spec.sizes[1:])):
+        expected[f"W{i}"], expected[f"b{i}"] = (n_in, n_out), (n_out,)
+    if set(arrays) != set(expected):
+        raise WeightsError(
+            f"{path}: arrays {sorted(arrays)} do not match the spec {spec.sizes}, which needs "
+            f"{sorted(expected)}"
+        )
+    for name, shape in expected.items():
+        if arrays[name].shape != shape:
+            raise WeightsError(
+                f"{path}: {name} has shape {arrays[name].shape}, but the spec {spec.sizes} "
+                f"needs {shape}"
             )
+    for name in expected:
+        if arrays[name].dtype not in (np.float32, np.float64):
+            raise WeightsError(
+                f"{path}: {name} has dtype {arrays[name].dtype}; allowed: float32 or float64"
+            )
+    dtypes = sorted({str(array.dtype) for array in arrays.values()})
+    if len(dtypes) > 1:
+        raise WeightsError(
+            f"{path}: the arrays mix dtypes {', '.join(dtypes)}; a network has one dtype"
+        )
+    params = [{"W": arrays[f"W{i}"], "b": arrays[f"b{i}"]} for i in range(spec.n_layers)]
     return spec, params
 
 
@@ -166,7 +308,18 @@ class TrainingRun:
         )
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        """Copies ``path`` into the run's artifacts; TrackingError (naming where) if it cannot
+        be written, e.g. a full disk or an unwritable store."""
+        try:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        except OSError as error:
+            where = self.client.get_run(self.run_id).info.artifact_uri
+            raise TrackingError(
+                f"cannot save the artifact {Path(path).name} to {where}"
+                f"{'/' + artifact_path if artifact_path else ''}: "
+                f"{error.strerror or error} ({error.filename or path}); free space or make it "
+                "writable, or choose another store with --tracking-uri"
+            ) from None
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -197,8 +350,9 @@ def start_training_run(
     """Opens a new run in ``experiment`` (created if needed) and returns it."""
     uri = resolve_tracking_uri(tracking_uri)
     try:
-        client = _client(uri)
-        experiment_id = get_or_create_experiment(client, experiment, uri)
+        with store_lock(uri):
+            client = _client(uri)
+            experiment_id = get_or_create_experiment(client, experiment, uri)
         run = client.create_run(experiment_id, run_name=run_name, tags=tags or {})
     except TrackingError:
         raise
@@ -258,26 +412,20 @@ class StudyTracker:
         """
         uri = resolve_tracking_uri(tracking_uri)
         try:
-            client = _client(uri)
-            experiment_id = get_or_create_experiment(client, study_name, uri)
-            found = client.search_runs(
-                [experiment_id],
-                filter_string=(
-                    f"tags.`{TAG_ROLE}` = 'study' and tags.`{TAG_STUDY}` = '{study_name}'"
-                ),
-                order_by=["attributes.start_time ASC"],
-                max_results=1,
-            )
-            if found:
-                run_id = found[0].info.run_id
+            with store_lock(uri):
+                client = _client(uri)
+                experiment_id = get_or_create_experiment(client, study_name, uri)
+                run_id = _study_parent_run(client, experiment_id, study_name)
+                if run_id is None:
+                    client.create_run(
+                        experiment_id,
+                        run_name=f"study-{study_name}",
+                        tags={TAG_ROLE: "study", TAG_STUDY: study_name, TAG_COMMIT: git_commit()},
+                    )
+                    # Commands started together on machines sharing one database may each
+                    # have made a parent run: all keep the earliest, the others are deleted.
+                    run_id = _study_parent_run(client, experiment_id, study_name, dedupe=True)
                 client.update_run(run_id, status="RUNNING")
-            else:
-                run = client.create_run(
-                    experiment_id,
-                    run_name=f"study-{study_name}",
-                    tags={TAG_ROLE: "study", TAG_STUDY: study_name, TAG_COMMIT: git_commit()},
-                )
-                run_id = run.info.run_id
         except TrackingError:
             raise
         except Exception as error:
@@ -327,11 +475,30 @@ class StudyTracker:
                 self.client.set_terminated(run.info.run_id, "FAILED")
 
 
+def _study_parent_run(
+    client: Any, experiment_id: str, study_name: str, dedupe: bool = False
+) -> str | None:
+    """The id of the study's parent run: the earliest one tagged for it (by start time, then
+    id, so every process picks the same). With ``dedupe``, later duplicates are deleted."""
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_ROLE}` = 'study' and tags.`{TAG_STUDY}` = '{study_name}'",
+        max_results=1000,
+    )
+    if not found:
+        return None
+    found.sort(key=lambda run: (run.info.start_time, run.info.run_id))
+    if dedupe:
+        for duplicate in found[1:]:
+            client.delete_run(duplicate.info.run_id)
+    return found[0].info.run_id
+
+
 def _store_error(uri: str, error: Exception) -> TrackingError:
     text = str(error).strip()
     first_line = text.splitlines()[0] if text else repr(error)
     return TrackingError(
-        f"cannot open the MLflow tracking store {uri}: {first_line}; "
+        f"cannot open the MLflow tracking store {redact(uri)}: {first_line}; "
         "check --tracking-uri / MLFLOW_TRACKING_URI"
     )
 

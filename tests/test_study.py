@@ -492,12 +492,15 @@ def test_pruned_and_failed_trials_are_recorded_and_the_study_goes_on(tmp_path):
     pruned, failed = trials[4], trials[5]
     assert sorted(pruned.intermediate_values) == [0, 1]  # judged at epoch 1, never reached 2
     diverged = re.fullmatch(
-        r"training diverged at epoch (\d+), step \d+: the batch loss is (inf|nan); "
+        r"training diverged at epoch (\d+), step (\d+): the batch loss is (inf|nan); "
         r"try a smaller learning_rate",
         failed.user_attrs["error"],
     )
     assert diverged, failed.user_attrs["error"]
     epochs_done = int(diverged[1])  # 0 here: within the first of 8 steps per epoch
+    # where it diverged, as numbers too (Optuna user attrs, MLflow tags below)
+    assert failed.user_attrs["diverged_epoch"] == epochs_done
+    assert failed.user_attrs["diverged_step"] == int(diverged[2])
     assert sorted(failed.intermediate_values) == list(range(epochs_done))
     assert trials[6].intermediate_values == trials[0].intermediate_values
 
@@ -519,6 +522,8 @@ def test_pruned_and_failed_trials_are_recorded_and_the_study_goes_on(tmp_path):
 
     run = runs[5]  # FAIL: the divergence named, the epochs before it, no artifacts
     assert run.data.tags["research.error"] == failed.user_attrs["error"]
+    assert run.data.tags["research.diverged_epoch"] == str(epochs_done)
+    assert run.data.tags["research.diverged_step"] == diverged[2]
     for key in EPOCH_METRICS:
         steps = [step for step, _ in history(uri, run.info.run_id, key)]
         assert steps == list(range(epochs_done)), key

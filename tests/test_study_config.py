@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from research.mlp import ACTIVATIONS, INIT_SCHEMES, LOSSES, OUTPUTS
@@ -769,7 +769,9 @@ def _assert_loads_or_study_error(path: Path) -> None:
     except StudyConfigError as error:
         message = str(error)
         assert message.startswith(f"{path}: ") and "\n" not in message, message
+        event("rejected with one message")  # counted by --hypothesis-show-statistics
         return
+    event("a valid study")
     assert isinstance(config, StudyConfig)
     # a valid study: every corner of its search builds a TrainConfig
     corners = itertools.product(*(p.corners() for p in config.search))
