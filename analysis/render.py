@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from research.tracking import redact
+
 if TYPE_CHECKING:
     from analysis.report import Report
 
@@ -56,7 +58,7 @@ def sections(report: Report) -> list[dict[str, Any]]:
         f"{results.parent_params.get('pruner', '?')}. Trials: {len(trials)} finished ("
         + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("COMPLETE", "PRUNED", "FAIL"))
         + ").",
-        f"Tracking store {report.tracking_uri}; experiment {results.name!r}, parent run "
+        f"Tracking store {redact(report.tracking_uri)}; experiment {results.name!r}, parent run "
         f"{results.record.parent_run_id}.",
     ]
     overview += [f"Note: {note}." for note in report.notes]
@@ -291,7 +293,7 @@ def write_json(report: Report, path: Path) -> None:
     best = results.best
     payload = {
         "study": results.name,
-        "tracking_uri": report.tracking_uri,
+        "tracking_uri": redact(report.tracking_uri),
         "parent_run_id": results.record.parent_run_id,
         "objective": results.objective,
         "direction": results.direction,

@@ -86,7 +86,7 @@ def build_report(
     say(
         f"study {results.name!r}: {len(results.trials)} trial runs "
         f"({', '.join(f'{n} {s}' for s, n in sorted(states.items())) or 'none'}) "
-        f"in {uri}"
+        f"in {tracking.redact(uri)}"
     )
     if results.skipped_running:
         report.notes.append(
@@ -264,7 +264,7 @@ def _importances(results: StudyResults, storage: str | None) -> tuple[pd.DataFra
         return None, str(error)
     except (KeyError, ValueError, RuntimeError) as error:
         # KeyError: no such study in that storage; ValueError/RuntimeError: too little variety.
-        return None, f"Optuna could not compute them from {url}: {error}"
+        return None, f"Optuna could not compute them from {tracking.redact(url)}: {error}"
     frame = pd.DataFrame(list(importances.items()), columns=["param", "importance"])
     if frame.empty:
         return None, "Optuna found no parameter that varied among the completed trials"

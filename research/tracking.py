@@ -511,7 +511,7 @@ def find_run(run_id: str, tracking_uri: str | None = None) -> tuple[Any, Trainin
         run = client.get_run(run_id)
     except Exception:
         raise TrackingError(
-            f"no MLflow run with id {run_id!r} in {uri}; list runs with "
+            f"no MLflow run with id {run_id!r} in {redact(uri)}; list runs with "
             "`python -m research ui` or pass the right --tracking-uri"
         ) from None
     return run, TrainingRun(client, run_id, run.info.experiment_id, uri)
@@ -559,7 +559,7 @@ def _reading(uri: str, what: str, action):
     except Exception as error:  # MLflow, SQLAlchemy, HTTP: the user needs the URI and the cause
         text = str(error).strip()
         first_line = text.splitlines()[0] if text else repr(error)
-        raise TrackingError(f"cannot read {what} from {uri}: {first_line}") from None
+        raise TrackingError(f"cannot read {what} from {redact(uri)}: {first_line}") from None
 
 
 def list_studies(tracking_uri: str | None = None) -> list[StudyRecord]:
@@ -594,7 +594,7 @@ def find_study(name: str | None, tracking_uri: str | None = None) -> StudyRecord
     studies = list_studies(uri)
     if not studies:
         raise TrackingError(
-            f"there is no study in the tracking store {uri}; run one with "
+            f"there is no study in the tracking store {redact(uri)}; run one with "
             "`python -m research study experiments/mnist_mlp.toml` or pass --tracking-uri"
         )
     if name is None:
@@ -603,7 +603,7 @@ def find_study(name: str | None, tracking_uri: str | None = None) -> StudyRecord
         if record.name == name:
             return record
     known = ", ".join(sorted({record.name for record in studies}))
-    raise TrackingError(f"no study named {name!r} in {uri}; the studies there are: {known}")
+    raise TrackingError(f"no study named {name!r} in {redact(uri)}; the studies there are: {known}")
 
 
 def study_runs(record: StudyRecord, tracking_uri: str | None = None):
