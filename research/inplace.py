@@ -84,8 +84,9 @@ class InPlaceTrainingStep:
         self._outputs = [empty((batch_size, n), self.dtype) for n in widths[1:]]
         # _deltas[i]: ∂loss/∂(pre-activation of hidden layer i), for the hidden layers only.
         self._deltas = [empty((batch_size, n), self.dtype) for n in widths[1:-1]]
-        self._scratch = [empty((batch_size, n), self.dtype) for n in widths[1:-1]]
-        self._masks = [empty((batch_size, n), bool) for n in widths[1:-1]]
+        # σ'(z) per hidden layer: a boolean mask for relu, values for sigmoid and tanh.
+        derivative_dtype = bool if spec.activation == "relu" else self.dtype
+        self._derivatives = [empty((batch_size, n), derivative_dtype) for n in widths[1:-1]]
         self.grads: Params = [
             {key: np.empty_like(value) for key, value in layer.items()} for layer in self.params
         ]
@@ -153,13 +154,10 @@ class InPlaceTrainingStep:
 
     def _multiply_by_derivative(self, delta: np.ndarray, a: np.ndarray, hidden: int) -> None:
         """delta ← delta ⊙ σ'(z), σ' from the activation a = σ(z) (as ``mlp`` does)."""
-        n = len(delta)
+        derivative = self._derivatives[hidden][: len(delta)]
         if self.spec.activation == "relu":
-            mask = np.greater(a, 0, out=self._masks[hidden][:n])
-            np.multiply(delta, mask, out=delta)
-            return
-        derivative = self._scratch[hidden][:n]
-        if self.spec.activation == "tanh":
+            np.greater(a, 0, out=derivative)
+        elif self.spec.activation == "tanh":
             np.multiply(a, a, out=derivative)
             np.subtract(1, derivative, out=derivative)
         else:  # sigmoid: a(1 − a)
