@@ -266,29 +266,22 @@ class _Jax(_Contender):
     """``jax.jit`` of a whole epoch: ``lax.scan`` over the batches (``reference.sgd_epoch``)."""
 
     def info(self) -> dict[str, str]:
-        import jax
+        from research.reference import versions
 
-        return {"jax": jax.__version__, "jax_device": str(jax.devices()[0])}
+        return versions()
 
     def prepare(self, workload: Workload, steps: int) -> None:
-        import jax
-        import jax.numpy as jnp
+        from research.reference import sgd_epoch_runner
 
-        from research.reference import sgd_epoch
-
-        self.jax = jax
         self.workload, self.steps = workload, steps
-        self.epoch = sgd_epoch(workload.spec, workload.learning_rate)
-        self.x = jax.device_put(self.data.x)
-        self.y = jax.device_put(self.data.targets)
         params = init_params(workload.spec, 0, np.float32, workload.init)
-        self.params = [{key: jnp.asarray(value) for key, value in p.items()} for p in params]
+        self.epoch = sgd_epoch_runner(
+            workload.spec, workload.learning_rate, params, self.data.x, self.data.targets
+        )
         self.run()  # compiles
 
     def run(self) -> None:
-        batches = self.batches(self.workload, self.steps).astype(np.int32)
-        self.params, losses = self.epoch(self.params, self.x, self.y, batches)
-        self.jax.block_until_ready((self.params, losses))
+        self.epoch(self.batches(self.workload, self.steps))
 
 
 class _Torch(_Contender):
