@@ -18,9 +18,11 @@ Performance section for the benchmark these come from):
   from ``mlp.sigmoid`` by an ulp or two and saturates to exactly 0 below z ≈ −88 (float32) /
   −709 (float64), where the true value is below the smallest normal number anyway.
 - Plain SGD: backprop is linear in the output delta, so the learning rate is multiplied into that
-  (B, k) array once and every gradient comes out already scaled; the update is then one
-  subtraction per array instead of a multiply and a subtraction over every weight. Other
-  optimizers get plain gradients and run their ``update_in_place``.
+  (B, k) array once and every gradient comes out already scaled; the weight update is then done
+  by the gradient's own matrix product, W ← W − inputsᵀ·(rate·δ), as one BLAS call that
+  accumulates into W (:mod:`research.blas`; without it, one subtraction per array). The weight
+  gradients are never stored. Other optimizers get plain gradients and run their
+  ``update_in_place``.
 - Each layer's weights are updated right after their last use in the backward pass, while their
   gradient is still warm in cache.
 - No delta is computed for the input layer (nothing needs ∂loss/∂x).
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from research.blas import gemm_update
 from research.mlp import MLPSpec, Params, l2_penalty, output_delta
 from research.optim import Optimizer
 
@@ -55,6 +58,9 @@ class InPlaceTrainingStep:
             are copied (the caller's arrays are never written). Their dtype is the step's dtype.
         optimizer: the update rule; its ``init`` gives the starting state.
         batch_size: the largest batch :meth:`step` will be given.
+        blas_update: for plain SGD, update the weights inside the gradient's matrix product
+            (``research.blas``) where numpy's BLAS allows; False takes the two-pass numpy route
+            (the tests check both).
 
     Attributes:
         params: the current parameters (updated in place by every step; copy them to keep them).
@@ -62,7 +68,12 @@ class InPlaceTrainingStep:
     """
 
     def __init__(
-        self, spec: MLPSpec, params: Params, optimizer: Optimizer, batch_size: int
+        self,
+        spec: MLPSpec,
+        params: Params,
+        optimizer: Optimizer,
+        batch_size: int,
+        blas_update: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} is not allowed; give an integer >= 1")
@@ -87,8 +98,13 @@ class InPlaceTrainingStep:
         # σ'(z) per hidden layer: a boolean mask for relu, values for sigmoid and tanh.
         derivative_dtype = bool if spec.activation == "relu" else self.dtype
         self._derivatives = [empty((batch_size, n), derivative_dtype) for n in widths[1:-1]]
+        self._gemm_update = gemm_update() if self._fold_rate and blas_update else None
+        # Gradient buffers; the fused SGD update needs only the biases'.
         self.grads: Params = [
-            {key: np.empty_like(value) for key, value in layer.items()} for layer in self.params
+            {key: np.empty_like(value) for key, value in layer.items()}
+            if self._gemm_update is None
+            else {"b": np.empty_like(layer["b"])}
+            for layer in self.params
         ]
 
     def step(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray | None = None) -> float:
@@ -134,20 +150,26 @@ class InPlaceTrainingStep:
             delta *= dtype(self.optimizer.learning_rate)
 
         # backward, updating each layer once its weights have been used for the delta below it
+        rate = self.optimizer.learning_rate
         for i in range(last, -1, -1):
-            W, grad = params[i]["W"], self.grads[i]
-            np.matmul(inputs[i].T, delta, out=grad["W"])
-            np.sum(delta, axis=0, out=grad["b"])
-            if spec.l2:
-                scale = spec.l2 * self.optimizer.learning_rate if self._fold_rate else spec.l2
-                grad["W"] += dtype(scale) * W
-            if i > 0:
+            W, b, grad = params[i]["W"], params[i]["b"], self.grads[i]
+            if i > 0:  # from the weights before their update
                 below = np.matmul(delta, W.T, out=self._deltas[i - 1][:n])
+            np.sum(delta, axis=0, out=grad["b"])
+            if self._gemm_update is not None:
+                # SGD in one product: W ← (1 − rate·l2)·W − inputsᵀ·(rate·δ)
+                self._gemm_update(W, inputs[i], delta, -1.0, 1.0 - rate * spec.l2)
+                np.subtract(b, grad["b"], out=b)
+            else:
+                np.matmul(inputs[i].T, delta, out=grad["W"])
+                if spec.l2:
+                    grad["W"] += dtype(spec.l2 * rate if self._fold_rate else spec.l2) * W
+                if self._fold_rate:
+                    np.subtract(W, grad["W"], out=W)
+                    np.subtract(b, grad["b"], out=b)
+            if i > 0:
                 self._multiply_by_derivative(below, inputs[i], i - 1)
                 delta = below
-            if self._fold_rate:
-                np.subtract(W, grad["W"], out=W)
-                np.subtract(params[i]["b"], grad["b"], out=params[i]["b"])
         if not self._fold_rate:
             self.optimizer.update_in_place(params, self.grads, self.state)
         return total

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from research import mlp, optim
+from research.blas import gemm_update
 from research.inplace import InPlaceTrainingStep
 from research.train import PRESETS, train
 
@@ -41,10 +42,11 @@ def copy_params(params: mlp.Params) -> mlp.Params:
     hidden=st.lists(st.integers(1, 9), min_size=0, max_size=3),
     l2=st.sampled_from([0.0, 0.01]),
     batch_size=st.integers(1, 12),
+    blas_update=st.booleans(),
     seed=st.integers(0, 2**31),
 )
 def test_in_place_step_equals_loss_and_grads_then_update(
-    activation, output_loss, optimizer, hidden, l2, batch_size, seed
+    activation, output_loss, optimizer, hidden, l2, batch_size, blas_update, seed
 ):
     output, loss = output_loss
     spec = mlp.MLPSpec((6, *hidden, 4), activation, output, loss, l2=l2)
@@ -56,7 +58,7 @@ def test_in_place_step_equals_loss_and_grads_then_update(
 
     pure_optimizer = OPTIMIZERS[optimizer]()
     params, state = start, pure_optimizer.init(start)
-    stepper = InPlaceTrainingStep(spec, start, OPTIMIZERS[optimizer](), batch_size)
+    stepper = InPlaceTrainingStep(spec, start, OPTIMIZERS[optimizer](), batch_size, blas_update)
     for step in range(8):
         # full batches, a short last batch, and the whole of x (rows=None) once
         n = batch_size if step % 3 else max(1, batch_size // 2)
@@ -92,6 +94,24 @@ def test_update_in_place_is_update_exactly(optimizer):
         assert_trees_close(fast_params, pure_params, rtol=0, atol=0, what="params")
     if optimizer == "adam":
         assert fast_state["count"] == pure_state["count"] == 5
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_blas_gemm_update_accumulates_into_its_output(dtype):
+    update = gemm_update()
+    if update is None:
+        pytest.skip("numpy's BLAS offers no cblas ?gemm64_ here; the stepper uses numpy instead")
+    rng = np.random.default_rng(4)
+    buffer = rng.standard_normal((9, 6)).astype(dtype)
+    a = buffer[:5]  # a leading slice of a buffer, as the stepper passes
+    b = rng.standard_normal((5, 4)).astype(dtype)
+    c = rng.standard_normal((6, 4)).astype(dtype)
+    expected = 0.75 * c.astype(np.float64) - 0.3 * (a.T.astype(np.float64) @ b)
+    update(c, a, b, -0.3, 0.75)
+    tolerance = 1e-5 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(c, expected, rtol=tolerance, atol=tolerance)
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        update(c, b, a, 1.0, 1.0)
 
 
 def test_in_place_step_keeps_float32_and_rejects_oversized_batches():
