@@ -426,6 +426,13 @@ def _summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def _load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
 def machine_facts() -> dict[str, str]:
     """CPU model, core count, OS and Python (no host names: results get shared)."""
     model = platform.processor() or platform.machine()
@@ -461,6 +468,7 @@ def run_benchmark(
     from research.data import load_mnist
 
     rounds = rounds or (2 if quick else 5)
+    load_before = _load_average()
     load_mnist(mnist_dir, data_dir)  # prepares the cache once, before the workers read it
     names = [name for name in CONTENDERS if name != "torch-f32" or torch_available()]
     notes = []
@@ -499,6 +507,8 @@ def run_benchmark(
         "gap_seconds": GAP_SECONDS,
         "seconds": time.perf_counter() - started,
         "machine": machine_facts(),
+        # other processes' demand on the cores while this ran (1-minute load averages)
+        "load_average": {"start": load_before, "end": _load_average()},
         "libraries": {k: v for info in workers.info.values() for k, v in info.items()},
         "peak_gflops": peak,
         "workloads": results,
@@ -544,7 +554,11 @@ def format_table(results: dict[str, Any]) -> str:
     lines = []
     libraries = results["libraries"]
     facts = results["machine"]
-    lines.append(f"machine: {facts['cpu']}, {facts['cores']} cores, {facts['os']}")
+    load = results["load_average"]
+    lines.append(
+        f"machine: {facts['cpu']}, {facts['cores']} cores, {facts['os']}; load average "
+        f"{load['start']:.2f} at the start, {load['end']:.2f} at the end"
+    )
     lines.append(
         "libraries: "
         + ", ".join(f"{key} {value}" for key, value in libraries.items() if key != "jax_device")
@@ -612,6 +626,8 @@ def metrics_of(results: dict[str, Any]) -> dict[str, float]:
             metrics[f"{prefix}/fraction_of_peak"] = row["fraction_of_peak"]
             if name != ENGINE:
                 metrics[f"{prefix}/engine_speedup_median"] = row["engine_speedup"]["median"]
+    metrics["load_average/start"] = results["load_average"]["start"]
+    metrics["load_average/end"] = results["load_average"]["end"]
     memory = results["memory"]
     metrics["memory/peak_bytes"] = memory["peak_bytes"]
     metrics["memory/ratio_to_budget"] = memory["peak_bytes"] / memory["budget_bytes"]
