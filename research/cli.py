@@ -593,6 +593,9 @@ def _run_bench(args: argparse.Namespace) -> int:
         )
     except (BenchError, DataError) as error:
         raise UserError(str(error)) from None
+    except KeyboardInterrupt:
+        print("interrupted; nothing was logged", file=sys.stderr)
+        return 130
     table = format_table(results)
     print(table)
     text = to_json(results)
