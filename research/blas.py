@@ -1,4 +1,4 @@
-"""Two things numpy does not expose from its BLAS: C ← β·C + α·Aᵀ·B, and per-thread thread counts.
+"""One BLAS call numpy does not expose: C ← β·C + α·Aᵀ·B, on numpy's own BLAS library.
 
 ``np.matmul`` always writes a fresh product; general matrix multiply (GEMM) can also accumulate
 into its output. Plain SGD's weight update W ← W − inputsᵀ·(learning_rate·δ) is exactly such a
@@ -8,19 +8,16 @@ section).
 
 The call goes to the very OpenBLAS library numpy loaded (found through threadpoolctl, bound with
 ctypes), so one BLAS, one thread pool and one thread setting serve every product: loading a second
-OpenBLAS (SciPy's, say) into the same loop made each step ~3x slower. :func:`one_blas_thread`
-limits that OpenBLAS to one thread for the calling thread only (OpenBLAS ≥ 0.3.27; a no-op
-elsewhere). Where numpy's BLAS is not a
-64-bit-integer OpenBLAS build with the ``cblas_?gemm`` symbols the numpy wheels ship,
+OpenBLAS (SciPy's, say) into the same loop made each step ~3x slower. Where numpy's BLAS is not
+a 64-bit-integer OpenBLAS build with the ``cblas_?gemm`` symbols the numpy wheels ship,
 :func:`gemm_update` returns None and callers take the two-pass numpy route.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -89,31 +86,3 @@ def gemm_update() -> GemmUpdate | None:
     does not offer it."""
     found = all(_gemm(np.dtype(t)) is not None for t in (np.float32, np.float64))
     return _gemm_update if found else None
-
-
-@functools.cache
-def _set_threads_local() -> Callable[[int], int] | None:
-    library = _numpy_openblas()
-    function = getattr(library, "openblas_set_num_threads_local", None) if library else None
-    if function is not None:
-        function.argtypes = [ctypes.c_int]
-        function.restype = ctypes.c_int
-    return function
-
-
-@contextlib.contextmanager
-def one_blas_thread() -> Iterator[None]:
-    """Numpy's OpenBLAS uses one thread for products called from this thread, inside the block.
-
-    Small products gain little from a second thread, and on a busy machine they lose a lot: a
-    product split over two threads waits for whichever was descheduled. On the origin's network
-    (12 MFLOP products) an epoch took 137–320 ms on one thread and 800–4400 ms on two while two
-    other processes kept both cores busy.
-    """
-    setter = _set_threads_local()
-    previous = setter(1) if setter is not None else None
-    try:
-        yield
-    finally:
-        if setter is not None and previous is not None:
-            setter(previous)

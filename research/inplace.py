@@ -26,9 +26,6 @@ Performance section for the benchmark these come from):
 - Each layer's weights are updated right after their last use in the backward pass, while their
   gradient is still warm in cache.
 - No delta is computed for the input layer (nothing needs ∂loss/∂x).
-- Networks whose matrix products are all small (the origin's) run them on one BLAS thread:
-  splitting a 12 MFLOP product over two threads gains little on an idle machine and loses
-  several-fold on a busy one (see ``research.blas.one_blas_thread``).
 
 The loss is the same batch-mean loss ``loss_and_grads`` returns (from the output logits already
 at hand, plus the l2 term on the parameters before the update).
@@ -36,17 +33,11 @@ at hand, plus the l2 term on the parameters before the update).
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 
-from research.blas import gemm_update, one_blas_thread
+from research.blas import gemm_update
 from research.mlp import MLPSpec, Params, l2_penalty, output_delta
 from research.optim import Optimizer
-
-# Products of at most this many FLOPs (2·B·n_in·n_out) run on one BLAS thread: the origin's
-# network (12.0 MFLOP at batch 256) does; [784, 1024, 1024, 10] (411 MFLOP) does not.
-SMALL_PRODUCT_FLOPS = 2**24
 
 
 def _sigmoid_in_place(z: np.ndarray) -> None:
@@ -108,9 +99,6 @@ class InPlaceTrainingStep:
         derivative_dtype = bool if spec.activation == "relu" else self.dtype
         self._derivatives = [empty((batch_size, n), derivative_dtype) for n in widths[1:-1]]
         self._ones = np.ones(batch_size, self.dtype)
-        # Every product this small runs on one BLAS thread (see blas.one_blas_thread).
-        largest = max(a * b for a, b in itertools.pairwise(widths))
-        self._small_products = 2 * batch_size * largest <= SMALL_PRODUCT_FLOPS
         self._gemm_update = gemm_update() if self._fold_rate and blas_update else None
         # Gradient buffers; the fused SGD update needs only the biases'.
         self.grads: Params = [
@@ -130,12 +118,6 @@ class InPlaceTrainingStep:
         Returns:
             The batch's loss, as ``mlp.loss_and_grads`` returns it.
         """
-        if self._small_products:
-            with one_blas_thread():
-                return self._step(x, y, rows)
-        return self._step(x, y, rows)
-
-    def _step(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray | None) -> float:
         n = len(x) if rows is None else len(rows)
         if not 1 <= n <= self.batch_size:
             raise ValueError(f"a batch of {n} rows does not fit batch_size={self.batch_size}")

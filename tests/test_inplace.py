@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from research import mlp, optim
-from research.blas import _set_threads_local, gemm_update, one_blas_thread
+from research.blas import gemm_update
 from research.inplace import InPlaceTrainingStep
 from research.train import PRESETS, train
 
@@ -112,22 +112,6 @@ def test_blas_gemm_update_accumulates_into_its_output(dtype):
     np.testing.assert_allclose(c, expected, rtol=tolerance, atol=tolerance)
     with pytest.raises(ValueError, match="shapes do not fit"):
         update(c, b, a, 1.0, 1.0)
-
-
-def test_one_blas_thread_limits_only_inside_the_block():
-    from threadpoolctl import threadpool_info, threadpool_limits
-
-    def blas_threads() -> list[int]:
-        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
-
-    with threadpool_limits(2, user_api="blas"):
-        before = blas_threads()
-        with one_blas_thread():
-            inside = blas_threads()
-        assert blas_threads() == before
-    if _set_threads_local() is None:
-        pytest.skip("numpy's BLAS has no openblas_set_num_threads_local here")
-    assert set(inside) == {1}
 
 
 def test_in_place_step_keeps_float32_and_rejects_oversized_batches():
