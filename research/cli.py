@@ -1,4 +1,4 @@
-"""Command line: ``python -m research {train,gradcheck,study,ui,rerun,report} ...``.
+"""Command line: ``python -m research {train,gradcheck,study,ui,rerun,report,bench} ...``.
 
 User mistakes (bad flags, missing data, an unreachable tracking store) end with one message on
 stderr and exit code 2, never a traceback. A run that diverges exits 1; Ctrl-C exits 130.
@@ -216,6 +216,22 @@ def _build_parser() -> argparse.ArgumentParser:
         "--no-log", action="store_true", help="do not log the report to the parent run"
     )
     _add_data_flags(report)
+
+    bench = commands.add_parser(
+        "bench",
+        help="time the numpy engine against the origin, JAX and PyTorch (interleaved rounds)",
+        description="Time every contender on every workload in interleaved rounds, print a "
+        "table of medians, spreads, GFLOP/s and ratios, and log it to MLflow.",
+    )
+    bench.add_argument("--quick", action="store_true", help="short runs (under a minute)")
+    bench.add_argument("--rounds", type=int, help="rounds per workload (default 5; 2 with --quick)")
+    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    bench.add_argument(
+        "--experiment", default="benchmarks", help="MLflow experiment (default: benchmarks)"
+    )
+    bench.add_argument("--tracking-uri", help="MLflow tracking URI")
+    bench.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    _add_data_flags(bench)
     return parser
 
 
@@ -590,6 +606,64 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bench(args: argparse.Namespace) -> int:
+    import os
+
+    from research.bench import (
+        BenchError,
+        format_table,
+        metrics_of,
+        params_of,
+        run_benchmark,
+        to_json,
+    )
+    from research.data import DataError
+    from research.tracking import TrackingError, log_benchmark
+
+    if args.rounds is not None and args.rounds < 1:
+        raise UserError(f"--rounds {args.rounds} is not allowed; give an integer >= 1")
+    json_path = Path(args.json) if args.json else None
+    if json_path is not None and not json_path.parent.is_dir():
+        raise UserError(f"--json {args.json}: the folder {json_path.parent} does not exist")
+    try:
+        results = run_benchmark(
+            quick=args.quick,
+            rounds=args.rounds,
+            mnist_dir=args.mnist_dir,
+            data_dir=args.data_dir,
+            say=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    except (BenchError, DataError) as error:
+        raise UserError(str(error)) from None
+    except KeyboardInterrupt:
+        print("interrupted; nothing was logged", file=sys.stderr)
+        return 130
+    table = format_table(results)
+    print(table)
+    text = to_json(results)
+    if json_path is not None:
+        # written beside the target and renamed: never a half-written file
+        with tempfile.NamedTemporaryFile("w", dir=json_path.parent, delete=False) as handle:
+            handle.write(text)
+        os.replace(handle.name, json_path)
+        print(f"results written to {json_path}")
+    if not args.no_track:
+        command = "python -m research bench" + (" --quick" if args.quick else "")
+        try:
+            run = log_benchmark(
+                params_of(results, command),
+                metrics_of(results),
+                {"bench_table.txt": table + "\n", "bench_results.json": text},
+                experiment=args.experiment,
+                tracking_uri=args.tracking_uri,
+            )
+        except TrackingError as error:
+            raise UserError(str(error)) from None
+        print(f"MLflow run {run.run_id} in experiment '{args.experiment}'")
+        print(f"browse it: {run.ui_hint}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = _build_parser().parse_args(argv)
@@ -600,6 +674,7 @@ def main(argv: list[str] | None = None) -> int:
         "ui": _run_ui,
         "rerun": _run_rerun,
         "report": _run_report,
+        "bench": _run_bench,
     }
     try:
         return commands[args.command](args)

@@ -273,10 +273,33 @@ def loss_and_grads(
     x = np.asarray(x, dtype=dtype)
     y = np.asarray(y, dtype=dtype)
     _check_shapes(params, x, y, spec)
-    batch = x.shape[0]
     inputs, logits = forward_layers(params, x, spec)
+    value, delta = output_delta(logits, y, spec)
 
-    # delta = ∂loss/∂logits, already divided by the batch size.
+    grads: Params = [{} for _ in params]
+    for i in range(len(params) - 1, -1, -1):
+        W = params[i]["W"]
+        grads[i]["W"] = inputs[i].T @ delta
+        grads[i]["b"] = delta.sum(axis=0)
+        if spec.l2:
+            grads[i]["W"] += dtype.type(spec.l2) * W
+        if i > 0:
+            delta = (delta @ W.T) * _hidden_derivative(inputs[i], spec.activation)
+
+    total = float(value) + l2_penalty(params, spec.l2)
+    return total, grads
+
+
+def output_delta(logits: np.ndarray, y: np.ndarray, spec: MLPSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The batch-mean data loss and ∂loss/∂logits from the output logits.
+
+    Args:
+        logits: output-layer pre-activations (B, k); y: targets (B, k), same dtype.
+    Returns:
+        ``(value, delta)``: the data loss (a 0-d array, without the l2 term) and delta (B, k),
+        already divided by the batch size B.
+    """
+    batch = logits.shape[0]
     if spec.loss == "cross_entropy":
         log_probs = _log_softmax(logits)
         value = -np.sum(y * log_probs) / batch
@@ -296,19 +319,7 @@ def loss_and_grads(
             delta = out * (residual - np.sum(out * residual, axis=1, keepdims=True)) / batch
         else:
             delta = residual / batch
-
-    grads: Params = [{} for _ in params]
-    for i in range(len(params) - 1, -1, -1):
-        W = params[i]["W"]
-        grads[i]["W"] = inputs[i].T @ delta
-        grads[i]["b"] = delta.sum(axis=0)
-        if spec.l2:
-            grads[i]["W"] += dtype.type(spec.l2) * W
-        if i > 0:
-            delta = (delta @ W.T) * _hidden_derivative(inputs[i], spec.activation)
-
-    total = float(value) + l2_penalty(params, spec.l2)
-    return total, grads
+    return value, delta
 
 
 def predict(params: Params, x: np.ndarray, spec: MLPSpec) -> np.ndarray:

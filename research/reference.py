@@ -275,3 +275,87 @@ def loss_and_grads(
     jparams, x, y = _prepare(params, x, y, spec)
     value, grads = _for_spec(spec, "value_and_grad", jparams, x)(jparams, x, y, spec.l2)
     return float(value), [{"W": np.array(g["W"]), "b": np.array(g["b"])} for g in grads]
+
+
+# --- the benchmark's JAX contender ------------------------------------------------------------
+
+
+def _fast_hidden(z: jax.Array, activation: str) -> jax.Array:
+    """The idiomatic jax.nn nonlinearities (what a JAX user would write), not the checked ones."""
+    if activation == "sigmoid":
+        return jax.nn.sigmoid(z)
+    if activation == "tanh":
+        return jnp.tanh(z)
+    return jax.nn.relu(z)
+
+
+def sgd_epoch(spec: MLPSpec, learning_rate: float) -> Callable[..., tuple[JaxParams, jax.Array]]:
+    """One epoch of plain SGD as a single XLA program, for the benchmark (``research.bench``).
+
+    The network and loss are those of ``spec`` (l2 included), written with ``jax.nn``'s usual
+    nonlinearities; the gradient comes from ``jax.value_and_grad`` and the batches are a
+    ``lax.scan``, so the whole epoch (gathering each batch's rows included) runs without returning
+    to Python. It is compiled with XLA's default optimizations (the checking functions above skip
+    them) and donates the parameters, so XLA may update them in place.
+
+    Returns:
+        ``epoch(params, x, y, batches) -> (params, losses)`` where params is a list of
+        ``{"W", "b"}`` JAX arrays, x (N, n_in) and y (N, n_out) device arrays, batches (S, B) int32
+        row indices and losses (S,) the batch losses before each step.
+    """
+
+    def objective(params: JaxParams, x: jax.Array, y: jax.Array) -> jax.Array:
+        h = x
+        for layer in params[:-1]:
+            h = _fast_hidden(h @ layer["W"] + layer["b"], spec.activation)
+        z = h @ params[-1]["W"] + params[-1]["b"]
+        if spec.loss == "mse" and spec.output == "sigmoid":
+            data = 0.5 * jnp.sum((jax.nn.sigmoid(z) - y) ** 2) / z.shape[0]
+        else:
+            data = _data_loss(z, y, spec.output, spec.loss)
+        if not spec.l2:
+            return data
+        return data + 0.5 * spec.l2 * sum(jnp.sum(layer["W"] ** 2) for layer in params)
+
+    value_and_grad = jax.value_and_grad(objective)
+
+    def epoch(
+        params: JaxParams, x: jax.Array, y: jax.Array, batches: jax.Array
+    ) -> tuple[JaxParams, jax.Array]:
+        def step(params: JaxParams, rows: jax.Array) -> tuple[JaxParams, jax.Array]:
+            value, grads = value_and_grad(params, x[rows], y[rows])
+            params = jax.tree.map(lambda p, g: p - learning_rate * g, params, grads)
+            return params, value
+
+        return jax.lax.scan(step, params, batches)
+
+    return jax.jit(epoch, donate_argnums=0)
+
+
+def sgd_epoch_runner(
+    spec: MLPSpec, learning_rate: float, params: Params, x: np.ndarray, y: np.ndarray
+) -> Callable[[np.ndarray], None]:
+    """The benchmark's JAX contender: :func:`sgd_epoch` over device copies of the data.
+
+    Args:
+        params: starting parameters (float32 for the benchmark); x (N, n_in), y (N, n_out).
+    Returns:
+        ``run(batches)``: one epoch over ``batches`` (S, B) row indices, waiting for the result;
+        the parameters it trains stay on the device between calls.
+    """
+    epoch = sgd_epoch(spec, learning_rate)
+    x_device, y_device = jax.device_put(x), jax.device_put(y)
+    state = {"params": [{key: jnp.asarray(v) for key, v in layer.items()} for layer in params]}
+
+    def run(batches: np.ndarray) -> None:
+        state["params"], losses = epoch(
+            state["params"], x_device, y_device, np.asarray(batches, np.int32)
+        )
+        jax.block_until_ready((state["params"], losses))
+
+    return run
+
+
+def versions() -> dict[str, str]:
+    """JAX's version and the device it computes on."""
+    return {"jax": jax.__version__, "jax_device": str(jax.devices()[0])}

@@ -361,6 +361,40 @@ def start_training_run(
     return TrainingRun(client, run.info.run_id, experiment_id, uri)
 
 
+def log_benchmark(
+    params: dict[str, str],
+    metrics: dict[str, float],
+    files: dict[str, str],
+    experiment: str = "benchmarks",
+    tracking_uri: str | None = None,
+) -> TrainingRun:
+    """Logs one benchmark run (``python -m research bench``) and closes it.
+
+    Args:
+        params: machine, library versions, thread counts, settings.
+        metrics: flat ``name -> value`` (logged at step 0).
+        files: artifact file name -> text content (e.g. the table and the JSON results).
+    Returns:
+        The finished run (for its id and UI hint).
+    """
+    run = start_training_run(
+        experiment, run_name="bench", tags={"command": "bench"}, tracking_uri=tracking_uri
+    )
+    try:
+        run.log_params(params)
+        run.log_metrics(metrics, step=0)
+        with tempfile.TemporaryDirectory() as folder:
+            for name, text in files.items():
+                path = Path(folder) / name
+                path.write_text(text)
+                run.log_artifact(path)
+    except BaseException:
+        run.finish("FAILED")
+        raise
+    run.finish("FINISHED")
+    return run
+
+
 # --- studies: one parent run per study, one child run per trial --------------------------------
 
 TAG_ROLE = "research.role"

@@ -1,0 +1,192 @@
+"""The training loop's fast path: one optimizer step computed in place, in preallocated buffers.
+
+:class:`InPlaceTrainingStep` does exactly what ``mlp.loss_and_grads`` followed by
+``optimizer.update`` does — same forward pass, same deltas, same update rule — but it owns its
+parameters and optimizer state and overwrites them, and it keeps every intermediate array (the
+gathered batch, each layer's activations and deltas, the gradients) in buffers allocated once.
+``tests/test_inplace.py`` checks it against the pure functions in float64 over every activation,
+output, loss, optimizer and several depths; the pure functions are in turn checked against JAX.
+
+What it does differently (together, at idle on 2 cores in float32: an epoch of the origin's
+network in 78 ms instead of the pure loop's 90 ms; a [784, 1024, 1024, 10] step at batch 256 in
+14.4 ms, 15.2 ms without the fused update; see the README's Performance section):
+
+- The batch is gathered from the shuffled row indices straight into a reused buffer
+  (``np.take(..., out=)``): the rows land in cache, where both matrix products that read them
+  find them, and no fresh 800 kB array is page-faulted in per step.
+- Bias add, activation and activation derivative run in place with ``out=`` (no temporaries); the
+  hidden sigmoid is computed as 1/(1 + exp(−z)) in one branch (4 passes instead of ~8). It differs
+  from ``mlp.sigmoid`` by an ulp or two and saturates to exactly 0 below z ≈ −88 (float32) /
+  −709 (float64), where the true value is below the smallest normal number anyway.
+- Plain SGD: backprop is linear in the output delta, so the learning rate is multiplied into that
+  (B, k) array once and every gradient comes out already scaled; the weight update is then done
+  by the gradient's own matrix product, W ← W − inputsᵀ·(rate·δ), as one BLAS call that
+  accumulates into W (:mod:`research.blas`; without it, one subtraction per array). The weight
+  gradients are never stored. Other optimizers get plain gradients and run their
+  ``update_in_place``.
+- Each layer's weights are updated right after their last use in the backward pass, while their
+  gradient is still warm in cache.
+- No delta is computed for the input layer (nothing needs ∂loss/∂x).
+
+The loss is the same batch-mean loss ``loss_and_grads`` returns (from the output logits already
+at hand, plus the l2 term on the parameters before the update).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from research.blas import gemm_update
+from research.mlp import MLPSpec, Params, l2_penalty, output_delta
+from research.optim import Optimizer
+
+
+def _sigmoid_in_place(z: np.ndarray) -> None:
+    """z ← 1/(1 + exp(−z)); exp may overflow to inf, which gives the right limit 0."""
+    np.negative(z, out=z)
+    with np.errstate(over="ignore"):
+        np.exp(z, out=z)
+    z += 1
+    np.reciprocal(z, out=z)
+
+
+class InPlaceTrainingStep:
+    """A network's parameters and optimizer state, stepped in place.
+
+    Args:
+        spec: the network.
+        params: starting parameters, one ``{"W": (n_in, n_out), "b": (n_out,)}`` per layer; they
+            are copied (the caller's arrays are never written). Their dtype is the step's dtype.
+        optimizer: the update rule; its ``init`` gives the starting state.
+        batch_size: the largest batch :meth:`step` will be given.
+        blas_update: for plain SGD, update the weights inside the gradient's matrix product
+            (``research.blas``) where numpy's BLAS allows; False takes the two-pass numpy route
+            (the tests check both).
+
+    Attributes:
+        params: the current parameters (updated in place by every step; copy them to keep them).
+        state: the current optimizer state.
+    """
+
+    def __init__(
+        self,
+        spec: MLPSpec,
+        params: Params,
+        optimizer: Optimizer,
+        batch_size: int,
+        blas_update: bool = True,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} is not allowed; give an integer >= 1")
+        self.spec = spec
+        self.optimizer = optimizer
+        self.batch_size = batch_size
+        self.params: Params = [{"W": layer["W"].copy(), "b": layer["b"].copy()} for layer in params]
+        self.dtype = self.params[0]["W"].dtype
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError(f"parameters must be float32 or float64, got {self.dtype}")
+        self.state = optimizer.init(self.params)
+        # SGD's rate is folded into the output delta (see the module docstring).
+        self._fold_rate = optimizer.name == "sgd"
+        widths = spec.sizes
+        empty = np.empty
+        self._x = empty((batch_size, widths[0]), self.dtype)
+        self._y = empty((batch_size, widths[-1]), self.dtype)
+        # _outputs[i]: the output of layer i (hidden activations; the last one holds the logits).
+        self._outputs = [empty((batch_size, n), self.dtype) for n in widths[1:]]
+        # _deltas[i]: ∂loss/∂(pre-activation of hidden layer i), for the hidden layers only.
+        self._deltas = [empty((batch_size, n), self.dtype) for n in widths[1:-1]]
+        # σ'(z) per hidden layer: a boolean mask for relu, values for sigmoid and tanh.
+        derivative_dtype = bool if spec.activation == "relu" else self.dtype
+        self._derivatives = [empty((batch_size, n), derivative_dtype) for n in widths[1:-1]]
+        self._ones = np.ones(batch_size, self.dtype)
+        self._gemm_update = gemm_update() if self._fold_rate and blas_update else None
+        # Gradient buffers; the fused SGD update needs only the biases'.
+        self.grads: Params = [
+            {key: np.empty_like(value) for key, value in layer.items()}
+            if self._gemm_update is None
+            else {"b": np.empty_like(layer["b"])}
+            for layer in self.params
+        ]
+
+    def step(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray | None = None) -> float:
+        """One optimizer step on a batch; returns the batch loss (before the step).
+
+        Args:
+            x: inputs (N, sizes[0]) and y: targets (N, sizes[-1]), both in the step's dtype.
+            rows: which rows of x and y form the batch (B ≤ batch_size valid indices, e.g. a
+                slice of a permutation); None for all of x and y.
+        Returns:
+            The batch's loss, as ``mlp.loss_and_grads`` returns it.
+        """
+        n = len(x) if rows is None else len(rows)
+        if not 1 <= n <= self.batch_size:
+            raise ValueError(f"a batch of {n} rows does not fit batch_size={self.batch_size}")
+        xb, yb = self._x[:n], self._y[:n]
+        if rows is None:
+            np.copyto(xb, x)
+            np.copyto(yb, y)
+        else:
+            # mode="raise" (the default) would gather into a temporary and copy it over.
+            np.take(x, rows, axis=0, out=xb, mode="clip")
+            np.take(y, rows, axis=0, out=yb, mode="clip")
+        spec, params, dtype = self.spec, self.params, self.dtype.type
+        last = len(params) - 1
+
+        # forward: inputs[i] is what layer i reads
+        inputs = [xb]
+        for i, layer in enumerate(params):
+            out = np.matmul(inputs[-1], layer["W"], out=self._outputs[i][:n])
+            out += layer["b"]
+            if i < last:
+                if spec.activation == "relu":
+                    np.maximum(out, 0, out=out)
+                elif spec.activation == "tanh":
+                    np.tanh(out, out=out)
+                else:
+                    _sigmoid_in_place(out)
+                inputs.append(out)
+        value, delta = output_delta(out, yb, spec)
+        total = float(value) + l2_penalty(params, spec.l2)
+        if self._fold_rate:
+            delta *= dtype(self.optimizer.learning_rate)
+
+        # backward, updating each layer once its weights have been used for the delta below it
+        rate = self.optimizer.learning_rate
+        for i in range(last, -1, -1):
+            W, b, grad = params[i]["W"], params[i]["b"], self.grads[i]
+            if i > 0:  # from the weights before their update
+                below = np.matmul(delta, W.T, out=self._deltas[i - 1][:n])
+            # Σ over the batch as a vector-matrix product: 2 µs instead of np.sum's 6 µs at
+            # (256, 10), which adds up to 3 ms an epoch on the origin's network.
+            np.matmul(self._ones[:n], delta, out=grad["b"])
+            if self._gemm_update is not None:
+                # SGD in one product: W ← (1 − rate·l2)·W − inputsᵀ·(rate·δ)
+                self._gemm_update(W, inputs[i], delta, -1.0, 1.0 - rate * spec.l2)
+                np.subtract(b, grad["b"], out=b)
+            else:
+                np.matmul(inputs[i].T, delta, out=grad["W"])
+                if spec.l2:
+                    grad["W"] += dtype(spec.l2 * rate if self._fold_rate else spec.l2) * W
+                if self._fold_rate:
+                    np.subtract(W, grad["W"], out=W)
+                    np.subtract(b, grad["b"], out=b)
+            if i > 0:
+                self._multiply_by_derivative(below, inputs[i], i - 1)
+                delta = below
+        if not self._fold_rate:
+            self.optimizer.update_in_place(params, self.grads, self.state)
+        return total
+
+    def _multiply_by_derivative(self, delta: np.ndarray, a: np.ndarray, hidden: int) -> None:
+        """delta ← delta ⊙ σ'(z), σ' from the activation a = σ(z) (as ``mlp`` does)."""
+        derivative = self._derivatives[hidden][: len(delta)]
+        if self.spec.activation == "relu":
+            np.greater(a, 0, out=derivative)
+        elif self.spec.activation == "tanh":
+            np.multiply(a, a, out=derivative)
+            np.subtract(1, derivative, out=derivative)
+        else:  # sigmoid: a(1 − a)
+            np.subtract(1, a, out=derivative)
+            derivative *= a
+        delta *= derivative

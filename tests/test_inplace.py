@@ -1,0 +1,183 @@
+"""The training loop's fast path against the pure functions it replaces.
+
+``InPlaceTrainingStep.step`` must equal ``mlp.loss_and_grads`` + ``optimizer.update`` (which
+tests/test_trajectory.py checks against JAX + optax), and ``optimizer.update_in_place`` must equal
+``optimizer.update``, in float64, for every activation, output/loss pairing, optimizer, depth and
+partial batches. ``train()`` runs on the fast path; its whole trajectory is compared with a loop
+written with the pure functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from helpers import ACTIVATIONS, OUTPUT_LOSSES, assert_trees_close, make_targets
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from research import mlp, optim
+from research.blas import gemm_update
+from research.inplace import InPlaceTrainingStep
+from research.train import PRESETS, train
+
+OPTIMIZERS = {
+    "sgd": lambda: optim.sgd(0.3),
+    "momentum": lambda: optim.momentum(0.05, beta=0.8),
+    "nesterov": lambda: optim.momentum(0.05, beta=0.8, nesterov=True),
+    "adam": lambda: optim.adam(0.01, beta1=0.85, beta2=0.99, eps=1e-7),
+}
+
+
+def copy_params(params: mlp.Params) -> mlp.Params:
+    return [{key: value.copy() for key, value in layer.items()} for layer in params]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    activation=st.sampled_from(ACTIVATIONS),
+    output_loss=st.sampled_from(OUTPUT_LOSSES),
+    optimizer=st.sampled_from(list(OPTIMIZERS)),
+    hidden=st.lists(st.integers(1, 9), min_size=0, max_size=3),
+    l2=st.sampled_from([0.0, 0.01]),
+    batch_size=st.integers(1, 12),
+    blas_update=st.booleans(),
+    seed=st.integers(0, 2**31),
+)
+def test_in_place_step_equals_loss_and_grads_then_update(
+    activation, output_loss, optimizer, hidden, l2, batch_size, blas_update, seed
+):
+    output, loss = output_loss
+    spec = mlp.MLPSpec((6, *hidden, 4), activation, output, loss, l2=l2)
+    rng = np.random.default_rng(seed)
+    start = mlp.init_params(spec, rng, scheme="xavier")
+    untouched = copy_params(start)
+    x = rng.standard_normal((30, 6))
+    y = make_targets(rng, 30, 4, output, loss)
+
+    pure_optimizer = OPTIMIZERS[optimizer]()
+    params, state = start, pure_optimizer.init(start)
+    stepper = InPlaceTrainingStep(spec, start, OPTIMIZERS[optimizer](), batch_size, blas_update)
+    for step in range(8):
+        # full batches, a short last batch, and the whole of x (rows=None) once
+        n = batch_size if step % 3 else max(1, batch_size // 2)
+        rows = rng.permutation(30)[:n]
+        expected_loss, grads = mlp.loss_and_grads(params, x[rows], y[rows], spec)
+        params, state = pure_optimizer.update(params, grads, state)
+        if step == 5:
+            loss_value = stepper.step(x[rows], y[rows])
+        else:
+            loss_value = stepper.step(x, y, rows)
+        assert loss_value == pytest.approx(expected_loss, rel=1e-12, abs=1e-14)
+        assert_trees_close(
+            stepper.params, params, rtol=1e-12, atol=1e-14, what=f"params after step {step + 1}"
+        )
+    assert_trees_close(start, untouched, rtol=0, atol=0, what="the caller's parameters")
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_update_in_place_is_update_exactly(optimizer):
+    """Same operations in the same order: float64 results are bit-for-bit those of update."""
+    rng = np.random.default_rng(1)
+    spec = mlp.MLPSpec((7, 5, 3), "tanh", "softmax", "cross_entropy")
+    params = mlp.init_params(spec, rng)
+    pure, fast = OPTIMIZERS[optimizer](), OPTIMIZERS[optimizer]()
+    pure_params, pure_state = params, pure.init(params)
+    fast_params, fast_state = copy_params(params), fast.init(params)
+    for _ in range(5):
+        grads = [
+            {key: rng.standard_normal(v.shape) for key, v in layer.items()} for layer in params
+        ]
+        pure_params, pure_state = pure.update(pure_params, grads, pure_state)
+        fast.update_in_place(fast_params, copy_params(grads), fast_state)
+        assert_trees_close(fast_params, pure_params, rtol=0, atol=0, what="params")
+    if optimizer == "adam":
+        assert fast_state["count"] == pure_state["count"] == 5
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_blas_gemm_update_accumulates_into_its_output(dtype):
+    update = gemm_update()
+    if update is None:
+        pytest.skip("numpy's BLAS offers no cblas ?gemm64_ here; the stepper uses numpy instead")
+    rng = np.random.default_rng(4)
+    buffer = rng.standard_normal((9, 6)).astype(dtype)
+    a = buffer[:5]  # a leading slice of a buffer, as the stepper passes
+    b = rng.standard_normal((5, 4)).astype(dtype)
+    c = rng.standard_normal((6, 4)).astype(dtype)
+    expected = 0.75 * c.astype(np.float64) - 0.3 * (a.T.astype(np.float64) @ b)
+    update(c, a, b, -0.3, 0.75)
+    tolerance = 1e-5 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(c, expected, rtol=tolerance, atol=tolerance)
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        update(c, b, a, 1.0, 1.0)
+
+
+def test_in_place_step_keeps_float32_and_rejects_oversized_batches():
+    spec = mlp.MLPSpec((5, 4, 3), "sigmoid", "sigmoid", "mse")
+    params = mlp.init_params(spec, 0, dtype=np.float32)
+    stepper = InPlaceTrainingStep(spec, params, optim.sgd(0.1), batch_size=4)
+    x = np.ones((10, 5), np.float32)
+    y = np.zeros((10, 3), np.float32)
+    value = stepper.step(x, y, np.arange(4))
+    assert isinstance(value, float)
+    assert all(array.dtype == np.float32 for layer in stepper.params for array in layer.values())
+    with pytest.raises(ValueError, match="batch of 5 rows does not fit batch_size=4"):
+        stepper.step(x, y, np.arange(5))
+
+
+def pure_train(config, x, labels, x_val, labels_val):
+    """train()'s loop written with the pure functions (the loop before the fast path)."""
+    spec = config.spec()
+    dtype = np.dtype(config.dtype)
+    init_rng, shuffle_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(2)
+    )
+    params = mlp.init_params(spec, init_rng, dtype=dtype, scheme=config.init)
+    options = {"beta": config.momentum, "nesterov": config.nesterov}
+    optimizer = optim.make_optimizer(
+        config.optimizer,
+        config.learning_rate,
+        **(options if config.optimizer == "momentum" else {}),
+    )
+    state = optimizer.init(params)
+    x = x.astype(dtype)
+    targets = np.eye(10, dtype=dtype)[labels]
+    losses = []
+    for _ in range(config.epochs):
+        order = shuffle_rng.permutation(len(x))
+        total = 0.0
+        n_batches = (
+            len(x) // config.batch_size if config.drop_last else -(-len(x) // config.batch_size)
+        )
+        for step in range(n_batches):
+            rows = order[step * config.batch_size : (step + 1) * config.batch_size]
+            value, grads = mlp.loss_and_grads(params, x[rows], targets[rows], spec)
+            params, state = optimizer.update(params, grads, state)
+            total += value * len(rows)
+        losses.append(total / (n_batches * config.batch_size if config.drop_last else len(x)))
+    return params, losses
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},  # the default: relu, softmax cross-entropy, Nesterov momentum
+        {"activation": "sigmoid", "output": "sigmoid", "loss": "mse", "optimizer": "sgd"},
+        {"activation": "tanh", "optimizer": "adam", "learning_rate": 0.003, "l2": 1e-3},
+        {"optimizer": "momentum", "nesterov": False, "n_hidden_layers": 2, "drop_last": True},
+    ],
+    ids=["default", "seed-like", "tanh-adam-l2", "momentum-deep-drop-last"],
+)
+def test_train_trajectory_equals_the_pure_loop(overrides):
+    rng = np.random.default_rng(3)
+    x = rng.random((230, 784))
+    labels = rng.integers(0, 10, 230)
+    config = replace(
+        PRESETS["default"], hidden_size=16, batch_size=32, epochs=3, dtype="float64", **overrides
+    )
+    result = train(config, x, labels, x[:20], labels[:20])
+    params, losses = pure_train(config, x, labels, x[:20], labels[:20])
+    assert_trees_close(result.params, params, rtol=1e-12, atol=1e-13, what="final params")
+    np.testing.assert_allclose([m.train_loss for m in result.history], losses, rtol=1e-12)
