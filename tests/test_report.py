@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from test_study import (
     PNG_MAGIC,
+    PRUNE_FAIL_STUDY,
     artifact_paths,
     journal_storage,
     mlflow_client,
@@ -29,46 +30,6 @@ SEARCH_FIGURES = {
 }
 TEST_FIGURES = {"confusion_matrix.png", "per_class_accuracy.png", "misclassified.png"}
 N_TEST = 10_000
-
-# A float32 network with linear outputs and momentum on a few rows: quick trials, and a learning
-# rate that surely diverges (as in test_study's prune_fail study).
-EDGE_STUDY = """\
-[study]
-name = "edge"
-objective = "val/accuracy"
-n_trials = 2
-sampler = "random"
-pruner = "none"
-seed = 0
-
-[fixed]
-n_hidden_layers = 1
-activation = "tanh"
-output = "identity"
-loss = "mse"
-init = "xavier"
-optimizer = "momentum"
-momentum = 0.9
-nesterov = true
-batch_size = 128
-l2 = 0.0
-epochs = 2
-seed = 0
-drop_last = false
-raw_inputs = false
-dtype = "float32"
-
-[search.hidden_size]
-type = "int"
-low = 16
-high = 32
-
-[search.learning_rate]
-type = "float"
-low = 0.05
-high = 100.0
-log = true
-"""
 
 
 def assert_png(path: Path) -> None:
@@ -247,8 +208,10 @@ def test_failed_single_and_running_trials(tmp_path):
 
     from research.tracking import StudyTracker
 
+    # test_study's float32 network with linear outputs and momentum: quick trials, and a
+    # learning rate that surely diverges. Two trials, so its median pruner never prunes.
     study_file = tmp_path / "edge.toml"
-    study_file.write_text(EDGE_STUDY)
+    study_file.write_text(PRUNE_FAIL_STUDY)
     uri = sqlite_uri(tmp_path)
     journal = tmp_path / "mlruns" / "optuna.journal"
     journal.parent.mkdir()
@@ -256,11 +219,11 @@ def test_failed_single_and_running_trials(tmp_path):
     study = optuna.create_study(
         study_name="edge", storage=journal_storage(journal), direction="maximize"
     )
-    study.enqueue_trial({"hidden_size": 16, "learning_rate": 50.0})  # diverges
-    study.enqueue_trial({"hidden_size": 24, "learning_rate": 0.05})
+    study.enqueue_trial({"hidden_size": 48, "learning_rate": 50.0})  # diverges
+    study.enqueue_trial({"hidden_size": 64, "learning_rate": 0.05})
     code, out, err = run_cli(
-        ["study", str(study_file), "--subset", "1000", "--tracking-uri", uri, "--no-final",
-         "--quiet"]
+        ["study", str(study_file), "--study-name", "edge", "--n-trials", "2", "--epochs", "2",
+         "--subset", "1000", "--tracking-uri", uri, "--no-final", "--quiet"]
     )  # fmt: skip
     assert code == 0, out + err
     assert "1 COMPLETE, 1 FAIL" in out, out
