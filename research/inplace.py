@@ -50,6 +50,20 @@ def _sigmoid_in_place(z: np.ndarray) -> None:
     np.reciprocal(z, out=z)
 
 
+def _relu_in_place(z: np.ndarray, mask: np.ndarray) -> None:
+    """mask ← (z > 0), z ← z·mask: the relu and the derivative the backward pass reuses.
+
+    At (256, 1024) float32, ``np.maximum(z, 0)`` took 98 µs and the backward pass's
+    ``np.greater(a, 0)`` 16 µs; this takes 66 µs and the backward pass computes no mask. Whole
+    steps, interleaved with the previous version in one process (per-run ratio medians, 8-24
+    runs): 0.7-2.5% faster at batch 256, 1.5-2.8% at batch 1024 (a float32 mask instead of a
+    boolean one: 1.9% at 1024, none at 256). It differs from ``mlp.relu`` only in the sign of
+    zeros (−0.0 for negative z) and at z = −inf (NaN instead of 0).
+    """
+    np.greater(z, 0, out=mask)
+    z *= mask
+
+
 class InPlaceTrainingStep:
     """A network's parameters and optimizer state, stepped in place.
 
@@ -96,7 +110,8 @@ class InPlaceTrainingStep:
         self._outputs = [empty((batch_size, n), self.dtype) for n in widths[1:]]
         # _deltas[i]: ∂loss/∂(pre-activation of hidden layer i), for the hidden layers only.
         self._deltas = [empty((batch_size, n), self.dtype) for n in widths[1:-1]]
-        # σ'(z) per hidden layer: a boolean mask for relu, values for sigmoid and tanh.
+        # σ'(z) per hidden layer: a boolean mask for relu (made in the forward pass), values for
+        # sigmoid and tanh.
         derivative_dtype = bool if spec.activation == "relu" else self.dtype
         self._derivatives = [empty((batch_size, n), derivative_dtype) for n in widths[1:-1]]
         self._ones = np.ones(batch_size, self.dtype)
@@ -140,7 +155,7 @@ class InPlaceTrainingStep:
             out += layer["b"]
             if i < last:
                 if spec.activation == "relu":
-                    np.maximum(out, 0, out=out)
+                    _relu_in_place(out, self._derivatives[i][:n])
                 elif spec.activation == "tanh":
                     np.tanh(out, out=out)
                 else:
@@ -182,7 +197,7 @@ class InPlaceTrainingStep:
         """delta ← delta ⊙ σ'(z), σ' from the activation a = σ(z) (as ``mlp`` does)."""
         derivative = self._derivatives[hidden][: len(delta)]
         if self.spec.activation == "relu":
-            np.greater(a, 0, out=derivative)
+            pass  # the mask was made in the forward pass
         elif self.spec.activation == "tanh":
             np.multiply(a, a, out=derivative)
             np.subtract(1, derivative, out=derivative)
