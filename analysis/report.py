@@ -54,11 +54,7 @@ class Report:
 
 def default_out_dir(tracking_uri: str, study: str) -> Path:
     """``<store folder>/reports/<study>`` for a local SQLite store, else ``mlruns/reports/``."""
-    if tracking_uri.startswith("sqlite:///"):
-        folder = Path(tracking_uri.removeprefix("sqlite:///")).parent
-    else:
-        folder = tracking.DEFAULT_STORE_DIR
-    return folder / "reports" / study
+    return tracking.local_store_folder(tracking_uri) / "reports" / study
 
 
 def build_report(
@@ -296,6 +292,7 @@ def _evaluate_best(
                 "own weights; run the study command again (without --no-final) to refit it"
             )
             say("note: " + report.notes[-1])
+        refit = weights is not None
         source = "the best configuration retrained on train+validation (the study's final fit)"
         if weights is None:
             weights = tracking.download_artifact(best["run_id"], "weights.npz", Path(folder), uri)
@@ -308,15 +305,13 @@ def _evaluate_best(
             say("note: " + report.notes[-1])
             return {}
         spec, params = tracking.load_weights(weights)
-    run_params = _run_params(best["run_id"], uri)
-    raw = run_params.get("raw_inputs") == "True"
-    data = load_mnist(mnist_dir, data_dir, raw=raw)
+    data = load_mnist(mnist_dir, data_dir, raw=bool(best["raw_inputs"]))
     x_test = data.test.x.astype(params[0]["W"].dtype, copy=False)
     say(f"evaluating {source} once on the {len(x_test):,} test digits")
     outputs = np.asarray(forward(params, x_test, spec), dtype=np.float64)
     labels = data.test.labels
     result = evaluation.evaluate_outputs(outputs, labels)
-    logged = results.parent_metrics.get("test_accuracy") if "retrained" in source else None
+    logged = results.parent_metrics.get("test_accuracy") if refit else None
     report.test = {
         "source": source,
         "n": result.n,
@@ -357,11 +352,6 @@ def _evaluate_best(
         "the highest output for the wrong digit.",
     }
     return {name: (figure, captions[name]) for name, figure in figures.items()}
-
-
-def _run_params(run_id: str, uri: str) -> dict[str, str]:
-    run, _ = tracking.find_run(run_id, uri)
-    return dict(run.data.params)
 
 
 def _comparison(report: Report, uri: str, say: Callable) -> pd.DataFrame:

@@ -6,11 +6,11 @@ it returns, so every figure can be drawn (and tested) from DataFrames alone.
 ``trials`` has one row per finished trial run: ``trial`` (the Optuna trial number), ``run_id``,
 ``state`` (``COMPLETE``, ``PRUNED`` or ``FAIL``), the searched parameters under their own names
 (``hidden_size``, ``learning_rate``, ...), the last logged ``val/accuracy``, ``val/loss`` and
-``train/loss``, ``epochs_run``, ``epochs`` (asked for), ``wall_seconds``, ``n_params`` and
-``error``. ``curves`` is long: one row per trial run and epoch, with ``run_id``, ``trial``,
-``state``, ``epoch`` (from 0), ``train/loss``, ``val/loss`` and ``val/accuracy``. Rows are keyed
-by ``run_id``: two runs can carry the same trial number when studies kept in different Optuna
-storages log to one MLflow experiment.
+``train/loss``, ``epochs_run``, ``epochs`` (asked for), ``wall_seconds``, ``n_params``,
+``error`` and ``raw_inputs``. ``curves`` is long: one row per trial run and epoch, with
+``run_id``, ``trial``, ``state``, ``epoch`` (from 0), ``train/loss``, ``val/loss`` and
+``val/accuracy``. Rows are keyed by ``run_id``: two runs can carry the same trial number when
+studies kept in different Optuna storages log to one MLflow experiment.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def trials_frame(runs: pd.DataFrame, search: list[SearchDimension]) -> pd.DataFr
     """One row per trial run (see the module docstring) from ``mlflow.search_runs`` output."""
     by_name = {dimension.name: dimension for dimension in search}
     columns = ["trial", "run_id", "state", *by_name, *CURVE_METRICS]
-    columns += ["epochs_run", "epochs", "wall_seconds", "n_params", "error"]
+    columns += ["epochs_run", "epochs", "wall_seconds", "n_params", "error", "raw_inputs"]
     if runs.empty:
         return pd.DataFrame(columns=columns)
 
@@ -136,6 +136,8 @@ def trials_frame(runs: pd.DataFrame, search: list[SearchDimension]) -> pd.DataFr
         lambda text: n_params_of(text) if isinstance(text, str) else pd.NA
     )
     frame["error"] = column(f"tags.{tracking.TAG_ERROR}", "").fillna("")
+    # The preprocessing the trial trained with: its test evaluation must use the same.
+    frame["raw_inputs"] = column("params.raw_inputs", "False").fillna("False") == "True"
     frame["epochs_run"] = 0
     return frame[[c for c in columns if c in frame.columns]]
 

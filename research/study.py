@@ -58,11 +58,9 @@ class StudyError(Exception):
 
 def default_storage_url(tracking_uri: str) -> str:
     """A journal file beside a local SQLite MLflow store, else in ``./mlruns``."""
-    if tracking_uri.startswith("sqlite:///"):
-        folder = Path(tracking_uri.removeprefix("sqlite:///")).parent
-    else:
-        folder = Path("mlruns").resolve()
-    return str(folder / JOURNAL_NAME)
+    from research.tracking import local_store_folder
+
+    return str(local_store_folder(tracking_uri) / JOURNAL_NAME)
 
 
 def open_storage(url: str):

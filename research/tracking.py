@@ -57,6 +57,14 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
+def local_store_folder(uri: str) -> Path:
+    """The folder of a local SQLite store, else ``./mlruns`` (absolute): where the Optuna journal
+    and the reports go by default."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).parent
+    return DEFAULT_STORE_DIR.resolve()
+
+
 def _artifact_root(uri: str) -> str | None:
     """Artifacts sit beside a local SQLite store (``<dir>/artifacts``); servers choose their own."""
     if uri.startswith("sqlite:///"):

@@ -301,6 +301,7 @@ def test_trial_runs_become_a_typed_frame():
             "params.hidden_size": ["64", "128", "30"],
             "params.l2": ["0.0", "1e-05", "0.0"],
             "params.epochs": ["3", "3", "3"],
+            "params.raw_inputs": ["False", "True", None],
             "params.sizes": ["[784, 64, 10]", "[784, 128, 10]", "[784, 30, 10]"],
             "metrics.val/accuracy": [0.9, np.nan, np.nan],
             "metrics.wall_seconds": [1.5, np.nan, np.nan],
@@ -317,6 +318,7 @@ def test_trial_runs_become_a_typed_frame():
     assert frame["l2"].tolist() == [0.0, 1e-05, 0.0] and isinstance(frame["l2"][1], float)
     assert frame["n_params"].tolist() == [n_params_of("[784, 64, 10]"), 101_770, 23_860]
     assert frame["error"].tolist() == ["", "training diverged", ""]
+    assert frame["raw_inputs"].tolist() == [False, True, False]
     assert trials_frame(runs.iloc[0:0], search).empty
 
 
