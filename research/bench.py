@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from research.blas_kernels import VARIABLE, loaded_kernels
 from research.mlp import MLPSpec, init_params
 
 # Idle time before every timed run: OpenBLAS's threads spin for 2^28 cycles (~0.1 s) after their
@@ -187,6 +188,9 @@ class _Engine(_Contender):
             "numpy": np.__version__,
             "blas": f"{pool['internal_api']} {pool['version']} ({pool.get('architecture', '?')})",
             "blas_threads": str(pool["num_threads"]),
+            "blas_kernels": loaded_kernels(),
+            # what asked for them: research.blas_kernels on AMD Zen 4, or the user
+            "openblas_coretype": os.environ.get(VARIABLE, "(unset)"),
         }
 
     def prepare(self, workload: Workload, steps: int) -> None:

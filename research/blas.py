@@ -18,9 +18,10 @@ from __future__ import annotations
 import ctypes
 import functools
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
+
+from research.blas_kernels import numpy_openblas_pool
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 # numpy ≥ 2 wheels ship scipy-openblas64 (symbols prefixed scipy_, suffixed 64_); older ones
@@ -32,18 +33,13 @@ GemmUpdate = Callable[[np.ndarray, np.ndarray, np.ndarray, float, float], None]
 
 @functools.cache
 def _numpy_openblas() -> ctypes.CDLL | None:
-    from threadpoolctl import threadpool_info
-
-    numpy_dir = Path(np.__file__).resolve().parent
-    for pool in threadpool_info():
-        path = Path(pool.get("filepath", ""))
-        inside_numpy = numpy_dir.parent in path.resolve().parents and "numpy" in str(path)
-        if pool.get("internal_api") == "openblas" and inside_numpy:
-            try:
-                return ctypes.CDLL(str(path))
-            except OSError:
-                return None
-    return None
+    pool = numpy_openblas_pool()
+    if pool is None:
+        return None
+    try:
+        return ctypes.CDLL(str(pool["filepath"]))
+    except OSError:
+        return None
 
 
 @functools.cache

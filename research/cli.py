@@ -273,6 +273,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from research import train as training
+    from research.blas_kernels import loaded_kernels
     from research.figures import save_loss_curves
     from research.tracking import TrackingError, save_weights, start_training_run
 
@@ -306,7 +307,12 @@ def _run_train(args: argparse.Namespace) -> int:
                 tracking_uri=args.tracking_uri,
             )
             run.log_params(
-                {**config.as_params(), "sizes": list(spec.sizes), "n_train_rows": len(x_train)}
+                {
+                    **config.as_params(),
+                    "sizes": list(spec.sizes),
+                    "n_train_rows": len(x_train),
+                    "blas_kernels": loaded_kernels(),
+                }
             )
         except TrackingError as error:
             raise UserError(str(error)) from None
@@ -510,10 +516,34 @@ def _parse_param(name: str, text: str):
     return text
 
 
+def _kernels_note(logged: str | None, current: str) -> str | None:
+    """What ``rerun`` says when the run's BLAS kernels may differ from this process's.
+
+    The kernels order the sums of every matrix product, so other kernels give other last bits.
+    """
+    from research.blas_kernels import UNKNOWN, VARIABLE
+
+    if logged is None:
+        return (
+            "note: the run did not record its OpenBLAS kernels (it was logged before runs did); "
+            f"this process runs {current}. If the run was trained with other kernels, expect "
+            "differences in the last bits: on AMD Zen 4, runs logged before the project chose "
+            f"the Zen kernels used SkylakeX ({VARIABLE}=SkylakeX python -m research rerun ...)"
+        )
+    if logged in (current, UNKNOWN) or current == UNKNOWN:
+        return None
+    return (
+        f"note: the run used OpenBLAS's {logged} kernels and this process runs {current}: the "
+        "sums round differently, so expect differences in the last bits; on a CPU that "
+        f"supports them, {VARIABLE}={logged} python -m research rerun ... uses the run's kernels"
+    )
+
+
 def _run_rerun(args: argparse.Namespace) -> int:
     from threadpoolctl import threadpool_limits
 
     from research import train as training
+    from research.blas_kernels import loaded_kernels
     from research.tracking import TAG_ERROR, TAG_STATE, TrackingError, find_run, metric_history
 
     try:
@@ -541,6 +571,9 @@ def _run_rerun(args: argparse.Namespace) -> int:
     if not logged_error.startswith("training diverged"):
         logged_error = None
     print(f"rerunning {args.run_id} ({n_rows} training rows, {config.epochs} epochs)")
+    note = _kernels_note(params.get("blas_kernels"), loaded_kernels())
+    if note:
+        print(note)
     history: list[EpochMetrics] = []
     error = None
     with threadpool_limits(limits=threads):

@@ -7,9 +7,11 @@ gathered batch, each layer's activations and deltas, the gradients) in buffers a
 ``tests/test_inplace.py`` checks it against the pure functions in float64 over every activation,
 output, loss, optimizer and several depths; the pure functions are in turn checked against JAX.
 
-What it does differently (together, at idle on 2 cores in float32: an epoch of the origin's
-network in 78 ms instead of the pure loop's 90 ms; a [784, 1024, 1024, 10] step at batch 256 in
-14.4 ms, 15.2 ms without the fused update; see the README's Performance section):
+What it does differently (together, at idle on 2 cores in float32, with OpenBLAS's SkylakeX
+kernels: an epoch of the origin's network in 78 ms instead of the pure loop's 90 ms; a
+[784, 1024, 1024, 10] step at batch 256 in 14.4 ms, 15.2 ms without the fused update; 12.9–13.4 ms
+with the Zen kernels that :mod:`research.blas_kernels` picks on AMD Zen 4; see the README's
+Performance section):
 
 - The batch is gathered from the shuffled row indices straight into a reused buffer
   (``np.take(..., out=)``): the rows land in cache, where both matrix products that read them

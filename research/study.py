@@ -267,6 +267,7 @@ def run_trial(trial: Any, context: TrialContext) -> float:
     """Trains one suggested configuration, logging every epoch to MLflow and Optuna."""
     import optuna
 
+    from research.blas_kernels import loaded_kernels
     from research.figures import save_loss_curves
     from research.tracking import TAG_ERROR, TAG_STATE, save_weights
 
@@ -283,6 +284,7 @@ def run_trial(trial: Any, context: TrialContext) -> float:
             "sizes": list(train_config.spec().sizes),
             "n_train_rows": len(context.x_train),
             "blas_threads": context.blas_threads,
+            "blas_kernels": loaded_kernels(),
         }
     )
     label = f"trial {trial.number}"

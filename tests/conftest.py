@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# Before any test module imports numpy: the tests run the OpenBLAS kernels that users get
+# (research.blas_kernels), whichever test files are selected.
+import research  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from research.bench import CONTENDERS, WORKLOADS, torch_available
+from research.blas_kernels import VARIABLE, loaded_kernels
 from research.cli import main
 
 
@@ -67,6 +68,8 @@ def test_quick_bench_prints_table_writes_json_and_logs_mlflow_run(tmp_path):
     assert run.info.status == "FINISHED" and run.info.run_id in out
     params = run.data.params
     assert {"cpu", "cores", "numpy", "blas", "blas_threads", "jax", "quick"} <= set(params)
+    assert params["blas_kernels"] == loaded_kernels()
+    assert params["openblas_coretype"] == os.environ.get(VARIABLE, "(unset)")
     assert params["quick"] == "True"
     metrics = run.data.metrics
     assert metrics["peak_gflops/float32"] == pytest.approx(results["peak_gflops"]["float32"])

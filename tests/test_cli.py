@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from research.blas_kernels import loaded_kernels
 from research.cli import main
 from research.tracking import load_weights
 
@@ -49,6 +50,7 @@ def test_train_logs_params_metrics_and_artifacts(tmp_path, store, capsys):
     assert run.data.params["hidden_size"] == "32"
     assert run.data.params["learning_rate"] == "0.1"
     assert run.data.params["n_train_rows"] == "2000"
+    assert run.data.params["blas_kernels"] == loaded_kernels()
     history = client.get_metric_history(run.info.run_id, "val/accuracy")
     assert [m.step for m in history] == [0, 1, 2]
     assert 0.5 < history[-1].value <= 1

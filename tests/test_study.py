@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from research.blas_kernels import loaded_kernels
 from research.cli import main
 from research.study_config import load_study_config
 from research.tracking import load_weights
@@ -36,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 MNIST_MLP = REPO / "experiments" / "mnist_mlp.toml"
 STUDY = "mnist_mlp"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-EXTRA_PARAMS = {"sizes", "n_train_rows", "blas_threads"}
+EXTRA_PARAMS = {"sizes", "n_train_rows", "blas_threads", "blas_kernels"}
 EPOCH_METRICS = ("train/loss", "val/loss", "val/accuracy", "epoch_seconds")
 COMMIT = re.compile(r"[0-9a-f]{40}(-dirty)?")
 SERVER_WAIT = 90  # seconds: an MLflow server needs ~10 s to start on a busy 2-core machine
@@ -631,6 +632,47 @@ def test_rerun_reproduces_a_trial_exactly_and_rejects_unknown_runs(tiny, capfd):
     (line,) = err.splitlines()
     assert line.startswith(f"error: run {parent_id} lacks the params hidden_size, "), line
     assert "Traceback" not in out + err
+
+
+@pytest.mark.slow
+def test_rerun_says_when_the_run_used_other_blas_kernels(tiny, capfd):
+    # Copies of a trial run, as if trained where OpenBLAS ran other kernels, or logged before
+    # runs recorded them (MLflow params are immutable, so each copy is a new run with the same
+    # params and metric histories), in an experiment of their own so that the other tests'
+    # view of the study is unchanged.
+    client = mlflow_client(tiny.uri)
+    source = client.get_run(tiny.first_children[0])
+    experiment_id = client.create_experiment("rerun-kernels")
+
+    def copy_with(kernels: str | None) -> str:
+        copy = client.create_run(experiment_id).info.run_id
+        params = {k: v for k, v in source.data.params.items() if k != "blas_kernels"}
+        for name, value in {**params, **({"blas_kernels": kernels} if kernels else {})}.items():
+            client.log_param(copy, name, value)
+        for key in ("train/loss", "val/loss", "val/accuracy"):
+            for metric in client.get_metric_history(source.info.run_id, key):
+                client.log_metric(copy, key, metric.value, step=metric.step)
+        client.set_terminated(copy)
+        return copy
+
+    code = main(["rerun", copy_with("Prescott"), "--tracking-uri", tiny.uri])
+    out, err = capfd.readouterr()
+    assert code == 0, out + err  # here the kernels are in fact the same: the values agree
+    assert (
+        f"note: the run used OpenBLAS's Prescott kernels and this process runs {loaded_kernels()}"
+        in out
+    )
+    assert "OPENBLAS_CORETYPE=Prescott python -m research rerun" in out
+
+    code = main(["rerun", copy_with(None), "--tracking-uri", tiny.uri])
+    out, err = capfd.readouterr()
+    assert code == 0, out + err
+    assert "note: the run did not record its OpenBLAS kernels" in out
+    assert f"this process runs {loaded_kernels()}" in out
+
+    code = main(["rerun", tiny.first_children[0], "--tracking-uri", tiny.uri])
+    out, _ = capfd.readouterr()
+    assert code == 0 and "note:" not in out
 
 
 # --- 5. bad study files and flags ---------------------------------------------------------------
