@@ -278,25 +278,35 @@ def _evaluate_best(
     uri = report.tracking_uri
     with tempfile.TemporaryDirectory() as folder:
         weights = None
-        # The refit is the best trial's only if the study's last final fit chose the same trial
-        # (a later resume with --no-final may have found a better one).
-        refit_trial = results.parent_tags.get("best_trial")
-        if refit_trial == str(int(best["trial"])) and not results.repeated_trials:
+        refit_trial = _refit_trial(results)
+        best_trial = str(int(best["trial"]))
+        if refit_trial is None:
+            pass  # no final fit (--no-final): the trial's own weights, below
+        elif results.repeated_trials:
+            report.notes.append(
+                f"with trial numbers repeated (above), the final fit of trial {refit_trial} "
+                "cannot be matched to a run, so the test evaluation uses the best trial's own "
+                "weights"
+            )
+            say("note: " + report.notes[-1])
+        elif refit_trial == best_trial:
             weights = tracking.download_artifact(
                 results.record.parent_run_id, "best_weights.npz", Path(folder), uri
             )
-        elif refit_trial is not None:
+        else:
             report.notes.append(
                 f"the study's final fit retrained trial {refit_trial}, not the best trial "
-                f"{int(best['trial'])} shown here, so the test evaluation uses the best trial's "
-                "own weights; run the study command again (without --no-final) to refit it"
+                f"{best_trial} shown here, so the test evaluation uses the best trial's own "
+                "weights; run the study command again (without --no-final) to refit it"
             )
             say("note: " + report.notes[-1])
         refit = weights is not None
         source = "the best configuration retrained on train+validation (the study's final fit)"
+        artifact = f"best_weights.npz of the study's parent run {results.record.parent_run_id}"
         if weights is None:
             weights = tracking.download_artifact(best["run_id"], "weights.npz", Path(folder), uri)
             source = f"trial {int(best['trial'])}'s weights (trained on the training split only)"
+            artifact = f"weights.npz of run {best['run_id']}"
         if weights is None:
             report.notes.append(
                 f"no weights were found on the parent run or on trial {int(best['trial'])}, "
@@ -304,7 +314,12 @@ def _evaluate_best(
             )
             say("note: " + report.notes[-1])
             return {}
-        spec, params = tracking.load_weights(weights)
+        try:
+            spec, params = tracking.load_weights(weights)
+        except tracking.WeightsError as error:
+            reason = str(error).removeprefix(f"{weights}: ")
+            message = f"cannot evaluate {source}: the artifact {artifact}: {reason}"
+            raise ReportError(message) from None
     data = load_mnist(mnist_dir, data_dir, raw=bool(best["raw_inputs"]))
     x_test = data.test.x.astype(params[0]["W"].dtype, copy=False)
     say(f"evaluating {source} once on the {len(x_test):,} test digits")
@@ -417,12 +432,25 @@ def _comparison(report: Report, uri: str, say: Callable) -> pd.DataFrame:
     return frame
 
 
+def _refit_trial(results: StudyResults) -> str | None:
+    """The trial the study's last final fit retrained (its best_weights.npz and test_accuracy).
+
+    A later resume with --no-final may have found a better trial since. Stores written before
+    the refit_trial tag have only best_trial, which every invocation moves.
+    """
+    tags = results.parent_tags
+    return tags.get("refit_trial", tags.get("best_trial"))
+
+
 def _study_row(results: StudyResults, label: str, test_accuracy: float | None) -> dict[str, Any]:
     best = results.best
     if best is None:
         return {"configuration": label, "source": f"study {results.name}: no completed trial"}
     if test_accuracy is None:
-        test_accuracy = results.parent_metrics.get("test_accuracy", math.nan)
+        # the study's logged test accuracy, if its final fit retrained the best trial shown
+        refit_is_best = _refit_trial(results) == str(int(best["trial"]))
+        logged = results.parent_metrics.get("test_accuracy", math.nan)
+        test_accuracy = logged if refit_is_best and not results.repeated_trials else math.nan
     return {
         "configuration": label,
         "source": f"study {results.name}, trial {int(best['trial'])}",

@@ -16,7 +16,6 @@ studies kept in different Optuna storages log to one MLflow experiment.
 from __future__ import annotations
 
 import ast
-import itertools
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,9 +24,9 @@ import numpy as np
 import pandas as pd
 
 from research import tracking
+from research.mlp import count_params
 
 CURVE_METRICS = ("train/loss", "val/loss", "val/accuracy")
-FINISHED_STATES = ("COMPLETE", "PRUNED", "FAIL")
 
 
 @dataclass(frozen=True)
@@ -104,8 +103,7 @@ def _typed(values: pd.Series, dimension: SearchDimension | None) -> pd.Series:
 
 def n_params_of(sizes_text: str) -> int:
     """Weights and biases of an MLP with the logged ``sizes`` (``"[784, 30, 10]"``)."""
-    sizes = ast.literal_eval(sizes_text)
-    return int(sum(n_in * n_out + n_out for n_in, n_out in itertools.pairwise(sizes)))
+    return count_params(ast.literal_eval(sizes_text))
 
 
 def trials_frame(runs: pd.DataFrame, search: list[SearchDimension]) -> pd.DataFrame:

@@ -22,8 +22,6 @@ STATE_COLORS = {
 }
 BEST = "#ff7f0e"
 ACCURACY_CMAP = "viridis"
-TRAIN_COLOR = "#1f77b4"
-VAL_COLOR = "#ff7f0e"
 
 RC = {
     "figure.facecolor": "white",

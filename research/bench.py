@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from research.blas_kernels import VARIABLE, loaded_kernels
+from research.blas_kernels import VARIABLE, loaded_kernels, numpy_openblas_pool
 from research.mlp import MLPSpec, init_params
 
 # Idle time before every timed run: OpenBLAS's threads spin for 2^28 cycles (~0.1 s) after their
@@ -87,13 +87,12 @@ class Workload:
 
 ORIGIN_SPEC = MLPSpec((784, 30, 10), "sigmoid", "sigmoid", "mse")
 LARGE_SPEC = MLPSpec((784, 1024, 1024, 10), "relu", "softmax", "cross_entropy")
-ALL = ("origin", "engine-f64", "engine-f32", "jax-f32", "torch-f32")
 WORKLOADS = (
     Workload(
         "w1-epoch",
         "origin network [784,30,10] sigmoid/mse, SGD 0.01, batch 256: one epoch of 50,000 rows "
         "(195 steps, last partial batch dropped as the origin does)",
-        ORIGIN_SPEC, "normal", 256, 0.01, TRAIN_ROWS // 256, 20, "epoch", ALL,
+        ORIGIN_SPEC, "normal", 256, 0.01, TRAIN_ROWS // 256, 20, "epoch", CONTENDERS,
     ),
     Workload(
         "w1-eval",
@@ -103,12 +102,12 @@ WORKLOADS = (
     Workload(
         "w2-b256",
         "[784,1024,1024,10] relu/softmax cross-entropy, SGD 0.01, batch 256 (time per step)",
-        LARGE_SPEC, "he", 256, 0.01, 40, 4, "step", ALL[1:],
+        LARGE_SPEC, "he", 256, 0.01, 40, 4, "step", CONTENDERS[1:],
     ),
     Workload(
         "w2-b1024",
         "[784,1024,1024,10] relu/softmax cross-entropy, SGD 0.01, batch 1024 (time per step)",
-        LARGE_SPEC, "he", 1024, 0.01, 10, 2, "step", ALL[1:],
+        LARGE_SPEC, "he", 1024, 0.01, 10, 2, "step", CONTENDERS[1:],
     ),
 )  # fmt: skip
 
@@ -180,10 +179,11 @@ class _Engine(_Contender):
     def info(self) -> dict[str, str]:
         from threadpoolctl import threadpool_info
 
+        # numpy's own BLAS (SciPy may have loaded another OpenBLAS), else the first one found
         blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
-        if not blas:
+        pool = numpy_openblas_pool() or (blas[0] if blas else None)
+        if pool is None:
             return {"numpy": np.__version__, "blas": "none found"}
-        pool = blas[0]
         return {
             "numpy": np.__version__,
             "blas": f"{pool['internal_api']} {pool['version']} ({pool.get('architecture', '?')})",
@@ -500,7 +500,7 @@ def run_benchmark(
                     time.sleep(GAP_SECONDS)
                     times[name].append(workers.ask(name, "run"))
             results[workload.key] = _workload_result(workload, steps, times, peak)
-        memory_workload = WORKLOADS[2]
+        (memory_workload,) = [w for w in WORKLOADS if w.key == "w2-b256"]
         memory = workers.ask(ENGINE, "memory", memory_workload.key, 3)
         memory["workload"] = memory_workload.key
     finally:

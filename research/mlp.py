@@ -15,6 +15,8 @@ plus (l2/2) Σ_layers ‖W‖² over the weights (not the biases).
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -96,7 +98,12 @@ class MLPSpec:
     @property
     def n_params(self) -> int:
         """Total count of weights and biases."""
-        return sum((n_in + 1) * n_out for n_in, n_out in zip(self.sizes[:-1], self.sizes[1:]))
+        return count_params(self.sizes)
+
+
+def count_params(sizes: Sequence[int]) -> int:
+    """Weights and biases of an MLP with these layer widths: Σ (n_in + 1)·n_out."""
+    return sum((n_in + 1) * n_out for n_in, n_out in itertools.pairwise(sizes))
 
 
 def seed_spec() -> MLPSpec:

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from research.study_config import SearchParam, StudyConfig
-from research.tracking import redact, sqlalchemy_url, store_lock
+from research.tracking import TAG_TRIAL, redact, sqlalchemy_url, store_lock
 from research.train import DivergenceError, EpochMetrics, TrainConfig, evaluate, train
 
 ATTR_WORKER = "research:worker"
@@ -150,10 +150,10 @@ def load_study(config: StudyConfig, storage_url: str, worker: int = 0):
     except StudyError:
         raise
     except ValueError as error:  # e.g. an existing study with the other direction
-        raise StudyError(f"study {config.name!r} in {storage_url}: {error}") from None
+        raise StudyError(f"study {config.name!r} in {redact(storage_url)}: {error}") from None
     if study.direction.name.lower() != config.direction:
         raise StudyError(
-            f"study {config.name!r} in {storage_url} exists with direction "
+            f"study {config.name!r} in {redact(storage_url)} exists with direction "
             f"{study.direction.name.lower()}, but the file asks to {config.direction} "
             f"{config.objective}; use another --study-name"
         )
@@ -183,13 +183,18 @@ def counted_trials(study: Any) -> int:
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
-    retried = {t.system_attrs.get("failed_trial") for t in trials} - {None}
+    # Optuna's RetryFailedTrialCallback records trial *numbers*: the first failed trial as
+    # "failed_trial", every failed attempt in "retry_history".
+    retried: set[int] = set()
+    for trial in trials:
+        retried.update(trial.system_attrs.get("retry_history", ()))
+        if trial.system_attrs.get("failed_trial") is not None:
+            retried.add(trial.system_attrs["failed_trial"])
     return sum(
         1
         for trial in trials
         if trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
         and ATTR_INTERRUPTED not in trial.system_attrs
-        and trial._trial_id not in retried
         and trial.number not in retried
     )
 
@@ -236,7 +241,7 @@ def recover_stale_trials(study: Any, tracker: Any, say: Callable[[str], None]) -
         if t.state in (TrialState.FAIL, TrialState.COMPLETE, TrialState.PRUNED)
     }
     for run in tracker.trial_runs():
-        number = run.data.tags.get("research.trial_number")
+        number = run.data.tags.get(TAG_TRIAL)
         if run.info.status == "RUNNING" and number in ended:
             tracker.close_trial_run(int(number), ended[number], "its worker stopped")
     return recovered
@@ -723,7 +728,7 @@ def run_study(
         f"{config.pruner} pruner, {workers} worker(s) x {_blas_threads(workers)} BLAS thread(s)"
     )
     say(f"Optuna storage: {redact(storage_url)}")
-    say(f"MLflow: {uri}, experiment {config.name!r}, parent run {tracker.parent_run_id}")
+    say(f"MLflow: {redact(uri)}, experiment {config.name!r}, parent run {tracker.parent_run_id}")
 
     started_wall = time.time()
     status = "FINISHED"
@@ -799,6 +804,9 @@ def run_study(
             weights = Path(folder) / "best_weights.npz"
             save_weights(weights, params, best_config.spec())
             parent.log_artifact(weights)
+            # which trial best_weights.npz and test_accuracy belong to: best_trial moves with
+            # every invocation, --no-final ones included
+            parent.set_tags({"refit_trial": str(best.number)})
     parent.finish(status)
     say(
         f"done in {time.time() - started_wall:.0f} s (best {config.objective} "

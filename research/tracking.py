@@ -101,11 +101,7 @@ def _preflight(uri: str) -> None:
             with engine.connect():
                 pass
         except Exception as error:
-            text = str(error).strip().splitlines()
-            raise TrackingError(
-                f"cannot open the MLflow tracking store {redact(uri)}: "
-                f"{text[0] if text else error!r}; check --tracking-uri / MLFLOW_TRACKING_URI"
-            ) from None
+            raise _store_error(uri, error) from None
 
 
 _DATABASES = ("postgresql", "mysql", "mssql")

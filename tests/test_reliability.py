@@ -30,6 +30,7 @@ from test_study import (
     MNIST_MLP,
     STUDY,
     by_trial_number,
+    free_port,
     history,
     load_optuna_study,
     mlflow_client,
@@ -39,7 +40,7 @@ from test_study import (
 )
 
 from research.cli import main
-from research.study import ATTR_INTERRUPTED, ATTR_RETRY_OF
+from research.study import ATTR_INTERRUPTED, ATTR_RETRY_OF, counted_trials
 from research.tracking import WeightsError, load_weights, save_weights, sqlalchemy_url
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,6 +183,38 @@ def test_sigkill_mid_trial_then_the_same_command_finishes_with_nothing_lost(tmp_
     after = snapshot(tmp_path, uri)
     for number, recorded in before.items():  # completed trials: values, params, histories
         assert after[number] == recorded, number
+
+
+def test_heartbeat_retries_count_once_whatever_the_trial_ids(tmp_path):
+    """Optuna's heartbeat retries record trial numbers; trial ids differ from them (from 1 in a
+    database, global across studies), so only the failed attempts drop out of the count."""
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    def study_of(name, *trials):
+        study = optuna.create_study(study_name=name, storage=storage)
+        for state, system_attrs in trials:
+            value = None if state == TrialState.FAIL else 0.5
+            study.add_trial(create_trial(state=state, value=value, system_attrs=system_attrs))
+        return study
+
+    done, failed = TrialState.COMPLETE, TrialState.FAIL
+    # trial ids 1, 2, 3: trial 0's id is the number of the trial that was retried
+    ids = study_of(
+        "ids", (done, {}), (failed, {}), (done, {"failed_trial": 1, "retry_history": [1]})
+    )
+    assert counted_trials(ids) == 2  # trials 0 and 2
+    chain = study_of(
+        "chain",
+        (done, {}),
+        (failed, {}),  # 1: its heartbeat stopped
+        (failed, {"failed_trial": 1, "retry_history": [1]}),  # 2: its retry failed too
+        (done, {"failed_trial": 1, "retry_history": [1, 2]}),  # 3: the retry's retry
+        (done, {ATTR_INTERRUPTED: "interrupted (Ctrl-C)"}),  # 4: queued again, not a result
+    )
+    assert counted_trials(chain) == 2  # trials 0 and 3
 
 
 # --- 2. a real SIGINT ---------------------------------------------------------------------------
@@ -337,7 +370,7 @@ def test_two_commands_share_one_study_through_postgresql(postgres, tmp_path):
 
 
 def test_an_unreachable_postgresql_storage_fails_fast_with_one_line(tmp_path):
-    port = closed_port()
+    port = free_port()
     argv = study_argv(sqlite_uri(tmp_path), 1)
     storage = f"postgresql://alice:s3cret@127.0.0.1:{port}/optuna"
     code, out, err = run_cli([*argv, "--storage", storage])
@@ -350,15 +383,6 @@ def test_an_unreachable_postgresql_storage_fails_fast_with_one_line(tmp_path):
 
 
 # --- 5. unreachable tracking stores -------------------------------------------------------------
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.parametrize(
@@ -376,7 +400,7 @@ def closed_port() -> int:
 @pytest.mark.parametrize("command", ["study", "train"])
 def test_a_tracking_uri_that_cannot_be_opened_fails_fast(tmp_path, uri, message, command):
     """MLflow alone retries such a URI for minutes (about 4 for HTTP, 2 for a database)."""
-    uri = uri.format(port=closed_port())
+    uri = uri.format(port=free_port())
     if command == "study":
         argv = study_argv(uri, 1)
     else:
@@ -622,11 +646,12 @@ def dotted(node: ast.AST) -> str:
     return ""
 
 
-def audit(path: Path) -> list[str]:
-    """Unpickling and shell commands in one source file, as ``file:line: what``."""
+def audit(path: Path, root: Path = REPO) -> list[str]:
+    """Unpickling and shell commands in one source file, as ``file:line: what`` (the file
+    relative to ``root``)."""
     problems = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        where = f"{path.relative_to(REPO)}:{getattr(node, 'lineno', 0)}"
+        where = f"{path.relative_to(root)}:{getattr(node, 'lineno', 0)}"
         if isinstance(node, ast.Import | ast.ImportFrom):
             names = [alias.name for alias in node.names]
             if isinstance(node, ast.ImportFrom) and node.module:
@@ -655,17 +680,16 @@ def audit(path: Path) -> list[str]:
 
 
 def test_the_audit_finds_what_it_looks_for(tmp_path):
-    bad = REPO / "research" / "_audit_example.py"
-    source = (
+    bad = tmp_path / "research" / "_audit_example.py"
+    bad.parent.mkdir()
+    bad.write_text(
         "import pickle\nimport subprocess, os\nimport numpy as np\n"
         "subprocess.run(f'ls {x}', shell=True)\nos.system('ls')\nnp.load(p)\n"
         "np.load(p, allow_pickle=True)\nimport torch\ntorch.load(p)\nself.torch.load(p)\n"
     )
-    try:
-        bad.write_text(source)
-        found = [line.split(": ", 1)[1] for line in audit(bad)]
-    finally:
-        bad.unlink()
+    problems = audit(bad, root=tmp_path)
+    assert problems[0].startswith("research/_audit_example.py:1: ")
+    found = [line.split(": ", 1)[1] for line in problems]
     assert found == [
         "imports pickle",
         "subprocess.run(shell=...)",

@@ -7,6 +7,7 @@ import base64
 import json
 import re
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pytest
@@ -251,6 +252,40 @@ def test_failed_single_and_running_trials(tmp_path):
     diverged = r"\| 0 \| training diverged at epoch 0, step \d+: the batch loss is inf"
     assert re.search(diverged, markdown)
     assert "1 FAIL" in markdown
+
+    # A final fit of another trial (as when a later --no-final invocation found a better one):
+    # not the best trial's refit, so not used.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    parent_id = tracker.parent_run_id
+    assert "refit_trial" not in client.get_run(parent_id).data.tags  # --no-final
+    client.set_tag(parent_id, "refit_trial", "0")
+    code, out, err = run_cli(
+        ["report", "edge", "--tracking-uri", uri, "--no-log", "--out", str(tmp_path / "other")]
+    )
+    assert code == 0, out + err
+    assert "the study's final fit retrained trial 0, not the best trial 1 shown here" in out
+    assert report_json(tmp_path / "other")["test"]["source"].startswith("trial 1's weights")
+
+    # An unreadable weights artifact: one line, and no report folder.
+    trial_run = next(
+        run for run in client.search_runs([client.get_run(parent_id).info.experiment_id])
+        if run.data.tags.get("research.trial_number") == "1"
+    )  # fmt: skip
+    artifacts = Path(unquote(urlparse(trial_run.info.artifact_uri).path))
+    (artifacts / "weights.npz").write_bytes(b"not a zip file")
+    out_dir = tmp_path / "broken"
+    code, out, err = run_cli(
+        ["report", "edge", "--tracking-uri", uri, "--no-log", "--out", str(out_dir)]
+    )
+    assert code == 2, out + err
+    (line,) = err.splitlines()
+    assert line.startswith(
+        "error: cannot evaluate trial 1's weights (trained on the training split only): the "
+        f"artifact weights.npz of run {trial_run.info.run_id}: not a weights file"
+    ), line
+    assert not out_dir.exists()
 
 
 def test_an_unknown_study_lists_the_studies_that_exist(tmp_path):

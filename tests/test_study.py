@@ -359,6 +359,7 @@ def test_tiny_study_records_every_trial_in_optuna_and_mlflow(tiny):
     best = max((t for t in trials.values() if t.state.name == "COMPLETE"), key=lambda t: t.value)
     assert parent.data.metrics["best_value"] == best.value == study.best_value
     assert parent.data.tags["best_trial"] == str(best.number)
+    assert parent.data.tags["refit_trial"] == str(best.number)  # whose best_weights.npz these are
     # each run of the command retrains the best and logs its test accuracy, at step = trials
     printed = [
         float(line.rsplit(" ", 1)[1].rstrip("%")) / 100
@@ -539,6 +540,7 @@ def test_pruned_and_failed_trials_are_recorded_and_the_study_goes_on(tmp_path):
     best = max((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
     assert parent.data.metrics["best_value"] == best.value
     assert "test_accuracy" not in parent.data.metrics  # --no-final
+    assert "refit_trial" not in parent.data.tags
 
     # rerun reproduces a pruned trial (the epochs it ran) and a diverged one (the divergence)
     code, out, err = run_cli(["rerun", runs[4].info.run_id, "--tracking-uri", uri])
