@@ -1,4 +1,5 @@
-"""A report as Markdown (beside its PNGs), as one self-contained HTML page, and as JSON.
+"""A report as data (:class:`Report`), written as Markdown (beside its PNGs), as one
+self-contained HTML page, and as JSON.
 
 All three are written from the same sections (:func:`sections`), so they always say the same.
 """
@@ -10,17 +11,31 @@ import json
 import math
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
-from research.tracking import redact
-
-if TYPE_CHECKING:
-    from analysis.report import Report
+from analysis.store import StudyResults
+from research.experiment.tracking.stores import redact
 
 TOP_TRIALS = 10
+
+
+@dataclass
+class Report:
+    """Everything the report says, as data (rendered to Markdown, HTML and JSON)."""
+
+    results: StudyResults
+    tracking_uri: str
+    created: str
+    figures: dict[str, str] = field(default_factory=dict)  # file name -> caption
+    notes: list[str] = field(default_factory=list)
+    test: dict[str, Any] | None = None
+    comparison: pd.DataFrame | None = None
+    importances: pd.DataFrame | None = None
+    seconds: float = 0.0
 
 
 def pct(value: Any, digits: int = 2) -> str:

@@ -1,10 +1,11 @@
 """``python -m research report``: one study turned into figures and a self-contained report.
 
-Reads the tracking store (through :mod:`research.tracking`), the Optuna study (for parameter
-importances only) and the test split (to evaluate the best model once); it never trains. Writes
-into ``--out`` (default ``mlruns/reports/<study>/``): the figures as 150 dpi PNGs, ``report.md``
-beside them, ``report.html`` with every figure embedded (opens offline) and ``report.json`` with
-the numbers; then logs them as artifacts under ``report/`` of the study's parent run.
+Reads the tracking store (through :mod:`research.experiment.tracking.results`), the Optuna study
+(for parameter importances only) and the test split (to evaluate the best model once); it never
+trains. Writes into ``--out`` (default ``mlruns/reports/<study>/``): the figures as 150 dpi PNGs,
+``report.md`` beside them, ``report.html`` with every figure embedded (opens offline) and
+``report.json`` with the numbers; then logs them as artifacts under ``report/`` of the study's
+parent run. :func:`log_study_figures` draws the search figures alone, for the study command.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,21 @@ import numpy as np
 import pandas as pd
 
 from analysis import curves, evaluation, history, hyperparams
-from analysis.render import pct, write_html, write_json, write_markdown
+from analysis.render import Report, pct, write_html, write_json, write_markdown
 from analysis.store import StudyResults, load_study_results
 from analysis.style import light_style, save_png
-from research import tracking
+from research.experiment.tracking import results as tracking
+from research.experiment.tracking.stores import (
+    TrackingError,
+    local_store_folder,
+    redact,
+    resolve_tracking_uri,
+)
+from research.experiment.tracking.weights import WeightsError, load_weights
 
-BASELINE_STUDY = "seed_baseline"
+#: The origin's network tuned (experiments/origin_baseline.toml); studies logged before the
+#: preset was renamed are called seed_baseline.
+BASELINE_STUDIES = ("origin_baseline", "seed_baseline")
 MISTAKES_SHOWN = 24
 
 
@@ -37,24 +46,9 @@ class ReportError(Exception):
     """The report cannot be made as asked; the message says why and how to fix it."""
 
 
-@dataclass
-class Report:
-    """Everything the report says, as data (rendered to Markdown, HTML and JSON)."""
-
-    results: StudyResults
-    tracking_uri: str
-    created: str
-    figures: dict[str, str] = field(default_factory=dict)  # file name -> caption
-    notes: list[str] = field(default_factory=list)
-    test: dict[str, Any] | None = None
-    comparison: pd.DataFrame | None = None
-    importances: pd.DataFrame | None = None
-    seconds: float = 0.0
-
-
 def default_out_dir(tracking_uri: str, study: str) -> Path:
     """``<store folder>/reports/<study>`` for a local SQLite store, else ``mlruns/reports/``."""
-    return tracking.local_store_folder(tracking_uri) / "reports" / study
+    return local_store_folder(tracking_uri) / "reports" / study
 
 
 def build_report(
@@ -70,11 +64,11 @@ def build_report(
 ) -> tuple[Report, Path]:
     """Makes the report of ``study`` (the most recent study if None); returns it and its folder.
 
-    Raises ``research.tracking.TrackingError`` (unknown study, unreadable store), ``ReportError``
+    Raises ``TrackingError`` (unknown study, unreadable store), ``ReportError``
     and ``research.data.DataError`` for user mistakes.
     """
     started = time.perf_counter()
-    uri = tracking.resolve_tracking_uri(tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri)
     results = load_study_results(study, uri)
     out = check_out_dir(Path(out) if out else default_out_dir(uri, results.name))
     report = Report(results, uri, dt.datetime.now().strftime("%Y-%m-%d %H:%M"))
@@ -82,7 +76,7 @@ def build_report(
     say(
         f"study {results.name!r}: {len(results.trials)} trial runs "
         f"({', '.join(f'{n} {s}' for s, n in sorted(states.items())) or 'none'}) "
-        f"in {tracking.redact(uri)}"
+        f"in {redact(uri)}"
     )
     if results.skipped_running:
         report.notes.append(
@@ -106,39 +100,9 @@ def build_report(
         )
 
     best = results.best
-    best_run = None if best is None else str(best["run_id"])
-    figures: dict[str, tuple[Any, str]] = {}
     with light_style():
-        if not results.curves.empty:
-            figures["loss_curves.png"] = (
-                curves.loss_curves_figure(results.curves, best_run),
-                "train/loss and val/loss per epoch of every trial, colored by the trial's final "
-                "validation accuracy; pruned and failed trials dashed and faint, ending where "
-                "they stopped; the best trial thick.",
-            )
-        if results.search:
-            figures["val_accuracy_vs_params.png"] = (
-                hyperparams.metric_vs_params_figure(
-                    results.trials, results.search, "val/accuracy", best_run
-                ),
-                "Final validation accuracy of each trial against each searched hyperparameter "
-                "(log axes where the search was log; pruned trials at the value they had when "
-                "stopped).",
-            )
-        figures["optimization_history.png"] = (
-            history.optimization_history_figure(
-                results.trials, results.objective, results.direction
-            ),
-            f"{results.objective} of each trial in the order they ran, and the best so far.",
-        )
-        report.importances, note = _importances(results, storage)
-        if report.importances is not None:
-            figures["param_importances.png"] = (
-                history.importances_figure(report.importances),
-                "How much of the variance of the objective each hyperparameter explains "
-                "(Optuna's fANOVA over the completed trials, seed 0).",
-            )
-        else:
+        figures, report.importances, note = search_figures(results, storage)
+        if note:
             report.notes.append(f"parameter importances: {note}")
             say("note: " + report.notes[-1])
 
@@ -175,6 +139,63 @@ def build_report(
         say(f"logged to MLflow: run {results.record.parent_run_id}, artifacts report/")
     say(f"report written in {time.perf_counter() - started:.1f} s: {out / 'report.html'}")
     return report, out
+
+
+def search_figures(
+    results: StudyResults, storage: str | None
+) -> tuple[dict[str, tuple[Any, str]], pd.DataFrame | None, str]:
+    """The figures of how the search went, with their captions: loss curves, validation
+    accuracy against each searched parameter, the optimization history and the importances.
+    Returns them, the importances (or None) and why there are none ("" if there are)."""
+    best = results.best
+    best_run = None if best is None else str(best["run_id"])
+    figures: dict[str, tuple[Any, str]] = {}
+    if not results.curves.empty:
+        figures["loss_curves.png"] = (
+            curves.loss_curves_figure(results.curves, best_run),
+            "train/loss and val/loss per epoch of every trial, colored by the trial's final "
+            "validation accuracy; pruned and failed trials dashed and faint, ending where "
+            "they stopped; the best trial thick.",
+        )
+    if results.search:
+        figures["val_accuracy_vs_params.png"] = (
+            hyperparams.metric_vs_params_figure(
+                results.trials, results.search, "val/accuracy", best_run
+            ),
+            "Final validation accuracy of each trial against each searched hyperparameter "
+            "(log axes where the search was log; pruned trials at the value they had when "
+            "stopped).",
+        )
+    figures["optimization_history.png"] = (
+        history.optimization_history_figure(results.trials, results.objective, results.direction),
+        f"{results.objective} of each trial in the order they ran, and the best so far.",
+    )
+    importances, note = _importances(results, storage)
+    if importances is not None:
+        figures["param_importances.png"] = (
+            history.importances_figure(importances),
+            "How much of the variance of the objective each hyperparameter explains "
+            "(Optuna's fANOVA over the completed trials, seed 0).",
+        )
+    return figures, importances, note
+
+
+def log_study_figures(
+    study: str, tracking_uri: str | None = None, storage: str | None = None
+) -> list[str]:
+    """Draws the study's search figures (:func:`search_figures`) and logs them under
+    ``figures/`` of its parent run, as the study command does at its end. Returns their names;
+    none while no trial has finished."""
+    uri = resolve_tracking_uri(tracking_uri)
+    results = load_study_results(study, uri)
+    if results.trials.empty:
+        return []
+    with light_style(), tempfile.TemporaryDirectory() as folder:
+        figures, _, _ = search_figures(results, storage)
+        for name, (figure, _) in figures.items():
+            save_png(figure, Path(folder) / name)
+        tracking.log_artifacts(results.record.parent_run_id, Path(folder), "figures", uri)
+    return sorted(figures)
 
 
 REPORT_FILES = ("report.json", "report.md", "report.html")
@@ -234,7 +255,7 @@ def _importances(results: StudyResults, storage: str | None) -> tuple[pd.DataFra
 
     import optuna
 
-    from research.study import StudyError, open_storage
+    from research.experiment.storage import StudyError, open_storage
 
     complete = results.trials[results.trials["state"] == "COMPLETE"]
     if len(complete) < 2:
@@ -260,7 +281,7 @@ def _importances(results: StudyResults, storage: str | None) -> tuple[pd.DataFra
         return None, str(error)
     except (KeyError, ValueError, RuntimeError) as error:
         # KeyError: no such study in that storage; ValueError/RuntimeError: too little variety.
-        return None, f"Optuna could not compute them from {tracking.redact(url)}: {error}"
+        return None, f"Optuna could not compute them from {redact(url)}: {error}"
     frame = pd.DataFrame(list(importances.items()), columns=["param", "importance"])
     if frame.empty:
         return None, "Optuna found no parameter that varied among the completed trials"
@@ -272,7 +293,7 @@ def _evaluate_best(
 ) -> dict[str, tuple[Any, str]]:
     """Evaluates the best model once on the test split; fills ``report.test``."""
     from research.data import load_mnist
-    from research.mlp import forward
+    from research.engine.mlp import forward
 
     results = report.results
     uri = report.tracking_uri
@@ -315,8 +336,8 @@ def _evaluate_best(
             say("note: " + report.notes[-1])
             return {}
         try:
-            spec, params = tracking.load_weights(weights)
-        except tracking.WeightsError as error:
+            spec, params = load_weights(weights)
+        except WeightsError as error:
             reason = str(error).removeprefix(f"{weights}: ")
             message = f"cannot evaluate {source}: the artifact {artifact}: {reason}"
             raise ReportError(message) from None
@@ -372,22 +393,31 @@ def _evaluate_best(
 def _comparison(report: Report, uri: str, say: Callable) -> pd.DataFrame:
     """The origin's configuration beside the tuned best: accuracy, epochs, wall time, size."""
     from research.data import N_TRAIN
-    from research.train import PRESETS
+    from research.experiment.fields import PRESET_ALIASES, PRESETS
 
     rows = []
-    seed = PRESETS["seed"]
-    origin_runs = tracking.find_runs("train", "tags.preset = 'seed'", uri)
+    origin_preset = PRESETS["origin"]
+    # train runs of the origin preset, under its name or the one it had before ("seed")
+    names = ["origin", *(old for old, new in PRESET_ALIASES.items() if new == "origin")]
+    found = [tracking.find_runs("train", f"tags.preset = '{name}'", uri) for name in names]
+    found = [frame for frame in found if not frame.empty]
+    origin_runs = (
+        pd.concat(found, ignore_index=True).sort_values("start_time", ascending=False)
+        if found
+        else pd.DataFrame()
+    )
     origin = {
-        "configuration": "origin (seed preset): [784, 30, 10] sigmoid, mse, sgd",
-        "source": "not in this store; run `python -m research train --preset seed --evaluate-test`",
+        "configuration": "origin preset: [784, 30, 10] sigmoid, mse, sgd",
+        "source": "not in this store; run "
+        "`python -m research train --preset origin --evaluate-test`",
         "val/accuracy": math.nan,
         "test_accuracy": math.nan,
-        "epochs": seed.epochs,
+        "epochs": origin_preset.epochs,
         "wall_seconds": math.nan,
-        "n_params": seed.spec().n_params,
+        "n_params": origin_preset.spec().n_params,
     }
     # Only a finished run of the preset exactly as the origin had it, on all training rows.
-    expected = {f"params.{key}": str(value) for key, value in seed.as_params().items()}
+    expected = {f"params.{key}": str(value) for key, value in origin_preset.as_params().items()}
     matching = [
         run
         for _, run in origin_runs.iterrows()
@@ -402,26 +432,32 @@ def _comparison(report: Report, uri: str, say: Callable) -> pd.DataFrame:
             **{
                 "val/accuracy": run.get("metrics.val/accuracy", math.nan),
                 "test_accuracy": run.get("metrics.test_accuracy", math.nan),
-                "epochs": int(run.get("params.epochs", seed.epochs)),
+                "epochs": int(run.get("params.epochs", origin_preset.epochs)),
                 "wall_seconds": run.get("metrics.wall_seconds", math.nan),
             },
         )
     rows.append(origin)
     results = report.results
-    if results.name != BASELINE_STUDY:
-        try:
-            baseline = load_study_results(BASELINE_STUDY, uri)
-        except tracking.TrackingError:
+    if results.name not in BASELINE_STUDIES:
+        baseline = None
+        for name in BASELINE_STUDIES:
+            try:
+                baseline = load_study_results(name, uri)
+                break
+            except TrackingError:
+                continue
+        if baseline is None:
             rows.append(
                 {
-                    "configuration": "origin network, tuned (experiments/seed_baseline.toml)",
+                    "configuration": "origin network, tuned (experiments/origin_baseline.toml)",
                     "source": "not in this store; run `python -m research study "
-                    "experiments/seed_baseline.toml`",
-                    "n_params": seed.spec().n_params,
+                    "experiments/origin_baseline.toml`",
+                    "n_params": origin_preset.spec().n_params,
                 }
             )
         else:
-            rows.append(_study_row(baseline, "origin network, tuned (seed_baseline best)", None))
+            label = f"origin network, tuned ({baseline.name} best)"
+            rows.append(_study_row(baseline, label, None))
     test = report.test["accuracy"] if report.test else None
     rows.append(_study_row(results, f"tuned best ({results.name})", test))
     frame = pd.DataFrame(rows)

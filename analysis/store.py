@@ -1,7 +1,10 @@
 """A study's results read back from the tracking store, as plain pandas DataFrames.
 
-Everything MLflow-specific goes through :mod:`research.tracking`; this module only reshapes what
-it returns, so every figure can be drawn (and tested) from DataFrames alone.
+Everything MLflow-specific goes through tracking's readers
+(:mod:`research.experiment.tracking.results`); this module only reshapes what they return, so every
+figure can be drawn (and tested) from DataFrames alone. Logged params are read back through the
+field table (:mod:`research.experiment.fields`), the search space from the study's
+``search_space.json``.
 
 ``trials`` has one row per finished trial run: ``trial`` (the Optuna trial number), ``run_id``,
 ``state`` (``COMPLETE``, ``PRUNED`` or ``FAIL``), the searched parameters under their own names
@@ -16,22 +19,24 @@ studies kept in different Optuna storages log to one MLflow experiment.
 from __future__ import annotations
 
 import ast
-import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from research import tracking
-from research.mlp import count_params
+from research.engine.mlp import count_params
+from research.experiment.fields import FIELDS, ConfigError
+from research.experiment.tracking import results as tracking
+from research.experiment.tracking.runs import TAG_ERROR, TAG_STATE, TAG_TRIAL
 
 CURVE_METRICS = ("train/loss", "val/loss", "val/accuracy")
 
 
 @dataclass(frozen=True)
 class SearchDimension:
-    """One searched hyperparameter, as the study's parent run records it."""
+    """One searched hyperparameter, as the study recorded its search space."""
 
     name: str
     kind: str  # "int", "float" or "categorical"
@@ -71,34 +76,37 @@ class StudyResults:
         return complete.loc[index]
 
 
-def parse_search(params: dict[str, str]) -> list[SearchDimension]:
-    """The search space from the parent run's ``search.<name>`` params.
-
-    They read ``"float [0.01, 0.5] log"``, ``"int [64, 1024]"`` or ``"[64, 128, 256]"``.
-    """
-    dimensions = []
-    for key, text in sorted(params.items()):
-        if not key.startswith("search."):
-            continue
-        name = key.removeprefix("search.")
-        match = re.fullmatch(r"(int|float) \[(.+), (.+)\]( log)?", text.strip())
-        if match:
-            dimensions.append(SearchDimension(name, match.group(1), log=bool(match.group(4))))
-        else:
-            choices = ast.literal_eval(text)
-            dimensions.append(SearchDimension(name, "categorical", choices=tuple(choices)))
-    return dimensions
+def search_dimensions(space: Iterable[Mapping[str, Any]]) -> list[SearchDimension]:
+    """The search space from the study's record of it: one ``{"name", "type", "low", "high",
+    "log", "step"}`` or ``{"name", "type", "choices"}`` mapping per searched field (the study
+    file's own keys), in the study file's order."""
+    return [
+        SearchDimension(
+            entry["name"],
+            entry["type"],
+            log=bool(entry.get("log", False)),
+            choices=tuple(entry.get("choices", ())),
+        )
+        for entry in space
+    ]
 
 
-def _typed(values: pd.Series, dimension: SearchDimension | None) -> pd.Series:
-    """MLflow keeps params as text; give searched ones back their type."""
-    if dimension is None or dimension.kind == "float":
-        return pd.to_numeric(values, errors="coerce") if dimension else values
-    if dimension.kind == "int":
-        return pd.to_numeric(values, errors="coerce").astype("Int64")
-    # Categorical: map the text back onto the declared choices (0.0 vs "0.0", True vs "True").
-    by_text = {str(choice): choice for choice in dimension.choices}
-    return values.map(lambda text: by_text.get(text, text))
+def _typed(values: pd.Series, name: str) -> pd.Series:
+    """MLflow keeps params as text; give them back their type through the field table (text
+    it cannot read, or a field it no longer has, stays text)."""
+    field = FIELDS.get(name)
+    if field is None:
+        return values
+
+    def parse(text: Any) -> Any:
+        if not isinstance(text, str):
+            return np.nan
+        try:
+            return field.parse(text)
+        except ConfigError:
+            return text
+
+    return values.map(parse)
 
 
 def n_params_of(sizes_text: str) -> int:
@@ -119,13 +127,13 @@ def trials_frame(runs: pd.DataFrame, search: list[SearchDimension]) -> pd.DataFr
 
     frame = pd.DataFrame(
         {
-            "trial": pd.to_numeric(column(f"tags.{tracking.TAG_TRIAL}")).astype(int),
+            "trial": pd.to_numeric(column(f"tags.{TAG_TRIAL}")).astype(int),
             "run_id": runs["run_id"],
-            "state": column(f"tags.{tracking.TAG_STATE}", "RUNNING").fillna("RUNNING"),
+            "state": column(f"tags.{TAG_STATE}", "RUNNING").fillna("RUNNING"),
         }
     )
-    for name, dimension in by_name.items():
-        frame[name] = _typed(column(f"params.{name}", None), dimension)
+    for name in by_name:
+        frame[name] = _typed(column(f"params.{name}", None), name)
     for metric in CURVE_METRICS:
         frame[metric] = pd.to_numeric(column(f"metrics.{metric}"), errors="coerce")
     frame["epochs"] = pd.to_numeric(column("params.epochs"), errors="coerce").astype("Int64")
@@ -133,7 +141,7 @@ def trials_frame(runs: pd.DataFrame, search: list[SearchDimension]) -> pd.DataFr
     frame["n_params"] = column("params.sizes", None).map(
         lambda text: n_params_of(text) if isinstance(text, str) else pd.NA
     )
-    frame["error"] = column(f"tags.{tracking.TAG_ERROR}", "").fillna("")
+    frame["error"] = column(f"tags.{TAG_ERROR}", "").fillna("")
     # The preprocessing the trial trained with: its test evaluation must use the same.
     frame["raw_inputs"] = column("params.raw_inputs", "False").fillna("False") == "True"
     frame["epochs_run"] = 0
@@ -158,7 +166,7 @@ def load_study_results(name: str | None, tracking_uri: str | None = None) -> Stu
     """Reads a study (the most recent one if ``name`` is None) from the tracking store.
 
     Trials still RUNNING are left out and listed in ``skipped_running``. Raises
-    ``research.tracking.TrackingError`` (naming the studies that exist) for an unknown study.
+    ``TrackingError`` (naming the studies that exist) for an unknown study.
     """
     record = tracking.find_study(name, tracking_uri)
     parent, runs = tracking.study_runs(record, tracking_uri)
@@ -166,7 +174,7 @@ def load_study_results(name: str | None, tracking_uri: str | None = None) -> Stu
     parent_params = _prefixed(row, "params.")
     parent_metrics = {k: float(v) for k, v in _prefixed(row, "metrics.").items()}
     parent_tags = _prefixed(row, "tags.")
-    search = parse_search(parent_params)
+    search = search_dimensions(tracking.search_space(record, tracking_uri))
 
     trials = trials_frame(runs, search)
     running = trials["state"] == "RUNNING"

@@ -1,7 +1,23 @@
-"""``python -m research``: see :mod:`research.cli`."""
+"""``python -m research`` (and the ``research`` command): see :mod:`research.cli`.
+
+The OpenBLAS kernels are chosen here, explicitly, before anything imports numpy
+(:mod:`research.engine.blas_kernels`); importing the library itself changes nothing.
+"""
+
+from __future__ import annotations
 
 import sys
 
-from research.cli import main
 
-sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    """Chooses the BLAS kernels for this CPU, then runs the command line."""
+    from research.engine.blas_kernels import choose_openblas_kernels
+
+    choose_openblas_kernels()
+    from research.cli import main as run
+
+    return run(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

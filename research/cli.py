@@ -7,15 +7,27 @@ stderr and exit code 2, never a traceback. A run that diverges exits 1; Ctrl-C e
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from research.train import PRESETS, DivergenceError, EpochMetrics, TrainConfig
+from research.experiment.fields import (
+    FIELDS,
+    PRESETS,
+    DeprecatedName,
+    Field,
+    TrainConfig,
+    preset_name,
+    show,
+)
+from research.experiment.train import DivergenceError, EpochMetrics
+from research.verify.gradcheck import default_tolerance
 
 EXIT_USAGE = 2
 
@@ -37,6 +49,13 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_store_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db",
+    )
+
+
 def _port(text: str) -> int:
     try:
         port = int(text)
@@ -45,6 +64,25 @@ def _port(text: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1 to 65535)")
     return port
+
+
+def _add_field_flags(parser: argparse._ActionsContainer, group: str) -> None:
+    """One flag per training field of ``group``, from the field table: ``--<name>`` and its
+    extra spellings, the field's type, choices and help (``None`` when not given, so that the
+    preset's value stays)."""
+    fields: list[Field] = [field for field in FIELDS.values() if field.group == group]
+    for field in fields:
+        default = f"(default preset: {show(PRESETS['default'].as_params()[field.name])})"
+        options: dict = {"dest": field.name, "default": None, "help": f"{field.help} {default}"}
+        if field.kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options["type"] = field.kind
+            if field.choices:
+                options["choices"] = list(field.choices)
+            else:
+                options["metavar"] = field.name.upper()
+        parser.add_argument(field.flag, *field.flags, **options)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -62,45 +100,15 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--preset",
-        choices=sorted(PRESETS),
+        type=preset_name,
+        choices=list(PRESETS),
         default="default",
-        help="starting configuration: 'seed' is the origin program's, 'default' a modern one",
+        help="starting configuration: 'origin' is the origin program's, 'default' a modern one",
     )
-    fields = TrainConfig.__dataclass_fields__
-    for name, flags, kind, extra in (
-        ("hidden_size", ["--hidden-size", "--hidden"], int, {}),
-        ("n_hidden_layers", ["--n-hidden-layers"], int, {}),
-        ("activation", ["--activation"], str, {"choices": ["sigmoid", "tanh", "relu"]}),
-        ("output", ["--output"], str, {"choices": ["sigmoid", "softmax", "identity"]}),
-        ("loss", ["--loss"], str, {"choices": ["mse", "cross_entropy", "bce"]}),
-        ("l2", ["--l2"], float, {}),
-        ("init", ["--init"], str, {"choices": ["normal", "xavier", "he"]}),
-        ("optimizer", ["--optimizer"], str, {"choices": ["sgd", "momentum", "adam"]}),
-        ("learning_rate", ["--learning-rate", "--lr"], float, {}),
-        ("momentum", ["--momentum"], float, {}),
-        ("batch_size", ["--batch-size"], int, {}),
-        ("epochs", ["--epochs"], int, {}),
-        ("seed", ["--seed"], int, {}),
-        ("dtype", ["--dtype"], str, {"choices": ["float32", "float64"]}),
-    ):
-        default = fields[name].default
-        train.add_argument(
-            *flags, dest=name, type=kind, default=None, help=f"(default preset: {default})", **extra
-        )
-    train.add_argument(
-        "--nesterov",
-        dest="nesterov",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="Nesterov momentum (momentum optimizer only)",
-    )
-    train.add_argument(
-        "--raw",
-        dest="raw_inputs",
-        action="store_true",
-        default=None,
-        help="feed raw 0..255 pixels, as the origin did (default: scaled to [0, 1])",
-    )
+    groups = {"model": "the network", "optimizer": "the optimizer", "training": "training"}
+    groups |= {"data": "the data"}
+    for group, title in groups.items():
+        _add_field_flags(train.add_argument_group(title), group)
     train.add_argument(
         "--subset",
         type=int,
@@ -113,10 +121,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="evaluate the final model once on the test split (never used for choices)",
     )
     train.add_argument("--experiment", default="train", help="MLflow experiment (default: train)")
-    train.add_argument(
-        "--tracking-uri",
-        help="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db",
-    )
+    _add_store_flag(train)
     train.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_data_flags(train)
@@ -127,14 +132,14 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Compare the handwritten numpy gradients with JAX autodiff on one batch, "
         "per layer and array; exits 1 if any array is outside tolerance.",
     )
-    check.add_argument("--preset", choices=sorted(PRESETS), default="seed")
-    check.add_argument("--hidden-size", "--hidden", dest="hidden_size", type=int)
-    check.add_argument("--n-hidden-layers", dest="n_hidden_layers", type=int)
-    check.add_argument("--activation", choices=["sigmoid", "tanh", "relu"])
-    check.add_argument("--output", choices=["sigmoid", "softmax", "identity"])
-    check.add_argument("--loss", choices=["mse", "cross_entropy", "bce"])
-    check.add_argument("--l2", type=float)
-    check.add_argument("--init", choices=["normal", "xavier", "he"])
+    check.add_argument(
+        "--preset",
+        type=preset_name,
+        choices=list(PRESETS),
+        default="origin",
+        help="the network the model flags start from (default: origin)",
+    )
+    _add_field_flags(check.add_argument_group("the network"), "model")
     check.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     check.add_argument("--batch-size", dest="batch_size", type=int, default=256)
     check.add_argument("--seed", type=int, default=0)
@@ -143,8 +148,17 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use a random batch instead of real MNIST (no data needed)",
     )
-    check.add_argument("--rtol", type=float, help="default 1e-10 (float64), 1e-4 (float32)")
-    check.add_argument("--atol", type=float, help="default 1e-12 (float64), 1e-5 (float32)")
+    rtol = {dtype: default_tolerance(dtype) for dtype in ("float64", "float32")}
+    check.add_argument(
+        "--rtol",
+        type=float,
+        help=f"default {rtol['float64'][0]:g} (float64), {rtol['float32'][0]:g} (float32)",
+    )
+    check.add_argument(
+        "--atol",
+        type=float,
+        help=f"default {rtol['float64'][1]:g} (float64), {rtol['float32'][1]:g} (float32)",
+    )
     _add_data_flags(check)
 
     study = commands.add_parser(
@@ -165,9 +179,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="Optuna storage: a journal file path, or a database URL such as "
         "postgresql://user@host/db (default: mlruns/optuna.journal beside the MLflow store)",
     )
-    study.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (default sqlite:///mlruns/mlflow.db)"
-    )
+    _add_store_flag(study)
     study.add_argument(
         "--no-final",
         action="store_true",
@@ -183,16 +195,14 @@ def _build_parser() -> argparse.ArgumentParser:
         default="127.0.0.1",
         help="address to bind (default 127.0.0.1; the UI has no authentication)",
     )
-    ui.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (default sqlite:///mlruns/mlflow.db)"
-    )
+    _add_store_flag(ui)
 
     rerun = commands.add_parser(
         "rerun",
         help="retrain a logged run from its params and seed; check its metrics are reproduced",
     )
     rerun.add_argument("run_id", help="the MLflow run id of a trial or a train run")
-    rerun.add_argument("--tracking-uri", help="MLflow tracking URI")
+    _add_store_flag(rerun)
     _add_data_flags(rerun)
 
     report = commands.add_parser(
@@ -202,9 +212,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "and report.json, and log them on the study's parent run (artifacts report/).",
     )
     report.add_argument("study", nargs="?", help="study name (default: the most recent study)")
-    report.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (default sqlite:///mlruns/mlflow.db)"
-    )
+    _add_store_flag(report)
     report.add_argument(
         "--out", type=Path, help="output folder (default: reports/<study> beside the store)"
     )
@@ -229,7 +237,7 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--experiment", default="benchmarks", help="MLflow experiment (default: benchmarks)"
     )
-    bench.add_argument("--tracking-uri", help="MLflow tracking URI")
+    _add_store_flag(bench)
     bench.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     _add_data_flags(bench)
     return parser
@@ -272,10 +280,9 @@ EPOCH_HEADER = (
 def _run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from research import train as training
-    from research.blas_kernels import loaded_kernels
-    from research.figures import save_loss_curves
-    from research.tracking import TrackingError, save_weights, start_training_run
+    from research.experiment import train as training
+    from research.experiment.tracking.runs import start_training_run
+    from research.experiment.tracking.stores import TrackingError
 
     config = _config_from_args(args)
     if config.optimizer != "momentum" and args.nesterov:
@@ -306,14 +313,7 @@ def _run_train(args: argparse.Namespace) -> int:
                 tags={"preset": args.preset, "command": "train"},
                 tracking_uri=args.tracking_uri,
             )
-            run.log_params(
-                {
-                    **config.as_params(),
-                    "sizes": list(spec.sizes),
-                    "n_train_rows": len(x_train),
-                    "blas_kernels": loaded_kernels(),
-                }
-            )
+            run.log_config(config, len(x_train))
         except TrackingError as error:
             raise UserError(str(error)) from None
 
@@ -331,10 +331,9 @@ def _run_train(args: argparse.Namespace) -> int:
         progress.update(1)
         tqdm.write(_epoch_row(metrics))
         if run is not None:
-            run.log_metrics(metrics.as_metrics(), step=metrics.epoch)
+            run.log_epoch(metrics)
 
     started = time.perf_counter()
-    status = "FAILED"
     try:
         result = training.train(
             config,
@@ -345,21 +344,22 @@ def _run_train(args: argparse.Namespace) -> int:
             on_epoch=on_epoch,
             on_step=None if args.quiet else on_step,
         )
-        status = "FINISHED"
     except DivergenceError as error:
         progress.close()
         if run is not None:
-            run.set_tags({"diverged": str(error)})
+            run.diverged(error)
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        status = "KILLED"
         progress.close()
+        if run is not None:
+            run.end("FAIL", "KILLED", "interrupted (Ctrl-C)")
         print("interrupted; the MLflow run is marked KILLED", file=sys.stderr)
         return 130
-    finally:
-        if run is not None and status != "FINISHED":
-            run.finish(status)
+    except BaseException as error:
+        if run is not None:
+            run.end("FAIL", "FAILED", repr(error))
+        raise
     progress.close()
     wall = time.perf_counter() - started
 
@@ -378,16 +378,13 @@ def _run_train(args: argparse.Namespace) -> int:
         summary.update({"test_accuracy": test_accuracy, "test_loss": test_loss})
 
     if run is not None:
-        run.log_metrics(summary, step=last.epoch)
-        with tempfile.TemporaryDirectory() as folder:
-            curve = save_loss_curves(
-                result.history, Path(folder) / "loss_curves.png", title=f"run {run.run_id[:8]}"
-            )
-            weights = Path(folder) / "weights.npz"
-            save_weights(weights, result.params, spec)
-            run.log_artifact(curve)
-            run.log_artifact(weights)
-        run.finish("FINISHED")
+        try:
+            run.save_outputs(result.history, f"run {run.run_id[:8]}", result.params, spec)
+            run.log_metrics(summary, step=last.epoch)
+        except TrackingError as error:
+            run.end("FAIL", "FAILED", str(error))
+            raise UserError(str(error)) from None
+        run.end("COMPLETE", "FINISHED")
         print(f"MLflow run {run.run_id} in experiment '{args.experiment}'")
         print(f"browse it: {run.ui_hint}")
     return 0
@@ -395,8 +392,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _run_gradcheck(args: argparse.Namespace) -> int:
     from research.data import one_hot
-    from research.gradcheck import TOLERANCES, format_table, gradcheck
-    from research.mlp import init_params
+    from research.engine.mlp import init_params
+    from research.verify.gradcheck import format_table, gradcheck
 
     config = _config_from_args(args)
     spec = config.spec()
@@ -415,7 +412,7 @@ def _run_gradcheck(args: argparse.Namespace) -> int:
     x = np.asarray(x, dtype=dtype)
     y = one_hot(labels, spec.sizes[-1], dtype=dtype)
     params = init_params(spec, args.seed, dtype=dtype, scheme=config.init)
-    rtol_default, atol_default = TOLERANCES[dtype.name]
+    rtol_default, atol_default = default_tolerance(dtype)
     rtol = args.rtol if args.rtol is not None else rtol_default
     atol = args.atol if args.atol is not None else atol_default
     print(
@@ -430,10 +427,16 @@ def _run_gradcheck(args: argparse.Namespace) -> int:
 
 
 def _run_study(args: argparse.Namespace) -> int:
+    from analysis.report import ReportError, log_study_figures
     from research.data import DataError
-    from research.study import StudyError, run_study
-    from research.study_config import StudyConfigError, load_study_config, with_overrides
-    from research.tracking import TrackingError
+    from research.experiment.storage import StudyError
+    from research.experiment.study import run_study
+    from research.experiment.study_config import (
+        StudyConfigError,
+        load_study_config,
+        with_overrides,
+    )
+    from research.experiment.tracking.stores import TrackingError
 
     try:
         config = with_overrides(
@@ -443,7 +446,7 @@ def _run_study(args: argparse.Namespace) -> int:
             epochs=args.epochs,
             name=args.study_name,
         )
-        return run_study(
+        code = run_study(
             config,
             storage_url=args.storage,
             tracking_uri=args.tracking_uri,
@@ -454,167 +457,57 @@ def _run_study(args: argparse.Namespace) -> int:
             quiet=args.quiet,
             final=not args.no_final,
         )
-    except (StudyConfigError, StudyError, DataError, TrackingError) as error:
+        if code in (0, 1):
+            # The study's figures on its parent run, drawn as the report draws them.
+            log_study_figures(config.name, args.tracking_uri, args.storage)
+        return code
+    except (StudyConfigError, StudyError, DataError, TrackingError, ReportError) as error:
         raise UserError(str(error)) from None
 
 
 def _run_ui(args: argparse.Namespace) -> int:
-    import contextlib
-    import os
-    import signal
-    import subprocess
+    from research.experiment.tracking.stores import resolve_tracking_uri
+    from research.experiment.tracking.ui import LOOPBACK, serve_ui
 
-    from research.tracking import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(args.tracking_uri)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    if args.host not in LOOPBACK:
         print(
             f"warning: binding the MLflow UI to {args.host}: it has no authentication, anyone "
             "who can reach this address can read and change every run",
             file=sys.stderr,
         )
-    command = [
-        sys.executable, "-m", "mlflow", "ui",
-        "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
-        # One web worker is plenty for one researcher and starts in a few seconds on 2 cores.
-        "--workers", "1",
-    ]  # fmt: skip
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    # MLflow's server is a tree of processes (uvicorn, job runners): give it its own process group
-    # and stop the whole group on Ctrl-C or SIGTERM, else a killed `ui` leaves it serving.
-    previous = signal.signal(signal.SIGTERM, stop)
-    server = None
-    try:
-        # MLflow's background job runners serve features this project does not use.
-        environment = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        server = subprocess.Popen(command, start_new_session=True, env=environment)
-        address = f"http://{args.host}:{args.port}"
-        print(f"MLflow UI on {address} over {uri} (Ctrl-C stops it)", flush=True)
-        return server.wait()
-    except KeyboardInterrupt:
-        for sig, wait in ((signal.SIGINT, 20), (signal.SIGKILL, None)):  # SIGKILL: what is left
-            with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
-                if server is not None:
-                    os.killpg(server.pid, sig)
-                    server.wait(timeout=wait)
-        return 0
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _parse_param(name: str, text: str):
-    kind = TrainConfig.__dataclass_fields__[name].type
-    if kind in (bool, "bool"):
-        return text == "True"
-    if kind in (int, "int"):
-        return int(text)
-    if kind in (float, "float"):
-        return float(text)
-    return text
-
-
-def _kernels_note(logged: str | None, current: str) -> str | None:
-    """What ``rerun`` says when the run's BLAS kernels may differ from this process's.
-
-    The kernels order the sums of every matrix product, so other kernels give other last bits.
-    """
-    from research.blas_kernels import UNKNOWN, VARIABLE
-
-    if logged is None:
-        return (
-            "note: the run did not record its OpenBLAS kernels (it was logged before runs did); "
-            f"this process runs {current}. If the run was trained with other kernels, expect "
-            "differences in the last bits: on AMD Zen 4, runs logged before the project chose "
-            f"the Zen kernels used SkylakeX ({VARIABLE}=SkylakeX python -m research rerun ...)"
-        )
-    if logged in (current, UNKNOWN) or current == UNKNOWN:
-        return None
-    return (
-        f"note: the run used OpenBLAS's {logged} kernels and this process runs {current}: the "
-        "sums round differently, so expect differences in the last bits; on a CPU that "
-        f"supports them, {VARIABLE}={logged} python -m research rerun ... uses the run's kernels"
-    )
+    say = functools.partial(print, flush=True)
+    return serve_ui(resolve_tracking_uri(args.tracking_uri), args.host, args.port, say)
 
 
 def _run_rerun(args: argparse.Namespace) -> int:
-    from threadpoolctl import threadpool_limits
-
-    from research import train as training
-    from research.blas_kernels import loaded_kernels
-    from research.tracking import TAG_ERROR, TAG_STATE, TrackingError, find_run, metric_history
+    from research.data import DataError
+    from research.experiment.rerun import METRICS, RerunError, rerun
+    from research.experiment.tracking.stores import TrackingError
 
     try:
-        run, handle = find_run(args.run_id, args.tracking_uri)
-    except TrackingError as error:
+        result = rerun(args.run_id, args.tracking_uri, args.mnist_dir, args.data_dir)
+    except (TrackingError, RerunError, DataError) as error:
         raise UserError(str(error)) from None
-    params = run.data.params
-    missing = [name for name in TrainConfig.field_names() if name not in params]
-    if missing:
-        raise UserError(f"run {args.run_id} lacks the params {', '.join(missing)}; cannot rerun it")
-    config = TrainConfig(
-        **{name: _parse_param(name, params[name]) for name in TrainConfig.field_names()}
-    )
-    data = _load_data(args, config.raw_inputs)
-    n_rows = int(params.get("n_train_rows", len(data.train)))
-    threads = int(params["blas_threads"]) if "blas_threads" in params else None
-    keys = ("train/loss", "val/loss", "val/accuracy")
-    logged = {key: metric_history(handle, key) for key in keys}
-    tags = run.data.tags
-    if tags.get(TAG_STATE) == "PRUNED" and logged["val/loss"]:
-        # the pruner stopped the trial: retrain only the epochs it ran
-        config = replace(config, epochs=len(logged["val/loss"]))
-    # a run that diverged (a FAIL trial, a train run) must diverge again, at the same step
-    logged_error = tags.get(TAG_ERROR) or tags.get("diverged") or ""
-    if not logged_error.startswith("training diverged"):
-        logged_error = None
-    print(f"rerunning {args.run_id} ({n_rows} training rows, {config.epochs} epochs)")
-    note = _kernels_note(params.get("blas_kernels"), loaded_kernels())
-    if note:
-        print(note)
-    history: list[EpochMetrics] = []
-    error = None
-    with threadpool_limits(limits=threads):
-        try:
-            training.train(
-                config,
-                data.train.x[:n_rows],
-                data.train.labels[:n_rows],
-                data.validation.x,
-                data.validation.labels,
-                on_epoch=lambda metrics, _: history.append(metrics),
-            )
-        except DivergenceError as diverged:
-            error = str(diverged)
-    mismatches = 0
-    print(f"{'epoch':>5}  " + "  ".join(f"{k + ' logged':>18}  {'rerun':>18}" for k in keys))
-    for metrics in history:
-        new = metrics.as_metrics()
-        cells = []
-        for key in keys:
-            old = dict(logged[key]).get(metrics.epoch)
-            same = old is not None and old == new[key]
-            mismatches += not same
-            cells.append(
-                f"{'-' if old is None else repr(old):>18}  {new[key]!r:>18}{'' if same else ' *'}"
-            )
-        print(f"{metrics.epoch:>5}  " + "  ".join(cells))
-    logged_epochs = len(logged["val/loss"])
-    if logged_epochs != len(history):
-        print(f"the run logged {logged_epochs} epochs, the rerun trained {len(history)}")
-        mismatches += 1
-    if error != logged_error:
-        print(f"the run logged: {logged_error or 'no divergence'}")
-        print(f"the rerun: {error or 'no divergence'}")
-        mismatches += 1
-    if mismatches:
-        print(f"NOT reproduced: {mismatches} value(s) differ (marked *)")
+    print(f"{'epoch':>5}  " + "  ".join(f"{k + ' logged':>18}  {'rerun':>18}" for k in METRICS))
+    for epoch, cells in result.rows():
+        shown = [
+            f"{'-' if old is None else repr(old):>18}  {new!r:>18}{'' if same else ' *'}"
+            for old, new, same in cells
+        ]
+        print(f"{epoch:>5}  " + "  ".join(shown))
+    if result.logged_epochs != len(result.history):
+        print(
+            f"the run logged {result.logged_epochs} epochs, the rerun trained {len(result.history)}"
+        )
+    if result.error != result.logged.divergence:
+        print(f"the run logged: {result.logged.divergence or 'no divergence'}")
+        print(f"the rerun: {result.error or 'no divergence'}")
+    if result.mismatches:
+        print(f"NOT reproduced: {result.mismatches} value(s) differ (marked *)")
         return 1
     print(
-        f"reproduced exactly: {len(history)} epochs x {len(keys)} metrics identical"
-        + (f", then the same divergence: {error}" if error else "")
+        f"reproduced exactly: {len(result.history)} epochs x {len(METRICS)} metrics identical"
+        + (f", then the same divergence: {result.error}" if result.error else "")
     )
     return 0
 
@@ -622,7 +515,7 @@ def _run_rerun(args: argparse.Namespace) -> int:
 def _run_report(args: argparse.Namespace) -> int:
     from analysis.report import ReportError, build_report
     from research.data import DataError
-    from research.tracking import TrackingError
+    from research.experiment.tracking.stores import TrackingError
 
     try:
         build_report(
@@ -642,7 +535,7 @@ def _run_report(args: argparse.Namespace) -> int:
 def _run_bench(args: argparse.Namespace) -> int:
     import os
 
-    from research.bench import (
+    from research.bench.run import (
         BenchError,
         format_table,
         metrics_of,
@@ -651,7 +544,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         to_json,
     )
     from research.data import DataError
-    from research.tracking import TrackingError, log_benchmark
+    from research.experiment.tracking.runs import log_benchmark
+    from research.experiment.tracking.stores import TrackingError
 
     if args.rounds is not None and args.rounds < 1:
         raise UserError(f"--rounds {args.rounds} is not allowed; give an integer >= 1")
@@ -699,6 +593,22 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
+    with warnings.catch_warnings():
+        # A deprecated name (the "seed" preset) is one line on stderr, not a warning's two.
+        warnings.simplefilter("always", DeprecatedName)
+        shown = warnings.showwarning
+
+        def show_note(message, category, *args, **kwargs) -> None:
+            if issubclass(category, DeprecatedName):
+                print(f"note: {message}", file=sys.stderr, flush=True)
+            else:
+                shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = show_note
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _build_parser().parse_args(argv)
     commands = {
         "train": _run_train,

@@ -7,7 +7,7 @@ the ``on_epoch`` callbacks) and bookkeeping (everything else: run creation, para
 metrics, Optuna reports and pruning checks, the loss-curve PNG, weights, tags). The first trial
 warms up imports and is not counted.
 
-Usage: ``.venv/bin/python scripts/measure_tracking_overhead.py``
+Usage: ``.venv/bin/python scripts/measure_tracking_overhead.py`` (figures: docs/tracking.md)
 """
 
 from __future__ import annotations
@@ -16,13 +16,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from research.engine.blas_kernels import choose_openblas_kernels
 
-import research.study as study_module
-from research.data import load_mnist
-from research.study import TrialContext, load_study, run_trial
-from research.study_config import load_study_config, with_overrides
-from research.tracking import StudyTracker
+choose_openblas_kernels()  # before numpy loads, as `python -m research` does
+
+import numpy as np  # noqa: E402
+
+import research.experiment.trials as trials_module  # noqa: E402
+from research.data import load_mnist  # noqa: E402
+from research.experiment.study_config import load_study_config, with_overrides  # noqa: E402
+from research.experiment.tracking.runs import StudyTracker  # noqa: E402
+from research.experiment.trials import TrialContext, load_study, run_trial  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = {"hidden_size": 256, "learning_rate": 0.1, "batch_size": 128, "l2": 0.0}
@@ -45,7 +49,7 @@ def main() -> None:
         2,
     )
     training: list[float] = []
-    real_train = study_module.train
+    real_train = trials_module.train
 
     def timed_train(*args, **kwargs):
         callbacks: list[float] = []
@@ -64,7 +68,7 @@ def main() -> None:
         training.append(time.perf_counter() - started - sum(callbacks))
         return result
 
-    study_module.train = timed_train
+    trials_module.train = timed_train
     shares = []
     for index in range(6):
         study.enqueue_trial(PARAMS)

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-# Before any test module imports numpy: the tests run the OpenBLAS kernels that users get
-# (research.blas_kernels), whichever test files are selected.
-import research  # noqa: F401
+# Before any test module imports numpy: the tests run the OpenBLAS kernels that users of
+# `python -m research` get (research.engine.blas_kernels), whichever test files are selected.
+from research.engine.blas_kernels import choose_openblas_kernels
+
+choose_openblas_kernels()
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ from hypothesis.extra import numpy as hnp
 
 from analysis import curves, evaluation, history, hyperparams
 from analysis.render import markdown_table
-from analysis.store import SearchDimension, curves_frame, parse_search, trials_frame
+from analysis.store import SearchDimension, curves_frame, search_dimensions, trials_frame
 from analysis.style import BEST, EmptyDataError, new_figure, save_png
 
 
@@ -275,19 +275,23 @@ def test_the_misclassified_grid_hides_spare_panels():
 # --- reading MLflow's frames, and the tables -----------------------------------------------------
 
 
-def test_the_search_space_is_read_back_from_the_parent_params():
-    params = {
-        "objective": "val/accuracy",
-        "search.hidden_size": "int [64, 1024] log",
-        "search.learning_rate": "float [0.01, 0.5] log",
-        "search.l2": "[0.0, 1e-05, 0.0001]",
-        "search.dropout": "float [0.0, 0.5]",
-    }
-    assert parse_search(params) == [
-        SearchDimension("dropout", "float"),
+def test_the_search_space_is_read_back_as_data():
+    """The study logs its search space as data (SearchParam.as_dict, or the study file's own
+    [search] tables for studies logged before); the report reads it in the study's order."""
+    from research.experiment.search_space import SearchParam
+
+    logged = [
+        SearchParam("hidden_size", "int", low=64, high=1024, log=True).as_dict(),
+        SearchParam("learning_rate", "float", low=0.01, high=0.5, log=True).as_dict(),
+        SearchParam("l2", "categorical", choices=(0.0, 1e-05, 0.0001)).as_dict(),
+        # a field the table may not know (a study logged by another version) is kept
+        {"name": "dropout", "type": "float", "low": 0.0, "high": 0.5},
+    ]
+    assert search_dimensions(logged) == [
         SearchDimension("hidden_size", "int", log=True),
-        SearchDimension("l2", "categorical", choices=(0.0, 1e-05, 0.0001)),
         SearchDimension("learning_rate", "float", log=True),
+        SearchDimension("l2", "categorical", choices=(0.0, 1e-05, 0.0001)),
+        SearchDimension("dropout", "float"),
     ]
 
 
@@ -346,7 +350,7 @@ def test_markdown_tables_escape_pipes():
 
 def results_with(trials: pd.DataFrame, objective: str, direction: str):
     from analysis.store import StudyResults
-    from research.tracking import StudyRecord
+    from research.experiment.tracking.results import StudyRecord
 
     return StudyResults(
         record=StudyRecord("s", "1", "parent", 0),

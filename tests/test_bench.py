@@ -12,9 +12,10 @@ import sys
 
 import pytest
 
-from research.bench import CONTENDERS, WORKLOADS, torch_available
-from research.blas_kernels import VARIABLE, loaded_kernels
+from research.bench.contenders import CONTENDERS, WORKLOADS
+from research.bench.run import torch_available
 from research.cli import main
+from research.engine.blas_kernels import VARIABLE, loaded_kernels
 
 
 @pytest.mark.slow

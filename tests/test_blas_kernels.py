@@ -1,4 +1,5 @@
-"""research.blas_kernels: which OpenBLAS kernels numpy runs, chosen before numpy loads it."""
+"""research.engine.blas_kernels: which OpenBLAS kernels numpy runs, chosen before numpy loads it
+(by ``python -m research`` at its entry; importing the library changes nothing)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from research.blas_kernels import (
+from research.engine.blas_kernels import (
     UNKNOWN,
     VARIABLE,
     ZEN4_KERNELS,
@@ -55,6 +56,8 @@ def test_a_value_the_user_set_is_left_alone(value):
 
 
 def test_a_zen4_machine_gets_the_zen_kernels_unless_numpy_is_loaded(tmp_path, monkeypatch):
+    import numpy  # noqa: F401  (loaded: the case this half of the test is about)
+
     path = tmp_path / "cpuinfo"
     path.write_text(ZEN4)
     # numpy is loaded in this process: the variable pins the kernels numpy already runs
@@ -80,8 +83,15 @@ def test_a_zen4_machine_gets_the_zen_kernels_unless_numpy_is_loaded(tmp_path, mo
 PROBE = (
     "import json, os, sys\n"
     "{first}\n"
-    "from research.blas_kernels import loaded_kernels\n"
+    "from research.engine.blas_kernels import loaded_kernels\n"
     "print(json.dumps({{'variable': os.environ.get({variable!r}), 'kernels': loaded_kernels()}}))\n"
+)
+# What `python -m research` does before any command: research.__main__.main (with --help, which
+# exits once the command line is built, numpy loaded).
+ENTRY = (
+    "import contextlib, io, research.__main__ as entry\n"
+    "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+    "    entry.main(['--help'])"
 )
 
 
@@ -96,12 +106,12 @@ def probe(first: str, **environment: str) -> dict[str, str | None]:
     return json.loads(result.stdout)
 
 
-def test_importing_research_first_chooses_the_kernels_for_this_cpu():
+def test_the_command_chooses_the_kernels_for_this_cpu():
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         pytest.skip("no /proc/cpuinfo: the choice is left to OpenBLAS on this system")
-    found = probe("import research")
+    found = probe(ENTRY)
     if is_zen4(text):
         # what OpenBLAS loads for Zen: named after the Haswell kernels it runs (0.3.31)
         assert found["variable"] == ZEN4_KERNELS
@@ -110,16 +120,27 @@ def test_importing_research_first_chooses_the_kernels_for_this_cpu():
         assert found["variable"] is None
 
 
-def test_importing_numpy_first_pins_its_kernels_for_worker_processes():
-    found = probe("import numpy, research")
+def test_importing_the_library_chooses_nothing():
+    # numpy loads with OpenBLAS's own choice, and the environment is left as it was
+    found = probe("import research, research.engine.mlp, research.experiment.fields")
+    assert found["variable"] is None
+    assert found["kernels"] == probe("import numpy")["kernels"]
+
+
+def test_numpy_loaded_first_pins_its_kernels_for_worker_processes():
+    found = probe(
+        "import numpy\n"
+        "from research.engine.blas_kernels import choose_openblas_kernels\n"
+        "choose_openblas_kernels()"
+    )
     if found["kernels"] == UNKNOWN:
         assert found["variable"] is None
     else:
         assert found["variable"] == found["kernels"]
-    worker = probe("import research", **{VARIABLE: found["variable"] or ""})
+    worker = probe("import numpy", **{VARIABLE: found["variable"] or ""})
     assert worker["kernels"] == found["kernels"]
 
 
 def test_a_kernel_choice_of_the_user_wins():
     # Prescott: kernels every x86-64 CPU can run (OpenBLAS ignores names it does not know)
-    assert probe("import research", **{VARIABLE: "Prescott"})["variable"] == "Prescott"
+    assert probe(ENTRY, **{VARIABLE: "Prescott"})["variable"] == "Prescott"

@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from research.blas_kernels import loaded_kernels
 from research.cli import main
-from research.tracking import load_weights
+from research.engine.blas_kernels import loaded_kernels
+from research.experiment.tracking.weights import load_weights
 
 
 @pytest.fixture
@@ -101,7 +101,10 @@ def test_train_divergence_exits_1_and_marks_run_failed(store, capsys):
     client = MlflowClient(tracking_uri=store)
     (run,) = client.search_runs([client.get_experiment_by_name("train").experiment_id])
     assert run.info.status == "FAILED"
-    assert "diverged" in run.data.tags["diverged"]
+    # the one divergence tag, as a study's trials have it
+    assert run.data.tags["research.state"] == "FAIL"
+    assert run.data.tags["research.error"].startswith("training diverged at epoch 0, step ")
+    assert run.data.tags["research.diverged_epoch"] == "0"
 
 
 @pytest.mark.parametrize(
@@ -111,7 +114,11 @@ def test_train_divergence_exits_1_and_marks_run_failed(store, capsys):
             ["train", "--output", "sigmoid", "--loss", "cross_entropy", "--no-track"],
             "needs output='softmax'",
         ),
-        (["train", "--batch-size", "0", "--no-track"], "batch_size=0"),
+        (
+            ["train", "--batch-size", "0", "--no-track"],
+            "batch_size = 0: out of range; allowed: an integer >= 1",
+        ),
+        (["train", "--lr", "nan", "--no-track"], "learning_rate = nan: out of range"),
         (["train", "--subset", "10", "--no-track"], "--batch-size 128 is larger than the 10"),
         (
             [
@@ -177,3 +184,83 @@ def test_module_entry_point_runs_without_traceback():
     )
     assert result.returncode == 2
     assert "invalid choice: 'swish'" in result.stderr and "Traceback" not in result.stderr
+
+
+def copy_run(client, source, experiment_id: str, drop=(), change=None) -> str:
+    """A new run with ``source``'s params (some dropped or changed) and metric histories: what
+    an older or a hand-edited run looks like (MLflow params are immutable)."""
+    copy = client.create_run(experiment_id).info.run_id
+    params = {k: v for k, v in source.data.params.items() if k not in drop} | (change or {})
+    for name, value in params.items():
+        client.log_param(copy, name, value)
+    for key in ("train/loss", "val/loss", "val/accuracy"):
+        for metric in client.get_metric_history(source.info.run_id, key):
+            client.log_metric(copy, key, metric.value, step=metric.step)
+    client.set_terminated(copy)
+    return copy
+
+
+def test_rerun_reads_runs_through_the_field_table(store, capsys):
+    """A train run reruns exactly; a run logged before a field existed takes the field's
+    default, with a note; a value the table no longer allows is one line, exit 2."""
+    from mlflow.tracking import MlflowClient
+
+    argv = ["train", "--subset", "300", "--epochs", "2", "--hidden", "8", "--batch-size", "50"]
+    assert main([*argv, "--quiet", "--tracking-uri", store, "--experiment", "rerun"]) == 0
+    client = MlflowClient(tracking_uri=store)
+    experiment_id = client.get_experiment_by_name("rerun").experiment_id
+    (source,) = client.search_runs([experiment_id])
+    capsys.readouterr()
+
+    assert main(["rerun", source.info.run_id, "--tracking-uri", store]) == 0
+    out = capsys.readouterr().out
+    assert "reproduced exactly: 2 epochs x 3 metrics identical" in out and "note:" not in out
+
+    older = copy_run(client, source, experiment_id, drop=("drop_last", "raw_inputs"))
+    assert main(["rerun", older, "--tracking-uri", store]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "note: the run did not log drop_last, raw_inputs (it predates them): using their "
+        "defaults drop_last=False, raw_inputs=False"
+    ) in out
+    assert "reproduced exactly" in out
+
+    edited = copy_run(client, source, experiment_id, change={"hidden_size": "100000"})
+    assert main(["rerun", edited, "--tracking-uri", store]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (
+        f'error: run {edited} cannot be rerun: its params give hidden_size = "100000": out of '
+        "range; allowed: an integer from 1 to 65536"
+    )
+
+
+def test_the_flags_are_the_field_table():
+    """Every training field is a `train` flag with the field's name, type and choices (and no
+    default, so the preset's value stays); gradcheck takes the network's fields."""
+    import argparse
+
+    from research.cli import _build_parser
+    from research.experiment.fields import FIELDS
+
+    (commands,) = [a for a in _build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+
+    def flags(command: str) -> dict[str, argparse.Action]:
+        return {a.dest: a for a in commands.choices[command]._actions if a.dest in FIELDS}
+
+    train = flags("train")
+    assert set(train) == set(FIELDS)
+    for name, field in FIELDS.items():
+        action = train[name]
+        assert action.option_strings[0] == "--" + name.replace("_", "-"), name
+        assert set(field.flags) <= set(action.option_strings) and action.default is None, name
+        assert field.help in action.help, name
+        if field.kind is bool:
+            assert "--no-" + name.replace("_", "-") in action.option_strings, name
+        else:
+            assert action.type is field.kind, name
+            assert tuple(action.choices or ()) == field.choices, name
+    model = {name for name, field in FIELDS.items() if field.group == "model"}
+    # gradcheck's own --dtype, --seed and --batch-size (rows) have their own defaults
+    assert set(flags("gradcheck")) - {"dtype", "seed", "batch_size"} == model == {
+        "hidden_size", "n_hidden_layers", "activation", "output", "loss", "l2", "init",
+    }  # fmt: skip

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from research import data
 from research.data import MNIST_DIGESTS, DataError, load_mnist, one_hot
+from research.data import mnist as data
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = sorted(MNIST_DIGESTS)

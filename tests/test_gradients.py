@@ -1,9 +1,9 @@
-"""The handwritten backprop (research.mlp) against JAX autodiff (research.reference).
+"""The handwritten backprop (research.engine.mlp) against JAX autodiff (research.verify.reference).
 
 Every activation × (output, loss) pairing, 1–4 hidden layers, batch 1 and more, with and without
 l2, in float64 and float32: loss values, every gradient array and the forward pass must agree.
 
-Tolerances:
+Tolerances (the ``gradients`` and ``loss`` rows of research/verify/compare.py's table):
 
 - float64: loss rtol 1e-12, gradients rtol 1e-10 / atol 1e-12. The two implementations only
   differ in summation order and in how nonlinearities are evaluated, i.e. by a few ulp (~1e-16)
@@ -27,7 +27,6 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -36,22 +35,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from research import mlp, reference
-from research.mlp import MLPSpec
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    loss_rtol: float
-    loss_atol: float
-    rtol: float
-    atol: float
-    scale_atol: bool  # multiply atol by max(1, largest |expected entry|)
-
-
-F64 = Tolerance(loss_rtol=1e-12, loss_atol=1e-14, rtol=1e-10, atol=1e-12, scale_atol=False)
-F32 = Tolerance(loss_rtol=1e-5, loss_atol=1e-6, rtol=1e-4, atol=1e-5, scale_atol=True)
-TOL = {np.dtype(np.float64): F64, np.dtype(np.float32): F32}
+from research.engine import mlp
+from research.engine.mlp import MLPSpec
+from research.verify import reference
+from research.verify.compare import tolerance
 
 Params = list[dict[str, np.ndarray]]
 
@@ -96,11 +83,11 @@ def check_against_reference(
     in float32); ``cond`` (see :func:`conditioning`) multiplies every tolerance.
     """
     dtype = params[0]["W"].dtype
-    tol = TOL[dtype]
+    tol, loss_tol = tolerance("gradients", dtype), tolerance("loss", dtype)
     value, grads = mlp.loss_and_grads(params, x, y, spec)
     ref_value, ref_grads = reference.loss_and_grads(params, x, y, spec)
     assert isinstance(value, float) and math.isfinite(value), value
-    loss_rtol, loss_atol = tol.loss_rtol * cond, tol.loss_atol * cond
+    loss_rtol, loss_atol = loss_tol.rtol * cond, loss_tol.atol * cond
     assert value == pytest.approx(ref_value, rel=loss_rtol, abs=loss_atol)
     # The numpy loss() must be the same objective as the loss_and_grads value.
     assert mlp.loss(params, x, y, spec) == pytest.approx(value, rel=loss_rtol, abs=loss_atol)
@@ -288,12 +275,13 @@ def test_assert_trees_close_names_layer_array_and_error() -> None:
     off[1] = {"W": np.array([[1.0], [1.0 + 1e-6], [1.0]]), "b": np.zeros(1)}
     fails(
         off,
-        r"grads differ:\n  layer 1 'W' \(3, 1\): max abs err 1\.000e-06, max rel err 1\.000e-06",
+        r"grads differ:\n  layer 1 W \(3, 1\): max abs err 1\.000e-06, max rel err 1\.000e-06; "
+        r"worst at index \(1, 0\): actual 1\.000001, expected 1\.0; 1 of 3 outside",
     )
     nan = [dict(layer) for layer in tree]
     nan[0] = {"W": np.ones((2, 3)), "b": np.array([0.0, np.nan, 0.0])}
-    fails(nan, r"layer 0 'b' \(3,\): max abs err inf.*worst at index \(1,\)")
-    fails([tree[0], {"W": np.ones((1, 3)), "b": np.zeros(1)}], r"layer 1 'W': shape \(1, 3\)")
-    fails([tree[0], {"W": np.ones((3, 1), np.float32), "b": np.zeros(1)}], r"layer 1 'W': dtype")
+    fails(nan, r"layer 0 b \(3,\): max abs err inf.*worst at index \(1,\)")
+    fails([tree[0], {"W": np.ones((1, 3)), "b": np.zeros(1)}], r"layer 1 W: shape \(1, 3\)")
+    fails([tree[0], {"W": np.ones((3, 1), np.float32), "b": np.zeros(1)}], r"layer 1 W: dtype")
     fails([tree[0], {"W": np.ones((3, 1))}], r"layer 1: keys \['W'\], expected \['W', 'b'\]")
     fails(tree[:1], "1 layers, expected 2")

@@ -1,4 +1,5 @@
-"""The training loop's fast path against the pure functions it replaces.
+"""The training loop's fast path against the pure functions it replaces (to the
+``same_operations`` tolerance of research/verify/compare.py).
 
 ``InPlaceTrainingStep.step`` must equal ``mlp.loss_and_grads`` + ``optimizer.update`` (which
 tests/test_trajectory.py checks against JAX + optax), and ``optimizer.update_in_place`` must equal
@@ -17,10 +18,14 @@ from helpers import ACTIVATIONS, OUTPUT_LOSSES, assert_trees_close, make_targets
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from research import mlp, optim
-from research.blas import gemm_update
-from research.inplace import InPlaceTrainingStep
-from research.train import PRESETS, train
+from research.engine import mlp, optim
+from research.engine.blas import gemm_update
+from research.engine.inplace import InPlaceTrainingStep
+from research.experiment.fields import PRESETS
+from research.experiment.train import train
+from research.verify.compare import tolerance
+
+SAME = tolerance("same_operations", np.float64)
 
 OPTIMIZERS = {
     "sgd": lambda: optim.sgd(0.3),
@@ -71,7 +76,7 @@ def test_in_place_step_equals_loss_and_grads_then_update(
             loss_value = stepper.step(x, y, rows)
         assert loss_value == pytest.approx(expected_loss, rel=1e-12, abs=1e-14)
         assert_trees_close(
-            stepper.params, params, rtol=1e-12, atol=1e-14, what=f"params after step {step + 1}"
+            stepper.params, params, SAME.rtol, SAME.atol, what=f"params after step {step + 1}"
         )
     assert_trees_close(start, untouched, rtol=0, atol=0, what="the caller's parameters")
 

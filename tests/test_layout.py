@@ -1,33 +1,197 @@
-"""Rules of the house: light imports, jax only in the reference, no TensorFlow anywhere."""
+"""Rules of the house: folders that show the floors, imports that only run down them, no circles,
+light imports with no side effects, jax only in the reference, MLflow only in tracking."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Each package of the library and its floor: a module may import from its own floor and the
+# floors below it, never from above.
+FLOORS = {
+    "research.engine": 0,
+    "research.data": 0,
+    "research.verify": 1,
+    "research.experiment": 2,
+    "analysis": 3,
+    "research.bench": 4,
+    "research.cli": 4,
+    "research.__main__": 4,
+}
+# What analysis/ may read: results, the field table, the engine and the data; never the
+# training loop, the study runner or the command line.
+ANALYSIS_MAY_IMPORT = (
+    "research.engine.",
+    "research.data",
+    "research.experiment.fields",
+    "research.experiment.storage",
+    "research.experiment.tracking",
+)
 
-def imported_after(code: str) -> set[str]:
-    probe = f"{code}\nimport sys\nprint(' '.join(sorted(sys.modules)))"
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {
+    module_name(path): path
+    for folder in ("research", "analysis")
+    for path in sorted((REPO / folder).rglob("*.py"))
+}
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every project module ``path`` imports, at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from research.data import mnist` imports the module research.data.mnist
+            names = [node.module]
+            names += [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found.update(name for name in names if name in MODULES)
+    return found
+
+
+GRAPH = {name: imports_of(path) for name, path in MODULES.items()}
+
+
+def floor(module: str) -> int | None:
+    for package, level in FLOORS.items():
+        if module == package or module.startswith(package + "."):
+            return level
+    return None  # the `research` package itself: a docstring
+
+
+def test_the_folders_show_the_floors():
+    top = {path.name for path in (REPO / "research").iterdir() if not path.name.startswith(".")}
+    top.discard("__pycache__")
+    assert top == {
+        "__init__.py", "__main__.py", "cli.py", "bench",
+        "engine", "data", "verify", "experiment",
+    }  # fmt: skip
+    for module in MODULES:
+        assert module in ("research", "analysis") or floor(module) is not None, module
+
+
+def test_no_import_runs_up_a_floor():
+    upward = [
+        (module, imported)
+        for module, imported_modules in GRAPH.items()
+        for imported in imported_modules
+        if floor(module) is not None
+        and floor(imported) is not None
+        and floor(imported) > floor(module)  # type: ignore[operator]
+    ]
+    assert upward == []
+    # the ground floors import nothing of the project outside themselves
+    for module, imported_modules in GRAPH.items():
+        if module.startswith("research.engine"):
+            assert all(m.startswith("research.engine") for m in imported_modules), module
+        if module.startswith("research.data"):
+            assert all(m.startswith("research.data") for m in imported_modules), module
+
+
+def test_there_are_no_circles():
+    def cycle_from(start: str) -> list[str] | None:
+        stack = [(start, [start])]
+        while stack:
+            module, path = stack.pop()
+            for imported in GRAPH[module]:
+                if imported == start:
+                    return [*path, start]
+                if imported not in path:
+                    stack.append((imported, [*path, imported]))
+        return None
+
+    # a package importing its own modules (research.data re-exporting mnist) is not a circle
+    for module in GRAPH:
+        GRAPH[module] = {m for m in GRAPH[module] if not module.startswith(m + ".")}
+    circles = [cycle for module in GRAPH if (cycle := cycle_from(module))]
+    assert circles == []
+
+
+def test_analysis_reads_results_and_never_trains():
+    for module, imported_modules in GRAPH.items():
+        if module.startswith("analysis"):
+            for imported in imported_modules:
+                if imported.startswith("research"):
+                    assert imported.startswith(ANALYSIS_MAY_IMPORT), (module, imported)
+
+
+def third_party_imports(library: str) -> set[str]:
+    importing = set()
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            if any(name == library or name.startswith(library + ".") for name in names):
+                importing.add(module)
+    return importing
+
+
+def test_each_heavy_library_lives_in_the_rooms_that_use_it():
+    assert third_party_imports("jax") == {"research.verify.reference"}
+    assert third_party_imports("mlflow") == {
+        "research.experiment.tracking.stores",
+        "research.experiment.tracking.runs",
+        "research.experiment.tracking.results",
+    }
+    assert third_party_imports("optuna") == {
+        "research.experiment.storage",
+        "research.experiment.trials",
+        "research.experiment.study",
+        "analysis.report",
+    }
+    assert third_party_imports("tensorflow_datasets") == {"research.data.mnist"}
+
+
+def imported_after(code: str, first: str = "") -> tuple[set[str], bool]:
+    """The modules a fresh interpreter holds after ``code``, and whether ``code`` left its
+    environment unchanged (``first`` runs before that is noted)."""
+    probe = (
+        f"{first}\nimport os\nbefore = dict(os.environ)\n"
+        f"{code}\nimport sys\n"
+        "print(dict(os.environ) == before)\nprint(' '.join(sorted(sys.modules)))"
+    )
     result = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
     )
-    return set(result.stdout.split())
+    unchanged, modules = result.stdout.splitlines()
+    return set(modules.split()), unchanged == "True"
 
 
-def test_importing_the_library_stays_light():
-    modules = imported_after(
-        "import research, research.mlp, research.optim, research.train, research.data, "
-        "research.tracking, research.gradcheck, research.origin, research.cli"
+def test_importing_the_library_is_light_and_changes_nothing():
+    # jax sets variables of its own when imported (TF_CPP_MIN_LOG_LEVEL, ...): not ours to judge
+    modules, unchanged = imported_after("import " + ", ".join(MODULES), first="import jax")
+    assert unchanged, "importing the library changed the environment"
+    heavy = {"jax", "mlflow", "optuna", "tensorflow_datasets", "tensorflow", "torch"}
+    # importing every module (the reference included) loads jax; nothing else heavy at import
+    assert heavy & {name.split(".")[0] for name in modules} == {"jax"}
+    modules, _ = imported_after(
+        "import research, research.engine.mlp, research.engine.optim, research.experiment.train, "
+        "research.data, research.experiment.tracking.runs, research.verify.gradcheck, "
+        "research.verify.origin, research.experiment.study_config, research.cli"
     )
-    heavy = {"jax", "mlflow", "optuna", "tensorflow_datasets", "tensorflow", "torch", "matplotlib"}
+    heavy.add("matplotlib")
     assert not heavy & {name.split(".")[0] for name in modules}
 
 
 def test_loading_mnist_never_imports_tensorflow(tmp_path):
-    modules = imported_after(
+    modules, _ = imported_after(
         "from research.data import load_mnist\n"
         f"load_mnist(data_dir={str(tmp_path)!r})\n"
         "import tensorflow_datasets"
@@ -36,44 +200,19 @@ def test_loading_mnist_never_imports_tensorflow(tmp_path):
     assert "tensorflow" not in modules
 
 
-def test_only_the_reference_imports_jax():
-    sources = {path.name: path.read_text() for path in (REPO / "research").glob("*.py")}
-    importing = {
-        name for name, text in sources.items() if "import jax" in text or "from jax" in text
-    }
-    assert importing == {"reference.py"}
-    importing_mlflow = {
-        name for name, text in sources.items() if "import mlflow" in text or "from mlflow" in text
-    }
-    assert importing_mlflow == {"tracking.py"}
-
-
-def test_analysis_reads_results_and_never_trains():
-    sources = {path.name: path.read_text() for path in (REPO / "analysis").glob("*.py")}
-    assert {"report.py", "store.py", "style.py", "render.py"} <= set(sources)
-    for name, text in sources.items():
-        assert "import mlflow" not in text and "from mlflow" not in text, name
-        assert "import jax" not in text and "from jax" not in text, name
-        # Training entry points: train(), the study's objective and its final refit.
-        for call in ("train(", "optimize(", "final_fit(", "run_study(", "loss_and_grads("):
-            assert call not in text, (name, call)
-        for line in text.splitlines():
-            if line.strip().startswith(("from research", "import research")):
-                imported = line.split()[1]
-                assert imported in {
-                    "research",
-                    "research.data",
-                    "research.mlp",
-                    "research.study",
-                    "research.train",
-                    "research.tracking",
-                }, line
-    # The report takes from training only the presets (the origin's configuration, to compare).
-    assert "from research.train import PRESETS" in sources["report.py"]
-
-
 def test_importing_the_analysis_stays_light():
-    modules = imported_after("import analysis, analysis.store, analysis.report")
+    modules, _ = imported_after("import analysis, analysis.store, analysis.report")
     assert not {"jax", "optuna", "torch", "tensorflow_datasets"} & {
         name.split(".")[0] for name in modules
     }
+
+
+def test_the_readme_api_example_runs():
+    """The model API example of the README, as printed there (on random data)."""
+    readme = (REPO / "README.md").read_text()
+    example = readme.split("## The model API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    setup = "import numpy as np\nrng = np.random.default_rng(0)\n"
+    setup += "x = rng.random((8, 784))\ny = np.eye(10)[rng.integers(0, 10, 8)]\n"
+    namespace: dict = {}
+    exec(compile(setup + example, "README.md", "exec"), namespace)
+    assert namespace["probabilities"].shape == (8, 10)

@@ -1,4 +1,4 @@
-"""The public API of research.mlp and research.optim: validation, init, purity, dtypes."""
+"""The public API of research.engine.mlp and research.engine.optim: validation, init, dtypes."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import copy
 import numpy as np
 import pytest
 
-from research.mlp import MLPSpec, forward, init_params, loss_and_grads, predict, seed_spec
-from research.optim import adam, make_optimizer, momentum, sgd
+from research.engine.mlp import MLPSpec, forward, init_params, loss_and_grads, origin_spec, predict
+from research.engine.optim import adam, make_optimizer, momentum, sgd
 
 
 @pytest.mark.parametrize(
@@ -34,9 +34,9 @@ def test_spec_rejects_bad_values_naming_field_and_value(kwargs, field, value):
 
 
 def test_spec_is_frozen_and_hashable():
-    spec = seed_spec()
+    spec = origin_spec()
     assert spec.sizes == (784, 30, 10)
-    assert hash(spec) == hash(seed_spec())
+    assert hash(spec) == hash(origin_spec())
     with pytest.raises(AttributeError):
         spec.l2 = 1.0  # type: ignore[misc]
     assert spec.n_params == 784 * 30 + 30 + 30 * 10 + 10
@@ -74,7 +74,7 @@ def test_init_scales():
 def test_no_global_random_state_is_used():
     np.random.seed(0)  # noqa: NPY002 -- checking that nothing touches the legacy global state
     before = np.random.get_state()[1].copy()  # noqa: NPY002
-    init_params(seed_spec(), seed=1)
+    init_params(origin_spec(), seed=1)
     assert np.array_equal(before, np.random.get_state()[1])  # noqa: NPY002
 
 

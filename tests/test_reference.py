@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from helpers import ACTIVATIONS, OUTPUT_LOSSES, assert_trees_close, make_targets
 
-from research import mlp, reference
-from research.mlp import MLPSpec
+from research.engine import mlp
+from research.engine.mlp import MLPSpec
+from research.verify import reference
 
 IMPLEMENTATIONS = {"numpy": mlp, "jax": reference}
 impl_names = pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
@@ -290,8 +291,8 @@ def test_compiled_functions_are_dropped_past_the_limit(monkeypatch) -> None:
 
 def test_only_the_reference_imports_jax() -> None:
     code = (
-        "import sys, research.mlp, research.optim; "
+        "import sys, research.engine.mlp, research.engine.optim; "
         "assert 'jax' not in sys.modules, 'jax imported'; "
-        "import research.reference; assert 'jax' in sys.modules"
+        "import research.verify.reference; assert 'jax' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

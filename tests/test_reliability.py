@@ -40,8 +40,9 @@ from test_study import (
 )
 
 from research.cli import main
-from research.study import ATTR_INTERRUPTED, ATTR_RETRY_OF, counted_trials
-from research.tracking import WeightsError, load_weights, save_weights, sqlalchemy_url
+from research.experiment.tracking.stores import sqlalchemy_url
+from research.experiment.tracking.weights import WeightsError, load_weights, save_weights
+from research.experiment.trials import ATTR_INTERRUPTED, ATTR_RETRY_OF, counted_trials
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
@@ -514,7 +515,7 @@ def test_an_unwritable_artifact_store_stops_the_study_before_any_trial(tmp_path)
     """Tests run as root, for whom permissions do not block writes: the store's artifact folder
     is made a plain file, so creating a run's folder in it really fails (ENOTDIR). The study's
     first artifact (its file, on the parent run) fails, before any trial trains."""
-    from research.tracking import StudyTracker
+    from research.experiment.tracking.runs import StudyTracker
 
     uri, argv = big_weights_study(tmp_path)
     tracker = StudyTracker.open("big_weights", uri)
@@ -545,7 +546,7 @@ def test_an_unwritable_artifact_store_stops_the_study_before_any_trial(tmp_path)
 
 
 def good_weights(tmp_path: Path, dtype: str = "float32") -> tuple[Path, Any, Any]:
-    from research.mlp import MLPSpec, init_params
+    from research.engine.mlp import MLPSpec, init_params
 
     spec = MLPSpec((784, 16, 10), "relu", "softmax", "cross_entropy", 0.0)
     params = init_params(spec, 0, dtype=np.dtype(dtype), scheme="he")
@@ -717,6 +718,6 @@ def test_subprocesses_are_started_from_argument_lists():
             if isinstance(node, ast.Call) and dotted(node.func).startswith("subprocess."):
                 calls.append((path.name, dotted(node.func)))
     assert sorted(set(calls)) == [
-        ("cli.py", "subprocess.Popen"),
-        ("tracking.py", "subprocess.run"),
+        ("runs.py", "subprocess.run"),
+        ("ui.py", "subprocess.Popen"),
     ]

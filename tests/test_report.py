@@ -116,9 +116,9 @@ def test_the_report_of_a_tiny_study_has_every_figure_and_consistent_numbers(tiny
     assert weighted == pytest.approx(test["accuracy"], abs=1e-12)
     assert test["accuracy"] == parent.data.metrics["test_accuracy"]
     # And independently: the refit's weights through the JAX reference forward pass.
-    from research import reference
     from research.data import load_mnist
-    from research.tracking import load_weights
+    from research.experiment.tracking.weights import load_weights
+    from research.verify import reference
 
     weights = client.download_artifacts(parent.info.run_id, "best_weights.npz", str(folder))
     spec, params = load_weights(Path(weights))
@@ -165,16 +165,17 @@ def test_the_comparison_takes_the_origin_from_a_train_run_of_the_exact_preset(
     from dataclasses import replace
 
     from research.data import N_TRAIN
-    from research.tracking import start_training_run
-    from research.train import PRESETS
+    from research.experiment.fields import PRESETS
+    from research.experiment.tracking.runs import start_training_run
 
     uri = tiny_report[1]
-    seed = PRESETS["seed"]
-    # What `train --preset seed --evaluate-test` logs; then a shorter run, newer but not the
-    # origin's configuration, which the comparison must not take.
-    for epochs, test_accuracy in ((200, 0.448), (5, 0.113)):
-        run = start_training_run("train", tags={"preset": "seed"}, tracking_uri=uri)
-        config = replace(seed, epochs=epochs)
+    origin = PRESETS["origin"]
+    # What `train --preset origin --evaluate-test` logged when the preset was called "seed";
+    # then a shorter run, newer but not the origin's configuration, which the comparison must
+    # not take.
+    for name, epochs, test_accuracy in (("seed", 200, 0.448), ("origin", 5, 0.113)):
+        run = start_training_run("train", tags={"preset": name}, tracking_uri=uri)
+        config = replace(origin, epochs=epochs)
         run.log_params(
             {**config.as_params(), "sizes": list(config.spec().sizes), "n_train_rows": N_TRAIN}
         )
@@ -191,9 +192,9 @@ def test_the_comparison_takes_the_origin_from_a_train_run_of_the_exact_preset(
         if line.startswith(("| origin", "| tuned best"))
     ]  # fmt: skip
     origin, tuned_origin, tuned = rows
-    assert origin.startswith("| origin (seed preset)")
+    assert origin.startswith("| origin preset: [784, 30, 10]")
     assert "| 43.80% | 44.80% | 200 | 61.5 | 23,860 | train run " in origin
-    assert "not in this store; run `python -m research study experiments/seed_baseline.toml`" in (
+    assert "not in this store; run `python -m research study experiments/origin_baseline.toml`" in (
         tuned_origin
     )
     best = report_json(out_dir)["test"]["accuracy"]
@@ -207,7 +208,7 @@ def test_failed_single_and_running_trials(tmp_path):
     still running is left out and named."""
     import optuna
 
-    from research.tracking import StudyTracker
+    from research.experiment.tracking.runs import StudyTracker
 
     # test_study's float32 network with linear outputs and momentum: quick trials, and a
     # learning rate that surely diverges. Two trials, so its median pruner never prunes.
@@ -230,7 +231,7 @@ def test_failed_single_and_running_trials(tmp_path):
     assert "1 COMPLETE, 1 FAIL" in out, out
     # A worker that is still training trial 2: its MLflow run is open (RUNNING).
     tracker = StudyTracker.open("edge", uri)
-    tracker.start_trial_run("edge", 2, seed=0)
+    tracker.start_trial_run("edge", 2)
 
     code, out, err = run_cli(["report", "edge", "--tracking-uri", uri])
     assert code == 0, out + err
@@ -289,16 +290,16 @@ def test_failed_single_and_running_trials(tmp_path):
 
 
 def test_an_unknown_study_lists_the_studies_that_exist(tmp_path):
-    from research.tracking import StudyTracker
+    from research.experiment.tracking.runs import StudyTracker
 
     uri = sqlite_uri(tmp_path)
-    for name in ("mnist_mlp", "seed_baseline"):
+    for name in ("mnist_mlp", "origin_baseline"):
         StudyTracker.open(name, uri)
     code, _out, err = run_cli(["report", "mnist_mpl", "--tracking-uri", uri])
     assert code == 2
     assert err == (
         f"error: no study named 'mnist_mpl' in {uri}; "
-        "the studies there are: mnist_mlp, seed_baseline\n"
+        "the studies there are: mnist_mlp, origin_baseline\n"
     )
     assert not (tmp_path / "mlruns" / "reports").exists()
 
@@ -314,7 +315,7 @@ def test_a_mistyped_store_is_an_error_and_creates_nothing(tmp_path):
 
 
 def test_a_store_without_studies_says_how_to_make_one(tmp_path):
-    from research.tracking import start_training_run
+    from research.experiment.tracking.runs import start_training_run
 
     uri = sqlite_uri(tmp_path)
     start_training_run("train", tracking_uri=uri).finish()  # a store with a train run only

@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from research.blas_kernels import loaded_kernels
 from research.cli import main
-from research.study_config import load_study_config
-from research.tracking import load_weights
-from research.train import TrainConfig
+from research.engine.blas_kernels import loaded_kernels
+from research.experiment.fields import TrainConfig
+from research.experiment.study_config import load_study_config
+from research.experiment.tracking.weights import load_weights
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_MLP = REPO / "experiments" / "mnist_mlp.toml"
@@ -341,15 +341,28 @@ def test_tiny_study_records_every_trial_in_optuna_and_mlflow(tiny):
     assert parent.data.tags["optuna.storage"] == str(tiny.folder / "mlruns" / "optuna.journal")
     assert parent.data.params["study_file"] == MNIST_MLP.name
     assert parent.data.params["objective"] == "val/accuracy"
-    assert artifact_paths(tiny.uri, parent_id, "study") == {f"study/{MNIST_MLP.name}"}
+    assert artifact_paths(tiny.uri, parent_id, "study") == {
+        f"study/{MNIST_MLP.name}",
+        "study/search_space.json",
+    }
     folder = artifact_dir(parent)
     assert (folder / "study" / MNIST_MLP.name).read_bytes() == MNIST_MLP.read_bytes()
+    # the search space as data, as the study file declares it (the report reads it back)
+    space = json.loads((folder / "study" / "search_space.json").read_text())
+    assert space == [param.as_dict() for param in config.search]
+    assert [entry["name"] for entry in space] == list(config.search_names)
+    # the figures, drawn as the report draws them
     figures = artifact_paths(tiny.uri, parent_id, "figures")
-    assert "figures/optimization_history.png" in figures
+    assert {
+        "figures/optimization_history.png",
+        "figures/loss_curves.png",
+        "figures/val_accuracy_vs_params.png",
+    } <= figures
     assert figures <= {
         "figures/optimization_history.png",
+        "figures/loss_curves.png",
+        "figures/val_accuracy_vs_params.png",
         "figures/param_importances.png",
-        "figures/intermediate_values.png",
     }
     for figure in figures:
         assert (folder / figure).read_bytes()[:8] == PNG_MAGIC, figure
@@ -867,8 +880,8 @@ def test_a_trial_left_running_by_a_dead_worker_is_failed_and_queued_again(tmp_pa
     import optuna
     from optuna.trial import TrialState
 
-    from research.study import ATTR_INTERRUPTED, ATTR_RETRY_OF, ATTR_WORKER
-    from research.tracking import StudyTracker
+    from research.experiment.tracking.runs import StudyTracker
+    from research.experiment.trials import ATTR_INTERRUPTED, ATTR_RETRY_OF, ATTR_WORKER
 
     uri = sqlite_uri(tmp_path)
     code, _, err = run_cli([*tiny_study_argv(uri, 1), "--no-final"])
@@ -890,7 +903,7 @@ def test_a_trial_left_running_by_a_dead_worker_is_failed_and_queued_again(tmp_pa
         stale._trial_id, ATTR_WORKER, f"{socket.gethostname()}:{dead_pid}"
     )
     tracker = StudyTracker.open(STUDY, uri)
-    orphan = tracker.start_trial_run(STUDY, stale.number, seed=0)
+    orphan = tracker.start_trial_run(STUDY, stale.number)
 
     code, out, err = run_cli([*tiny_study_argv(uri, 3), "--no-final"])
     assert code == 0, err
@@ -920,10 +933,10 @@ def test_ctrl_c_records_the_trial_as_interrupted_and_resuming_runs_it_again(tmp_
     then completes the study with the requested number of counted trials."""
     from optuna.trial import TrialState
 
-    import research.study as study_module
-    from research.study import ATTR_INTERRUPTED, ATTR_RETRY_OF
+    import research.experiment.trials as trials_module
+    from research.experiment.trials import ATTR_INTERRUPTED, ATTR_RETRY_OF
 
-    real_train = study_module.train
+    real_train = trials_module.train
 
     def interrupted_train(*args, **kwargs):
         on_epoch = kwargs["on_epoch"]
@@ -935,7 +948,7 @@ def test_ctrl_c_records_the_trial_as_interrupted_and_resuming_runs_it_again(tmp_
         return real_train(*args, **{**kwargs, "on_epoch": on_epoch_then_ctrl_c})
 
     uri = sqlite_uri(tmp_path)
-    monkeypatch.setattr(study_module, "train", interrupted_train)
+    monkeypatch.setattr(trials_module, "train", interrupted_train)
     code, _, err = run_cli([*tiny_study_argv(uri, 2), "--no-final"])
     assert code == 130
     assert "interrupted" in err and "run the same command again" in err
@@ -949,7 +962,7 @@ def test_ctrl_c_records_the_trial_as_interrupted_and_resuming_runs_it_again(tmp_
     (run,) = children
     assert run.info.status == "KILLED" and run.data.tags["research.state"] == "FAIL"
 
-    monkeypatch.setattr(study_module, "train", real_train)
+    monkeypatch.setattr(trials_module, "train", real_train)
     code, _, err = run_cli([*tiny_study_argv(uri, 2), "--no-final"])
     assert code == 0, err
     study = load_optuna_study(tmp_path)
@@ -960,7 +973,7 @@ def test_ctrl_c_records_the_trial_as_interrupted_and_resuming_runs_it_again(tmp_
 
 
 def test_storage_passwords_are_never_shown():
-    from research.study import redact
+    from research.experiment.tracking.stores import redact
 
     assert (
         redact("postgresql://alice:s3cret@db:5432/optuna")

@@ -8,105 +8,44 @@ import copy
 import itertools
 import math
 import pickle
-import re
 import subprocess
 import sys
 import textwrap
 import tomllib
 from collections.abc import Callable
 from dataclasses import FrozenInstanceError, replace
-from datetime import date, datetime, time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from research.mlp import ACTIVATIONS, INIT_SCHEMES, LOSSES, OUTPUTS
-from research.optim import OPTIMIZERS
-from research.study_config import (
-    _FIELD_RULES,
-    KINDS,
+from research.engine.mlp import ACTIVATIONS, INIT_SCHEMES, LOSSES, OUTPUTS
+from research.engine.optim import OPTIMIZERS
+from research.experiment.fields import FIELDS, PRESETS, DeprecatedName, TrainConfig
+from research.experiment.search_space import KINDS, SEARCHABLE, SearchParam
+from research.experiment.study_config import (
     MAX_COMBINATIONS,
-    NOT_SEARCHABLE,
-    SEARCHABLE,
-    SearchParam,
     StudyConfig,
     StudyConfigError,
     check_batch_size,
     load_study_config,
     with_overrides,
 )
-from research.train import PRESETS, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_MLP = REPO / "experiments" / "mnist_mlp.toml"
-SEED_BASELINE = REPO / "experiments" / "seed_baseline.toml"
-SHIPPED = (MNIST_MLP, SEED_BASELINE)
+ORIGIN_BASELINE = REPO / "experiments" / "origin_baseline.toml"
+SHIPPED = (MNIST_MLP, ORIGIN_BASELINE)
 
 Doc = dict[str, Any]
 
 
-# --- a minimal TOML writer (tomli_w is not a dependency) ---------------------------------------
-
-
-def _toml_string(text: str) -> str:
-    """A TOML basic string: quotes, backslashes and control characters escaped."""
-    out = []
-    for ch in text:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ch < " " or ch == "\x7f":
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
-
-
-def _toml_key(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_string(key)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return _toml_string(value)
-    if isinstance(value, datetime | date | time):
-        return value.isoformat()
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        items = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
-        return "{" + items + "}"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
 def dumps(doc: Doc) -> str:
-    """TOML text for a document of nested tables (tables as [a.b] sections, arrays inline)."""
-    lines: list[str] = []
-
-    def emit(table: Doc, prefix: list[str]) -> None:
-        for key, value in table.items():
-            if not isinstance(value, dict):
-                lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
-        for key, value in table.items():
-            if isinstance(value, dict):
-                name = [*prefix, key]
-                lines.extend(["", "[" + ".".join(_toml_key(k) for k in name) + "]"])
-                emit(value, name)
-
-    emit(doc, [])
-    return "\n".join(lines) + "\n"
+    """TOML text for a document (tomli-w)."""
+    return tomli_w.dumps(doc)
 
 
 def parsed(path: Path) -> Doc:
@@ -156,11 +95,11 @@ def test_the_default_study_loads():
     check_batch_size(config, 50_000)
 
 
-def test_the_seed_baseline_starts_from_the_origin():
-    config = load_study_config(SEED_BASELINE)
-    assert config.preset == "seed"
+def test_the_origin_baseline_starts_from_the_origin():
+    config = load_study_config(ORIGIN_BASELINE)
+    assert config.preset == "origin"
     assert config.search_names == ("hidden_size", "learning_rate", "batch_size")
-    origin = PRESETS["seed"].as_params()
+    origin = PRESETS["origin"].as_params()
     assert config.fixed["epochs"] == 30 and origin["epochs"] == 200
     assert {k: v for k, v in config.fixed.items() if k != "epochs"} == {
         k: v for k, v in origin.items() if k not in config.search_names and k != "epochs"
@@ -170,8 +109,17 @@ def test_the_seed_baseline_starts_from_the_origin():
     assert hidden.low <= origin["hidden_size"] <= hidden.high
     assert rate.low <= origin["learning_rate"] <= rate.high
     assert origin["batch_size"] in batch.choices
-    assert "200" in SEED_BASELINE.read_text()
+    assert "200" in ORIGIN_BASELINE.read_text()
     check_batch_size(config, 50_000)
+
+
+def test_the_old_name_of_the_origin_preset_still_works_with_a_note(tmp_path):
+    doc = parsed(ORIGIN_BASELINE)
+    doc["study"]["preset"] = "seed"
+    with pytest.warns(DeprecatedName, match='"seed" is now called "origin"'):
+        config = load_study_config(write(tmp_path, doc))
+    assert config.preset == "origin"
+    assert replace(config, path=ORIGIN_BASELINE) == load_study_config(ORIGIN_BASELINE)
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
@@ -186,7 +134,7 @@ def test_the_shipped_files_comment_every_setting(path):
 
 
 def test_the_format_example_in_the_module_docstring_loads(tmp_path):
-    import research.study_config as module
+    import research.experiment.study_config as module
 
     example = module.__doc__.split("::\n\n", 1)[1].split("\n\nEvery key", 1)[0]
     config = load_study_config(write(tmp_path, textwrap.dedent(example)))
@@ -194,19 +142,22 @@ def test_the_format_example_in_the_module_docstring_loads(tmp_path):
     assert config.fixed["epochs"] == 8 and config.preset == "default"
 
 
-def test_every_trainconfig_field_has_a_rule():
-    fields = set(TrainConfig.field_names())
-    assert set(_FIELD_RULES) == fields
-    assert set(SEARCHABLE) | set(NOT_SEARCHABLE) == fields
-    assert _FIELD_RULES["activation"].names == ACTIVATIONS
-    assert _FIELD_RULES["output"].names == OUTPUTS
-    assert _FIELD_RULES["loss"].names == LOSSES
-    assert _FIELD_RULES["init"].names == INIT_SCHEMES
-    assert _FIELD_RULES["optimizer"].names == OPTIMIZERS
+def test_the_study_rules_are_the_field_table():
+    """What a study may search and which names a field allows come from the table alone."""
+    assert set(FIELDS) == set(TrainConfig.field_names())
+    assert SEARCHABLE == tuple(name for name, field in FIELDS.items() if not field.not_searchable)
+    assert {"epochs", "seed", "dtype", "raw_inputs", "drop_last"} == set(FIELDS) - set(SEARCHABLE)
+    assert FIELDS["activation"].choices == ACTIVATIONS
+    assert FIELDS["output"].choices == OUTPUTS
+    assert FIELDS["loss"].choices == LOSSES
+    assert FIELDS["init"].choices == INIT_SCHEMES
+    assert FIELDS["optimizer"].choices == OPTIMIZERS
+    for field in FIELDS.values():
+        assert field.help and field.group in {"model", "optimizer", "training", "data"}, field
 
 
 def test_the_module_imports_neither_optuna_nor_mlflow():
-    probe = "import sys, research.study_config; print(' '.join(sorted(sys.modules)))"
+    probe = "import sys, research.experiment.study_config; print(' '.join(sorted(sys.modules)))"
     result = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
     )
@@ -364,8 +315,8 @@ MISTAKES = [
           '"median", "hyperband", "none"', 'did you mean "median"'),
     _case("unknown objective", _set("study", "objective", value="val/acc"), "study.objective",
           '"val/acc"', '"val/accuracy" (maximize) or "val/loss" (minimize)'),
-    _case("unknown preset", _set("study", "preset", value="sead"), "study.preset", '"sead"',
-          '"seed", "default"', 'did you mean "seed"'),
+    _case("unknown preset", _set("study", "preset", value="orign"), "study.preset", '"orign"',
+          '"origin", "default"', 'did you mean "origin"'),
     _case("unknown activation", _set("fixed", "activation", value="rellu"), "fixed.activation",
           '"rellu"', '"sigmoid", "tanh", "relu"', 'did you mean "relu"'),
     _case("unknown loss", _set("fixed", "loss", value="crossentropy"), "fixed.loss",
@@ -412,7 +363,7 @@ MISTAKES = [
           'fixed.loss = "cross_entropy"'),
     _case("fixed loss against the preset's output", _set("fixed", "loss", value="cross_entropy"),
           "fixed.loss", 'fixed.loss = "cross_entropy"', "values TrainConfig accepts together",
-          'output = "sigmoid" (from preset "seed")', base=SEED_BASELINE),
+          'output = "sigmoid" (from preset "origin")', base=ORIGIN_BASELINE),
     _case("searching momentum without the momentum optimizer",
           _all(_set("fixed", "optimizer", value="adam"), _drop("fixed", "momentum"),
                _set("search", "momentum", value={"type": "float", "low": 0.5, "high": 0.99})),
@@ -621,7 +572,7 @@ KEYS = sorted(
 )
 NAMES = sorted(
     {*ACTIVATIONS, *OUTPUTS, *LOSSES, *INIT_SCHEMES, *OPTIMIZERS, *KINDS, "float32", "float64"}
-    | {"tpe", "random", "median", "hyperband", "none", "seed", "default", "val/loss"}
+    | {"tpe", "random", "median", "hyperband", "none", "origin", "default", "val/loss"}
 )
 SCALARS = st.one_of(
     st.integers(-3, 2000),

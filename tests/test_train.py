@@ -7,7 +7,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from research.train import PRESETS, DivergenceError, TrainConfig, evaluate, preset, train
+from research.experiment.fields import PRESETS, TrainConfig, preset
+from research.experiment.train import DivergenceError, evaluate, train
 
 
 def small_data(n=600, seed=0):
@@ -86,7 +87,7 @@ def test_config_validation_names_the_field():
 
 
 def test_seed_preset_is_the_origin_configuration():
-    config = PRESETS["seed"]
+    config = PRESETS["origin"]
     spec = config.spec()
     assert spec.sizes == (784, 30, 10)
     assert (spec.activation, spec.output, spec.loss) == ("sigmoid", "sigmoid", "mse")
@@ -103,7 +104,7 @@ def test_evaluate_matches_hand_count():
     x, labels = small_data(200)
     config = replace(PRESETS["default"], hidden_size=8)
     params = train(replace(config, epochs=1, batch_size=20), x, labels, x, labels).params
-    from research.mlp import predict
+    from research.engine.mlp import predict
 
     _, accuracy = evaluate(params, x, labels, config.spec(), chunk=64)
     assert accuracy == np.mean(predict(params, x, config.spec()) == labels)

@@ -12,13 +12,13 @@ once and save the decoded arrays as ``<data_dir>/mnist_idx/cache-v1.npz``, so ev
 a single ``np.load``.
 
 The cache is never trusted blindly: it carries a format version and the source digests, and on
-every load its arrays are re-serialized to IDX and hashed against ``MNIST_DIGESTS`` (tens of ms),
+every load its arrays are re-serialized to IDX and hashed against ``MNIST_DIGESTS``,
 so a stale, truncated or tampered cache is rebuilt from the tfds copy instead of being used.
 
 Splits (fixed, no randomness): ``train`` = rows 0..49,999 of the official training set,
 ``validation`` = its last 10,000 rows, ``test`` = the 10,000 official test images.
 
-tensorflow_datasets is imported lazily: importing it takes about a second, and a warm load does
+tensorflow_datasets is imported lazily: importing it is slow, and a warm load does
 not need it.
 """
 
@@ -466,7 +466,7 @@ def _probe(url: str, timeout: float = 10.0) -> None:
     Skipped behind a proxy, where only the proxy knows whether the host is reachable.
     """
     import urllib.parse
-    import urllib.request  # ~25 ms to import, so only on this rare path
+    import urllib.request  # slow to import, so only on this rare path
 
     parts = urllib.parse.urlsplit(url)
     if urllib.request.getproxies().get(parts.scheme):

@@ -18,16 +18,22 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
 Params = list[dict[str, np.ndarray]]
 
-ACTIVATIONS = ("sigmoid", "tanh", "relu")
-OUTPUTS = ("sigmoid", "softmax", "identity")
-LOSSES = ("mse", "cross_entropy", "bce")
-INIT_SCHEMES = ("normal", "xavier", "he")
+# The names each choice allows, declared once: the spec's annotations, its checks and the field
+# table of training runs (research.experiment.fields) all read them from here.
+Activation = Literal["sigmoid", "tanh", "relu"]
+Output = Literal["sigmoid", "softmax", "identity"]
+Loss = Literal["mse", "cross_entropy", "bce"]
+InitScheme = Literal["normal", "xavier", "he"]
+ACTIVATIONS: tuple[str, ...] = get_args(Activation)
+OUTPUTS: tuple[str, ...] = get_args(Output)
+LOSSES: tuple[str, ...] = get_args(Loss)
+INIT_SCHEMES: tuple[str, ...] = get_args(InitScheme)
 # A loss computed from logits only makes sense with the output it was derived for.
 LOSS_NEEDS_OUTPUT = {"cross_entropy": "softmax", "bce": "sigmoid"}
 
@@ -45,9 +51,9 @@ class MLPSpec:
     """
 
     sizes: tuple[int, ...]
-    activation: Literal["sigmoid", "tanh", "relu"]
-    output: Literal["sigmoid", "softmax", "identity"]
-    loss: Literal["mse", "cross_entropy", "bce"]
+    activation: Activation
+    output: Output
+    loss: Loss
     l2: float = 0.0
 
     def __post_init__(self) -> None:
@@ -106,7 +112,7 @@ def count_params(sizes: Sequence[int]) -> int:
     return sum((n_in + 1) * n_out for n_in, n_out in itertools.pairwise(sizes))
 
 
-def seed_spec() -> MLPSpec:
+def origin_spec() -> MLPSpec:
     """The origin program's network: [784, 30, 10], sigmoid everywhere, squared error."""
     return MLPSpec(sizes=(784, 30, 10), activation="sigmoid", output="sigmoid", loss="mse")
 

@@ -3,13 +3,12 @@
 ``np.matmul`` always writes a fresh product; general matrix multiply (GEMM) can also accumulate
 into its output. Plain SGD's weight update W ← W − inputsᵀ·(learning_rate·δ) is exactly such a
 GEMM, so the gradient never needs to be stored and subtracted in a second pass over the
-weights (measured on [784, 1024, 1024, 10] float32, batch 256: see the README's Performance
-section).
+weights (docs/performance.md).
 
 The call goes to the very OpenBLAS library numpy loaded (found through threadpoolctl, bound with
-ctypes), so one BLAS, one thread pool and one thread setting serve every product: loading a second
-OpenBLAS (SciPy's, say) into the same loop made each step ~3x slower. Where numpy's BLAS is not
-a 64-bit-integer OpenBLAS build with the ``cblas_?gemm`` symbols the numpy wheels ship,
+ctypes), so one BLAS, one thread pool and one thread setting serve every product: a second
+OpenBLAS (SciPy's, say) in the same loop would fight numpy's for the cores. Where numpy's BLAS is
+not a 64-bit-integer OpenBLAS build with the ``cblas_?gemm`` symbols the numpy wheels ship,
 :func:`gemm_update` returns None and callers take the two-pass numpy route.
 """
 
@@ -21,7 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from research.blas_kernels import numpy_openblas_pool
+from research.engine.blas_kernels import numpy_openblas_pool
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 # numpy ≥ 2 wheels ship scipy-openblas64 (symbols prefixed scipy_, suffixed 64_); older ones

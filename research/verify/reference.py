@@ -1,8 +1,9 @@
-"""An independent JAX reference for the MLP in :mod:`research.mlp`, differentiated by autodiff.
+"""An independent JAX reference for the MLP of :mod:`research.engine.mlp`, differentiated by
+autodiff.
 
 The forward pass and the three losses are written again from their definitions in ``jax.numpy``
-(nothing is shared with :mod:`research.mlp` but the :class:`~research.mlp.MLPSpec` dataclass) and
-the gradients come from :func:`jax.value_and_grad`, so the handwritten backprop can be checked
+(nothing is shared with :mod:`research.engine.mlp` but the ``MLPSpec`` dataclass) and the
+gradients come from :func:`jax.value_and_grad`, so the handwritten backprop can be checked
 against them. For a batch of B rows, targets ``y`` (B, k) and output logits ``z`` (B, k):
 
 - ``mse``:           (1/B) Σ_b ½ Σ_k (out(z)_bk − y_bk)²   for any output nonlinearity ``out``
@@ -19,7 +20,7 @@ the parameters.
 Jitted functions are cached per (activation, output, loss) triple of the spec; ``l2`` is passed as
 a traced argument, so specs that differ only in ``l2`` share one compilation, and XLA recompiles
 only when the layer shapes, batch size or dtype change. They are compiled with XLA's backend
-optimization level 0, which halves the compile time that dominates these small computations, and
+optimization level 0, which cuts the compile time that dominates these small computations, and
 dropped after 256 compilations (see ``_MAX_COMPILED``), so a long process cannot run out of
 memory mappings.
 """
@@ -34,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.mlp import MLPSpec
+from research.engine.mlp import MLPSpec
 
 jax.config.update("jax_enable_x64", True)
 
@@ -149,7 +150,7 @@ def objective(
 
 
 # These graphs are tiny and each is run only a few times (a test, a gradient check), so XLA's
-# compile time dominates; skipping LLVM's optimizations halves it. Results are unchanged up to the
+# compile time dominates; skipping LLVM's optimizations cuts it. Results are unchanged up to the
 # rounding of a few ulp that any change of evaluation order brings.
 _COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 

@@ -13,21 +13,22 @@ how the tests check them against JAX.
 Each optimizer also has ``update_in_place(params, grads, state)``: the same rule, evaluated in the
 same order (so float64 results are identical to ``update``'s), but writing into ``params`` and
 ``state`` and using ``grads`` as scratch space. It is what the training loop's fast path
-(:mod:`research.inplace`) calls; it saves allocating and filling a fresh copy of every parameter
-and state array per step (measured on [784, 1024, 1024, 10] float32: momentum 3.0 → 2.1 ms/step).
+(:mod:`research.engine.inplace`) calls; it saves allocating and filling a fresh copy of every
+parameter and state array per step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
-from research.mlp import Params
+from research.engine.mlp import Params
 
-OPTIMIZERS = ("sgd", "momentum", "adam")
+OptimizerName = Literal["sgd", "momentum", "adam"]
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 
 State = Any
 

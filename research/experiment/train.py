@@ -3,140 +3,30 @@
 Training knows nothing of Optuna or MLflow: after each epoch it hands an :class:`EpochMetrics` to
 an ``on_epoch`` callback, and the tracking and tuning layers hang off that callback.
 
-Each step runs on :class:`~research.inplace.InPlaceTrainingStep`, the in-place equivalent of
-``mlp.loss_and_grads`` followed by ``optimizer.update`` (tested to agree to ~1e-15 in float64).
+Each step runs on :class:`~research.engine.inplace.InPlaceTrainingStep`, the in-place equivalent
+of ``mlp.loss_and_grads`` followed by ``optimizer.update`` (tested to agree in float64).
 
 Mini-batches: the rows are shuffled by a generator seeded from ``seed`` once per epoch; the last
-partial batch is kept unless ``drop_last`` is set (the origin program dropped it, so the ``seed``
-preset does too). ``train/loss`` is the mean of the batch losses over the epoch, weighted by batch
-size (computed with the gradients, so it costs nothing extra; the parameters move during the
-epoch, as in the origin's printout). ``val/loss`` and ``val/accuracy`` are computed after the
-epoch with the final parameters of that epoch.
+partial batch is kept unless ``drop_last`` is set (the origin program dropped it, so the
+``origin`` preset does too). ``train/loss`` is the mean of the batch losses over the epoch,
+weighted by batch size (computed with the gradients, so it costs nothing extra; the parameters
+move during the epoch, as in the origin's printout). ``val/loss`` and ``val/accuracy`` are
+computed after the epoch with the final parameters of that epoch.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from research.inplace import InPlaceTrainingStep
-from research.mlp import (
-    ACTIVATIONS,
-    INIT_SCHEMES,
-    LOSSES,
-    OUTPUTS,
-    MLPSpec,
-    Params,
-    data_loss,
-    forward_layers,
-    init_params,
-    l2_penalty,
-)
-from research.optim import OPTIMIZERS, make_optimizer
-
-N_INPUTS = 784
-N_CLASSES = 10
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines a training run. Field names are the project's names for these
-    quantities everywhere: command-line flags, study TOML keys, Optuna and MLflow params."""
-
-    hidden_size: int = 256
-    n_hidden_layers: int = 1
-    activation: str = "relu"
-    output: str = "softmax"
-    loss: str = "cross_entropy"
-    l2: float = 0.0
-    init: str = "he"
-    optimizer: str = "momentum"
-    learning_rate: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    batch_size: int = 128
-    epochs: int = 10
-    seed: int = 0
-    drop_last: bool = False
-    raw_inputs: bool = False
-    dtype: str = "float32"
-
-    def __post_init__(self) -> None:
-        positive_ints = ("hidden_size", "n_hidden_layers", "batch_size", "epochs")
-        for name in positive_ints:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-                raise ValueError(f"{name}={value!r} is not allowed; give an integer >= 1")
-        choices = {
-            "activation": ACTIVATIONS,
-            "output": OUTPUTS,
-            "loss": LOSSES,
-            "init": INIT_SCHEMES,
-            "optimizer": OPTIMIZERS,
-            "dtype": ("float32", "float64"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"{name}={getattr(self, name)!r} is not allowed; "
-                    f"choose one of {', '.join(allowed)}"
-                )
-        if not (np.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError(
-                f"learning_rate={self.learning_rate!r} is not allowed; give a number > 0"
-            )
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum={self.momentum!r} is not allowed; give a number in [0, 1)")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer):
-            raise ValueError(f"seed={self.seed!r} is not allowed; give an integer")
-        self.spec()  # validates activation/output/loss combinations and l2
-
-    def spec(self) -> MLPSpec:
-        """The network: 784 inputs, ``n_hidden_layers`` of ``hidden_size``, 10 outputs."""
-        sizes = (N_INPUTS, *([self.hidden_size] * self.n_hidden_layers), N_CLASSES)
-        return MLPSpec(sizes, self.activation, self.output, self.loss, self.l2)
-
-    def as_params(self) -> dict[str, Any]:
-        """Flat name → value mapping (for MLflow params and tables)."""
-        return asdict(self)
-
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
-
-
-PRESETS: dict[str, TrainConfig] = {
-    # The origin program: [784, 30, 10], sigmoid everywhere, squared error, plain SGD at 0.01,
-    # batch 256 with the remainder dropped, 200 epochs, standard-normal init. Inputs are scaled to
-    # [0, 1] unless raw_inputs is set (the origin fed raw 0..255 pixels).
-    "seed": TrainConfig(
-        hidden_size=30,
-        activation="sigmoid",
-        output="sigmoid",
-        loss="mse",
-        init="normal",
-        optimizer="sgd",
-        learning_rate=0.01,
-        nesterov=False,
-        batch_size=256,
-        epochs=200,
-        drop_last=True,
-        dtype="float64",
-    ),
-    # A modern default: ReLU, softmax cross-entropy, Nesterov momentum, He init.
-    "default": TrainConfig(),
-}
-
-
-def preset(name: str, **overrides: Any) -> TrainConfig:
-    """A preset with some fields replaced; unknown presets raise ValueError."""
-    if name not in PRESETS:
-        raise ValueError(f"preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
+from research.data import N_CLASSES
+from research.engine.inplace import InPlaceTrainingStep
+from research.engine.mlp import MLPSpec, Params, data_loss, forward_layers, init_params, l2_penalty
+from research.engine.optim import make_optimizer
+from research.experiment.fields import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -272,15 +162,13 @@ def train(
     )
     if params is None:
         params = init_params(spec, init_rng, dtype=dtype, scheme=config.init)
-    optimizer = make_optimizer(
-        config.optimizer,
-        config.learning_rate,
-        **(
-            {"beta": config.momentum, "nesterov": config.nesterov}
-            if config.optimizer == "momentum"
-            else {}
-        ),
-    )
+    # each optimizer's own fields
+    options = {
+        "sgd": {},
+        "momentum": {"beta": config.momentum, "nesterov": config.nesterov},
+        "adam": {},
+    }[config.optimizer]
+    optimizer = make_optimizer(config.optimizer, config.learning_rate, **options)
     # The fast path: loss_and_grads + optimizer.update computed in place (tests/test_inplace.py).
     stepper = InPlaceTrainingStep(spec, params, optimizer, config.batch_size)
     x_train = np.asarray(x_train, dtype=dtype)

@@ -5,18 +5,20 @@ library loads, from the CPU's features, or from the environment variable ``OPENB
 if that is set. On AMD Zen 4 (CPU family 25 with AVX-512) it picks its SkylakeX kernels, written
 for Intel's AVX-512 units; Zen 4 runs each 512-bit instruction as two 256-bit halves, and there
 the kernels OpenBLAS itself uses on Zen 2 and Zen 3 (``Zen``, the Haswell AVX2 kernels) are the
-faster ones for this project's float32 products. Measured on a 2-core AMD EPYC (Zen 4) with
-numpy 2.4's OpenBLAS 0.3.31, each setting in fresh processes, alternating: a [784, 1024, 1024, 10]
-training step at batch 256 takes 12.9–13.4 ms with ``Zen`` against 14.2–14.4 ms with SkylakeX;
-float64 products lose a little (README, Performance, has every figure). OpenBLAS reports the Zen
-kernels as ``Haswell``.
+faster ones for this project's float32 products (docs/performance.md has the measurements).
+OpenBLAS reports the Zen kernels as ``Haswell``.
 
-So ``import research`` sets ``OPENBLAS_CORETYPE=Zen`` on Zen 4, only where the user has not set
-the variable (any value, even an empty one, is left alone: ``OPENBLAS_CORETYPE=SkylakeX``, or an
-empty value, gives back OpenBLAS's own choice) and only if numpy is not loaded yet: once numpy is
-loaded, its kernels are chosen, and the variable is set to those instead, so that worker
-processes run what their parent runs. Other CPUs are left to OpenBLAS (Zen 5 and Intel CPUs were
-not measured here).
+Importing this module (or any of the project) changes nothing. The choice is an explicit call,
+:func:`choose_openblas_kernels`, made by ``python -m research`` at its entry, before numpy loads:
+it sets ``OPENBLAS_CORETYPE=Zen`` on Zen 4, only where the user has not set the variable (any
+value, even an empty one, is left alone: ``OPENBLAS_CORETYPE=SkylakeX``, or an empty value, gives
+back OpenBLAS's own choice). If numpy is loaded already, its kernels are chosen, and the variable
+is set to those instead, so that worker processes run what their parent runs. Other CPUs are left
+to OpenBLAS. A script that uses the library directly can make the same call first::
+
+    from research.engine.blas_kernels import choose_openblas_kernels
+    choose_openblas_kernels()  # before numpy is imported
+    import numpy as np
 
 The kernels change the order of the sums, hence the last bits of every result: runs record the
 kernels they used (``blas_kernels``) and ``rerun`` says when they differ from its own.

@@ -7,11 +7,7 @@ gathered batch, each layer's activations and deltas, the gradients) in buffers a
 ``tests/test_inplace.py`` checks it against the pure functions in float64 over every activation,
 output, loss, optimizer and several depths; the pure functions are in turn checked against JAX.
 
-What it does differently (together, at idle on 2 cores in float32, with OpenBLAS's SkylakeX
-kernels: an epoch of the origin's network in 78 ms instead of the pure loop's 90 ms; a
-[784, 1024, 1024, 10] step at batch 256 in 14.4 ms, 15.2 ms without the fused update; 12.9–13.4 ms
-with the Zen kernels that :mod:`research.blas_kernels` picks on AMD Zen 4; see the README's
-Performance section):
+What it does differently (docs/performance.md has the measurements behind each choice):
 
 - The batch is gathered from the shuffled row indices straight into a reused buffer
   (``np.take(..., out=)``): the rows land in cache, where both matrix products that read them
@@ -20,12 +16,12 @@ Performance section):
   hidden sigmoid is computed as 1/(1 + exp(−z)) in one branch (4 passes instead of ~8). It differs
   from ``mlp.sigmoid`` by an ulp or two and saturates to exactly 0 below z ≈ −88 (float32) /
   −709 (float64), where the true value is below the smallest normal number anyway.
-- Plain SGD: backprop is linear in the output delta, so the learning rate is multiplied into that
-  (B, k) array once and every gradient comes out already scaled; the weight update is then done
-  by the gradient's own matrix product, W ← W − inputsᵀ·(rate·δ), as one BLAS call that
-  accumulates into W (:mod:`research.blas`; without it, one subtraction per array). The weight
-  gradients are never stored. Other optimizers get plain gradients and run their
-  ``update_in_place``.
+- Plain SGD, where numpy's BLAS allows (:mod:`research.engine.blas`): backprop is linear in the
+  output delta, so the learning rate is multiplied into that (B, k) array once and every gradient
+  comes out already scaled; the weight update is then done by the gradient's own matrix product,
+  W ← W − inputsᵀ·(rate·δ), as one BLAS call that accumulates into W. The weight gradients are
+  never stored. Otherwise (other optimizers, or no such BLAS call) the step computes plain
+  gradients and runs the optimizer's ``update_in_place``.
 - Each layer's weights are updated right after their last use in the backward pass, while their
   gradient is still warm in cache.
 - No delta is computed for the input layer (nothing needs ∂loss/∂x).
@@ -38,9 +34,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from research.blas import gemm_update
-from research.mlp import MLPSpec, Params, l2_penalty, output_delta
-from research.optim import Optimizer
+from research.engine.blas import gemm_update
+from research.engine.mlp import MLPSpec, Params, l2_penalty, output_delta
+from research.engine.optim import Optimizer
 
 
 def _sigmoid_in_place(z: np.ndarray) -> None:
@@ -55,12 +51,9 @@ def _sigmoid_in_place(z: np.ndarray) -> None:
 def _relu_in_place(z: np.ndarray, mask: np.ndarray) -> None:
     """mask ← (z > 0), z ← z·mask: the relu and the derivative the backward pass reuses.
 
-    At (256, 1024) float32, ``np.maximum(z, 0)`` took 98 µs and the backward pass's
-    ``np.greater(a, 0)`` 16 µs; this takes 66 µs and the backward pass computes no mask. Whole
-    steps, interleaved with the previous version in one process (per-run ratio medians, 8-24
-    runs): 0.7-2.5% faster at batch 256, 1.5-2.8% at batch 1024 (a float32 mask instead of a
-    boolean one: 1.9% at 1024, none at 256). It differs from ``mlp.relu`` only in the sign of
-    zeros (−0.0 for negative z) and at z = −inf (NaN instead of 0).
+    One pass less than ``np.maximum(z, 0)`` followed by a mask in the backward pass. It differs
+    from the relu of :mod:`research.engine.mlp` only in the sign of zeros (−0.0 for negative z)
+    and at z = −inf (NaN instead of 0).
     """
     np.greater(z, 0, out=mask)
     z *= mask
@@ -76,8 +69,9 @@ class InPlaceTrainingStep:
         optimizer: the update rule; its ``init`` gives the starting state.
         batch_size: the largest batch :meth:`step` will be given.
         blas_update: for plain SGD, update the weights inside the gradient's matrix product
-            (``research.blas``) where numpy's BLAS allows; False takes the two-pass numpy route
-            (the tests check both).
+            (``research.engine.blas``) where numpy's BLAS allows; False computes the gradients
+            and runs ``optimizer.update_in_place``, as for every other optimizer (the tests
+            check both).
 
     Attributes:
         params: the current parameters (updated in place by every step; copy them to keep them).
@@ -102,8 +96,6 @@ class InPlaceTrainingStep:
         if self.dtype not in (np.float32, np.float64):
             raise ValueError(f"parameters must be float32 or float64, got {self.dtype}")
         self.state = optimizer.init(self.params)
-        # SGD's rate is folded into the output delta (see the module docstring).
-        self._fold_rate = optimizer.name == "sgd"
         widths = spec.sizes
         empty = np.empty
         self._x = empty((batch_size, widths[0]), self.dtype)
@@ -117,7 +109,9 @@ class InPlaceTrainingStep:
         derivative_dtype = bool if spec.activation == "relu" else self.dtype
         self._derivatives = [empty((batch_size, n), derivative_dtype) for n in widths[1:-1]]
         self._ones = np.ones(batch_size, self.dtype)
-        self._gemm_update = gemm_update() if self._fold_rate and blas_update else None
+        # Plain SGD folds its rate into the output delta and updates W inside one GEMM.
+        fused = optimizer.name == "sgd" and blas_update
+        self._gemm_update = gemm_update() if fused else None
         # Gradient buffers; the fused SGD update needs only the biases'.
         self.grads: Params = [
             {key: np.empty_like(value) for key, value in layer.items()}
@@ -165,7 +159,7 @@ class InPlaceTrainingStep:
                 inputs.append(out)
         value, delta = output_delta(out, yb, spec)
         total = float(value) + l2_penalty(params, spec.l2)
-        if self._fold_rate:
+        if self._gemm_update is not None:
             delta *= dtype(self.optimizer.learning_rate)
 
         # backward, updating each layer once its weights have been used for the delta below it
@@ -174,8 +168,8 @@ class InPlaceTrainingStep:
             W, b, grad = params[i]["W"], params[i]["b"], self.grads[i]
             if i > 0:  # from the weights before their update
                 below = np.matmul(delta, W.T, out=self._deltas[i - 1][:n])
-            # Σ over the batch as a vector-matrix product: 2 µs instead of np.sum's 6 µs at
-            # (256, 10), which adds up to 3 ms an epoch on the origin's network.
+            # Σ over the batch as a vector-matrix product: faster than np.sum on these small
+            # arrays, which adds up over an epoch of the origin's network (docs/performance.md).
             np.matmul(self._ones[:n], delta, out=grad["b"])
             if self._gemm_update is not None:
                 # SGD in one product: W ← (1 − rate·l2)·W − inputsᵀ·(rate·δ)
@@ -184,14 +178,11 @@ class InPlaceTrainingStep:
             else:
                 np.matmul(inputs[i].T, delta, out=grad["W"])
                 if spec.l2:
-                    grad["W"] += dtype(spec.l2 * rate if self._fold_rate else spec.l2) * W
-                if self._fold_rate:
-                    np.subtract(W, grad["W"], out=W)
-                    np.subtract(b, grad["b"], out=b)
+                    grad["W"] += dtype(spec.l2) * W
             if i > 0:
                 self._multiply_by_derivative(below, inputs[i], i - 1)
                 delta = below
-        if not self._fold_rate:
+        if self._gemm_update is None:
             self.optimizer.update_in_place(params, self.grads, self.state)
         return total
 

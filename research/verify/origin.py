@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from research.mlp import Params
+from research.engine.mlp import Params
 
 
 def _origin_sigmoid(z: np.ndarray) -> np.ndarray:

@@ -1,0 +1,460 @@
+"""The field table: every quantity a training run is defined by, declared once.
+
+:class:`TrainConfig` *is* the table. Each field is one line: its name and type (the annotation;
+a ``Literal`` type lists the allowed names), its default, help text, group, range (``ge``,
+``gt``, ``le``, ``lt``; floats are also finite), whether a study may search it, and any extra
+command-line spellings. Everything else derives from it:
+
+- ``TrainConfig(...)`` checks every value (pydantic, strict types) and then the combinations;
+- the ``train`` flags and their choices, and ``gradcheck``'s model flags (:mod:`research.cli`);
+- the study files' ``[fixed]`` and ``[search]`` validation (:mod:`.study_config`);
+- the Optuna parameter names and the MLflow params, which are the field names;
+- ``rerun`` and the report, which read logged params back with :meth:`Field.parse`.
+
+Adding a field is this one declaration plus the code that uses it (docs/development.md walks
+through an example). Mistakes are :class:`ConfigError`: one line naming the key, the bad value and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import json
+import math
+import re
+import typing
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date, datetime, time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from research.data import N_CLASSES, N_PIXELS
+from research.engine.mlp import Activation, InitScheme, Loss, MLPSpec, Output
+from research.engine.optim import OptimizerName
+
+MAX_HIDDEN_SIZE = 65_536
+MAX_HIDDEN_LAYERS = 32
+
+# --- one line per field: the declaration -------------------------------------------------------
+
+
+def knob(
+    default: Any,
+    help: str,
+    group: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    not_searchable: str = "",
+    flags: tuple[str, ...] = (),
+) -> Any:
+    """Declares one field of :class:`TrainConfig` (a dataclass field carrying its description).
+
+    Args:
+        default: its value when nothing else sets it.
+        help: what it is, for ``--help`` and the docs.
+        group: ``model``, ``optimizer``, ``training`` or ``data``: how flags are grouped;
+            ``gradcheck`` takes the ``model`` ones.
+        ge, gt, le, lt: bounds of a number (floats must also be finite).
+        not_searchable: why a study may not search it ("" if it may).
+        flags: extra command-line spellings beside ``--<name-with-dashes>``.
+    """
+    description = {
+        "help": help,
+        "group": group,
+        "bounds": {"ge": ge, "gt": gt, "le": le, "lt": lt},
+        "not_searchable": not_searchable,
+        "flags": flags,
+    }
+    return dataclasses.field(default=default, metadata={"knob": description})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run: the field table.
+
+    Field names are the project's names for these quantities everywhere: command-line flags,
+    study TOML keys, Optuna parameters and MLflow params. Construction checks every value and
+    raises :class:`ConfigError` (a ValueError) for a bad one, or ValueError for a combination
+    the network does not allow (cross-entropy without softmax, say).
+    """
+
+    hidden_size: int = knob(
+        256, "units in each hidden layer", "model", ge=1, le=MAX_HIDDEN_SIZE, flags=("--hidden",)
+    )
+    n_hidden_layers: int = knob(1, "hidden layers", "model", ge=1, le=MAX_HIDDEN_LAYERS)
+    activation: Activation = knob("relu", "nonlinearity of the hidden layers", "model")
+    output: Output = knob("softmax", "nonlinearity of the output layer", "model")
+    loss: Loss = knob("cross_entropy", "mse, cross_entropy (needs softmax), bce (sigmoid)", "model")
+    l2: float = knob(0.0, "weight decay: adds (l2/2)·Σ‖W‖² to the loss", "model", ge=0)
+    init: InitScheme = knob("he", "initial weights: the origin's normal, xavier or he", "model")
+    optimizer: OptimizerName = knob("momentum", "the update rule", "optimizer")
+    learning_rate: float = knob(0.1, "step size", "optimizer", gt=0, flags=("--lr",))
+    momentum: float = knob(
+        0.9, "momentum coefficient (momentum optimizer)", "optimizer", ge=0, lt=1
+    )
+    nesterov: bool = knob(True, "Nesterov momentum (momentum optimizer)", "optimizer")
+    batch_size: int = knob(128, "rows per optimizer step", "training", ge=1)
+    epochs: int = knob(
+        10,
+        "passes over the training rows",
+        "training",
+        ge=1,
+        not_searchable="the training budget is fixed per study (pruners compare trials epoch by "
+        "epoch)",
+    )
+    seed: int = knob(
+        0,
+        "the training seed (initial weights and shuffling)",
+        "training",
+        ge=0,
+        not_searchable="searching the training seed tunes to noise",
+    )
+    drop_last: bool = knob(
+        False,
+        "drop each epoch's last partial batch, as the origin did",
+        "training",
+        not_searchable="batching of the remainder is fixed per study",
+    )
+    raw_inputs: bool = knob(
+        False,
+        "feed raw 0..255 pixels, as the origin did (default: scaled to [0, 1])",
+        "data",
+        not_searchable="input scaling is fixed per study",
+        flags=("--raw",),
+    )
+    dtype: Literal["float32", "float64"] = knob(
+        "float32",
+        "floating-point precision of parameters and data",
+        "training",
+        not_searchable="numerical precision is a cost setting, not a model choice",
+    )
+
+    def __post_init__(self) -> None:
+        for name, field in FIELDS.items():
+            object.__setattr__(self, name, field.check(getattr(self, name)))
+        self.spec()  # the combinations: MLPSpec checks output against loss
+
+    def spec(self) -> MLPSpec:
+        """The network: 784 inputs, ``n_hidden_layers`` of ``hidden_size``, 10 outputs."""
+        sizes = (N_PIXELS, *([self.hidden_size] * self.n_hidden_layers), N_CLASSES)
+        return MLPSpec(sizes, self.activation, self.output, self.loss, self.l2)
+
+    def as_params(self) -> dict[str, Any]:
+        """Flat name → value mapping (for MLflow params and tables)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(FIELDS)
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, str]) -> tuple[TrainConfig, list[str]]:
+        """The config a run logged, from its MLflow params (text); fields the run did not log
+        (it predates them) take their defaults. Returns the config and those fields' names."""
+        missing = [name for name in FIELDS if name not in params]
+        values = {name: FIELDS[name].parse(params[name]) for name in FIELDS if name in params}
+        return cls(**values), missing
+
+
+# --- what derives from a declaration -----------------------------------------------------------
+
+
+class _NoValue:
+    def __repr__(self) -> str:
+        return "<no value>"
+
+
+NO_VALUE: Any = _NoValue()
+
+
+class ConfigError(ValueError):
+    """A value a configuration does not allow, as one message:
+    ``[<file>: ]<key> = <value>: <problem>; allowed: <what is allowed>``.
+
+    Attributes ``path`` (None outside a file), ``key`` (a dotted key such as
+    ``search.learning_rate.low``, None for a file-level problem), ``value``, ``problem`` and
+    ``allowed`` hold the parts.
+    """
+
+    def __init__(
+        self,
+        key: str | None,
+        problem: str,
+        *,
+        value: Any = NO_VALUE,
+        allowed: str | None = None,
+        path: str | Path | None = None,
+    ):
+        self.path = None if path is None else Path(path)
+        self.key, self.value, self.problem, self.allowed = key, value, problem, allowed
+        parts = [] if self.path is None else [str(self.path)]
+        if key is not None:
+            parts.append(key if value is NO_VALUE else f"{key} = {show(value)}")
+        elif value is not NO_VALUE:
+            parts.append(show(value))
+        message = ": ".join([*parts, problem])
+        super().__init__(message + (f"; allowed: {allowed}" if allowed else ""))
+
+    def but(self, **changes: Any) -> ConfigError:
+        """The same error with some parts changed (e.g. ``path``, ``problem``)."""
+        parts = {key: getattr(self, key) for key in ("key", "problem", "value", "allowed", "path")}
+        parts.update(changes)
+        return ConfigError(parts.pop("key"), parts.pop("problem"), **parts)
+
+
+def show(value: Any, limit: int = 80) -> str:
+    """A value as it is written in TOML (strings in double quotes, true/false, inf, nan)."""
+    if isinstance(value, bool | np.bool_):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+    elif isinstance(value, float) and not math.isfinite(value):
+        text = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    elif isinstance(value, list | tuple):
+        text = "[" + ", ".join(show(v, limit) for v in value) + "]"
+    elif isinstance(value, dict):
+        text = "{" + ", ".join(f"{toml_key(k)} = {show(v, limit)}" for k, v in value.items()) + "}"
+    elif isinstance(value, datetime | date | time):
+        text = value.isoformat()
+    else:
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def toml_key(key: str) -> str:
+    """A key as written in TOML: bare if it can be, else quoted (so it stays on one line)."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
+
+
+def type_name(value: Any) -> str:
+    """'an integer', 'a string', ... for a TOML value."""
+    for kind, name in (
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a float"),
+        (str, "a string"),
+        (list | tuple, "an array"),
+        (dict, "a table"),
+        (datetime | date | time, "a date/time"),
+    ):
+        if isinstance(value, kind):
+            return name
+    return f"a {type(value).__name__}"
+
+
+def quoted(names: Any) -> str:
+    return ", ".join(show(name) for name in names)
+
+
+def did_you_mean(word: Any, known: Any) -> str:
+    """`` (did you mean "x"?)`` for a close known word, else ""."""
+    if not isinstance(word, str):
+        return ""
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {show(close[0])}?)" if close else ""
+
+
+_EXPECTED = {int: "an integer", float: "a number", bool: "a boolean", str: "a string"}
+_TYPE_ERRORS = ("int_type", "float_type", "bool_type", "string_type")
+_RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars as the Python scalars they hold (strict pydantic takes only the latter)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+@dataclass(frozen=True)
+class Field:
+    """What one field may be, derived from its declaration (or declared directly, as the study
+    files' ``[study]`` settings are). ``check`` validates through pydantic in strict mode (an
+    integer field takes no float, a boolean is never a number; a float field takes integers),
+    ``parse`` reads the text of an MLflow param back."""
+
+    name: str
+    kind: type  # int, float, bool or str
+    default: Any
+    help: str = ""
+    group: str = ""
+    choices: tuple[Any, ...] = ()
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    pattern: str | None = None
+    not_searchable: str = ""
+    flags: tuple[str, ...] = ()
+    allowed_text: str = ""  # what is allowed, where the derived wording would not do
+
+    @property
+    def searchable(self) -> bool:
+        return not self.not_searchable
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag: ``--hidden-size`` for ``hidden_size``."""
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def allowed(self) -> str:
+        """What is allowed, in words: ``an integer from 1 to 65536``, ``one of "a", "b"``."""
+        if self.allowed_text:
+            return self.allowed_text
+        if self.choices:
+            return f"one of {quoted(self.choices)}"
+        if self.kind is bool:
+            return "true or false"
+        if self.kind is str:
+            return "a string"
+        noun = "an integer" if self.kind is int else "a finite number"
+        low = (">=", self.ge) if self.ge is not None else (">", self.gt)
+        high = ("<=", self.le) if self.le is not None else ("<", self.lt)
+        if low[1] is not None and high[1] is not None:
+            if self.kind is int and low[0] == ">=" and high[0] == "<=":
+                return f"an integer from {low[1]:g} to {high[1]:g}"
+            left, right = "[" if low[0] == ">=" else "(", "]" if high[0] == "<=" else ")"
+            plain = "an integer" if self.kind is int else "a number"  # bounded: finite anyway
+            return f"{plain} in {left}{low[1]:g}, {high[1]:g}{right}"
+        op, bound = low if low[1] is not None else high
+        return noun if bound is None else f"{noun} {op} {bound:g}"
+
+    @functools.cached_property
+    def _adapter(self) -> Any:
+        import pydantic
+
+        kind: Any = Literal[self.choices] if self.choices else self.kind
+        constraints: dict[str, Any] = {
+            key: value
+            for key, value in (("ge", self.ge), ("gt", self.gt), ("le", self.le), ("lt", self.lt))
+            if value is not None
+        }
+        if self.kind is float:
+            constraints["allow_inf_nan"] = False
+        if self.pattern is not None:
+            constraints["pattern"] = f"^(?:{self.pattern})$"
+        annotated = typing.Annotated[
+            kind, pydantic.BeforeValidator(_plain), pydantic.Field(**constraints)
+        ]
+        return pydantic.TypeAdapter(annotated, config=pydantic.ConfigDict(strict=True))
+
+    def check(self, value: Any, key: str | None = None, path: str | Path | None = None) -> Any:
+        """The value, normalized (integers become floats for float fields), or ConfigError
+        naming ``key`` (default: the field's name) and ``path``."""
+        import pydantic
+
+        try:
+            return self._adapter.validate_python(value)
+        except pydantic.ValidationError as error:
+            problem = self._problem(error.errors()[0], value)
+        raise ConfigError(key or self.name, problem, value=value, allowed=self.allowed, path=path)
+
+    def _problem(self, error: Mapping[str, Any], value: Any) -> str:
+        """Our wording of a pydantic error (the rest of the message is ours too)."""
+        kind = error["type"]
+        if kind in _TYPE_ERRORS or (kind == "literal_error" and not isinstance(value, str)):
+            expected = "a string" if self.choices else _EXPECTED[self.kind]
+            return f"{type_name(value)}, not {expected}"
+        if kind == "literal_error":
+            return f"unknown name{did_you_mean(value, self.choices)}"
+        if kind in _RANGE_ERRORS or kind == "finite_number":
+            return "out of range"
+        if kind == "string_pattern_mismatch":
+            return "not allowed"
+        return str(error["msg"]).lower()
+
+    def parse(self, text: str) -> Any:
+        """A value from the text MLflow keeps (``"0.1"``, ``"True"``, ``"relu"``)."""
+        import pydantic
+
+        try:
+            return self._adapter.validate_python(text, strict=False)
+        except pydantic.ValidationError as error:
+            problem = self._problem(error.errors()[0], text)
+        raise ConfigError(self.name, problem, value=text, allowed=self.allowed)
+
+
+def _fields_of(cls: type) -> dict[str, Field]:
+    hints = typing.get_type_hints(cls)
+    table = {}
+    for declared in dataclasses.fields(cls):
+        description = declared.metadata["knob"]
+        annotation = hints[declared.name]
+        choices = typing.get_args(annotation) if typing.get_origin(annotation) is Literal else ()
+        table[declared.name] = Field(
+            name=declared.name,
+            kind=type(choices[0]) if choices else annotation,
+            default=declared.default,
+            help=description["help"],
+            group=description["group"],
+            choices=choices,
+            not_searchable=description["not_searchable"],
+            flags=description["flags"],
+            **description["bounds"],
+        )
+    return table
+
+
+#: The training fields, by name, in declaration order.
+FIELDS: dict[str, Field] = _fields_of(TrainConfig)
+
+
+# --- presets -----------------------------------------------------------------------------------
+
+PRESETS: dict[str, TrainConfig] = {
+    # The origin program: [784, 30, 10], sigmoid everywhere, squared error, plain SGD at 0.01,
+    # batch 256 with the remainder dropped, 200 epochs, standard-normal init. Inputs are scaled to
+    # [0, 1] unless raw_inputs is set (the origin fed raw 0..255 pixels).
+    "origin": TrainConfig(
+        hidden_size=30,
+        activation="sigmoid",
+        output="sigmoid",
+        loss="mse",
+        init="normal",
+        optimizer="sgd",
+        learning_rate=0.01,
+        nesterov=False,
+        batch_size=256,
+        epochs=200,
+        drop_last=True,
+        dtype="float64",
+    ),
+    # A modern default: ReLU, softmax cross-entropy, Nesterov momentum, He init.
+    "default": TrainConfig(),
+}
+#: Old preset names still accepted, with a note: "seed" now means only random seeds.
+PRESET_ALIASES = {"seed": "origin"}
+
+
+class DeprecatedName(FutureWarning):
+    """A name that still works but has a new one; the command line shows it as one note."""
+
+
+def preset_name(name: Any) -> Any:
+    """``name`` with a deprecated alias replaced by its preset's name (warning
+    :class:`DeprecatedName` when it is one); anything else is returned unchanged."""
+    if isinstance(name, str) and name in PRESET_ALIASES:
+        new = PRESET_ALIASES[name]
+        warnings.warn(
+            f'the preset "{name}" is now called "{new}"; "{name}" still works but is deprecated',
+            DeprecatedName,
+            stacklevel=2,
+        )
+        return new
+    return name
+
+
+def preset(name: str, **overrides: Any) -> TrainConfig:
+    """A preset with some fields replaced; unknown presets raise ValueError."""
+    name = preset_name(name)
+    if name not in PRESETS:
+        raise ValueError(f"preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)

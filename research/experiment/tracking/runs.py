@@ -1,0 +1,406 @@
+"""Writing runs to MLflow, and reading one back: one path for ``train``, studies and ``rerun``.
+
+A training run (of ``train``, or one trial of a study) is logged the same way whoever runs it:
+:meth:`TrainingRun.log_config` (the fields of its :class:`~research.experiment.fields.TrainConfig`
+under their own names, plus ``sizes``, ``n_train_rows`` and ``blas_kernels``),
+:meth:`TrainingRun.log_epoch` after every epoch, and one ending: :meth:`~TrainingRun.complete`
+(loss curves and weights as artifacts), :meth:`~TrainingRun.pruned`, :meth:`~TrainingRun.diverged`
+or :meth:`~TrainingRun.failed`. Each ending sets the tag ``research.state`` (``COMPLETE``,
+``PRUNED`` or ``FAIL``) and, for a failure, ``research.error`` with the reason: a divergence reads
+``training diverged at epoch E, step S: ...``. :func:`read_run` reads it all back (``rerun``).
+
+Studies have one parent run (:class:`StudyTracker`) with one child run per trial.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from research.experiment.tracking.stores import (
+    TrackingError,
+    get_or_create_experiment,
+    mlflow_client,
+    redact,
+    resolve_tracking_uri,
+    store_error,
+    store_lock,
+)
+
+if TYPE_CHECKING:
+    from research.engine.mlp import MLPSpec, Params
+    from research.experiment.fields import TrainConfig
+    from research.experiment.train import DivergenceError, EpochMetrics
+
+TAG_ROLE = "research.role"
+TAG_STUDY = "research.study"
+TAG_TRIAL = "research.trial_number"
+TAG_STATE = "research.state"  # COMPLETE, PRUNED, FAIL (RUNNING while it trains)
+TAG_SEED = "research.seed"
+TAG_COMMIT = "research.git_commit"
+TAG_ERROR = "research.error"  # why a run failed; a divergence starts "training diverged"
+TAG_PARENT = "mlflow.parentRunId"  # MLflow's own tag: the UI nests children under it
+# Written by `train` before runs had one divergence tag; still read by read_run.
+LEGACY_DIVERGED_TAG = "diverged"
+#: A study's search space as data, on its parent run (a list of SearchParam.as_dict()).
+SEARCH_SPACE = "study/search_space.json"
+
+
+@dataclass
+class TrainingRun:
+    """An open MLflow run: log its definition, epochs as they come, artifacts and its ending."""
+
+    client: Any
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        self.client.log_batch(
+            self.run_id, params=[Param(key, str(value)) for key, value in params.items()]
+        )
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Logs metrics at ``step`` in one batch (one transaction).
+
+        Synchronous on purpose: MLflow's asynchronous logging flushes its queue on a timer, which
+        made a trial's bookkeeping slower (docs/tracking.md).
+        """
+        from mlflow.entities import Metric
+
+        timestamp = int(time.time() * 1000)
+        self.client.log_batch(
+            self.run_id,
+            metrics=[Metric(key, float(value), timestamp, step) for key, value in metrics.items()],
+        )
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Copies ``path`` into the run's artifacts; TrackingError (naming where) if it cannot
+        be written, e.g. a full disk or an unwritable store."""
+        try:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        except OSError as error:
+            where = self.client.get_run(self.run_id).info.artifact_uri
+            raise TrackingError(
+                f"cannot save the artifact {Path(path).name} to {where}"
+                f"{'/' + artifact_path if artifact_path else ''}: "
+                f"{error.strerror or error} ({error.filename or path}); free space or make it "
+                "writable, or choose another store with --tracking-uri"
+            ) from None
+
+    def log_json(self, artifact: str, data: Any) -> None:
+        """Writes ``data`` as JSON to the artifact path ``artifact`` (``folder/name.json``)."""
+        import json
+
+        folder, _, name = artifact.rpartition("/")
+        with tempfile.TemporaryDirectory() as temporary:
+            path = Path(temporary) / name
+            path.write_text(json.dumps(data, indent=2) + "\n")
+            self.log_artifact(path, folder or None)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(
+            self.run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()]
+        )
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Closes the run as FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(self.run_id, status)
+
+    # --- a training run, the same for `train` and a study's trials ----------------------------
+
+    def log_config(self, config: TrainConfig, n_train_rows: int, **extra: Any) -> None:
+        """What the run trains: every field under its own name, the layer ``sizes``,
+        ``n_train_rows``, the OpenBLAS kernels and ``extra`` params (one transaction)."""
+        from mlflow.entities import Param, RunTag
+
+        from research.engine.blas_kernels import loaded_kernels
+
+        params = {
+            **config.as_params(),
+            "sizes": list(config.spec().sizes),
+            "n_train_rows": n_train_rows,
+            "blas_kernels": loaded_kernels(),
+            **extra,
+        }
+        tags = {TAG_SEED: config.seed, TAG_COMMIT: git_commit(), TAG_STATE: "RUNNING"}
+        self.client.log_batch(
+            self.run_id,
+            params=[Param(key, str(value)) for key, value in params.items()],
+            tags=[RunTag(key, str(value)) for key, value in tags.items()],
+        )
+
+    def log_epoch(self, metrics: EpochMetrics) -> None:
+        """One epoch's metrics, at its step (the epoch, from 0)."""
+        self.log_metrics(metrics.as_metrics(), step=metrics.epoch)
+
+    def save_outputs(
+        self,
+        history: Sequence[EpochMetrics],
+        title: str,
+        params: Params | None = None,
+        spec: MLPSpec | None = None,
+    ) -> None:
+        """The artifacts of a training: ``loss_curves.png`` (if an epoch ended) and, given
+        params, ``weights.npz``. TrackingError (naming the file) if they cannot be written."""
+        from research.experiment.figures import save_loss_curves
+        from research.experiment.tracking.weights import save_weights
+
+        try:
+            with tempfile.TemporaryDirectory() as folder:
+                if history:
+                    curves = Path(folder) / "loss_curves.png"
+                    self.log_artifact(save_loss_curves(history, curves, title=title))
+                if params is not None and spec is not None:
+                    weights = Path(folder) / "weights.npz"
+                    save_weights(weights, params, spec)
+                    self.log_artifact(weights)
+        except OSError as error:
+            raise TrackingError(
+                f"cannot write {error.filename or 'a temporary file'}: {error.strerror or error}; "
+                "free some space (or lift the limit), then run the same command again"
+            ) from None
+
+    def end(self, state: str, status: str, error: str | None = None, **tags: Any) -> None:
+        """Ends the run: ``research.state`` (COMPLETE, PRUNED, FAIL), the ``research.error``
+        if any, other tags, then MLflow's status (FINISHED, FAILED, KILLED)."""
+        tags = {TAG_STATE: state, **({TAG_ERROR: error} if error is not None else {}), **tags}
+        self.set_tags(tags)
+        self.finish(status)
+
+    def diverged(self, error: DivergenceError) -> None:
+        """Ends a run whose training diverged: FAIL, with the epoch and step."""
+        where = {"research.diverged_epoch": error.epoch, "research.diverged_step": error.step}
+        self.end("FAIL", "FAILED", str(error), **where)
+
+    @property
+    def ui_hint(self) -> str:
+        """Where a user finds this run."""
+        return (
+            f"python -m research ui --tracking-uri {self.tracking_uri}  "
+            f"(experiment id {self.experiment_id}, run id {self.run_id})"
+        )
+
+
+def start_training_run(
+    experiment: str,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    tracking_uri: str | None = None,
+) -> TrainingRun:
+    """Opens a new run in ``experiment`` (created if needed) and returns it."""
+    uri = resolve_tracking_uri(tracking_uri)
+    try:
+        with store_lock(uri):
+            client = mlflow_client(uri)
+            experiment_id = get_or_create_experiment(client, experiment, uri)
+        run = client.create_run(experiment_id, run_name=run_name, tags=tags or {})
+    except TrackingError:
+        raise
+    except Exception as error:  # MLflow raises many kinds; the user needs the URI and the cause.
+        raise store_error(uri, error) from None
+    return TrainingRun(client, run.info.run_id, experiment_id, uri)
+
+
+def log_benchmark(
+    params: dict[str, str],
+    metrics: dict[str, float],
+    files: dict[str, str],
+    experiment: str = "benchmarks",
+    tracking_uri: str | None = None,
+) -> TrainingRun:
+    """Logs one benchmark run (``python -m research bench``) and closes it.
+
+    Args:
+        params: machine, library versions, thread counts, settings.
+        metrics: flat ``name -> value`` (logged at step 0).
+        files: artifact file name -> text content (e.g. the table and the JSON results).
+    Returns:
+        The finished run (for its id and UI hint).
+    """
+    run = start_training_run(
+        experiment, run_name="bench", tags={"command": "bench"}, tracking_uri=tracking_uri
+    )
+    try:
+        run.log_params(params)
+        run.log_metrics(metrics, step=0)
+        with tempfile.TemporaryDirectory() as folder:
+            for name, text in files.items():
+                path = Path(folder) / name
+                path.write_text(text)
+                run.log_artifact(path)
+    except BaseException:
+        run.finish("FAILED")
+        raise
+    run.finish("FINISHED")
+    return run
+
+
+# --- studies: one parent run per study, one child run per trial --------------------------------
+
+
+@functools.cache  # once per process: every trial run is tagged with it
+def git_commit() -> str:
+    """The commit of the code (with ``-dirty`` when the tree has changes), or ``unknown``."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
+
+
+@dataclass
+class StudyTracker:
+    """The MLflow side of a study: its experiment, its parent run, and one child run per trial."""
+
+    client: Any
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+    @classmethod
+    def open(cls, study_name: str, tracking_uri: str | None = None) -> StudyTracker:
+        """Finds the study's parent run by tag, or creates the experiment and the run.
+
+        Re-running a study re-uses its parent run, so its trials stay under one run.
+        """
+        uri = resolve_tracking_uri(tracking_uri)
+        try:
+            with store_lock(uri):
+                client = mlflow_client(uri)
+                experiment_id = get_or_create_experiment(client, study_name, uri)
+                run_id = _study_parent_run(client, experiment_id, study_name)
+                if run_id is None:
+                    client.create_run(
+                        experiment_id,
+                        run_name=f"study-{study_name}",
+                        tags={TAG_ROLE: "study", TAG_STUDY: study_name, TAG_COMMIT: git_commit()},
+                    )
+                    # Commands started together on machines sharing one database may each
+                    # have made a parent run: all keep the earliest, the others are deleted.
+                    run_id = _study_parent_run(client, experiment_id, study_name, dedupe=True)
+                client.update_run(run_id, status="RUNNING")
+        except TrackingError:
+            raise
+        except Exception as error:
+            raise store_error(uri, error) from None
+        return cls(client, uri, experiment_id, run_id)
+
+    @classmethod
+    def attach(cls, tracking_uri: str, experiment_id: str, parent_run_id: str) -> StudyTracker:
+        """The tracker of a study whose parent run exists (a worker process joining it)."""
+        return cls(mlflow_client(tracking_uri), tracking_uri, experiment_id, parent_run_id)
+
+    @property
+    def parent(self) -> TrainingRun:
+        return TrainingRun(self.client, self.parent_run_id, self.experiment_id, self.tracking_uri)
+
+    def start_trial_run(self, study_name: str, trial_number: int) -> TrainingRun:
+        """A child run named ``trial-0007`` under the parent run."""
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"trial-{trial_number:04d}",
+            tags={
+                TAG_PARENT: self.parent_run_id,
+                TAG_ROLE: "trial",
+                TAG_STUDY: study_name,
+                TAG_TRIAL: str(trial_number),
+                TAG_STATE: "RUNNING",
+            },
+        )
+        return TrainingRun(self.client, run.info.run_id, self.experiment_id, self.tracking_uri)
+
+    def trial_runs(self) -> list[Any]:
+        """Every trial run under the parent (MLflow ``Run`` objects)."""
+        return self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{TAG_PARENT}` = '{self.parent_run_id}'",
+            max_results=50_000,
+        )
+
+    def close_trial_run(self, trial_number: int, state: str, reason: str) -> None:
+        """Ends the still-RUNNING run of a trial whose worker died: FAILED, with the reason."""
+        for run in self.trial_runs():
+            if run.data.tags.get(TAG_TRIAL) == str(trial_number) and run.info.status == "RUNNING":
+                self.client.set_tag(run.info.run_id, TAG_STATE, state)
+                self.client.set_tag(run.info.run_id, TAG_ERROR, reason)
+                self.client.set_terminated(run.info.run_id, "FAILED")
+
+
+def _study_parent_run(
+    client: Any, experiment_id: str, study_name: str, dedupe: bool = False
+) -> str | None:
+    """The id of the study's parent run: the earliest one tagged for it (by start time, then
+    id, so every process picks the same). With ``dedupe``, later duplicates are deleted."""
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_ROLE}` = 'study' and tags.`{TAG_STUDY}` = '{study_name}'",
+        max_results=1000,
+    )
+    if not found:
+        return None
+    found.sort(key=lambda run: (run.info.start_time, run.info.run_id))
+    if dedupe:
+        for duplicate in found[1:]:
+            client.delete_run(duplicate.info.run_id)
+    return found[0].info.run_id
+
+
+@dataclass
+class LoggedRun:
+    """A training run as it was logged: what ``rerun`` needs to train it again and compare."""
+
+    run_id: str
+    params: dict[str, str]
+    tags: dict[str, str]
+    histories: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+    @property
+    def state(self) -> str | None:
+        return self.tags.get(TAG_STATE)
+
+    @property
+    def divergence(self) -> str | None:
+        """The divergence the run ended with (``training diverged at ...``), or None."""
+        error = self.tags.get(TAG_ERROR) or self.tags.get(LEGACY_DIVERGED_TAG) or ""
+        return error if error.startswith("training diverged") else None
+
+
+def read_run(run_id: str, metrics: Sequence[str], tracking_uri: str | None = None) -> LoggedRun:
+    """The params, tags and ``metrics`` histories ((step, value) in step order) of run
+    ``run_id``; TrackingError if there is no such run."""
+    uri = resolve_tracking_uri(tracking_uri)
+    client = mlflow_client(uri)
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        raise TrackingError(
+            f"no MLflow run with id {run_id!r} in {redact(uri)}; list runs with "
+            "`python -m research ui` or pass the right --tracking-uri"
+        ) from None
+    histories = {
+        key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        for key in metrics
+    }
+    return LoggedRun(run_id, dict(run.data.params), dict(run.data.tags), histories)

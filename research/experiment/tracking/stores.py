@@ -1,0 +1,190 @@
+"""Where the MLflow store is, clients, locks, and what goes wrong with a store.
+
+The store defaults to MLflow's SQLite backend inside ``./mlruns`` (``mlruns/mlflow.db``) with
+artifacts under ``mlruns/artifacts``; ``--tracking-uri`` or ``MLFLOW_TRACKING_URI`` overrides it.
+Everything goes through an explicit ``MlflowClient`` rather than MLflow's global active run, so
+several runs (a study's parent and its trials) can be open at once without surprises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+DEFAULT_STORE_DIR = Path("mlruns")
+
+
+class TrackingError(Exception):
+    """The tracking store cannot be opened or written; the message says which and why."""
+
+
+# Seconds the pre-flight check waits for a tracking server or database to answer. Without it,
+# MLflow retries an unreachable server for ~4 minutes and a database for ~2 before saying so.
+PREFLIGHT_TIMEOUT = 10
+
+
+def sqlalchemy_url(url: str) -> str:
+    """``postgresql://...`` with the psycopg 3 driver the project ships (SQLAlchemy's default
+    PostgreSQL driver is psycopg2, which is not installed); other URLs unchanged."""
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    return url
+
+
+def default_tracking_uri(store_dir: Path | None = None) -> str:
+    """``sqlite:///<abs path>/mlruns/mlflow.db`` (relative to the current directory)."""
+    store = (store_dir or DEFAULT_STORE_DIR).resolve()
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The tracking URI to use: the argument, else ``MLFLOW_TRACKING_URI``, else the default."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def local_store_folder(uri: str) -> Path:
+    """The folder of a local SQLite store, else ``./mlruns`` (absolute): where the Optuna journal
+    and the reports go by default."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).parent
+    return DEFAULT_STORE_DIR.resolve()
+
+
+def _artifact_root(uri: str) -> str | None:
+    """Artifacts sit beside a local SQLite store (``<dir>/artifacts``); servers choose their own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+    return None
+
+
+def _preflight(uri: str) -> None:
+    """Fails fast, with the cause, when a tracking server or database cannot be reached."""
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme in ("http", "https"):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=PREFLIGHT_TIMEOUT):
+                return
+        except urllib.error.HTTPError:
+            return  # it answered: a server is there (a proxy in front may not know /health)
+        except (OSError, ValueError) as error:
+            reason = getattr(error, "reason", None) or error
+            raise TrackingError(
+                f"cannot reach the MLflow tracking server {redact(uri)}: {reason}; start it "
+                "(mlflow server ...) or check --tracking-uri / MLFLOW_TRACKING_URI"
+            ) from None
+    elif scheme and scheme != "sqlite" and scheme.split("+")[0] in _DATABASES:
+        import sqlalchemy
+
+        arguments = {"connect_timeout": PREFLIGHT_TIMEOUT} if scheme.startswith("postgres") else {}
+        try:
+            engine = sqlalchemy.create_engine(
+                sqlalchemy_url(uri), poolclass=sqlalchemy.pool.NullPool, connect_args=arguments
+            )
+            with engine.connect():
+                pass
+        except Exception as error:
+            raise store_error(uri, error) from None
+
+
+_DATABASES = ("postgresql", "mysql", "mssql")
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for printing and logging)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if "://" not in url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def mlflow_client(uri: str):
+    import logging
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    # MLflow and alembic announce every schema step of a new SQLite store at INFO; users need none.
+    for name in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Its per-download progress bar would break into our own progress lines.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise TrackingError(
+                f"cannot create the tracking store folder {folder}: {error.strerror}; "
+                "pass --tracking-uri or set MLFLOW_TRACKING_URI to a writable place"
+            ) from None
+    else:
+        _preflight(uri)
+    uri = sqlalchemy_url(uri)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+@contextlib.contextmanager
+def store_lock(url: str):
+    """Holds a lock shared by every process using the store at ``url`` (a SQLite file: a lock
+    file beside it; PostgreSQL: an advisory lock in its database; else none).
+
+    Creating a store's schema, a study's experiment and its parent run is check-then-create:
+    K commands started together on a fresh store would otherwise race (schema creation fails
+    with duplicate keys, or each makes its own parent run).
+    """
+    if url.startswith("sqlite:///"):
+        import fcntl
+
+        lock = Path(url.removeprefix("sqlite:///")).with_suffix(".lock")
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with lock.open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+            yield
+    elif url.startswith(("postgresql://", "postgresql+psycopg://")):
+        import psycopg
+
+        plain = "postgresql://" + url.split("://", 1)[1]
+        with psycopg.connect(plain, autocommit=True, connect_timeout=PREFLIGHT_TIMEOUT) as db:
+            db.execute("SELECT pg_advisory_lock(%s)", (STORE_LOCK_KEY,))
+            yield  # the lock ends with the session
+    else:
+        yield
+
+
+STORE_LOCK_KEY = 0x7265_7365_6172  # "resear": any fixed 64-bit key
+
+
+def get_or_create_experiment(client: Any, name: str, uri: str) -> str:
+    """The id of experiment ``name``, created (with artifacts beside a SQLite store) if needed."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_root(uri))
+    except Exception:
+        # Another process may have created it between our lookup and create.
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def store_error(uri: str, error: Exception) -> TrackingError:
+    text = str(error).strip()
+    first_line = text.splitlines()[0] if text else repr(error)
+    return TrackingError(
+        f"cannot open the MLflow tracking store {redact(uri)}: {first_line}; "
+        "check --tracking-uri / MLFLOW_TRACKING_URI"
+    )

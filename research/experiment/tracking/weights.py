@@ -1,0 +1,107 @@
+"""The weights file format: a network's parameters and spec in one ``.npz``, never pickled.
+
+Nothing here talks to MLflow: runs carry these files as artifacts (``weights.npz``,
+``best_weights.npz``), and the report reads them back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from research.engine.mlp import MLPSpec, Params
+
+
+class WeightsError(ValueError):
+    """A weights file is not one :func:`save_weights` wrote for a valid network."""
+
+
+def save_weights(path: Path, params: Params, spec: MLPSpec) -> None:
+    """Writes params as ``.npz`` (``W0, b0, W1, b1, ...`` and the spec as JSON text).
+
+    Written to a temporary file and renamed, so a crash never leaves a half-written file.
+    """
+    arrays = {}
+    for i, layer in enumerate(params):
+        arrays[f"W{i}"] = layer["W"]
+        arrays[f"b{i}"] = layer["b"]
+    arrays["spec"] = np.array(
+        json.dumps(
+            {
+                "sizes": list(spec.sizes),
+                "activation": spec.activation,
+                "output": spec.output,
+                "loss": spec.loss,
+                "l2": spec.l2,
+            }
+        )
+    )
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as handle:
+            tmp = Path(handle.name)
+            np.savez(handle, **arrays)
+        os.replace(tmp, path)
+    except OSError as error:  # a full disk: name the file (zipfile's errors do not)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from None
+
+
+def load_weights(path: Path) -> tuple[MLPSpec, Params]:
+    """Reads a file written by :func:`save_weights`; never unpickles.
+
+    Returns the spec and one ``{"W": (n_in, n_out), "b": (n_out,)}`` dict per layer. Raises
+    WeightsError, naming the file and the array, for anything else: pickled (object) arrays, a
+    missing or unreadable spec, missing or extra arrays, shapes that do not match the spec, or
+    arrays that are not float32/float64 of one dtype.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: no such weights file") from None
+    except (OSError, ValueError, EOFError) as error:  # not a zip, or an object (pickled) array
+        raise WeightsError(f"{path}: not a weights file written by this project: {error}") from None
+    try:
+        fields = json.loads(str(arrays.pop("spec")))
+        spec = MLPSpec(
+            sizes=tuple(fields["sizes"]),
+            activation=fields["activation"],
+            output=fields["output"],
+            loss=fields["loss"],
+            l2=fields["l2"],
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise WeightsError(f"{path}: no valid network spec in the file ({error!r})") from None
+    expected = {}
+    for i, (n_in, n_out) in enumerate(zip(spec.sizes[:-1], spec.sizes[1:])):
+        expected[f"W{i}"], expected[f"b{i}"] = (n_in, n_out), (n_out,)
+    if set(arrays) != set(expected):
+        raise WeightsError(
+            f"{path}: arrays {sorted(arrays)} do not match the spec {spec.sizes}, which needs "
+            f"{sorted(expected)}"
+        )
+    for name, shape in expected.items():
+        if arrays[name].shape != shape:
+            raise WeightsError(
+                f"{path}: {name} has shape {arrays[name].shape}, but the spec {spec.sizes} "
+                f"needs {shape}"
+            )
+    for name in expected:
+        if arrays[name].dtype not in (np.float32, np.float64):
+            raise WeightsError(
+                f"{path}: {name} has dtype {arrays[name].dtype}; allowed: float32 or float64"
+            )
+    dtypes = sorted({str(array.dtype) for array in arrays.values()})
+    if len(dtypes) > 1:
+        raise WeightsError(
+            f"{path}: the arrays mix dtypes {', '.join(dtypes)}; a network has one dtype"
+        )
+    params = [{"W": arrays[f"W{i}"], "b": arrays[f"b{i}"]} for i in range(spec.n_layers)]
+    return spec, params

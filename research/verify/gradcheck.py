@@ -1,0 +1,68 @@
+"""Numpy's handwritten gradients against JAX autodiff, per layer and parameter array.
+
+Used by ``python -m research gradcheck``. The comparison and its default tolerances are those of
+the tests (:mod:`research.verify.compare`): an array passes when every element satisfies
+|numpy − jax| ≤ atol + rtol·|jax|, and the relative error shown is normwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from research.engine.mlp import MLPSpec, Params, loss_and_grads
+from research.verify.compare import ArrayCheck, compare_arrays, compare_trees, tolerance
+
+
+def default_tolerance(dtype: np.dtype | type | str) -> tuple[float, float]:
+    """(rtol, atol) gradcheck uses by default for parameters of ``dtype``."""
+    tol = tolerance("gradients", dtype)
+    return tol.rtol, tol.atol
+
+
+def gradcheck(
+    params: Params,
+    x: np.ndarray,
+    y: np.ndarray,
+    spec: MLPSpec,
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> list[ArrayCheck]:
+    """Compares the loss and every gradient array of numpy's backprop with JAX's.
+
+    Args:
+        params: one ``{"W": (n_in, n_out), "b": (n_out,)}`` per layer (float32 or float64).
+        x: inputs (B, sizes[0]); y: targets (B, sizes[-1]).
+        rtol, atol: default :func:`default_tolerance` of the parameters' dtype.
+    Returns:
+        One :class:`~research.verify.compare.ArrayCheck` for the loss, then one per layer and
+        array (W, then b).
+    """
+    from research.verify import reference  # imports jax; kept out of `import gradcheck`
+
+    default_rtol, default_atol = default_tolerance(params[0]["W"].dtype)
+    rtol = default_rtol if rtol is None else rtol
+    atol = default_atol if atol is None else atol
+
+    our_loss, our_grads = loss_and_grads(params, x, y, spec)
+    their_loss, their_grads = reference.loss_and_grads(params, x, y, spec)
+    loss_row = compare_arrays("loss", np.array(our_loss), np.array(their_loss), rtol, atol)
+    return [loss_row, *compare_trees(our_grads, their_grads, rtol, atol)]
+
+
+def format_table(rows: list[ArrayCheck], rtol: float, atol: float) -> str:
+    """A plain-text table of the checks."""
+    header = f"{'array':<12} {'shape':>12} {'max abs err':>12} {'max rel err':>12}  result"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        shape = "x".join(map(str, row.shape)) or "scalar"
+        lines.append(
+            f"{row.name:<12} {shape:>12} {row.max_abs_error:>12.2e} {row.max_rel_error:>12.2e}  "
+            f"{'ok' if row.passed else 'FAIL'}"
+        )
+    failed = [row.name for row in rows if not row.passed]
+    lines.append(
+        f"rel err = max|numpy - jax| / max|jax|; pass: every element has "
+        f"|numpy - jax| <= {atol:g} + {rtol:g}*|jax|\n"
+        + (f"FAILED: {', '.join(failed)}" if failed else f"all {len(rows)} arrays agree")
+    )
+    return "\n".join(lines)
