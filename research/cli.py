@@ -49,6 +49,17 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_preset_flag(parser: argparse.ArgumentParser, default: str, help: str) -> None:
+    # type= runs first: the deprecated name "seed" becomes "origin", with a note
+    parser.add_argument(
+        "--preset",
+        type=preset_name,
+        choices=list(PRESETS),
+        default=default,
+        help=f"{help} (default: {default})",
+    )
+
+
 def _add_store_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tracking-uri",
@@ -98,12 +109,8 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Train one network on MNIST (train split), report validation metrics per "
         "epoch, and log the run to MLflow.",
     )
-    train.add_argument(
-        "--preset",
-        type=preset_name,
-        choices=list(PRESETS),
-        default="default",
-        help="starting configuration: 'origin' is the origin program's, 'default' a modern one",
+    _add_preset_flag(
+        train, "default", "the values the flags start from: 'origin' is the origin program's"
     )
     groups = {"model": "the network", "optimizer": "the optimizer", "training": "training"}
     groups |= {"data": "the data"}
@@ -132,13 +139,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Compare the handwritten numpy gradients with JAX autodiff on one batch, "
         "per layer and array; exits 1 if any array is outside tolerance.",
     )
-    check.add_argument(
-        "--preset",
-        type=preset_name,
-        choices=list(PRESETS),
-        default="origin",
-        help="the network the model flags start from (default: origin)",
-    )
+    _add_preset_flag(check, "origin", "the network the model flags start from")
     _add_field_flags(check.add_argument_group("the network"), "model")
     check.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     check.add_argument("--batch-size", dest="batch_size", type=int, default=256)

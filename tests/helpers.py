@@ -43,6 +43,20 @@ def assert_trees_close(
         raise AssertionError(f"{what} differ:\n  " + "\n  ".join(failed))
 
 
+def copy_run(client, source, experiment_id: str, drop=(), change=None) -> str:
+    """A new MLflow run with ``source``'s params (some dropped or changed) and its metric
+    histories: what an older or a hand-edited run looks like (MLflow params are immutable)."""
+    copy = client.create_run(experiment_id).info.run_id
+    params = {k: v for k, v in source.data.params.items() if k not in drop} | (change or {})
+    for name, value in params.items():
+        client.log_param(copy, name, value)
+    for key in ("train/loss", "val/loss", "val/accuracy"):
+        for metric in client.get_metric_history(source.info.run_id, key):
+            client.log_metric(copy, key, metric.value, step=metric.step)
+    client.set_terminated(copy)
+    return copy
+
+
 # --- shared test data -------------------------------------------------------------------------
 
 ACTIVATIONS = ("sigmoid", "tanh", "relu")

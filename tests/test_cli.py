@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import copy_run
 
 from research.cli import main
 from research.engine.blas_kernels import loaded_kernels
@@ -184,20 +185,6 @@ def test_module_entry_point_runs_without_traceback():
     )
     assert result.returncode == 2
     assert "invalid choice: 'swish'" in result.stderr and "Traceback" not in result.stderr
-
-
-def copy_run(client, source, experiment_id: str, drop=(), change=None) -> str:
-    """A new run with ``source``'s params (some dropped or changed) and metric histories: what
-    an older or a hand-edited run looks like (MLflow params are immutable)."""
-    copy = client.create_run(experiment_id).info.run_id
-    params = {k: v for k, v in source.data.params.items() if k not in drop} | (change or {})
-    for name, value in params.items():
-        client.log_param(copy, name, value)
-    for key in ("train/loss", "val/loss", "val/accuracy"):
-        for metric in client.get_metric_history(source.info.run_id, key):
-            client.log_metric(copy, key, metric.value, step=metric.step)
-    client.set_terminated(copy)
-    return copy
 
 
 def test_rerun_reads_runs_through_the_field_table(store, capsys):

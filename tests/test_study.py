@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import copy_run
 
 from research.cli import main
 from research.engine.blas_kernels import loaded_kernels
@@ -660,15 +661,8 @@ def test_rerun_says_when_the_run_used_other_blas_kernels(tiny, capfd):
     experiment_id = client.create_experiment("rerun-kernels")
 
     def copy_with(kernels: str | None) -> str:
-        copy = client.create_run(experiment_id).info.run_id
-        params = {k: v for k, v in source.data.params.items() if k != "blas_kernels"}
-        for name, value in {**params, **({"blas_kernels": kernels} if kernels else {})}.items():
-            client.log_param(copy, name, value)
-        for key in ("train/loss", "val/loss", "val/accuracy"):
-            for metric in client.get_metric_history(source.info.run_id, key):
-                client.log_metric(copy, key, metric.value, step=metric.step)
-        client.set_terminated(copy)
-        return copy
+        change = {"blas_kernels": kernels} if kernels else None
+        return copy_run(client, source, experiment_id, drop=("blas_kernels",), change=change)
 
     code = main(["rerun", copy_with("Prescott"), "--tracking-uri", tiny.uri])
     out, err = capfd.readouterr()
