@@ -9,19 +9,15 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from research.experiment.fields import (
     FIELDS,
     PRESETS,
     DeprecatedName,
-    Field,
     TrainConfig,
     preset_name,
     show,
@@ -77,22 +73,19 @@ def _port(text: str) -> int:
     return port
 
 
-def _add_field_flags(parser: argparse._ActionsContainer, group: str) -> None:
+def _add_field_flags(parser: argparse._ActionsContainer, group: str, preset: str) -> None:
     """One flag per training field of ``group``, from the field table: ``--<name>`` and its
     extra spellings, the field's type, choices and help (``None`` when not given, so that the
     preset's value stays)."""
-    fields: list[Field] = [field for field in FIELDS.values() if field.group == group]
-    for field in fields:
-        default = f"(default preset: {show(PRESETS['default'].as_params()[field.name])})"
+    for field in (field for field in FIELDS.values() if field.group == group):
+        default = f"({preset} preset: {show(PRESETS[preset].as_params()[field.name])})"
         options: dict = {"dest": field.name, "default": None, "help": f"{field.help} {default}"}
         if field.kind is bool:
             options["action"] = argparse.BooleanOptionalAction
+        elif field.choices:
+            options.update(type=field.kind, choices=list(field.choices))
         else:
-            options["type"] = field.kind
-            if field.choices:
-                options["choices"] = list(field.choices)
-            else:
-                options["metavar"] = field.name.upper()
+            options.update(type=field.kind, metavar=field.name.upper())
         parser.add_argument(field.flag, *field.flags, **options)
 
 
@@ -112,10 +105,9 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_preset_flag(
         train, "default", "the values the flags start from: 'origin' is the origin program's"
     )
-    groups = {"model": "the network", "optimizer": "the optimizer", "training": "training"}
-    groups |= {"data": "the data"}
-    for group, title in groups.items():
-        _add_field_flags(train.add_argument_group(title), group)
+    titles = ("the network", "the optimizer", "training", "the data")
+    for group, title in zip(("model", "optimizer", "training", "data"), titles):
+        _add_field_flags(train.add_argument_group(title), group, "default")
     train.add_argument(
         "--subset",
         type=int,
@@ -140,7 +132,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "per layer and array; exits 1 if any array is outside tolerance.",
     )
     _add_preset_flag(check, "origin", "the network the model flags start from")
-    _add_field_flags(check.add_argument_group("the network"), "model")
+    _add_field_flags(check.add_argument_group("the network"), "model", "origin")
     check.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     check.add_argument("--batch-size", dest="batch_size", type=int, default=256)
     check.add_argument("--seed", type=int, default=0)
@@ -149,17 +141,10 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use a random batch instead of real MNIST (no data needed)",
     )
-    rtol = {dtype: default_tolerance(dtype) for dtype in ("float64", "float32")}
-    check.add_argument(
-        "--rtol",
-        type=float,
-        help=f"default {rtol['float64'][0]:g} (float64), {rtol['float32'][0]:g} (float32)",
-    )
-    check.add_argument(
-        "--atol",
-        type=float,
-        help=f"default {rtol['float64'][1]:g} (float64), {rtol['float32'][1]:g} (float32)",
-    )
+    defaults = [default_tolerance(dtype) for dtype in ("float64", "float32")]
+    for i, name in enumerate(("rtol", "atol")):
+        shown = ", ".join(f"{tol[i]:g} ({d})" for tol, d in zip(defaults, ("float64", "float32")))
+        check.add_argument(f"--{name}", type=float, help=f"default {shown}")
     _add_data_flags(check)
 
     study = commands.add_parser(
@@ -392,36 +377,27 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_gradcheck(args: argparse.Namespace) -> int:
-    from research.data import one_hot
-    from research.engine.mlp import init_params
-    from research.verify.gradcheck import format_table, gradcheck
+    from research.verify.gradcheck import check_network, format_table, random_batch
 
     config = _config_from_args(args)
     spec = config.spec()
-    dtype = np.dtype(args.dtype)
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size} is not allowed; give an integer >= 1")
     if args.synthetic:
-        rng = np.random.default_rng(args.seed)
-        x = rng.random((args.batch_size, spec.sizes[0]))
-        labels = rng.integers(0, spec.sizes[-1], args.batch_size)
+        x, labels = random_batch(spec, args.batch_size, args.seed)
         source = "a random batch"
     else:
         data = _load_data(args, config.raw_inputs)
         x, labels = data.train.x[: args.batch_size], data.train.labels[: args.batch_size]
         source = f"the first {len(x)} MNIST training rows"
-    x = np.asarray(x, dtype=dtype)
-    y = one_hot(labels, spec.sizes[-1], dtype=dtype)
-    params = init_params(spec, args.seed, dtype=dtype, scheme=config.init)
-    rtol_default, atol_default = default_tolerance(dtype)
-    rtol = args.rtol if args.rtol is not None else rtol_default
-    atol = args.atol if args.atol is not None else atol_default
     print(
         f"gradcheck: {'x'.join(map(str, spec.sizes))} {spec.activation}/{spec.output}/{spec.loss}"
-        f" l2={spec.l2:g}, {dtype.name}, {config.init} init (seed {args.seed}), on {source}"
+        f" l2={spec.l2:g}, {args.dtype}, {config.init} init (seed {args.seed}), on {source}"
     )
     started = time.perf_counter()
-    rows = gradcheck(params, x, y, spec, rtol=rtol, atol=atol)
+    rows, rtol, atol = check_network(
+        spec, config.init, args.dtype, args.seed, x, labels, args.rtol, args.atol
+    )
     print(format_table(rows, rtol, atol))
     print(f"({time.perf_counter() - started:.1f} s, including JAX compilation)")
     return 0 if all(row.passed for row in rows) else 1
@@ -468,14 +444,8 @@ def _run_study(args: argparse.Namespace) -> int:
 
 def _run_ui(args: argparse.Namespace) -> int:
     from research.experiment.tracking.stores import resolve_tracking_uri
-    from research.experiment.tracking.ui import LOOPBACK, serve_ui
+    from research.experiment.tracking.ui import serve_ui
 
-    if args.host not in LOOPBACK:
-        print(
-            f"warning: binding the MLflow UI to {args.host}: it has no authentication, anyone "
-            "who can reach this address can read and change every run",
-            file=sys.stderr,
-        )
     say = functools.partial(print, flush=True)
     return serve_ui(resolve_tracking_uri(args.tracking_uri), args.host, args.port, say)
 
@@ -534,8 +504,6 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    import os
-
     from research.bench.run import (
         BenchError,
         format_table,
@@ -543,6 +511,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         params_of,
         run_benchmark,
         to_json,
+        write_text,
     )
     from research.data import DataError
     from research.experiment.tracking.runs import log_benchmark
@@ -570,10 +539,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     print(table)
     text = to_json(results)
     if json_path is not None:
-        # written beside the target and renamed: never a half-written file
-        with tempfile.NamedTemporaryFile("w", dir=json_path.parent, delete=False) as handle:
-            handle.write(text)
-        os.replace(handle.name, json_path)
+        write_text(json_path, text)
         print(f"results written to {json_path}")
     if not args.no_track:
         command = "python -m research bench" + (" --quick" if args.quick else "")

@@ -26,8 +26,10 @@ import multiprocessing
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from research.bench.contenders import CONTENDERS, ENGINE, WORKLOADS, Workload, worker
@@ -311,6 +313,13 @@ def params_of(results: dict[str, Any], command: str) -> dict[str, str]:
         "gap_seconds": str(results["gap_seconds"]),
         "command": command,
     }
+
+
+def write_text(path: Path, text: str) -> None:
+    """Writes ``text`` beside ``path`` and renames it into place: never a half-written file."""
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as handle:
+        handle.write(text)
+    os.replace(handle.name, path)
 
 
 def to_json(results: dict[str, Any]) -> str:

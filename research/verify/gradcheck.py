@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from research.engine.mlp import MLPSpec, Params, loss_and_grads
+from research.engine.mlp import MLPSpec, Params, init_params, loss_and_grads
 from research.verify.compare import ArrayCheck, compare_arrays, compare_trees, tolerance
 
 
@@ -47,6 +47,36 @@ def gradcheck(
     their_loss, their_grads = reference.loss_and_grads(params, x, y, spec)
     loss_row = compare_arrays("loss", np.array(our_loss), np.array(their_loss), rtol, atol)
     return [loss_row, *compare_trees(our_grads, their_grads, rtol, atol)]
+
+
+def check_network(
+    spec: MLPSpec,
+    init: str,
+    dtype: np.dtype | type | str,
+    seed: int,
+    x: np.ndarray,
+    labels: np.ndarray,
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> tuple[list[ArrayCheck], float, float]:
+    """Initializes the network (``init`` scheme, ``seed``, ``dtype``) and runs :func:`gradcheck`
+    on inputs x (B, sizes[0]) and integer labels (B,) as one-hot targets. Returns the checks and
+    the (rtol, atol) they used (by default :func:`default_tolerance`)."""
+    dtype = np.dtype(dtype)
+    default_rtol, default_atol = default_tolerance(dtype)
+    rtol = default_rtol if rtol is None else rtol
+    atol = default_atol if atol is None else atol
+    y = np.eye(spec.sizes[-1], dtype=dtype)[labels]
+    params = init_params(spec, seed, dtype=dtype, scheme=init)
+    rows = gradcheck(params, np.asarray(x, dtype=dtype), y, spec, rtol=rtol, atol=atol)
+    return rows, rtol, atol
+
+
+def random_batch(spec: MLPSpec, rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs uniform in [0, 1) (rows, sizes[0]) and random labels (rows,), for a check without
+    data."""
+    rng = np.random.default_rng(seed)
+    return rng.random((rows, spec.sizes[0])), rng.integers(0, spec.sizes[-1], rows)
 
 
 def format_table(rows: list[ArrayCheck], rtol: float, atol: float) -> str:

@@ -3,9 +3,9 @@
 A training run (of ``train``, or one trial of a study) is logged the same way whoever runs it:
 :meth:`TrainingRun.log_config` (the fields of its :class:`~research.experiment.fields.TrainConfig`
 under their own names, plus ``sizes``, ``n_train_rows`` and ``blas_kernels``),
-:meth:`TrainingRun.log_epoch` after every epoch, and one ending: :meth:`~TrainingRun.complete`
-(loss curves and weights as artifacts), :meth:`~TrainingRun.pruned`, :meth:`~TrainingRun.diverged`
-or :meth:`~TrainingRun.failed`. Each ending sets the tag ``research.state`` (``COMPLETE``,
+:meth:`TrainingRun.log_epoch` after every epoch, :meth:`TrainingRun.save_outputs` (loss curves,
+and weights when it completed), and one ending, :meth:`TrainingRun.end` or
+:meth:`TrainingRun.diverged`. The ending sets the tag ``research.state`` (``COMPLETE``,
 ``PRUNED`` or ``FAIL``) and, for a failure, ``research.error`` with the reason: a divergence reads
 ``training diverged at epoch E, step S: ...``. :func:`read_run` reads it all back (``rerun``).
 

@@ -14,7 +14,14 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 def serve_ui(uri: str, host: str, port: int, say: Callable[[str], None] = print) -> int:
     """Runs ``mlflow ui`` over the store ``uri`` on ``host:port`` until it exits, Ctrl-C or
-    SIGTERM; returns its exit code (0 when stopped by us)."""
+    SIGTERM; returns its exit code (0 when stopped by us). Warns on stderr when ``host`` is not
+    a loopback address: the UI has no authentication."""
+    if host not in LOOPBACK:
+        print(
+            f"warning: binding the MLflow UI to {host}: it has no authentication, anyone who "
+            "can reach this address can read and change every run",
+            file=sys.stderr,
+        )
     command = [
         sys.executable, "-m", "mlflow", "ui",
         "--backend-store-uri", uri, "--host", host, "--port", str(port),
