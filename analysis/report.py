@@ -98,6 +98,13 @@ def build_report(
             f"study {results.name!r} has no finished trial yet; run the study first "
             f"(or wait for its running trials)"
         )
+    if not results.search:
+        report.notes.append(
+            "the study's search space is not in the store (no study/search_space.json or study "
+            "file on its parent run), so validation accuracy against each hyperparameter is "
+            "left out"
+        )
+        say("note: " + report.notes[-1])
 
     best = results.best
     with light_style():
@@ -260,8 +267,6 @@ def _importances(results: StudyResults, storage: str | None) -> tuple[pd.DataFra
     complete = results.trials[results.trials["state"] == "COMPLETE"]
     if len(complete) < 2:
         return None, f"need at least 2 completed trials, the study has {len(complete)}"
-    if not results.search:
-        return None, "nothing was searched"
     url = storage or results.parent_tags.get("optuna.storage")
     if not url or "***" in url:
         return None, "the Optuna storage is not known (its password is not stored); pass --storage"
@@ -416,14 +421,14 @@ def _comparison(report: Report, uri: str, say: Callable) -> pd.DataFrame:
         "wall_seconds": math.nan,
         "n_params": origin_preset.spec().n_params,
     }
-    # Only a finished run of the preset exactly as the origin had it, on all training rows.
-    expected = {f"params.{key}": str(value) for key, value in origin_preset.as_params().items()}
+    # Only a finished run of the preset exactly as the origin had it, on all training rows (its
+    # params read through the field table: a field it predates has its default).
     matching = [
         run
         for _, run in origin_runs.iterrows()
         if run["status"] == "FINISHED"
-        and all(run.get(key) == value for key, value in expected.items())
         and run.get("params.n_train_rows") == str(N_TRAIN)
+        and _logged_config(run) == origin_preset
     ]
     if matching:
         run = matching[0]
@@ -466,6 +471,19 @@ def _comparison(report: Report, uri: str, say: Callable) -> pd.DataFrame:
         + "; ".join(f"{row['configuration']}: test {pct(row.get('test_accuracy'))}" for row in rows)
     )
     return frame
+
+
+def _logged_config(run: pd.Series) -> Any:
+    """The TrainConfig a run's ``params.<field>`` columns give, or None if they give none."""
+    from research.experiment.fields import FIELDS, TrainConfig
+
+    params = {
+        name: run[f"params.{name}"] for name in FIELDS if isinstance(run.get(f"params.{name}"), str)
+    }
+    try:
+        return TrainConfig.from_params(params)[0] if params else None
+    except ValueError:
+        return None
 
 
 def _refit_trial(results: StudyResults) -> str | None:

@@ -143,7 +143,8 @@ def trials_frame(runs: pd.DataFrame, search: list[SearchDimension]) -> pd.DataFr
     )
     frame["error"] = column(f"tags.{TAG_ERROR}", "").fillna("")
     # The preprocessing the trial trained with: its test evaluation must use the same.
-    frame["raw_inputs"] = column("params.raw_inputs", "False").fillna("False") == "True"
+    raw = _typed(column("params.raw_inputs", None), "raw_inputs")
+    frame["raw_inputs"] = raw.map(lambda value: value is True)
     frame["epochs_run"] = 0
     return frame[[c for c in columns if c in frame.columns]]
 

@@ -35,7 +35,7 @@ def assert_trees_close(
         check_dtype: also require equal dtypes.
     """
     failed = [
-        check.describe(rtol, atol)
+        check.describe()
         for check in compare_trees(actual, expected, rtol, atol, check_dtype)
         if not check.passed
     ]

@@ -148,6 +148,12 @@ def test_gradcheck_command_passes_and_prints_table(capsys):
         assert row in out
     assert "all 5 arrays agree" in out
     assert "MNIST training rows" in out
+    # the tolerance table's rows: the loss's and the gradients'
+    assert (
+        "<= 1e-14 + 1e-12*|jax| (the loss); |numpy - jax| <= 1e-12 + 1e-10*|jax| (gradients)" in out
+    )
+    assert main(["gradcheck", "--synthetic", "--batch-size", "0"]) == 2
+    assert "--batch-size 0 is not allowed" in capsys.readouterr().err
 
 
 def test_gradcheck_fails_when_tolerance_is_impossible(capsys):
@@ -247,7 +253,7 @@ def test_the_flags_are_the_field_table():
             assert action.type is field.kind, name
             assert tuple(action.choices or ()) == field.choices, name
     model = {name for name, field in FIELDS.items() if field.group == "model"}
-    # gradcheck's own --dtype, --seed and --batch-size (rows) have their own defaults
-    assert set(flags("gradcheck")) - {"dtype", "seed", "batch_size"} == model == {
+    # gradcheck's own --dtype and --seed have their own defaults (--batch-size is rows)
+    assert set(flags("gradcheck")) - {"dtype", "seed"} == model == {
         "hidden_size", "n_hidden_layers", "activation", "output", "loss", "l2", "init",
     }  # fmt: skip

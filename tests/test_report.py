@@ -323,3 +323,27 @@ def test_a_store_without_studies_says_how_to_make_one(tmp_path):
     assert code == 2
     assert err.startswith(f"error: there is no study in the tracking store {uri}; run one with")
     assert not (tmp_path / "mlruns" / "reports").exists()
+
+
+def test_a_study_logged_before_the_search_space_was_reads_it_from_its_study_file(tmp_path):
+    """Older parent runs have the study file but no study/search_space.json: the report reads the
+    file's [search] tables, normalized as the study normalized them (int choices of a float
+    field become floats), and keeps a table the field table no longer knows as it is."""
+    from research.experiment.study_config import load_study_config
+    from research.experiment.tracking.results import _as_searched, find_study, search_space
+    from research.experiment.tracking.runs import StudyTracker
+
+    uri = sqlite_uri(tmp_path)
+    study_file = tmp_path / "old_study.toml"
+    study_file.write_text(
+        MNIST_MLP.read_text().replace("choices = [0.0, 1e-5, 1e-4]", "choices = [0, 1e-5, 1e-4]")
+    )
+    tracker = StudyTracker.open("old_study", uri)
+    tracker.parent.log_params({"study_file": study_file.name})
+    tracker.parent.log_artifact(study_file, "study")
+    space = search_space(find_study("old_study", uri), uri)
+    assert space == [param.as_dict() for param in load_study_config(study_file).search]
+    (l2,) = [entry for entry in space if entry["name"] == "l2"]
+    assert l2["choices"] == [0.0, 1e-5, 1e-4] and isinstance(l2["choices"][0], float)
+    dropout = {"type": "float", "low": 0.0, "high": 0.5}
+    assert _as_searched("dropout", dropout) == {"name": "dropout", **dropout}

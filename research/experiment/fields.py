@@ -318,14 +318,18 @@ class Field:
         noun = "an integer" if self.kind is int else "a finite number"
         low = (">=", self.ge) if self.ge is not None else (">", self.gt)
         high = ("<=", self.le) if self.le is not None else ("<", self.lt)
+
+        def number(bound: float) -> str:
+            return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
         if low[1] is not None and high[1] is not None:
             if self.kind is int and low[0] == ">=" and high[0] == "<=":
-                return f"an integer from {low[1]:g} to {high[1]:g}"
+                return f"an integer from {number(low[1])} to {number(high[1])}"
             left, right = "[" if low[0] == ">=" else "(", "]" if high[0] == "<=" else ")"
             plain = "an integer" if self.kind is int else "a number"  # bounded: finite anyway
-            return f"{plain} in {left}{low[1]:g}, {high[1]:g}{right}"
+            return f"{plain} in {left}{number(low[1])}, {number(high[1])}{right}"
         op, bound = low if low[1] is not None else high
-        return noun if bound is None else f"{noun} {op} {bound:g}"
+        return noun if bound is None else f"{noun} {op} {number(bound)}"
 
     @functools.cached_property
     def _adapter(self) -> Any:
@@ -354,12 +358,17 @@ class Field:
         try:
             return self._adapter.validate_python(value)
         except pydantic.ValidationError as error:
+            value = _plain(value)  # shown as the Python value it is
             problem = self._problem(error.errors()[0], value)
         raise ConfigError(key or self.name, problem, value=value, allowed=self.allowed, path=path)
 
     def _problem(self, error: Mapping[str, Any], value: Any) -> str:
         """Our wording of a pydantic error (the rest of the message is ours too)."""
         kind = error["type"]
+        if kind == "float_type" and isinstance(value, int) and not isinstance(value, bool):
+            return "out of range"  # an integer too large to be a float
+        if kind.endswith("_parsing"):  # logged text that is not a value of the field's type
+            return f"not {_EXPECTED[self.kind]}"
         if kind in _TYPE_ERRORS or (kind == "literal_error" and not isinstance(value, str)):
             expected = "a string" if self.choices else _EXPECTED[self.kind]
             return f"{type_name(value)}, not {expected}"
@@ -438,15 +447,16 @@ class DeprecatedName(FutureWarning):
     """A name that still works but has a new one; the command line shows it as one note."""
 
 
-def preset_name(name: Any) -> Any:
+def preset_name(name: Any, stacklevel: int = 2) -> Any:
     """``name`` with a deprecated alias replaced by its preset's name (warning
-    :class:`DeprecatedName` when it is one); anything else is returned unchanged."""
+    :class:`DeprecatedName` when it is one, attributed ``stacklevel`` frames up); anything else
+    is returned unchanged."""
     if isinstance(name, str) and name in PRESET_ALIASES:
         new = PRESET_ALIASES[name]
         warnings.warn(
             f'the preset "{name}" is now called "{new}"; "{name}" still works but is deprecated',
             DeprecatedName,
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
         return new
     return name
@@ -454,7 +464,7 @@ def preset_name(name: Any) -> Any:
 
 def preset(name: str, **overrides: Any) -> TrainConfig:
     """A preset with some fields replaced; unknown presets raise ValueError."""
-    name = preset_name(name)
+    name = preset_name(name, stacklevel=3)
     if name not in PRESETS:
         raise ValueError(f"preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
     return dataclasses.replace(PRESETS[name], **overrides)

@@ -95,19 +95,21 @@ class ArrayCheck:
     size: int = 0
     worst: str = ""
     problem: str = ""
+    rtol: float = 0.0  # the tolerance it was checked at
+    atol: float = 0.0
 
     @property
     def passed(self) -> bool:
         return not self.problem and self.n_outside == 0
 
-    def describe(self, rtol: float, atol: float) -> str:
+    def describe(self) -> str:
         """One line for a failure message."""
         if self.problem:
             return f"{self.name}: {self.problem}"
         return (
             f"{self.name} {self.shape}: max abs err {self.max_abs_error:.3e}, max rel err "
             f"{self.max_rel_error:.3e}; {self.worst}; {self.n_outside} of {self.size} outside "
-            f"rtol={rtol:g}, atol={atol:g}"
+            f"rtol={self.rtol:g}, atol={self.atol:g}"
         )
 
 
@@ -147,6 +149,8 @@ def compare_arrays(
         n_outside=int(np.count_nonzero(outside)),
         size=int(diff.size),
         worst=worst,
+        rtol=rtol,
+        atol=atol,
     )
 
 

@@ -2,7 +2,9 @@
 
 Used by ``python -m research gradcheck``. The comparison and its default tolerances are those of
 the tests (:mod:`research.verify.compare`): an array passes when every element satisfies
-|numpy − jax| ≤ atol + rtol·|jax|, and the relative error shown is normwise.
+|numpy − jax| ≤ atol + rtol·|jax|, with the ``loss`` row of the tolerance table for the loss and
+the ``gradients`` row for the gradients (its float32 atol scaled by the largest gradient entry,
+as the tests scale it); the relative error shown is normwise.
 """
 
 from __future__ import annotations
@@ -11,12 +13,6 @@ import numpy as np
 
 from research.engine.mlp import MLPSpec, Params, init_params, loss_and_grads
 from research.verify.compare import ArrayCheck, compare_arrays, compare_trees, tolerance
-
-
-def default_tolerance(dtype: np.dtype | type | str) -> tuple[float, float]:
-    """(rtol, atol) gradcheck uses by default for parameters of ``dtype``."""
-    tol = tolerance("gradients", dtype)
-    return tol.rtol, tol.atol
 
 
 def gradcheck(
@@ -32,21 +28,27 @@ def gradcheck(
     Args:
         params: one ``{"W": (n_in, n_out), "b": (n_out,)}`` per layer (float32 or float64).
         x: inputs (B, sizes[0]); y: targets (B, sizes[-1]).
-        rtol, atol: default :func:`default_tolerance` of the parameters' dtype.
+        rtol, atol: the same for every array; default, the tolerance table's for the dtype.
     Returns:
         One :class:`~research.verify.compare.ArrayCheck` for the loss, then one per layer and
-        array (W, then b).
+        array (W, then b); each carries the tolerance it was checked at.
     """
     from research.verify import reference  # imports jax; kept out of `import gradcheck`
 
-    default_rtol, default_atol = default_tolerance(params[0]["W"].dtype)
-    rtol = default_rtol if rtol is None else rtol
-    atol = default_atol if atol is None else atol
-
+    dtype = params[0]["W"].dtype
     our_loss, our_grads = loss_and_grads(params, x, y, spec)
     their_loss, their_grads = reference.loss_and_grads(params, x, y, spec)
-    loss_row = compare_arrays("loss", np.array(our_loss), np.array(their_loss), rtol, atol)
-    return [loss_row, *compare_trees(our_grads, their_grads, rtol, atol)]
+    loss_tol = tolerance("loss", dtype)
+    grad_rtol, grad_atol = tolerance("gradients", dtype).for_tree(their_grads)
+    loss_rtol, loss_atol = loss_tol.rtol, loss_tol.atol
+    if rtol is not None:
+        loss_rtol = grad_rtol = rtol
+    if atol is not None:
+        loss_atol = grad_atol = atol
+    loss_row = compare_arrays(
+        "loss", np.array(our_loss), np.array(their_loss), loss_rtol, loss_atol
+    )
+    return [loss_row, *compare_trees(our_grads, their_grads, grad_rtol, grad_atol)]
 
 
 def check_network(
@@ -58,18 +60,13 @@ def check_network(
     labels: np.ndarray,
     rtol: float | None = None,
     atol: float | None = None,
-) -> tuple[list[ArrayCheck], float, float]:
+) -> list[ArrayCheck]:
     """Initializes the network (``init`` scheme, ``seed``, ``dtype``) and runs :func:`gradcheck`
-    on inputs x (B, sizes[0]) and integer labels (B,) as one-hot targets. Returns the checks and
-    the (rtol, atol) they used (by default :func:`default_tolerance`)."""
+    on inputs x (B, sizes[0]) and integer labels (B,) as one-hot targets."""
     dtype = np.dtype(dtype)
-    default_rtol, default_atol = default_tolerance(dtype)
-    rtol = default_rtol if rtol is None else rtol
-    atol = default_atol if atol is None else atol
     y = np.eye(spec.sizes[-1], dtype=dtype)[labels]
     params = init_params(spec, seed, dtype=dtype, scheme=init)
-    rows = gradcheck(params, np.asarray(x, dtype=dtype), y, spec, rtol=rtol, atol=atol)
-    return rows, rtol, atol
+    return gradcheck(params, np.asarray(x, dtype=dtype), y, spec, rtol=rtol, atol=atol)
 
 
 def random_batch(spec: MLPSpec, rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -79,8 +76,8 @@ def random_batch(spec: MLPSpec, rows: int, seed: int) -> tuple[np.ndarray, np.nd
     return rng.random((rows, spec.sizes[0])), rng.integers(0, spec.sizes[-1], rows)
 
 
-def format_table(rows: list[ArrayCheck], rtol: float, atol: float) -> str:
-    """A plain-text table of the checks."""
+def format_table(rows: list[ArrayCheck]) -> str:
+    """A plain-text table of the checks, and the tolerances they were checked at."""
     header = f"{'array':<12} {'shape':>12} {'max abs err':>12} {'max rel err':>12}  result"
     lines = [header, "-" * len(header)]
     for row in rows:
@@ -89,10 +86,17 @@ def format_table(rows: list[ArrayCheck], rtol: float, atol: float) -> str:
             f"{row.name:<12} {shape:>12} {row.max_abs_error:>12.2e} {row.max_rel_error:>12.2e}  "
             f"{'ok' if row.passed else 'FAIL'}"
         )
+    tolerances: dict[tuple[float, float], list[str]] = {}
+    for row in rows:
+        tolerances.setdefault((row.rtol, row.atol), []).append(row.name)
+    rules = [
+        f"|numpy - jax| <= {atol:.3g} + {rtol:g}*|jax|"
+        + ("" if len(tolerances) == 1 else f" ({'the loss' if names == ['loss'] else 'gradients'})")
+        for (rtol, atol), names in tolerances.items()
+    ]
     failed = [row.name for row in rows if not row.passed]
     lines.append(
-        f"rel err = max|numpy - jax| / max|jax|; pass: every element has "
-        f"|numpy - jax| <= {atol:g} + {rtol:g}*|jax|\n"
-        + (f"FAILED: {', '.join(failed)}" if failed else f"all {len(rows)} arrays agree")
+        "rel err = max|numpy - jax| / max|jax|; pass: every element has " + "; ".join(rules)
     )
+    lines.append(f"FAILED: {', '.join(failed)}" if failed else f"all {len(rows)} arrays agree")
     return "\n".join(lines)

@@ -218,8 +218,9 @@ def search_space(record: StudyRecord, tracking_uri: str | None = None) -> list[d
     keys (``name``, ``type``, ``low``, ``high``, ``log``, ``step`` or ``choices``).
 
     From the parent run's ``study/search_space.json``; for studies logged before it existed,
-    from the ``[search]`` tables of the study file logged beside it (``study/<file>.toml``).
-    Empty if the study recorded neither.
+    from the ``[search]`` tables of the study file logged beside it (``study/<file>.toml``),
+    normalized as the study normalized them (``l2`` choices ``[0, 1e-4]`` are floats). Empty if
+    the study recorded neither.
     """
     import json
     import tempfile
@@ -243,4 +244,17 @@ def search_space(record: StudyRecord, tracking_uri: str | None = None) -> list[d
         if not path:
             return []
         tables = tomllib.loads(path.read_text()).get("search", {})
-    return [{"name": name, **table} for name, table in tables.items()]
+    return [_as_searched(name, table) for name, table in tables.items()]
+
+
+def _as_searched(name: str, table: dict[str, Any]) -> dict[str, Any]:
+    """A ``[search.<name>]`` table as SearchParam.as_dict() gives it; as it is, if the field
+    table no longer accepts it (a field since removed, say)."""
+    from research.experiment.fields import ConfigError
+    from research.experiment.search_space import SearchParam
+
+    try:
+        options = {key: value for key, value in table.items() if key != "type"}
+        return SearchParam(name, table.get("type"), **options).as_dict()
+    except (ConfigError, TypeError):
+        return {"name": name, **table}
