@@ -105,13 +105,12 @@ def rerun(
     from research.engine.blas_kernels import loaded_kernels
 
     logged = read_run(run_id, METRICS, tracking_uri)
-    missing = [name for name in FIELDS if name not in logged.params]
-    if len(missing) == len(FIELDS):
-        raise RerunError(f"run {run_id} lacks the params {', '.join(missing)}; cannot rerun it")
     try:
         config, missing = TrainConfig.from_params(logged.params)
     except ValueError as error:  # a value the field table no longer allows
         raise RerunError(f"run {run_id} cannot be rerun: its params give {error}") from None
+    if len(missing) == len(FIELDS):  # not a training run (a study's parent, a bench run)
+        raise RerunError(f"run {run_id} lacks the params {', '.join(missing)}; cannot rerun it")
     data = load_mnist(mnist_dir, data_dir, raw=config.raw_inputs)
     n_rows = int(logged.params.get("n_train_rows", len(data.train)))
     threads = int(logged.params["blas_threads"]) if "blas_threads" in logged.params else None
