@@ -204,11 +204,25 @@ def sections(report: Report) -> list[dict[str, Any]]:
     return out
 
 
+#: What Markdown would read as markup in text from the store (tags, params, names): raw HTML
+#: (``<script>``), entities and escapes; and line breaks, which would end a table row or start
+#: a heading. Links and images (``[x](javascript:...)``) are broken at ``](``, below.
+_MARKDOWN_ESCAPES = str.maketrans(
+    {"\\": "\\\\", "&": "&amp;", "<": "&lt;", ">": "&gt;", "\n": " ", "\r": " "}
+)
+
+
+def markdown_text(text: Any) -> str:
+    """``text`` as Markdown that shows it as it is, never as markup, a link or HTML."""
+    return str(text).translate(_MARKDOWN_ESCAPES).replace("](", "\\](")
+
+
 def markdown_table(frame: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table of ``frame`` (cells as text, pipes escaped)."""
+    """A GitHub-flavoured Markdown table of ``frame`` (cells as text, escaped by
+    :func:`markdown_text`, pipes too)."""
 
     def row(cells: list[Any]) -> str:
-        return "| " + " | ".join(_cell(c).replace("|", "\\|") for c in cells) + " |"
+        return "| " + " | ".join(markdown_text(_cell(c)).replace("|", "\\|") for c in cells) + " |"
 
     lines = [row(list(frame.columns)), "| " + " | ".join("---" for _ in frame.columns) + " |"]
     lines += [row(list(values)) for values in frame.itertuples(index=False)]
@@ -226,18 +240,18 @@ def _atomic_write(path: Path, text: str) -> None:
 def write_markdown(report: Report, path: Path) -> None:
     """``report.md``, with the figures as relative links to the PNGs beside it."""
     lines = [
-        f"# Study report: {report.results.name}",
+        f"# Study report: {markdown_text(report.results.name)}",
         "",
         f"Made {report.created} by `python -m research report` in {report.seconds:.1f} s.",
     ]
     for section in sections(report):
-        lines += ["", f"## {section['title']}", ""]
+        lines += ["", f"## {markdown_text(section['title'])}", ""]
         for paragraph in section["paragraphs"]:
-            lines += [paragraph, ""]
+            lines += [markdown_text(paragraph), ""]
         for table in section["tables"]:
             lines += [markdown_table(table), ""]
         for name in section["figures"]:
-            lines += [f"![{name}]({name})", "", f"*{report.figures[name]}*", ""]
+            lines += [f"![{name}]({name})", "", f"*{markdown_text(report.figures[name])}*", ""]
     _atomic_write(path, "\n".join(lines).rstrip() + "\n")
 
 

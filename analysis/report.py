@@ -27,6 +27,8 @@ from analysis import curves, evaluation, history, hyperparams
 from analysis.render import Report, pct, write_html, write_json, write_markdown
 from analysis.store import StudyResults, load_study_results
 from analysis.style import light_style, save_png
+from research.experiment.fields import show
+from research.experiment.storage import default_storage_url
 from research.experiment.tracking import results as tracking
 from research.experiment.tracking.stores import (
     TrackingError,
@@ -46,8 +48,22 @@ class ReportError(Exception):
     """The report cannot be made as asked; the message says why and how to fix it."""
 
 
+def is_folder_name(name: str) -> bool:
+    """Whether ``name`` names one folder inside another: not empty, not ``.`` or ``..``, no
+    ``/``, ``\\`` or NUL. Every name a study file may have is one, and so are older study
+    names that study files no longer allow (``-x``)."""
+    return name not in ("", ".", "..") and not any(character in name for character in "/\\\0")
+
+
+def _not_a_folder(name: str) -> str:
+    return f'study name {show(name)} is not a plain folder name (not empty, "." or "..", no "/")'
+
+
 def default_out_dir(tracking_uri: str, study: str) -> Path:
-    """``<store folder>/reports/<study>`` for a local SQLite store, else ``mlruns/reports/``."""
+    """``<store folder>/reports/<study>`` for a local SQLite store, else ``mlruns/reports/``;
+    ReportError (asking for ``--out``) if ``study`` cannot name a folder."""
+    if not is_folder_name(study):
+        raise ReportError(f"{_not_a_folder(study)}; pass --out to write its report elsewhere")
     return local_store_folder(tracking_uri) / "reports" / study
 
 
@@ -68,6 +84,8 @@ def build_report(
     and ``research.data.DataError`` for user mistakes.
     """
     started = time.perf_counter()
+    if study is not None and not is_folder_name(study):
+        raise ReportError(f"{_not_a_folder(study)}; pass the name of a study in the store")
     uri = resolve_tracking_uri(tracking_uri)
     results = load_study_results(study, uri)
     out = check_out_dir(Path(out) if out else default_out_dir(uri, results.name))
@@ -108,6 +126,7 @@ def build_report(
 
     best = results.best
     with light_style():
+        storage = storage or default_storage_url(uri)
         figures, report.importances, note = search_figures(results, storage)
         if note:
             report.notes.append(f"parameter importances: {note}")
@@ -149,7 +168,7 @@ def build_report(
 
 
 def search_figures(
-    results: StudyResults, storage: str | None
+    results: StudyResults, storage: str
 ) -> tuple[dict[str, tuple[Any, str]], pd.DataFrame | None, str]:
     """The figures of how the search went, with their captions: loss curves, validation
     accuracy against each searched parameter, the optimization history and the importances.
@@ -198,7 +217,7 @@ def log_study_figures(
     if results.trials.empty:
         return []
     with light_style(), tempfile.TemporaryDirectory() as folder:
-        figures, _, _ = search_figures(results, storage)
+        figures, _, _ = search_figures(results, storage or default_storage_url(uri))
         for name, (figure, _) in figures.items():
             save_png(figure, Path(folder) / name)
         tracking.log_artifacts(results.record.parent_run_id, Path(folder), "figures", uri)
@@ -256,8 +275,9 @@ def _replace_folder(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _importances(results: StudyResults, storage: str | None) -> tuple[pd.DataFrame | None, str]:
-    """Optuna's fANOVA importances of the study, or None and the reason there are none."""
+def _importances(results: StudyResults, storage: str) -> tuple[pd.DataFrame | None, str]:
+    """Optuna's fANOVA importances of the study from the Optuna storage ``storage``, or None and
+    the reason there are none."""
     import warnings
 
     import optuna
@@ -267,13 +287,19 @@ def _importances(results: StudyResults, storage: str | None) -> tuple[pd.DataFra
     complete = results.trials[results.trials["state"] == "COMPLETE"]
     if len(complete) < 2:
         return None, f"need at least 2 completed trials, the study has {len(complete)}"
-    url = storage or results.parent_tags.get("optuna.storage")
-    if not url or "***" in url:
-        return None, "the Optuna storage is not known (its password is not stored); pass --storage"
+    # Only the storage the user gave, or the default beside the tracking store: never one a
+    # run's tag names (anyone who can write a tag could point the report at any database).
+    url = storage
+    recorded = results.parent_tags.get("optuna.storage")
+    hint = (
+        f" (the study recorded {recorded}: pass it as --storage if that is where it lives)"
+        if recorded and recorded != redact(url)
+        else ""
+    )
     local = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
     if ("://" not in url or url.startswith("sqlite:///")) and not Path(local).is_file():
         # Opening a journal that is not there would create an empty one.
-        return None, f"the Optuna storage {local} does not exist; pass --storage"
+        return None, f"the Optuna storage {local} does not exist; pass --storage{hint}"
     try:
         study = optuna.load_study(study_name=results.name, storage=open_storage(url))
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -286,7 +312,7 @@ def _importances(results: StudyResults, storage: str | None) -> tuple[pd.DataFra
         return None, str(error)
     except (KeyError, ValueError, RuntimeError) as error:
         # KeyError: no such study in that storage; ValueError/RuntimeError: too little variety.
-        return None, f"Optuna could not compute them from {redact(url)}: {error}"
+        return None, f"Optuna could not compute them from {redact(url)}: {error}{hint}"
     frame = pd.DataFrame(list(importances.items()), columns=["param", "importance"])
     if frame.empty:
         return None, "Optuna found no parameter that varied among the completed trials"

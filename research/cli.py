@@ -22,7 +22,13 @@ from research.experiment.fields import (
     preset_name,
     show,
 )
-from research.experiment.train import DivergenceError, EpochMetrics
+from research.experiment.train import (
+    DivergenceError,
+    EpochMetrics,
+    Terminated,
+    interruption,
+    stop_on_sigterm,
+)
 
 EXIT_USAGE = 2
 
@@ -246,6 +252,17 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise UserError(f"invalid training configuration: {error}") from None
 
 
+def _check_memory(config: TrainConfig, n_train_rows: int) -> None:
+    """UserError if training ``config`` cannot fit in the memory available now."""
+    from research.experiment.fields import ConfigError
+    from research.experiment.resources import check_memory
+
+    try:
+        check_memory(config, n_train_rows)
+    except ConfigError as error:
+        raise UserError(str(error)) from None
+
+
 def _load_data(args: argparse.Namespace, raw: bool):
     from research.data import DataError, load_mnist
 
@@ -287,6 +304,7 @@ def _run_train(args: argparse.Namespace) -> int:
         raise UserError(
             f"--batch-size {config.batch_size} is larger than the {len(x_train)} training rows"
         )
+    _check_memory(config, len(x_train))
     spec = config.spec()
     print(
         f"training {'x'.join(map(str, spec.sizes))} {config.activation}/{config.output}/"
@@ -340,12 +358,12 @@ def _run_train(args: argparse.Namespace) -> int:
             run.diverged(error)
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:
         progress.close()
         if run is not None:
-            run.end("FAIL", "KILLED", "interrupted (Ctrl-C)")
-        print("interrupted; the MLflow run is marked KILLED", file=sys.stderr)
-        return 130
+            run.end("FAIL", "KILLED", interruption(error))
+        print(f"{interruption(error)}; the MLflow run is marked KILLED", file=sys.stderr)
+        return 143 if isinstance(error, Terminated) else 130
     except BaseException as error:
         progress.close()
         if run is not None:
@@ -382,12 +400,21 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_gradcheck(args: argparse.Namespace) -> int:
+    from research.data import N_TRAIN
     from research.verify.gradcheck import check_network, format_table, random_batch
 
     config = _config_from_args(args)
     spec = config.spec()
-    if args.rows < 1:
-        raise UserError(f"--batch-size {args.rows} is not allowed; give an integer >= 1")
+    if not 1 <= args.rows <= N_TRAIN:
+        raise UserError(
+            f"--batch-size {args.rows} is not allowed; give an integer from 1 to {N_TRAIN}"
+        )
+    for name in ("rtol", "atol"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value < float("inf"):
+            raise UserError(f"--{name} {value} is not allowed; give a finite number >= 0")
+    # the network in float64 twice (numpy's and JAX's), on one batch
+    _check_memory(replace(config, dtype="float64", batch_size=args.rows), args.rows)
     if args.synthetic:
         x, labels = random_batch(spec, args.rows, args.seed)
         source = "a random batch"
@@ -447,10 +474,13 @@ def _run_study(args: argparse.Namespace) -> int:
 
 def _run_ui(args: argparse.Namespace) -> int:
     from research.experiment.tracking.stores import resolve_tracking_uri
-    from research.experiment.tracking.ui import serve_ui
+    from research.experiment.tracking.ui import UIError, serve_ui
 
     say = functools.partial(print, flush=True)
-    return serve_ui(resolve_tracking_uri(args.tracking_uri), args.host, args.port, say)
+    try:
+        return serve_ui(resolve_tracking_uri(args.tracking_uri), args.host, args.port, say)
+    except UIError as error:
+        raise UserError(str(error)) from None
 
 
 def _run_rerun(args: argparse.Namespace) -> int:
@@ -589,11 +619,13 @@ def _main(argv: list[str] | None) -> int:
         "report": _run_report,
         "bench": _run_bench,
     }
+    # SIGTERM (kill, systemd, supervisord) stops a command as Ctrl-C does, with exit code 143.
+    stop_on_sigterm()
     try:
         return commands[args.command](args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:  # Ctrl-C outside a training loop (loading data, opening stores)
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:  # outside a training loop (loading data, opening stores)
+        print(interruption(error), file=sys.stderr)
+        return 143 if isinstance(error, Terminated) else 130

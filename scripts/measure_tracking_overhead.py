@@ -26,7 +26,7 @@ import research.experiment.trials as trials_module  # noqa: E402
 from research.data import load_mnist  # noqa: E402
 from research.experiment.study_config import load_study_config, with_overrides  # noqa: E402
 from research.experiment.tracking.runs import StudyTracker  # noqa: E402
-from research.experiment.trials import TrialContext, load_study, run_trial  # noqa: E402
+from research.experiment.trials import TrialContext, load_study, run_next_trial  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = {"hidden_size": 256, "learning_rate": 0.1, "batch_size": 128, "l2": 0.0}
@@ -73,7 +73,7 @@ def main() -> None:
     for index in range(6):
         study.enqueue_trial(PARAMS)
         started = time.perf_counter()
-        study.optimize(lambda trial: run_trial(trial, context), n_trials=1)
+        run_next_trial(study, context)
         total = time.perf_counter() - started
         bookkeeping = total - training[-1]
         if index == 0:

@@ -117,7 +117,7 @@ def test_train_divergence_exits_1_and_marks_run_failed(store, capsys):
         ),
         (
             ["train", "--batch-size", "0", "--no-track"],
-            "batch_size = 0: out of range; allowed: an integer >= 1",
+            "batch_size = 0: out of range; allowed: an integer from 1 to 60000",
         ),
         (["train", "--lr", "nan", "--no-track"], "learning_rate = nan: out of range"),
         (["train", "--subset", "10", "--no-track"], "--batch-size 128 is larger than the 10"),

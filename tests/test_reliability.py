@@ -222,31 +222,40 @@ def test_heartbeat_retries_count_once_whatever_the_trial_ids(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigint_mid_trial_exits_130_at_once_with_one_line_and_resuming_runs_it_again(tmp_path):
+@pytest.mark.parametrize(
+    ("sent_signal", "exit_code", "reason"),
+    [(signal.SIGINT, 130, "interrupted (Ctrl-C)"), (signal.SIGTERM, 143, "terminated (SIGTERM)")],
+    ids=["SIGINT", "SIGTERM"],
+)
+def test_a_signal_mid_trial_stops_at_once_with_one_line_and_resuming_runs_it_again(
+    tmp_path, sent_signal, exit_code, reason
+):
+    """Ctrl-C, and SIGTERM (what kill, systemd and supervisord send), stop the study the same
+    way: the trial failed and queued again, its run and the parent closed KILLED."""
     uri = sqlite_uri(tmp_path)
     argv = study_argv(uri, n_trials=1, epochs=3)
     study = python_m_research(argv, tmp_path)
     with study:
         read_until(study, r"^trial 0 epoch 1/3")
         sent = time.monotonic()
-        study.send_signal(signal.SIGINT)
+        study.send_signal(sent_signal)
         try:
             study.wait(timeout=60)
         except subprocess.TimeoutExpired:
             study.kill()
-            pytest.fail("the study did not stop within 60 s of SIGINT")
+            pytest.fail(f"the study did not stop within 60 s of {sent_signal.name}")
         seconds = time.monotonic() - sent
         err = study.stderr.read()
-    print(f"SIGINT to exit: {seconds:.2f} s")  # reported in the README
-    assert study.returncode == 130, err
+    print(f"{sent_signal.name} to exit: {seconds:.2f} s")  # reported in docs/reliability.md
+    assert study.returncode == exit_code, err
     assert err.splitlines() == [
-        "error: interrupted: the running trial is recorded as FAIL and its MLflow run as KILLED; "
-        "run the same command again to continue the study"
+        f"error: {reason}: the running trial is recorded as FAIL and queued again, its MLflow "
+        "run as KILLED; run the same command again to continue the study"
     ]
     trial, queued = load_optuna_study(tmp_path).get_trials()
     assert (trial.state.name, queued.state.name) == ("FAIL", "WAITING")
     assert queued.user_attrs[ATTR_RETRY_OF] == 0
-    assert trial.system_attrs[ATTR_INTERRUPTED] == "interrupted (Ctrl-C)"
+    assert trial.system_attrs[ATTR_INTERRUPTED] == reason
     ((parent,), (run,)) = study_runs(uri)
     assert run.info.status == "KILLED" and parent.info.status == "KILLED"
 

@@ -770,6 +770,10 @@ def test_ui_binds_loopback_answers_and_stops_with_its_server(tiny, tmp_path):
     ):
         try:
             wait_for_http(f"http://127.0.0.1:{port}/health", ui)
+            # `ui` prints its URL once its own probe has an answer too, a moment after ours
+            deadline = time.monotonic() + SERVER_WAIT
+            while "MLflow UI on" not in out.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
             server_groups = {os.getpgid(pid) for pid in child_pids(ui.pid)}
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
                 assert response.status == 200

@@ -235,9 +235,12 @@ MISTAKES = [
           "nothing is searched"),
     # wrong types
     _case("string for n_trials", _set("study", "n_trials", value="20"), "study.n_trials", '"20"',
-          "an integer >= 1", "a string, not an integer"),
+          "an integer from 1 to 100000", "a string, not an integer"),
     _case("bool for n_trials", _set("study", "n_trials", value=True), "study.n_trials", "true",
-          "an integer >= 1", "a boolean"),
+          "an integer from 1 to 100000", "a boolean"),
+    # TOML's 1e20 is a float: one line, as for any float
+    _case("float for n_trials", _set("study", "n_trials", value=1e20), "study.n_trials", "1e+20",
+          "an integer from 1 to 100000", "a float, not an integer"),
     _case("float for hidden_size", _set("search", "hidden_size", "low", value=64.0),
           "search.hidden_size.low", "64.0", "an integer from 1 to", "a float, not an integer"),
     _case("float for a fixed integer", _set("fixed", "n_hidden_layers", value=1.5),
@@ -271,7 +274,7 @@ MISTAKES = [
     _case("duplicate after int to float", _set("search", "l2", "choices", value=[0, 0.0, 1e-4]),
           "search.l2.choices", "[0, 0.0, 0.0001]", "distinct values"),
     _case("mixed-type choices", _set("search", "batch_size", "choices", value=[64, "128"]),
-          "search.batch_size.choices[1]", '"128"', "an integer >= 1"),
+          "search.batch_size.choices[1]", '"128"', "an integer from 1 to 60000"),
     # non-positive rates and sizes, log scales
     _case("zero learning rate", _set("search", "learning_rate", "low", value=0),
           "search.learning_rate.low", "0", "a finite number > 0", "out of range"),
@@ -283,12 +286,20 @@ MISTAKES = [
     _case("zero hidden size", _set("search", "hidden_size", "low", value=0),
           "search.hidden_size.low", "0", "an integer from 1 to 65536"),
     _case("zero batch size", _set("search", "batch_size", "choices", value=[0, 64]),
-          "search.batch_size.choices[0]", "0", "an integer >= 1"),
+          "search.batch_size.choices[0]", "0", "an integer from 1 to 60000"),
     _case("zero hidden layers",
           _all(_drop("fixed", "n_hidden_layers"),
                _set("search", "n_hidden_layers", value={"type": "int", "low": 0, "high": 3})),
           "search.n_hidden_layers.low", "0", "an integer from 1 to 32"),
-    _case("zero epochs", _set("fixed", "epochs", value=0), "fixed.epochs", "0", "an integer >= 1"),
+    _case("zero epochs", _set("fixed", "epochs", value=0), "fixed.epochs", "0",
+          "an integer from 1 to 100000"),
+    # sanity bounds: nothing a machine could finish
+    _case("1e12 epochs", _set("fixed", "epochs", value=10**12), "fixed.epochs", "1000000000000",
+          "an integer from 1 to 100000", "out of range"),
+    _case("1e15 trials", _set("study", "n_trials", value=10**15), "study.n_trials",
+          "1000000000000000", "an integer from 1 to 100000", "out of range"),
+    _case("batch size beyond the data", _set("search", "batch_size", "choices", value=[64, 10**6]),
+          "search.batch_size.choices[1]", "1000000", "an integer from 1 to 60000"),
     _case("log with low = 0",
           _set("search", "l2", value={"type": "float", "low": 0, "high": 1e-3, "log": True}),
           "search.l2.low", "0.0", "low > 0", "log = true needs low > 0"),
@@ -308,6 +319,12 @@ MISTAKES = [
           "an integer from 0 to 2**32 - 1"),
     _case("empty study name", _set("study", "name", value=""), "study.name", '""',
           "a name of letters, digits"),
+    # names become folders (reports/<name>): one plain path component, not "." or ".."
+    *[
+        _case(f"study name {name}", _set("study", "name", value=name), "study.name",
+              f'"{name}"', "starts with a letter, digit or '_'", "not allowed")
+        for name in (".", "..", "...", ".hidden", "-flag", "a/b", "../up")
+    ],
     # unknown names
     _case("unknown sampler", _set("study", "sampler", value="tpee"), "study.sampler", '"tpee"',
           '"tpe", "random"', 'did you mean "tpe"'),
@@ -500,13 +517,18 @@ def test_overrides():
 @pytest.mark.parametrize(
     ("overrides", "key", "value", "allowed"),
     [
-        ({"n_trials": 0}, "study.n_trials", "0", "an integer >= 1"),
-        ({"n_trials": "5"}, "study.n_trials", '"5"', "an integer >= 1"),
-        ({"n_trials": True}, "study.n_trials", "true", "an integer >= 1"),
+        ({"n_trials": 0}, "study.n_trials", "0", "an integer from 1 to 100000"),
+        ({"n_trials": "5"}, "study.n_trials", '"5"', "an integer from 1 to 100000"),
+        ({"n_trials": True}, "study.n_trials", "true", "an integer from 1 to 100000"),
+        ({"n_trials": 10**20}, "study.n_trials", "100000000000000000000", "an integer from 1 to"),
         ({"timeout": -5}, "study.timeout", "-5", "a number of seconds > 0"),
         ({"timeout": math.inf}, "study.timeout", "inf", "a number of seconds > 0"),
-        ({"epochs": 0}, "fixed.epochs", "0", "an integer >= 1"),
-        ({"epochs": 2.5}, "fixed.epochs", "2.5", "an integer >= 1"),
+        ({"epochs": 0}, "fixed.epochs", "0", "an integer from 1 to 100000"),
+        ({"epochs": 2.5}, "fixed.epochs", "2.5", "an integer from 1 to 100000"),
+        ({"epochs": 10**12}, "fixed.epochs", "1000000000000", "an integer from 1 to 100000"),
+        ({"name": "."}, "study.name", '"."', "a name of letters, digits"),
+        ({"name": ".."}, "study.name", '".."', "a name of letters, digits"),
+        ({"name": "../up"}, "study.name", '"../up"', "a name of letters, digits"),
         ({"name": " padded "}, "study.name", '" padded "', "a name of letters, digits"),
         # a quote would break MLflow's tag filters that find the study's parent run
         ({"name": "bob's"}, "study.name", '"bob\'s"', "a name of letters, digits"),

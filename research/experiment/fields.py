@@ -34,12 +34,16 @@ from typing import Any, Literal
 
 import numpy as np
 
-from research.data import N_CLASSES, N_PIXELS
+from research.data import N_CLASSES, N_PIXELS, N_TRAIN, N_VALIDATION
 from research.engine.mlp import Activation, InitScheme, Loss, MLPSpec, Output
 from research.engine.optim import OptimizerName
 
 MAX_HIDDEN_SIZE = 65_536
 MAX_HIDDEN_LAYERS = 32
+#: The most rows a batch can have: all of train+validation (a study's final fit).
+MAX_BATCH_SIZE = N_TRAIN + N_VALIDATION
+#: A sanity bound (the origin trained 200 epochs; an epoch takes seconds at least).
+MAX_EPOCHS = 100_000
 
 # --- one line per field: the declaration -------------------------------------------------------
 
@@ -102,12 +106,13 @@ class TrainConfig:
         0.9, "momentum coefficient (momentum optimizer)", "optimizer", ge=0, lt=1
     )
     nesterov: bool = knob(True, "Nesterov momentum (momentum optimizer)", "optimizer")
-    batch_size: int = knob(128, "rows per optimizer step", "training", ge=1)
+    batch_size: int = knob(128, "rows per optimizer step", "training", ge=1, le=MAX_BATCH_SIZE)
     epochs: int = knob(
         10,
         "passes over the training rows",
         "training",
         ge=1,
+        le=MAX_EPOCHS,
         not_searchable="the training budget is fixed per study (pruners compare trials epoch by "
         "epoch)",
     )

@@ -14,11 +14,23 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from research.experiment.fields import FIELDS, TrainConfig
+from research.data import N_TRAIN
+from research.experiment.fields import FIELDS, ConfigError, Field, TrainConfig
+from research.experiment.resources import check_memory
+from research.experiment.tracking.results import check_store_exists
 from research.experiment.tracking.runs import LoggedRun, read_run
+from research.experiment.tracking.stores import resolve_tracking_uri
 from research.experiment.train import DivergenceError, EpochMetrics, train
 
 METRICS = ("train/loss", "val/loss", "val/accuracy")
+#: The params a run logs beside the training fields that a rerun reads, checked as fields are.
+RUN_FIELDS = {
+    field.name: field
+    for field in (
+        Field("n_train_rows", int, None, "the training rows the run used", ge=1, le=N_TRAIN),
+        Field("blas_threads", int, None, "the BLAS threads the run used", ge=1, le=4096),
+    )
+}
 
 
 class RerunError(Exception):
@@ -96,7 +108,8 @@ def rerun(
 
     Raises:
         TrackingError: no such run, or the store cannot be read.
-        RerunError: the run is not a training run.
+        RerunError: the run is not a training run, a param it logged is not a value the field
+            table allows (checked as study files are), or it does not fit in memory here.
         DataError: the data cannot be loaded.
     """
     from threadpoolctl import threadpool_limits
@@ -104,19 +117,38 @@ def rerun(
     from research.data import load_mnist
     from research.engine.blas_kernels import loaded_kernels
 
+    check_store_exists(resolve_tracking_uri(tracking_uri))
     logged = read_run(run_id, METRICS, tracking_uri)
+    params = logged.params
+    if not any(name in params for name in FIELDS):  # a study's parent, a bench run
+        raise RerunError(f"run {run_id} lacks the params {', '.join(FIELDS)}; cannot rerun it")
+    # Every param read back is checked as the study files' values are: a hand-edited or
+    # corrupted store gives one line naming the run and the param.
     try:
-        config, missing = TrainConfig.from_params(logged.params)
-    except ValueError as error:  # a value the field table no longer allows
+        config, missing = TrainConfig.from_params(params)
+        n_rows = RUN_FIELDS["n_train_rows"].parse(params.get("n_train_rows", str(N_TRAIN)))
+        threads = (
+            RUN_FIELDS["blas_threads"].parse(params["blas_threads"])
+            if "blas_threads" in params
+            else None
+        )
+        if config.batch_size > n_rows:
+            raise ConfigError(
+                "batch_size",
+                f"larger than the run's n_train_rows = {n_rows}",
+                value=config.batch_size,
+                allowed=f"at most {n_rows}",
+            )
+    except ValueError as error:  # ConfigError, or a combination TrainConfig does not allow
         raise RerunError(f"run {run_id} cannot be rerun: its params give {error}") from None
-    if len(missing) == len(FIELDS):  # not a training run (a study's parent, a bench run)
-        raise RerunError(f"run {run_id} lacks the params {', '.join(missing)}; cannot rerun it")
-    data = load_mnist(mnist_dir, data_dir, raw=config.raw_inputs)
-    n_rows = int(logged.params.get("n_train_rows", len(data.train)))
-    threads = int(logged.params["blas_threads"]) if "blas_threads" in logged.params else None
     if logged.state == "PRUNED" and logged.histories["val/loss"]:
         # the pruner stopped the trial: retrain only the epochs it ran
         config = dataclasses.replace(config, epochs=len(logged.histories["val/loss"]))
+    try:
+        check_memory(config, n_rows)
+    except ConfigError as error:
+        raise RerunError(f"run {run_id} cannot be rerun here: {error}") from None
+    data = load_mnist(mnist_dir, data_dir, raw=config.raw_inputs)
     result = Rerun(logged, config, n_rows)
     say(f"rerunning {run_id} ({n_rows} training rows, {config.epochs} epochs)")
     if missing:

@@ -5,12 +5,23 @@ Optuna's ``JournalFileBackend`` is safe for several processes on one machine and
 so K workers started at once cannot race on creating tables. A ``--storage`` URL of a database
 (``postgresql://...``, ``sqlite:///...``) uses Optuna's RDB storage with heartbeats instead: that
 is how several machines share one study. The study runner and the report open storages here.
+
+A journal survives a failed append (:class:`JournalFile`): a write cut short by a full disk is
+rolled back, and a line left unterminated by a process killed mid-write is dropped before the next
+append, so the records before it stay readable (Optuna's own backend appends after the cut line,
+and the journal can no longer be read).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
+import json
+import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 from research.experiment.tracking.stores import (
     local_store_folder,
@@ -20,10 +31,17 @@ from research.experiment.tracking.stores import (
 )
 
 JOURNAL_NAME = "optuna.journal"
+#: Seconds between a trial's heartbeats on a database storage, and how long a silent trial lives.
+HEARTBEAT_INTERVAL = 20
+HEARTBEAT_GRACE = 60
 
 
 class StudyError(Exception):
     """A study cannot run as asked; the message says why and how to fix it."""
+
+
+class JournalWriteError(StudyError, OSError):
+    """A record could not be appended to the journal (a full disk); nothing of it was kept."""
 
 
 def default_storage_url(tracking_uri: str) -> str:
@@ -31,21 +49,89 @@ def default_storage_url(tracking_uri: str) -> str:
     return str(local_store_folder(tracking_uri) / JOURNAL_NAME)
 
 
+def heartbeat_settings() -> tuple[int, int]:
+    """(interval, grace) in seconds: 20 and 60, or ``$RESEARCH_HEARTBEAT_INTERVAL`` and
+    ``$RESEARCH_HEARTBEAT_GRACE`` (the tests shorten them to stop a worker past its heartbeat)."""
+    values = []
+    for name, default in (
+        ("RESEARCH_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL),
+        ("RESEARCH_HEARTBEAT_GRACE", HEARTBEAT_GRACE),
+    ):
+        text = os.environ.get(name, "")
+        if not text:
+            values.append(default)
+        elif text.isdigit() and int(text) >= 1:
+            values.append(int(text))
+        else:
+            raise StudyError(f"{name}={text!r} is not allowed; give a whole number of seconds >= 1")
+    interval, grace = values
+    if grace <= interval:
+        raise StudyError(
+            f"RESEARCH_HEARTBEAT_GRACE ({grace} s) must be longer than RESEARCH_HEARTBEAT_INTERVAL "
+            f"({interval} s), or every live trial would look stale"
+        )
+    return interval, grace
+
+
+def check_storage(url: str, tracking_uri: str) -> None:
+    """Refuses a ``--storage`` that cannot hold a study, before anything is written to it: a
+    folder or device instead of a journal file, or the MLflow tracking database itself."""
+    if "://" not in url:
+        path = Path(url)
+        if path.exists() and not path.is_file():
+            kind = "a folder" if path.is_dir() else "not a regular file"
+            raise StudyError(
+                f"--storage {url} is {kind}; give a journal file path (e.g. "
+                f"{path / JOURNAL_NAME if path.is_dir() else 'mlruns/' + JOURNAL_NAME}) or a "
+                "database URL"
+            )
+        return
+    if _same_database(url, tracking_uri):
+        raise StudyError(
+            f"--storage {redact(url)} is the MLflow tracking database; Optuna's tables must not "
+            "go into it: give another database (or a journal file path)"
+        )
+
+
+def _same_database(a: str, b: str) -> bool:
+    from sqlalchemy.engine import make_url
+
+    if "://" not in b:
+        return False
+    try:
+        first, second = make_url(sqlalchemy_url(a)), make_url(sqlalchemy_url(b))
+    except Exception:
+        return False
+    if first.get_backend_name() != second.get_backend_name():
+        return False
+    if first.get_backend_name() == "sqlite":
+        return bool(first.database) and (
+            Path(first.database).resolve() == Path(second.database or "").resolve()
+        )
+    return (first.host, first.port or 5432, first.database) == (
+        second.host,
+        second.port or 5432,
+        second.database,
+    )
+
+
 def open_storage(url: str):
     """An Optuna storage for ``url``: a database URL (RDB, with heartbeats) or a journal file."""
     import optuna
 
     if "://" in url:
+        interval, grace = heartbeat_settings()
         try:
             with store_lock(url), warnings.catch_warnings():  # (the callback is "experimental")
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(
                     sqlalchemy_url(url),
-                    heartbeat_interval=20,
-                    grace_period=60,
-                    # A trial whose worker stopped beating is failed and queued again (once).
+                    heartbeat_interval=interval,
+                    grace_period=grace,
+                    # A trial whose worker stopped beating is failed and queued again (up to
+                    # 3 times: parameters that kill every worker they run on must end).
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                        max_retry=1
+                        max_retry=3
                     ),
                 )
         except Exception as error:
@@ -54,15 +140,117 @@ def open_storage(url: str):
                 f"cannot open the Optuna storage {redact(url)}: {text[0] if text else error!r}; "
                 "check --storage"
             ) from None
-    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
-
     path = Path(url)
+    if path.exists() and not path.is_file():
+        raise StudyError(f"the Optuna journal {path} is not a regular file; pass --storage")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # The open lock (O_CREAT|O_EXCL on a lock file) works on every local filesystem.
-        backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
+        backend = journal_file_class()(path)
     except OSError as error:
         raise StudyError(
             f"cannot open the Optuna journal {path}: {error.strerror}; pass --storage"
         ) from None
     return optuna.storages.JournalStorage(backend)
+
+
+@functools.cache
+def journal_file_class() -> type:
+    """:class:`JournalFile`, made on first use: optuna is imported only when a study runs."""
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    class JournalFile(JournalFileBackend):
+        """Optuna's journal file, made safe against a failed or cut-short append.
+
+        Each append holds two locks: an ``flock`` on a sidecar file, which the kernel releases
+        when its holder dies and which no one can steal from a holder that is merely stopped
+        (Optuna's own lock file is broken after 30 s, and a writer resuming after that would
+        write over the records appended meanwhile), and Optuna's lock file, so that plain Optuna
+        processes on the same journal wait too. Under them it drops an unterminated last line (a
+        writer killed mid-write), appends the record unbuffered with ``O_APPEND``, and if the
+        write fails (``ENOSPC``, ``EFBIG``, ``EIO``) truncates the file back to its size before
+        the append and raises :class:`JournalWriteError`: the journal holds whole records only,
+        and the operation simply did not happen. A record written whole whose ``fsync`` fails
+        stays (readers may have read it already); the error is raised all the same.
+        """
+
+        def __init__(self, path: Path) -> None:
+            self.path = Path(path)
+            self.lock = JournalFileOpenLock(str(self.path))
+            self.kernel_lock = self.path.with_name(self.path.name + ".flock")
+            super().__init__(str(self.path), lock_obj=self.lock)
+
+        def append_logs(self, logs: list[dict[str, Any]]) -> None:
+            import fcntl
+
+            records = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs)
+            try:
+                held = open(self.kernel_lock, "a")  # closed below, which releases the flock
+            except OSError as error:
+                raise journal_error(self.path, error) from None
+            try:
+                fcntl.flock(held, fcntl.LOCK_EX)
+                try:
+                    self.lock.acquire()
+                except OSError as error:
+                    raise journal_error(self.path, error) from None
+                try:
+                    self._append(records.encode())
+                finally:
+                    self.lock.release()
+            finally:
+                held.close()
+
+        def _append(self, records: bytes) -> None:
+            with open(self.path, "r+b", buffering=0) as journal:
+                end = _whole_records_end(journal)
+                if end != journal.seek(0, os.SEEK_END):
+                    try:
+                        journal.truncate(end)  # a record cut short: never whole, never read
+                    except OSError as error:
+                        raise journal_error(self.path, error) from None
+            with open(self.path, "ab", buffering=0) as journal:
+                start = os.fstat(journal.fileno()).st_size
+                written = 0
+                try:
+                    view = memoryview(records)
+                    while view:
+                        count = journal.write(view)
+                        written += count
+                        view = view[count:]
+                except OSError as error:
+                    # Shrinking needs no free space: leave the file as it was before this append.
+                    if os.fstat(journal.fileno()).st_size >= start:
+                        with contextlib.suppress(OSError):
+                            journal.truncate(start)
+                    raise journal_error(self.path, error) from None
+                try:
+                    os.fsync(journal.fileno())
+                except OSError as error:
+                    raise journal_error(self.path, error) from None
+
+    return JournalFile
+
+
+def journal_error(path: Path, error: OSError) -> JournalWriteError:
+    full = error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    why = "the disk is full" if full else (error.strerror or repr(error))
+    return JournalWriteError(
+        f"cannot write to the Optuna journal {path}: {why}; nothing of the failed record was "
+        "kept, so free some space and run the same command again to continue the study"
+    )
+
+
+def _whole_records_end(journal: Any) -> int:
+    """The offset just past the journal's last newline (0 if it has none): where the next
+    record goes. Anything after it is a record cut short, never complete, so it is dropped."""
+    size = journal.seek(0, os.SEEK_END)
+    position = size
+    while position > 0:
+        start = max(0, position - 65536)
+        journal.seek(start)
+        chunk = journal.read(position - start)
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        position = start
+    return 0

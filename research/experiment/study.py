@@ -9,6 +9,7 @@ Re-running the same command continues the same study. The Optuna study lives in 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -23,20 +24,31 @@ from typing import Any
 import numpy as np
 
 from research.experiment.fields import TrainConfig
-from research.experiment.storage import StudyError, default_storage_url
+from research.experiment.storage import StudyError, check_storage, default_storage_url
 from research.experiment.study_config import StudyConfig
 from research.experiment.tracking.stores import redact
-from research.experiment.train import evaluate, train
+from research.experiment.train import (
+    DivergenceError,
+    Terminated,
+    evaluate,
+    interruption,
+    stop_on_sigterm,
+    train,
+)
 from research.experiment.trials import (
     TrialContext,
+    check_search_space,
+    close_ended_runs,
     counted_trials,
     describe_pruner,
     format_value,
     load_study,
     make_pruner,
+    open_study,
     optimize,
     recover_stale_trials,
     short,
+    study_exists,
 )
 
 # --- the study as a whole ----------------------------------------------------------------------
@@ -146,8 +158,9 @@ def _blas_threads(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
-def _work(request: StudyRequest, index: int, started: float) -> None:
-    """One worker: runs trials on the shared study until the budget is used."""
+def _work(request: StudyRequest, index: int, started: float, splits: Any = None) -> None:
+    """One worker: runs trials on the shared study until the budget is used. ``splits`` are
+    the command's own (data, x_train, labels_train) when it is the single worker: one copy."""
     from threadpoolctl import threadpool_limits
 
     from research.experiment.tracking.runs import StudyTracker
@@ -160,7 +173,7 @@ def _work(request: StudyRequest, index: int, started: float) -> None:
             if not re.match(r"trial \d+ epoch ", message):
                 base(message)
 
-    data, x_train, labels_train = _load_splits(
+    data, x_train, labels_train = splits or _load_splits(
         request.config, request.mnist_dir, request.data_dir, request.subset
     )
     threads = _blas_threads(request.workers)
@@ -183,19 +196,109 @@ def _work(request: StudyRequest, index: int, started: float) -> None:
         optimize(study, context, deadline)
 
 
-def _worker_entry(request: StudyRequest, index: int, started_wall: float) -> None:
+def _worker_entry(request: StudyRequest, index: int, started_wall: float, parent: int) -> None:
     # A spawned process: convert the wall-clock start into this process's monotonic clock.
     started = time.monotonic() - (time.time() - started_wall)
     from research.data import DataError
     from research.experiment.tracking.stores import TrackingError
 
+    stop_on_sigterm()
     try:
+        _die_with_parent(parent)
         _work(request, index, started)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as error:
+        # Exit quietly: a terminal's Ctrl-C reaches every worker, and the command forwards its
+        # own too; the trial was given back already.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sys.exit(exit_code(error))
     except (StudyError, TrackingError, DataError) as error:  # e.g. a full disk: one line
         say_error(f"[worker {index}] {error}")
         sys.exit(2)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: this worker gets SIGTERM when the study process ``parent`` dies, even by
+    SIGKILL, so no worker goes on running trials for a command that is gone."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the call took effect
+        raise Terminated("terminated (the study process is gone)")
+
+
+def exit_code(error: KeyboardInterrupt) -> int:
+    """143 for SIGTERM, 130 for Ctrl-C: the shell's 128 + signal number."""
+    return 128 + (signal.SIGTERM if isinstance(error, Terminated) else signal.SIGINT)
+
+
+ATTR_PARENT_RUN = "mlflow_parent_run_id"
+ATTR_EXPERIMENT = "mlflow_experiment_id"
+#: How long a command that did not create the study waits for its creator to name the parent run.
+PARENT_WAIT_SECONDS = 60.0
+#: How long a command that named a parent run itself waits before reading back the name that stayed.
+PARENT_SETTLE_SECONDS = 2.0
+
+
+def choose_parent_run(study: Any, created: bool, tracker: Any, say: Callable[[str], None]) -> str:
+    """The study's one MLflow parent run, chosen atomically through the Optuna storage.
+
+    The command that created the study (exactly one: creation is atomic) makes the parent run
+    and names it in a study attribute; every other command uses the run named there, waiting
+    for it if the creator is still starting. A study made before this rule has no attribute:
+    its earliest parent run is adopted. No clock is compared, and no run is deleted.
+    """
+    if created:
+        parents = tracker.study_parents()  # an empty one left by an older version is reused
+        run_id = parents[0] if parents else tracker.create_parent()
+        study.set_user_attr(ATTR_PARENT_RUN, run_id)
+        study.set_user_attr(ATTR_EXPERIMENT, tracker.experiment_id)
+        return run_id
+    waited = time.monotonic()
+    while True:
+        run_id = study.user_attrs.get(ATTR_PARENT_RUN)
+        if run_id:
+            return run_id
+        parents = tracker.study_parents()
+        # A creator names the parent before any trial starts: trials mean no creator is coming.
+        older = bool(study.get_trials(deepcopy=False))
+        gave_up = time.monotonic() - waited > PARENT_WAIT_SECONDS
+        if parents or older or gave_up:
+            # An older study, or its creator died before naming a parent: adopt or make one.
+            # Two commands may get here together: each names its run, waits, and reads back
+            # which name stayed (the last written); the other's new run is deleted unused.
+            made = not parents
+            run_id = parents[0] if parents else tracker.create_parent()
+            study.set_user_attr(ATTR_PARENT_RUN, run_id)
+            study.set_user_attr(ATTR_EXPERIMENT, tracker.experiment_id)
+            time.sleep(PARENT_SETTLE_SECONDS)
+            named = study.user_attrs.get(ATTR_PARENT_RUN, run_id)
+            if named != run_id and made:
+                with contextlib.suppress(Exception):
+                    tracker.client.delete_run(run_id)
+            return named
+        time.sleep(0.5)
+
+
+def refuse_orphan_parent(config: StudyConfig, tracker: Any, storage_url: str) -> None:
+    """A study absent from its storage while the experiment holds its trials (a new journal
+    beside an old store, or another --storage) must not add a second trial-0000 to them."""
+    for run_id in tracker.study_parents():
+        tracker.parent_run_id = run_id
+        trials = tracker.trial_runs()
+        if trials and not study_exists(config.name, storage_url):  # (not made meanwhile)
+            logged = tracker.client.get_run(run_id).data.tags.get("optuna.storage", "unknown")
+            tracker.parent_run_id = ""
+            raise StudyError(
+                f"experiment {config.name!r} in {redact(tracker.tracking_uri)} already holds "
+                f"study {config.name!r} (parent run {run_id}, {len(trials)} trial runs, Optuna "
+                f"storage {logged}), but {redact(storage_url)} has no such study: pass the "
+                "--storage it used to continue it, or use a new --study-name"
+            )
+    tracker.parent_run_id = ""
 
 
 def run_study(
@@ -214,28 +317,34 @@ def run_study(
 
     Raises StudyError, StudyConfigError, DataError or TrackingError for user mistakes.
     """
-    import multiprocessing
-
+    from research.data import DataError
+    from research.experiment.resources import check_study_memory, check_workers
     from research.experiment.study_config import check_batch_size
     from research.experiment.tracking.runs import SEARCH_SPACE, StudyTracker
-    from research.experiment.tracking.stores import resolve_tracking_uri
-    from research.experiment.tracking.weights import save_weights
+    from research.experiment.tracking.stores import TrackingError, resolve_tracking_uri
 
     say = print_line
     uri = resolve_tracking_uri(tracking_uri)
     storage_url = storage_url or default_storage_url(uri)
-    if workers < 1:
-        raise StudyError(f"--workers {workers} is not allowed; give an integer >= 1")
-    # Data first: a missing MNIST folder or an impossible batch size stops us before anything.
+    check_workers(workers)
+    # Data first: a missing MNIST folder, an impossible batch size or a network the memory
+    # cannot hold (its largest trial, in every worker) stops us before anything is written.
     data, x_train, labels_train = _load_splits(config, mnist_dir, data_dir, subset)
     if subset is not None and not 1 <= subset <= len(data.train):
         raise StudyError(f"--subset {subset} must be between 1 and {len(data.train)}")
     check_batch_size(config, len(x_train))
+    check_study_memory(config, len(x_train), workers)
+
+    check_storage(storage_url, uri)
 
     # The MLflow store, the experiment, the parent run and the Optuna study are all created here,
     # once, before any worker starts: concurrent schema creation is what crashes.
-    tracker = StudyTracker.open(config.name, uri)
-    study = load_study(config, storage_url)
+    tracker = StudyTracker.open_experiment(config.name, uri)
+    if not study_exists(config.name, storage_url):
+        refuse_orphan_parent(config, tracker, storage_url)
+    study, created = open_study(config, storage_url)
+    check_search_space(study, config, storage_url)
+    tracker.use_parent(choose_parent_run(study, created, tracker, say))
     parent = tracker.parent
     existing = tracker.client.get_run(tracker.parent_run_id).data.params
     settings = {
@@ -298,16 +407,53 @@ def run_study(
     say(f"Optuna storage: {redact(storage_url)}")
     say(f"MLflow: {redact(uri)}, experiment {config.name!r}, parent run {tracker.parent_run_id}")
 
+    try:
+        return _run_and_finish(
+            request, study, tracker, data, x_train, labels_train, final, tracking_uri, say
+        )
+    except KeyboardInterrupt as error:
+        # Ctrl-C (or SIGTERM) during the refit or the summary: the trials are safe already.
+        with contextlib.suppress(Exception):
+            parent.finish("KILLED")
+        say_error(f"{interruption(error)}: run the same command again to finish the study")
+        return exit_code(error)
+    except (StudyError, TrackingError, DataError):
+        with contextlib.suppress(Exception):
+            parent.finish("FAILED")
+        raise
+
+
+def _run_and_finish(
+    request: StudyRequest,
+    study: Any,
+    tracker: Any,
+    data: Any,
+    x_train: np.ndarray,
+    labels_train: np.ndarray,
+    final: bool,
+    tracking_uri: str | None,
+    say: Callable[[str], None],
+) -> int:
+    """The trials (here or in worker processes), the summary and the refit; the exit code."""
+    import multiprocessing
+
+    from research.experiment.tracking.weights import save_weights
+
+    config, storage_url, workers = request.config, request.storage_url, request.workers
+    uri = request.tracking_uri
+    parent = tracker.parent
     started_wall = time.time()
     status = "FINISHED"
     processes = []
     try:
         if workers == 1:
-            _work(request, 0, time.monotonic())
+            _work(request, 0, time.monotonic(), (data, x_train, labels_train))
         else:
             context = multiprocessing.get_context("spawn")
             processes = [
-                context.Process(target=_worker_entry, args=(request, index, started_wall))
+                context.Process(
+                    target=_worker_entry, args=(request, index, started_wall, os.getpid())
+                )
                 for index in range(workers)
             ]
             for process in processes:
@@ -318,21 +464,35 @@ def run_study(
             if failed:
                 status = "FAILED"
                 say_error(f"{len(failed)} worker(s) exited with codes {failed}")
-    except KeyboardInterrupt:
-        # Ctrl-C in a terminal reaches every worker; a SIGINT to this process alone must too.
-        for process in processes:
+    except KeyboardInterrupt as error:
+        # Ctrl-C in a terminal reaches every worker; a signal to this process alone must too.
+        forwarded = signal.SIGTERM if isinstance(error, Terminated) else signal.SIGINT
+        started = [process for process in processes if process.pid is not None]
+        for process in started:
             if process.is_alive():
-                os.kill(process.pid, signal.SIGINT)
-        for process in processes:
+                os.kill(process.pid, forwarded)
+        for process in started:
             process.join(timeout=30)
-        parent.finish("KILLED")
+            if process.is_alive():  # stuck: it must not outlive us
+                process.kill()
+                process.join(timeout=5)
+        with contextlib.suppress(Exception):
+            if started:  # their trials, if a worker could not record its own (all are gone)
+                recover_stale_trials(load_study(config, storage_url), tracker, say)
+            close_ended_runs(study, tracker)
+            parent.finish("KILLED")
         say_error(
-            "interrupted: the running trial is recorded as FAIL and its MLflow run as KILLED; "
-            "run the same command again to continue the study"
+            f"{interruption(error)}: the running trial is recorded as FAIL and queued again, its "
+            "MLflow run as KILLED; run the same command again to continue the study"
         )
-        return 130
+        return exit_code(error)
 
     study = load_study(config, storage_url)
+    # Trials a worker left RUNNING (killed: out of memory) and runs a heartbeat's sweep failed
+    # while their worker was gone: every worker of this command has ended by now.
+    if processes:
+        recover_stale_trials(study, tracker, say)
+    close_ended_runs(study, tracker)
     counts = state_counts(study)
     elapsed = time.time() - started_wall
     say(
@@ -362,9 +522,18 @@ def run_study(
         with tempfile.TemporaryDirectory() as folder:
             x_full = np.concatenate([x_train, data.validation.x])
             labels_full = np.concatenate([labels_train, data.validation.labels])
-            best_config, test_accuracy, params = final_fit(
-                study, config, x_full, labels_full, data.test.x, data.test.labels, say
-            )
+            try:
+                best_config, test_accuracy, params = final_fit(
+                    study, config, x_full, labels_full, data.test.x, data.test.labels, say
+                )
+            except DivergenceError as error:
+                reason = f"the refit of trial {best.number} on train+validation failed: {error}"
+                parent.end("FAIL", "FAILED", reason, refit_trial=best.number)
+                say_error(
+                    f"{reason}. The trials are kept; run the study with --no-final to skip the "
+                    "refit, or narrow the learning_rate range and continue it"
+                )
+                return 1
             say(f"test_accuracy of the retrained best configuration: {100 * test_accuracy:.2f}%")
             parent.log_metrics({"test_accuracy": test_accuracy}, step=len(study.trials))
             weights = Path(folder) / "best_weights.npz"

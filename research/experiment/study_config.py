@@ -111,6 +111,14 @@ PRUNERS = ("median", "hyperband", "none")
 #: Above this many corner combinations, combinations are checked pairwise (every value of every
 #: pair of searched fields); TrainConfig's constraints involve at most two fields.
 MAX_COMBINATIONS = 4096
+#: A sanity bound on a study's budget (Optuna's samplers slow down long before it).
+MAX_TRIALS = 100_000
+#: A study name: one plain path component (no "/", not "." or "..", not hidden).
+NAME_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}"
+NAME_ALLOWED = (
+    "a name of letters, digits, '_', '-' and '.' that starts with a letter, digit or '_' (at "
+    "most 100 characters)"
+)
 
 
 #: A mistake in a study definition (the same one-line error as the field table's).
@@ -120,14 +128,15 @@ StudyConfigError = ConfigError
 STUDY_FIELDS: dict[str, Field] = {
     field.name: field
     for field in (
-        # Names become MLflow experiment names and tag values in search filters: keep them plain.
+        # Names become MLflow experiment names, tag values in search filters and folder names
+        # (reports/<name>): keep them plain, and never "." or ".." or hidden.
         Field(
             "name",
             str,
             None,
             "the Optuna study's and MLflow experiment's name",
-            pattern=r"[A-Za-z0-9_.-]{1,100}",
-            allowed_text="a name of letters, digits, '_', '-' and '.' (at most 100 characters)",
+            pattern=NAME_PATTERN,
+            allowed_text=NAME_ALLOWED,
         ),
         Field(
             "objective",
@@ -137,7 +146,7 @@ STUDY_FIELDS: dict[str, Field] = {
             choices=tuple(OBJECTIVES),
             allowed_text=" or ".join(f"{show(k)} ({v})" for k, v in OBJECTIVES.items()),
         ),
-        Field("n_trials", int, None, "trials the study holds in the end", ge=1),
+        Field("n_trials", int, None, "trials the study holds in the end", ge=1, le=MAX_TRIALS),
         Field(
             "timeout",
             float,
@@ -161,6 +170,8 @@ STUDY_FIELDS: dict[str, Field] = {
     )
 }
 _REQUIRED = ("name", "objective", "n_trials")
+
+
 _OVERRIDE = " (given on the command line)"
 
 

@@ -16,8 +16,10 @@ computed after the epoch with the final parameters of that epoch.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,6 +62,54 @@ class TrainResult:
         return sum(m.seconds for m in self.history)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what ``kill``, systemd and supervisord send), handled exactly like Ctrl-C: the
+    running epoch stops, the run is closed and the trial queued again; the exit code is 143."""
+
+
+def stop_on_sigterm() -> None:
+    """Makes SIGTERM raise :class:`Terminated` in the main thread of this process."""
+    import signal
+
+    def terminated(signum: int, frame: object) -> None:
+        raise Terminated("terminated (SIGTERM)")
+
+    signal.signal(signal.SIGTERM, terminated)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block ends, then are raised: for bookkeeping that must
+    not be cut in half (recording how a trial ended, closing its run). A second Ctrl-C is common:
+    a terminal sends it to every worker, and the study command forwards its own."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers live in the main thread only
+        return
+    caught: list[int] = []
+
+    def record(number: int, frame: object) -> None:
+        caught.append(number)
+
+    previous = {number: signal.signal(number, record) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if signal.SIGTERM in caught:
+        raise Terminated("terminated (SIGTERM)")
+    if caught:
+        raise KeyboardInterrupt
+
+
+def interruption(error: BaseException) -> str:
+    """How an interrupted run ended, for its MLflow tag and the trial's record."""
+    return "terminated (SIGTERM)" if isinstance(error, Terminated) else "interrupted (Ctrl-C)"
+
+
 class DivergenceError(RuntimeError):
     """Training produced a non-finite loss or parameter (epoch and step count from 0)."""
 
@@ -87,6 +137,23 @@ def evaluate(
     return total_loss / len(x) + l2_penalty(params, spec.l2), correct / len(x)
 
 
+#: A loss this many times its value at initialization (or at chance) over a quarter epoch exploded.
+EXPLOSION_FACTOR = 10.0
+
+
+def loss_limit(initial_loss: float, n_classes: int = N_CLASSES) -> float:
+    """The mean batch loss (over an epoch's last quarter) above which a run has diverged though
+    it stays finite.
+
+    A learning rate far too large can drive cross-entropy to 1e15 and leave the weights finite:
+    every epoch completes at chance accuracy. No run that learns averages, over a quarter epoch, ten
+    times its loss at initialization or ten times the cross-entropy of a uniform guess (log 10),
+    whichever is larger; the latter keeps a lucky low first batch from setting a limit a run can
+    touch. A mean over many batches, not one: a single spike that recovers is not divergence.
+    """
+    return EXPLOSION_FACTOR * max(float(initial_loss), math.log(n_classes))
+
+
 def train_epoch(
     stepper: InPlaceTrainingStep,
     x: np.ndarray,
@@ -95,6 +162,7 @@ def train_epoch(
     n_batches: int,
     epoch: int = 0,
     on_step: Callable[[int, int, int], None] | None = None,
+    batch_losses: list[float] | None = None,
 ) -> float:
     """The steps of one epoch: batches of ``stepper.batch_size`` rows taken from ``order``.
 
@@ -105,6 +173,7 @@ def train_epoch(
             ``[step·B, (step+1)·B)``, so the last one may be short.
         n_batches: how many batches to take.
         epoch, on_step: for the progress callback and error messages.
+        batch_losses: if given, each batch's loss is appended to it.
     Returns:
         The mean batch loss, weighted by batch size.
     Raises:
@@ -120,6 +189,8 @@ def train_epoch(
             raise DivergenceError(epoch, step, f"the batch loss is {batch_loss}")
         loss_sum += batch_loss * len(index)
         rows_seen += len(index)
+        if batch_losses is not None:
+            batch_losses.append(float(batch_loss))
         if on_step is not None:
             on_step(epoch, step, n_batches)
     return loss_sum / rows_seen
@@ -147,7 +218,8 @@ def train(
             counted from 0.
         params: starting parameters; default ``init_params(spec, seed, dtype, init)``.
     Raises:
-        DivergenceError: a batch loss or, at the end of an epoch, a parameter is not finite.
+        DivergenceError: a batch loss is not finite, an epoch's mean loss has exploded
+            (:func:`loss_limit`), or at the end of an epoch a parameter is not finite.
     """
     spec = config.spec()
     dtype = np.dtype(config.dtype)
@@ -175,6 +247,12 @@ def train(
     targets = np.eye(N_CLASSES, dtype=dtype)[labels_train]
     n_batches = n_rows // config.batch_size if config.drop_last else -(-n_rows // config.batch_size)
     result = TrainResult(params=params)
+    # The loss at initialization, on one batch's worth of rows: what an exploded loss is measured
+    # against (one forward pass; no random numbers drawn, so the trajectory is unchanged).
+    initial_loss, _ = evaluate(
+        params, x_train[: config.batch_size], labels_train[: config.batch_size], spec
+    )
+    limit = loss_limit(initial_loss)
 
     # A diverging run overflows on its way to inf/nan; that is detected and reported below as a
     # DivergenceError, so numpy's floating-point warnings would only repeat it noisily.
@@ -182,7 +260,21 @@ def train(
         for epoch in range(config.epochs):
             started = time.perf_counter()
             order = shuffle_rng.permutation(n_rows)
-            train_loss = train_epoch(stepper, x_train, targets, order, n_batches, epoch, on_step)
+            batch_losses: list[float] = []
+            train_loss = train_epoch(
+                stepper, x_train, targets, order, n_batches, epoch, on_step, batch_losses
+            )
+            # Judged on the epoch's last quarter: a high learning rate often spikes to 20 times
+            # chance in its first steps and recovers within ten, which would set the mean of an
+            # epoch of few batches (measured: Adam at 0.1, 8 batches of 256).
+            recent = float(np.mean(batch_losses[-max(1, len(batch_losses) // 4) :]))
+            if recent > limit:
+                raise DivergenceError(
+                    epoch,
+                    n_batches - 1,
+                    f"the loss exploded: {recent:.4g} over the epoch's last quarter, above "
+                    f"{limit:.4g} (ten times its loss at initialization or at chance)",
+                )
             # A copy per epoch: callers keep these (the stepper keeps overwriting its own).
             params = [
                 {key: value.copy() for key, value in layer.items()} for layer in stepper.params

@@ -18,12 +18,16 @@ starts a trial, so the study may end with up to K − 1 trials more than asked.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
+import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +37,13 @@ from research.experiment.storage import StudyError, open_storage
 from research.experiment.study_config import StudyConfig
 from research.experiment.tracking.runs import TAG_TRIAL
 from research.experiment.tracking.stores import redact
-from research.experiment.train import DivergenceError, EpochMetrics, train
+from research.experiment.train import (
+    DivergenceError,
+    EpochMetrics,
+    interruption,
+    signals_deferred,
+    train,
+)
 
 ATTR_WORKER = "research:worker"
 ATTR_INTERRUPTED = "research:interrupted"
@@ -72,21 +82,37 @@ def describe_pruner(pruner: Any) -> str:
 
 def load_study(config: StudyConfig, storage_url: str, worker: int = 0):
     """Creates the study, or loads it when it exists (same name, same storage)."""
+    return open_study(config, storage_url, worker)[0]
+
+
+def open_study(config: StudyConfig, storage_url: str, worker: int = 0) -> tuple[Any, bool]:
+    """The study, and whether this call created it. Creation is atomic in every storage (a
+    journal record, a database row with a unique name): of several commands started together,
+    exactly one gets True, so it alone makes the study's MLflow parent run."""
     import optuna
 
     # Our own lines say what happens per trial and epoch, failures included; Optuna's would
     # repeat them (with a full traceback for every diverged trial).
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-
+    storage = open_storage(storage_url)
+    created = True
     try:
-        study = optuna.create_study(
-            storage=open_storage(storage_url),
-            study_name=config.name,
-            direction=config.direction,
-            sampler=make_sampler(config),
-            pruner=make_pruner(config),
-            load_if_exists=True,
-        )
+        try:
+            study = optuna.create_study(
+                storage=storage,
+                study_name=config.name,
+                direction=config.direction,
+                sampler=make_sampler(config),
+                pruner=make_pruner(config),
+            )
+        except optuna.exceptions.DuplicatedStudyError:
+            created = False
+            study = optuna.load_study(
+                study_name=config.name,
+                storage=storage,
+                sampler=make_sampler(config),
+                pruner=make_pruner(config),
+            )
     except StudyError:
         raise
     except ValueError as error:  # e.g. an existing study with the other direction
@@ -98,7 +124,62 @@ def load_study(config: StudyConfig, storage_url: str, worker: int = 0):
             f"{config.objective}; use another --study-name"
         )
     study.sampler = make_sampler(config, len(study.get_trials(deepcopy=False)), worker)
-    return study
+    return study, created
+
+
+def study_exists(name: str, storage_url: str) -> bool:
+    """Whether the storage holds a study of that name (without creating anything)."""
+    import optuna
+
+    return name in optuna.get_all_study_names(open_storage(storage_url))
+
+
+def distribution(param: SearchParam):
+    """The Optuna distribution :func:`suggest` draws ``param`` from."""
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
+
+    if param.kind == "int":
+        return IntDistribution(param.low, param.high, log=param.log, step=param.step or 1)
+    if param.kind == "float":
+        return FloatDistribution(param.low, param.high, log=param.log, step=param.step)
+    return CategoricalDistribution(list(param.choices))
+
+
+def describe_distribution(found: Any) -> str:
+    """``int [16, 256] log``, ``categorical [16, 64, 256]``: a distribution in a message."""
+    from optuna.distributions import CategoricalDistribution
+
+    if isinstance(found, CategoricalDistribution):
+        return f"categorical {list(found.choices)}"
+    kind = "int" if type(found).__name__.startswith("Int") else "float"
+    return f"{kind} [{found.low}, {found.high}]" + (" log" if found.log else "")
+
+
+def check_search_space(study: Any, config: StudyConfig, storage_url: str) -> None:
+    """Refuses, before any trial starts, a search space that Optuna cannot mix with the study's
+    earlier trials (a field searched as an integer, now as categorical, or other choices).
+    Without this, each attempt adds a FAIL trial with no parameters and uses up the budget."""
+    from optuna.distributions import check_distribution_compatibility
+
+    wanted = {param.name: distribution(param) for param in config.search}
+    for trial in study.get_trials(deepcopy=False):
+        for name, earlier in trial.distributions.items():
+            if name not in wanted:
+                continue  # no longer searched: the file fixes it now, which Optuna allows
+            try:
+                check_distribution_compatibility(earlier, wanted[name])
+            except ValueError:
+                raise StudyError(
+                    f"{config.path.name}: [search] {name} is {describe_distribution(wanted[name])}"
+                    f", but study {config.name!r} in {redact(storage_url)} searched it as "
+                    f"{describe_distribution(earlier)} (trial {trial.number}); Optuna cannot mix "
+                    "the two in one study: give this search space a new --study-name, or change "
+                    f"{name} back"
+                ) from None
 
 
 def suggest(trial: Any, param: SearchParam) -> Any:
@@ -139,14 +220,72 @@ def counted_trials(study: Any) -> int:
     )
 
 
-def _pid_alive(pid: int) -> bool:
+def worker_identity() -> str:
+    """``host:pid:start``: this process, as the worker running a trial. ``start`` is its start
+    time (clock ticks after boot), so a later process that reuses the pid (process 1 of every
+    container start) is not taken for a dead worker. Both come from the same /proc: in a PID
+    namespace without its own /proc mount, ``os.getpid()`` and /proc would disagree."""
     try:
-        os.kill(pid, 0)
+        pid = int(os.readlink("/proc/self"))
+    except (OSError, ValueError):
+        return f"{socket.gethostname()}:{os.getpid()}:"
+    return f"{socket.gethostname()}:{pid}:{process_start(pid) or ''}"
+
+
+def process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (field 22 of /proc/<pid>/stat); None if it has none."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces: count after it.
+    fields = text[text.rindex(")") + 2 :].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+def worker_alive(worker: str) -> bool | None:
+    """Whether the worker named ``worker`` (``host:pid:start``; ``host:pid`` from older
+    versions) still runs; None when it ran on another host, which only heartbeats can tell."""
+    host, _, rest = worker.partition(":")
+    pid, _, start = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    if start:  # the process with that pid in /proc, started at that time
+        return process_start(int(pid)) == start
+    try:  # recorded without a start time (older versions, no /proc): trust the pid
+        os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # another user's process: alive
     return True
+
+
+#: A RUNNING trial with no worker recorded this long after it started was orphaned between
+#: Optuna's ``ask`` and the next write (its process killed there, or the disk full).
+UNCLAIMED_SECONDS = 60
+
+
+def _orphaned(trial: Any) -> bool:
+    import datetime
+
+    if ATTR_WORKER in trial.system_attrs or trial.datetime_start is None:
+        return False
+    started = trial.datetime_start
+    now = datetime.datetime.now(started.tzinfo)
+    return (now - started).total_seconds() > UNCLAIMED_SECONDS
+
+
+def fail_stale_trials(study: Any) -> None:
+    """Database storages: fails (and queues again, once) the trials whose heartbeat stopped.
+
+    Optuna's public function; a no-op for storages without heartbeats (the journal). It is
+    called when a study starts and before every trial, as ``study.optimize`` would."""
+    import optuna
+
+    with warnings.catch_warnings():  # (it is marked "experimental")
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
 
 def recover_stale_trials(study: Any, tracker: Any, say: Callable[[str], None]) -> int:
@@ -157,24 +296,34 @@ def recover_stale_trials(study: Any, tracker: Any, say: Callable[[str], None]) -
 
     # Database storage: Optuna fails (and retries) trials whose heartbeat stopped; do it now,
     # not only when a new trial starts, or a stale trial would hold the budget forever.
-    if isinstance(study._storage, optuna.storages.RDBStorage):
-        optuna.storages.fail_stale_trials(study)
-    host = socket.gethostname()
+    fail_stale_trials(study)
     recovered = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.system_attrs.get(ATTR_WORKER, "")
-        worker_host, _, pid = worker.rpartition(":")
-        if worker_host != host or not pid.isdigit() or _pid_alive(int(pid)):
-            continue  # another machine's, or still alive: the RDB heartbeat handles those
-        reason = f"worker {worker} died while the trial was running"
-        study._storage.set_trial_system_attr(trial._trial_id, ATTR_INTERRUPTED, reason)
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        if _orphaned(trial):
+            reason = f"its worker stopped before it recorded itself ({UNCLAIMED_SECONDS} s ago)"
+        elif worker_alive(worker) is False:
+            reason = f"worker {worker} died while the trial was running"
+        else:
+            continue  # alive, or another machine's: its heartbeat (database storage) tells
+        try:
+            study._storage.set_trial_system_attr(trial._trial_id, ATTR_INTERRUPTED, reason)
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another command recovered it first
         tracker.close_trial_run(trial.number, "FAIL", reason)
         study.enqueue_trial(trial.params, user_attrs={ATTR_RETRY_OF: trial.number})
         say(f"trial {trial.number} was left RUNNING by a dead worker: marked FAIL, queued again")
         recovered += 1
-    # Any trial that has ended in Optuna but whose MLflow run is still open (its worker died
-    # before closing it) gets its run closed as FAILED.
+    close_ended_runs(study, tracker)
+    return recovered
+
+
+def close_ended_runs(study: Any, tracker: Any) -> None:
+    """Closes as FAILED the MLflow runs still open for trials that have ended in Optuna (their
+    worker died before closing them, or a heartbeat failed them)."""
+    from optuna.trial import TrialState
+
     ended = {
         str(t.number): t.state.name
         for t in study.get_trials(deepcopy=False)
@@ -184,7 +333,35 @@ def recover_stale_trials(study: Any, tracker: Any, say: Callable[[str], None]) -
         number = run.data.tags.get(TAG_TRIAL)
         if run.info.status == "RUNNING" and number in ended:
             tracker.close_trial_run(int(number), ended[number], "its worker stopped")
-    return recovered
+
+
+@contextlib.contextmanager
+def heartbeat(study: Any, trial: Any):
+    """Beats for ``trial`` while the block runs, on storages with heartbeats (databases), as
+    ``study.optimize`` does: a worker that stops beating (killed, stopped, cut off) has its
+    trial failed and queued again by the others after the grace period."""
+    storage = study._storage  # pinned by tests/test_reliability.py
+    interval = storage.get_heartbeat_interval() if hasattr(storage, "record_heartbeat") else None
+    if not interval:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            # A beat that fails (the database briefly gone) is retried at the next interval.
+            with contextlib.suppress(Exception):
+                storage.record_heartbeat(trial._trial_id)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 # --- the objective -----------------------------------------------------------------------------
@@ -208,38 +385,59 @@ def objective_value(config: StudyConfig, metrics: EpochMetrics) -> float:
     return metrics.val_accuracy if config.objective == "val/accuracy" else metrics.val_loss
 
 
-def run_trial(trial: Any, context: TrialContext) -> float:
-    """Trains one suggested configuration, logging every epoch to MLflow and Optuna."""
+def run_next_trial(study: Any, context: TrialContext) -> None:
+    """Asks Optuna for the next trial, trains it, tells Optuna how it ended, then closes its
+    MLflow run the same way. Optuna is told first: it is the record the budget counts, so a run
+    is never closed COMPLETE for a trial the storage could not record.
+
+    Raises:
+        KeyboardInterrupt (Ctrl-C, SIGTERM), StudyError (the Optuna storage cannot be written),
+        TrackingError (the MLflow store cannot): the trial is recorded FAIL where possible and
+        queued again; it does not count toward ``n_trials``.
+    """
+    fail_stale_trials(study)
+    with warnings.catch_warnings():
+        # Optuna warns that heartbeats are meant for study.optimize: :func:`heartbeat` beats
+        # for this loop as study.optimize would.
+        warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used")
+        trial = study.ask()
+    with heartbeat(study, trial):
+        _run_and_tell(study, trial, context)
+
+
+def _run_and_tell(study: Any, trial: Any, context: TrialContext) -> None:
     import optuna
+    from optuna.trial import TrialState
+
+    from research.experiment.tracking.stores import TrackingError
 
     config = context.config
-    trial.storage.set_trial_system_attr(
-        trial._trial_id, ATTR_WORKER, f"{socket.gethostname()}:{os.getpid()}"
-    )
-    suggested = {param.name: suggest(trial, param) for param in config.search}
-    train_config = config.train_config(suggested)
-    run = context.tracker.start_trial_run(config.name, trial.number)
-    run.log_config(train_config, len(context.x_train), blas_threads=context.blas_threads)
     label = f"trial {trial.number}"
-    shown = ", ".join(f"{name}={short(value)}" for name, value in suggested.items())
-    context.say(f"{label} started: {shown}")
+    run = None
     history: list[EpochMetrics] = []
-
-    def on_epoch(metrics: EpochMetrics, params: Any) -> None:
-        history.append(metrics)
-        run.log_epoch(metrics)
-        value = objective_value(config, metrics)
-        trial.report(value, metrics.epoch)
-        context.say(
-            f"{label} epoch {metrics.epoch + 1}/{train_config.epochs}: "
-            f"{config.objective} {format_value(config, value)} ({metrics.seconds:.1f} s)"
-        )
-        # Pruning after the last epoch would only throw away a finished model.
-        if metrics.epoch < train_config.epochs - 1 and trial.should_prune():
-            raise optuna.TrialPruned(f"pruned after epoch {metrics.epoch}")
-
-    started = time.perf_counter()
     try:
+        trial.storage.set_trial_system_attr(trial._trial_id, ATTR_WORKER, worker_identity())
+        suggested = {param.name: suggest(trial, param) for param in config.search}
+        train_config = config.train_config(suggested)
+        run = context.tracker.start_trial_run(config.name, trial.number)
+        run.log_config(train_config, len(context.x_train), blas_threads=context.blas_threads)
+        shown = ", ".join(f"{name}={short(value)}" for name, value in suggested.items())
+        context.say(f"{label} started: {shown}")
+
+        def on_epoch(metrics: EpochMetrics, params: Any) -> None:
+            history.append(metrics)
+            run.log_epoch(metrics)
+            value = objective_value(config, metrics)
+            trial.report(value, metrics.epoch)
+            context.say(
+                f"{label} epoch {metrics.epoch + 1}/{train_config.epochs}: "
+                f"{config.objective} {format_value(config, value)} ({metrics.seconds:.1f} s)"
+            )
+            # Pruning after the last epoch would only throw away a finished model.
+            if metrics.epoch < train_config.epochs - 1 and trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {metrics.epoch}")
+
+        started = time.perf_counter()
         result = train(
             train_config,
             context.x_train,
@@ -248,64 +446,131 @@ def run_trial(trial: Any, context: TrialContext) -> float:
             context.labels_val,
             on_epoch=on_epoch,
         )
+        value = objective_value(config, result.history[-1])
+        if not math.isfinite(value):
+            raise DivergenceError(len(result.history) - 1, 0, f"objective is {value}")
+        _save_outputs(run, history, label, result.params, train_config)
+        run.log_metrics({"wall_seconds": time.perf_counter() - started}, step=len(history) - 1)
     except optuna.TrialPruned:
-        _save_outputs(trial, run, history, label)
-        run.end("PRUNED", "FINISHED")
-        context.say(f"{label} PRUNED after {len(history)} epochs")
+        try:
+            _save_outputs(run, history, label)
+        except (KeyboardInterrupt, TrackingError) as error:
+            with signals_deferred():
+                _give_back(study, trial, run, _reason(error), killed=_killed(error))
+            raise
+        with signals_deferred():  # (a signal here is raised once the trial is recorded)
+            if _tell(study, trial, TrialState.PRUNED, run, context):
+                run.end("PRUNED", "FINISHED")
+                context.say(f"{label} PRUNED after {len(history)} epochs")
+        return
+    except DivergenceError as error:  # a result: FAIL, counted, and the study goes on
+        where = {"error": str(error), "diverged_epoch": error.epoch, "diverged_step": error.step}
+        with signals_deferred():
+            if _tell(study, trial, TrialState.FAIL, run, context, user_attrs=where):
+                run.diverged(error)
+                context.say(f"{label} FAIL: {error}")
+        return
+    except optuna.exceptions.UpdateFinishedTrialError:
+        # This worker was stopped (SIGSTOP, a hung disk) past its heartbeat: another worker
+        # failed the trial and queued it again. Drop this attempt and go on with the next.
+        _taken_over(trial, run, context)
+        return
+    except (KeyboardInterrupt, StudyError, TrackingError) as error:
+        # Not a result (Ctrl-C, SIGTERM, a full disk): queued again, not counted.
+        with signals_deferred():
+            _give_back(study, trial, run, _reason(error), killed=_killed(error))
         raise
-    except DivergenceError as error:
-        run.diverged(error)
-        trial.set_user_attr("error", str(error))
-        trial.set_user_attr("diverged_epoch", error.epoch)
-        trial.set_user_attr("diverged_step", error.step)
-        context.say(f"{label} FAIL: {error}")
+    except BaseException as error:  # a crash: FAIL with the reason
+        with signals_deferred():
+            with contextlib.suppress(Exception):
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            if run is not None:
+                with contextlib.suppress(Exception):
+                    run.end("FAIL", "FAILED", repr(error))
         raise
-    except BaseException as error:  # Ctrl-C, a crash: close the run, let Optuna record FAIL
-        interrupted = isinstance(error, KeyboardInterrupt)
-        reason = "interrupted (Ctrl-C)" if interrupted else repr(error)
-        run.end("FAIL", "KILLED" if interrupted else "FAILED", reason)
-        if interrupted:
-            _requeue(trial, reason)
-        raise
-    value = objective_value(config, result.history[-1])
-    if not math.isfinite(value):
-        run.end("FAIL", "FAILED", f"objective is {value}")
-        raise DivergenceError(len(result.history) - 1, 0, f"objective is {value}")
-    _save_outputs(trial, run, history, label, result.params, train_config)
-    run.log_metrics({"wall_seconds": time.perf_counter() - started}, step=len(history) - 1)
-    run.end("COMPLETE", "FINISHED")
-    context.say(f"{label} COMPLETE: {config.objective} {format_value(config, value)}")
-    return value
+    # Outside the try: a signal raised once this is recorded must not give the trial back.
+    with signals_deferred():
+        if _tell(study, trial, TrialState.COMPLETE, run, context, value):
+            run.end("COMPLETE", "FINISHED")
+            context.say(f"{label} COMPLETE: {config.objective} {format_value(config, value)}")
 
 
-def _requeue(trial: Any, reason: str) -> None:
-    """Not a result (Ctrl-C, a full disk): the trial will not count toward n_trials, and its
-    parameters run again when the study resumes."""
-    trial.storage.set_trial_system_attr(trial._trial_id, ATTR_INTERRUPTED, reason)
-    trial.study.enqueue_trial(trial.params, user_attrs={ATTR_RETRY_OF: trial.number})
+def _killed(error: BaseException) -> bool:
+    return isinstance(error, KeyboardInterrupt)
+
+
+def _reason(error: BaseException) -> str:
+    return interruption(error) if _killed(error) else str(error)
+
+
+def _tell(
+    study: Any,
+    trial: Any,
+    state: Any,
+    run: Any,
+    context: TrialContext,
+    value: float | None = None,
+    user_attrs: dict[str, Any] | None = None,
+) -> bool:
+    """Records how the trial ended (with ``user_attrs``); False when another worker had already
+    failed it (this one was stopped past its heartbeat), in which case its run is closed so."""
+    import optuna
+
+    try:
+        for key, attr in (user_attrs or {}).items():
+            trial.set_user_attr(key, attr)
+        frozen = study.tell(trial, value, state=state, skip_if_finished=True)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        frozen = None  # failed by another worker between our read and our write
+    except StudyError as error:  # the journal cannot be written: the run must not say COMPLETE
+        with contextlib.suppress(Exception):
+            run.end("FAIL", "FAILED", str(error))
+        raise
+    if frozen is not None and frozen.state == state:
+        return True
+    _taken_over(trial, run, context)
+    return False
+
+
+def _taken_over(trial: Any, run: Any, context: TrialContext) -> None:
+    reason = (
+        f"trial {trial.number} was failed and queued again by another worker while this one was "
+        "stopped past its heartbeat; this attempt's result is dropped"
+    )
+    if run is not None:
+        with contextlib.suppress(Exception):
+            run.end("FAIL", "FAILED", reason)
+    context.say(reason)
+
+
+def _give_back(study: Any, trial: Any, run: Any, reason: str, killed: bool = False) -> None:
+    """Not a result (Ctrl-C, SIGTERM, a full disk): FAIL marked interrupted, the parameters
+    queued again, the run closed (KILLED or FAILED). Best effort: the disk may be full."""
+    from optuna.trial import TrialState
+
+    with contextlib.suppress(Exception):
+        trial.storage.set_trial_system_attr(trial._trial_id, ATTR_INTERRUPTED, reason)
+        if not killed:
+            trial.set_user_attr("error", reason)
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        study.enqueue_trial(trial.params, user_attrs={ATTR_RETRY_OF: trial.number})
+    if run is not None:
+        with contextlib.suppress(Exception):
+            run.end("FAIL", "KILLED" if killed else "FAILED", reason)
 
 
 def _save_outputs(
-    trial: Any,
     run: Any,
     history: list[EpochMetrics],
     label: str,
     params: Any = None,
     train_config: Any = None,
 ) -> None:
-    """The trial's curves (and weights); if the disk is full or the store unwritable, the trial
-    is not reported COMPLETE with missing artifacts: its run is closed FAILED with the reason,
-    the trial queued again, and TrackingError (naming the path) stops the study."""
-    from research.experiment.tracking.stores import TrackingError
-
+    """The trial's curves (and weights). If the disk is full or the store unwritable, this
+    raises TrackingError (naming the path): the trial is not reported COMPLETE with missing
+    artifacts, but failed, queued again, and the study stops with the message."""
     spec = None if train_config is None else train_config.spec()
-    try:
-        run.save_outputs(history, label, params, spec)
-    except TrackingError as error:
-        run.end("FAIL", "FAILED", str(error))
-        trial.set_user_attr("error", str(error))
-        _requeue(trial, str(error))
-        raise
+    run.save_outputs(history, label, params, spec)
 
 
 def short(value: Any) -> str:
@@ -332,9 +597,7 @@ def optimize(
         running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         if counted_trials(study) + running >= n_trials:
             return
-        study.optimize(
-            lambda trial: run_trial(trial, context), n_trials=1, catch=(DivergenceError,)
-        )
+        run_next_trial(study, context)
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if complete:
             pick = max if context.config.direction == "maximize" else min

@@ -30,17 +30,22 @@ class StudyRecord:
     last_active_ms: int  # the latest start or end time of its parent run
 
 
-def _read_client(uri: str):
-    """A client for reading an existing store: a SQLite store that is not there is an error,
-    not a new empty store (a mistyped path must not create one)."""
+def check_store_exists(uri: str) -> None:
+    """TrackingError if ``uri`` is a local SQLite store that is not there: reading a store must
+    not create a new empty one (nor its folder) at a mistyped path."""
     if uri.startswith("sqlite:///"):
         path = Path(uri.removeprefix("sqlite:///"))
         if not path.is_file():
             raise TrackingError(
                 f"there is no tracking store at {path}; pass --tracking-uri (or set "
-                "MLFLOW_TRACKING_URI) to the store your studies wrote, e.g. "
+                "MLFLOW_TRACKING_URI) to the store your runs were logged to, e.g. "
                 "sqlite:///mlruns/mlflow.db"
             )
+
+
+def _read_client(uri: str):
+    """A client for reading an existing store (:func:`check_store_exists`)."""
+    check_store_exists(uri)
     return mlflow_client(uri)
 
 

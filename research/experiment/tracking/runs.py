@@ -30,6 +30,7 @@ from research.experiment.tracking.stores import (
     resolve_tracking_uri,
     store_error,
     store_lock,
+    store_writes,
 )
 
 if TYPE_CHECKING:
@@ -63,9 +64,10 @@ class TrainingRun:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        self.client.log_batch(
-            self.run_id, params=[Param(key, str(value)) for key, value in params.items()]
-        )
+        with store_writes(self.tracking_uri):
+            self.client.log_batch(
+                self.run_id, params=[Param(key, str(value)) for key, value in params.items()]
+            )
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Logs metrics at ``step`` in one batch (one transaction).
@@ -76,10 +78,13 @@ class TrainingRun:
         from mlflow.entities import Metric
 
         timestamp = int(time.time() * 1000)
-        self.client.log_batch(
-            self.run_id,
-            metrics=[Metric(key, float(value), timestamp, step) for key, value in metrics.items()],
-        )
+        with store_writes(self.tracking_uri):
+            self.client.log_batch(
+                self.run_id,
+                metrics=[
+                    Metric(key, float(value), timestamp, step) for key, value in metrics.items()
+                ],
+            )
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Copies ``path`` into the run's artifacts; TrackingError (naming where) if it cannot
@@ -108,13 +113,15 @@ class TrainingRun:
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(
-            self.run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()]
-        )
+        with store_writes(self.tracking_uri):
+            self.client.log_batch(
+                self.run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()]
+            )
 
     def finish(self, status: str = "FINISHED") -> None:
         """Closes the run as FINISHED, FAILED or KILLED."""
-        self.client.set_terminated(self.run_id, status)
+        with store_writes(self.tracking_uri):
+            self.client.set_terminated(self.run_id, status)
 
     # --- a training run, the same for `train` and a study's trials ----------------------------
 
@@ -133,11 +140,12 @@ class TrainingRun:
             **extra,
         }
         tags = {TAG_SEED: config.seed, TAG_COMMIT: git_commit(), TAG_STATE: "RUNNING"}
-        self.client.log_batch(
-            self.run_id,
-            params=[Param(key, str(value)) for key, value in params.items()],
-            tags=[RunTag(key, str(value)) for key, value in tags.items()],
-        )
+        with store_writes(self.tracking_uri):
+            self.client.log_batch(
+                self.run_id,
+                params=[Param(key, str(value)) for key, value in params.items()],
+                tags=[RunTag(key, str(value)) for key, value in tags.items()],
+            )
 
     def log_epoch(self, metrics: EpochMetrics) -> None:
         """One epoch's metrics, at its step (the epoch, from 0)."""
@@ -278,34 +286,74 @@ class StudyTracker:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
+    study_name: str = ""
 
     @classmethod
     def open(cls, study_name: str, tracking_uri: str | None = None) -> StudyTracker:
-        """Finds the study's parent run by tag, or creates the experiment and the run.
+        """The study's experiment and parent run: its earliest parent run, else a new one.
 
-        Re-running a study re-uses its parent run, so its trials stay under one run.
+        ``study`` chooses the parent through the Optuna storage instead (atomically, for commands
+        started together on several machines): :meth:`open_experiment`, then :meth:`use_parent`.
         """
+        tracker = cls.open_experiment(study_name, tracking_uri)
+        parents = tracker.study_parents()
+        tracker.use_parent(parents[0] if parents else tracker.create_parent())
+        return tracker
+
+    @classmethod
+    def open_experiment(cls, study_name: str, tracking_uri: str | None = None) -> StudyTracker:
+        """The study's experiment (created if needed), with no parent run chosen yet."""
         uri = resolve_tracking_uri(tracking_uri)
         try:
             with store_lock(uri):
                 client = mlflow_client(uri)
                 experiment_id = get_or_create_experiment(client, study_name, uri)
-                run_id = _study_parent_run(client, experiment_id, study_name)
-                if run_id is None:
-                    client.create_run(
-                        experiment_id,
-                        run_name=f"study-{study_name}",
-                        tags={TAG_ROLE: "study", TAG_STUDY: study_name, TAG_COMMIT: git_commit()},
-                    )
-                    # Commands started together on machines sharing one database may each
-                    # have made a parent run: all keep the earliest, the others are deleted.
-                    run_id = _study_parent_run(client, experiment_id, study_name, dedupe=True)
-                client.update_run(run_id, status="RUNNING")
         except TrackingError:
             raise
         except Exception as error:
             raise store_error(uri, error) from None
-        return cls(client, uri, experiment_id, run_id)
+        return cls(client, uri, experiment_id, "", study_name)
+
+    def study_parents(self) -> list[str]:
+        """The ids of the runs tagged as this study's parent, earliest first."""
+        with store_writes(self.tracking_uri):
+            found = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=(
+                    f"tags.`{TAG_ROLE}` = 'study' and tags.`{TAG_STUDY}` = '{self.study_name}'"
+                ),
+                max_results=1000,
+            )
+        found.sort(key=lambda run: (run.info.start_time, run.info.run_id))
+        return [run.info.run_id for run in found]
+
+    def create_parent(self) -> str:
+        """A new parent run for the study; returns its id."""
+        with store_writes(self.tracking_uri):
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"study-{self.study_name}",
+                tags={TAG_ROLE: "study", TAG_STUDY: self.study_name, TAG_COMMIT: git_commit()},
+            )
+        return run.info.run_id
+
+    def use_parent(self, run_id: str) -> None:
+        """Makes ``run_id`` this tracker's parent run, and marks it RUNNING again."""
+        with store_writes(self.tracking_uri):
+            try:
+                run = self.client.get_run(run_id)
+            except Exception:
+                run = None
+            if run is None or run.info.experiment_id != self.experiment_id:
+                raise TrackingError(
+                    f"the study's parent run {run_id} (named in its Optuna storage) is not in "
+                    f"experiment {self.study_name!r} of {redact(self.tracking_uri)}: pass the "
+                    "--tracking-uri the study started with, or use a new --study-name"
+                )
+            if run.info.lifecycle_stage == "deleted":
+                self.client.restore_run(run_id)
+            self.client.update_run(run_id, status="RUNNING")
+        self.parent_run_id = run_id
 
     @classmethod
     def attach(cls, tracking_uri: str, experiment_id: str, parent_run_id: str) -> StudyTracker:
@@ -318,53 +366,40 @@ class StudyTracker:
 
     def start_trial_run(self, study_name: str, trial_number: int) -> TrainingRun:
         """A child run named ``trial-0007`` under the parent run."""
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=f"trial-{trial_number:04d}",
-            tags={
-                TAG_PARENT: self.parent_run_id,
-                TAG_ROLE: "trial",
-                TAG_STUDY: study_name,
-                TAG_TRIAL: str(trial_number),
-                TAG_STATE: "RUNNING",
-            },
-        )
+        with store_writes(self.tracking_uri):
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"trial-{trial_number:04d}",
+                tags={
+                    TAG_PARENT: self.parent_run_id,
+                    TAG_ROLE: "trial",
+                    TAG_STUDY: study_name,
+                    TAG_TRIAL: str(trial_number),
+                    TAG_STATE: "RUNNING",
+                },
+            )
         return TrainingRun(self.client, run.info.run_id, self.experiment_id, self.tracking_uri)
 
     def trial_runs(self) -> list[Any]:
         """Every trial run under the parent (MLflow ``Run`` objects)."""
-        return self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{TAG_PARENT}` = '{self.parent_run_id}'",
-            max_results=50_000,
-        )
+        with store_writes(self.tracking_uri):
+            return self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`{TAG_PARENT}` = '{self.parent_run_id}'",
+                max_results=50_000,
+            )
 
     def close_trial_run(self, trial_number: int, state: str, reason: str) -> None:
-        """Ends the still-RUNNING run of a trial whose worker died: FAILED, with the reason."""
+        """Ends the still-RUNNING run of a trial whose worker stopped: ``research.state`` as
+        Optuna recorded it, with the reason; FINISHED for COMPLETE and PRUNED, else FAILED."""
         for run in self.trial_runs():
             if run.data.tags.get(TAG_TRIAL) == str(trial_number) and run.info.status == "RUNNING":
-                self.client.set_tag(run.info.run_id, TAG_STATE, state)
-                self.client.set_tag(run.info.run_id, TAG_ERROR, reason)
-                self.client.set_terminated(run.info.run_id, "FAILED")
-
-
-def _study_parent_run(
-    client: Any, experiment_id: str, study_name: str, dedupe: bool = False
-) -> str | None:
-    """The id of the study's parent run: the earliest one tagged for it (by start time, then
-    id, so every process picks the same). With ``dedupe``, later duplicates are deleted."""
-    found = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{TAG_ROLE}` = 'study' and tags.`{TAG_STUDY}` = '{study_name}'",
-        max_results=1000,
-    )
-    if not found:
-        return None
-    found.sort(key=lambda run: (run.info.start_time, run.info.run_id))
-    if dedupe:
-        for duplicate in found[1:]:
-            client.delete_run(duplicate.info.run_id)
-    return found[0].info.run_id
+                closing = TrainingRun(
+                    self.client, run.info.run_id, self.experiment_id, self.tracking_uri
+                )
+                closing.end(
+                    state, "FINISHED" if state in ("COMPLETE", "PRUNED") else "FAILED", reason
+                )
 
 
 @dataclass

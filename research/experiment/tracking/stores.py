@@ -114,8 +114,10 @@ def mlflow_client(uri: str):
     from mlflow.tracking import MlflowClient
 
     # MLflow and alembic announce every schema step of a new SQLite store at INFO; users need none.
-    for name in ("mlflow.store.db.utils", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    # It also logs every failed query as an ERROR with a full traceback (a full disk: dozens of
+    # lines) before raising; we turn what it raises into one line (write_error, store_error).
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     # Its per-download progress bar would break into our own progress lines.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -187,4 +189,28 @@ def store_error(uri: str, error: Exception) -> TrackingError:
     return TrackingError(
         f"cannot open the MLflow tracking store {redact(uri)}: {first_line}; "
         "check --tracking-uri / MLFLOW_TRACKING_URI"
+    )
+
+
+@contextlib.contextmanager
+def store_writes(uri: str):
+    """Turns any failure of the store at ``uri`` inside the block (a full disk under SQLite, a
+    server gone) into one TrackingError naming it: MLflow raises many kinds, with long texts."""
+    try:
+        yield
+    except TrackingError:
+        raise
+    except Exception as error:
+        raise write_error(uri, error) from None
+
+
+def write_error(uri: str, error: Exception) -> TrackingError:
+    """A write to an open store failed (a full disk, a database or server gone): one line."""
+    text = str(error).strip()
+    first_line = text.splitlines()[0] if text else repr(error)
+    if "disk is full" in text or "No space left" in text:
+        first_line = "the disk is full"
+    return TrackingError(
+        f"cannot write to the MLflow tracking store {redact(uri)}: {first_line}; free some space "
+        "(or fix the store), then run the same command again to continue"
     )
