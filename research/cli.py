@@ -537,58 +537,22 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from research.bench.run import (
-        BenchError,
-        format_table,
-        metrics_of,
-        params_of,
-        run_benchmark,
-        to_json,
-        write_text,
-    )
+    from research.bench.run import BenchError, bench_command
     from research.data import DataError
-    from research.experiment.tracking.runs import log_benchmark
     from research.experiment.tracking.stores import TrackingError
 
-    if args.rounds is not None and args.rounds < 1:
-        raise UserError(f"--rounds {args.rounds} is not allowed; give an integer >= 1")
-    json_path = Path(args.json) if args.json else None
-    if json_path is not None and not json_path.parent.is_dir():
-        raise UserError(f"--json {args.json}: the folder {json_path.parent} does not exist")
     try:
-        results = run_benchmark(
+        return bench_command(
             quick=args.quick,
             rounds=args.rounds,
+            json_file=args.json,
+            experiment=None if args.no_track else args.experiment,
+            tracking_uri=args.tracking_uri,
             mnist_dir=args.mnist_dir,
             data_dir=args.data_dir,
-            say=lambda line: print(line, file=sys.stderr, flush=True),
         )
-    except (BenchError, DataError) as error:
+    except (BenchError, DataError, TrackingError) as error:
         raise UserError(str(error)) from None
-    except KeyboardInterrupt:
-        print("interrupted; nothing was logged", file=sys.stderr)
-        return 130
-    table = format_table(results)
-    print(table)
-    text = to_json(results)
-    if json_path is not None:
-        write_text(json_path, text)
-        print(f"results written to {json_path}")
-    if not args.no_track:
-        command = "python -m research bench" + (" --quick" if args.quick else "")
-        try:
-            run = log_benchmark(
-                params_of(results, command),
-                metrics_of(results),
-                {"bench_table.txt": table + "\n", "bench_results.json": text},
-                experiment=args.experiment,
-                tracking_uri=args.tracking_uri,
-            )
-        except TrackingError as error:
-            raise UserError(str(error)) from None
-        print(f"MLflow run {run.run_id} in experiment '{args.experiment}'")
-        print(f"browse it: {run.ui_hint}")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,8 @@ from test_study import (
     study_runs,
 )
 
-from research.experiment.trials import ATTR_INTERRUPTED, ATTR_RETRY_OF, counted_trials
+from research.experiment.trials import counted_trials
+from research.experiment.workers import ATTR_INTERRUPTED, ATTR_RETRY_OF
 
 TRACEBACK = "Traceback (most recent call last)"
 
@@ -683,7 +684,7 @@ def test_a_trial_orphaned_before_its_worker_recorded_itself_is_recovered(tmp_pat
     is RUNNING with no worker: after a minute it is failed and retried like any other."""
     import optuna
 
-    import research.experiment.trials as trials
+    import research.experiment.workers as workers
     from research.experiment.storage import open_storage
 
     journal = tmp_path / "mlruns" / "optuna.journal"
@@ -692,7 +693,7 @@ def test_a_trial_orphaned_before_its_worker_recorded_itself_is_recovered(tmp_pat
         study_name=STUDY, storage=open_storage(str(journal)), direction="maximize"
     )
     study.ask().suggest_int("hidden_size", 64, 1024, log=True)  # and nothing more
-    monkeypatch.setattr(trials, "UNCLAIMED_SECONDS", 0)
+    monkeypatch.setattr(workers, "UNCLAIMED_SECONDS", 0)
     code, out, err = run_cli(study_argv(sqlite_uri(tmp_path), n_trials=1, epochs=1, subset=300))
     assert code == 0, out + err
     assert "trial 0 was left RUNNING by a dead worker: marked FAIL, queued again" in out, out

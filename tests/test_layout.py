@@ -153,6 +153,7 @@ def test_each_heavy_library_lives_in_the_rooms_that_use_it():
     assert third_party_imports("optuna") == {
         "research.experiment.storage",
         "research.experiment.trials",
+        "research.experiment.workers",
         "research.experiment.study",
         "analysis.report",
     }

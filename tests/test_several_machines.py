@@ -52,7 +52,8 @@ from test_study import (
 )
 
 from research.experiment.tracking.stores import sqlalchemy_url
-from research.experiment.trials import ATTR_INTERRUPTED, ATTR_RETRY_OF, counted_trials
+from research.experiment.trials import counted_trials
+from research.experiment.workers import ATTR_INTERRUPTED, ATTR_RETRY_OF
 
 N_TRIALS = 8
 EPOCHS = 3

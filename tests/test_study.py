@@ -879,7 +879,7 @@ def test_a_trial_left_running_by_a_dead_worker_is_failed_and_queued_again(tmp_pa
     from optuna.trial import TrialState
 
     from research.experiment.tracking.runs import StudyTracker
-    from research.experiment.trials import ATTR_INTERRUPTED, ATTR_RETRY_OF, ATTR_WORKER
+    from research.experiment.workers import ATTR_INTERRUPTED, ATTR_RETRY_OF, ATTR_WORKER
 
     uri = sqlite_uri(tmp_path)
     code, _, err = run_cli([*tiny_study_argv(uri, 1), "--no-final"])
@@ -932,7 +932,7 @@ def test_ctrl_c_records_the_trial_as_interrupted_and_resuming_runs_it_again(tmp_
     from optuna.trial import TrialState
 
     import research.experiment.trials as trials_module
-    from research.experiment.trials import ATTR_INTERRUPTED, ATTR_RETRY_OF
+    from research.experiment.workers import ATTR_INTERRUPTED, ATTR_RETRY_OF
 
     real_train = trials_module.train
 

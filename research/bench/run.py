@@ -26,6 +26,7 @@ import multiprocessing
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -324,3 +325,57 @@ def write_text(path: Path, text: str) -> None:
 
 def to_json(results: dict[str, Any]) -> str:
     return json.dumps(results, indent=2, sort_keys=True)
+
+
+def bench_command(
+    *,
+    quick: bool,
+    rounds: int | None,
+    json_file: str | None,
+    experiment: str | None,
+    tracking_uri: str | None,
+    mnist_dir: str | None,
+    data_dir: str | None,
+) -> int:
+    """``python -m research bench``: runs the benchmark (progress on stderr), prints its table,
+    writes its JSON if asked, and logs both to MLflow ``experiment`` (None: not logged).
+
+    Raises:
+        BenchError: a bad option, or a contender failed; DataError, TrackingError.
+    """
+    from research.experiment.tracking.runs import log_benchmark
+
+    if rounds is not None and rounds < 1:
+        raise BenchError(f"--rounds {rounds} is not allowed; give an integer >= 1")
+    json_path = Path(json_file) if json_file else None
+    if json_path is not None and not json_path.parent.is_dir():
+        raise BenchError(f"--json {json_file}: the folder {json_path.parent} does not exist")
+    try:
+        results = run_benchmark(
+            quick=quick,
+            rounds=rounds,
+            mnist_dir=mnist_dir,
+            data_dir=data_dir,
+            say=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    except KeyboardInterrupt:
+        print("interrupted; nothing was logged", file=sys.stderr)
+        return 130
+    table = format_table(results)
+    print(table)
+    text = to_json(results)
+    if json_path is not None:
+        write_text(json_path, text)
+        print(f"results written to {json_path}")
+    if experiment is not None:
+        command = "python -m research bench" + (" --quick" if quick else "")
+        run = log_benchmark(
+            params_of(results, command),
+            metrics_of(results),
+            {"bench_table.txt": table + "\n", "bench_results.json": text},
+            experiment=experiment,
+            tracking_uri=tracking_uri,
+        )
+        print(f"MLflow run {run.run_id} in experiment '{experiment}'")
+        print(f"browse it: {run.ui_hint}")
+    return 0

@@ -3,4 +3,4 @@ nothing of Optuna or MLflow), tracking (:mod:`.tracking`, the only code that tal
 a run's loss curves (:mod:`.figures`), study files (:mod:`.study_config`, with what a study
 may search in :mod:`.search_space`), what a run needs from the machine (:mod:`.resources`:
 memory, worker processes), Optuna studies (:mod:`.storage`, :mod:`.trials`,
-:mod:`.study`) and reruns (:mod:`.rerun`)."""
+:mod:`.workers`, :mod:`.study`) and reruns (:mod:`.rerun`)."""

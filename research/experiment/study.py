@@ -38,7 +38,6 @@ from research.experiment.train import (
 from research.experiment.trials import (
     TrialContext,
     check_search_space,
-    close_ended_runs,
     counted_trials,
     describe_pruner,
     format_value,
@@ -46,10 +45,10 @@ from research.experiment.trials import (
     make_pruner,
     open_study,
     optimize,
-    recover_stale_trials,
     short,
     study_exists,
 )
+from research.experiment.workers import close_ended_runs, recover_stale_trials
 
 # --- the study as a whole ----------------------------------------------------------------------
 
@@ -243,13 +242,13 @@ PARENT_WAIT_SECONDS = 60.0
 PARENT_SETTLE_SECONDS = 2.0
 
 
-def choose_parent_run(study: Any, created: bool, tracker: Any, say: Callable[[str], None]) -> str:
+def choose_parent_run(study: Any, created: bool, tracker: Any) -> str:
     """The study's one MLflow parent run, chosen atomically through the Optuna storage.
 
     The command that created the study (exactly one: creation is atomic) makes the parent run
     and names it in a study attribute; every other command uses the run named there, waiting
     for it if the creator is still starting. A study made before this rule has no attribute:
-    its earliest parent run is adopted. No clock is compared, and no run is deleted.
+    its earliest parent run is adopted. No clock is compared, and no run with trials is deleted.
     """
     if created:
         parents = tracker.study_parents()  # an empty one left by an older version is reused
@@ -344,7 +343,7 @@ def run_study(
         refuse_orphan_parent(config, tracker, storage_url)
     study, created = open_study(config, storage_url)
     check_search_space(study, config, storage_url)
-    tracker.use_parent(choose_parent_run(study, created, tracker, say))
+    tracker.use_parent(choose_parent_run(study, created, tracker))
     parent = tracker.parent
     existing = tracker.client.get_run(tracker.parent_run_id).data.params
     settings = {
