@@ -144,6 +144,24 @@ def test_a_cut_short_last_record_is_dropped_before_the_next_append(tmp_path):
     assert [t.system_attrs["fixed_params"] for t in again.get_trials()] == [{"x": 1}, {"x": 2}]
 
 
+def test_a_journal_damaged_by_an_older_version_is_one_line_saying_how_to_repair_it(tmp_path):
+    """Before the fix, a full disk left a record cut short and the next one glued to it."""
+    import optuna
+
+    from research.experiment.storage import open_storage
+
+    journal = tmp_path / "mlruns" / "optuna.journal"
+    journal.parent.mkdir()
+    optuna.create_study(study_name=STUDY, storage=open_storage(str(journal)))
+    record = journal.read_bytes().rstrip(b"\n")
+    journal.write_bytes(record[: len(record) // 2] + record + b"\n")
+    code, out, err = run_cli(study_argv(sqlite_uri(tmp_path), n_trials=1, epochs=1))
+    assert code == 2, out + err
+    line = one_error_line(err)
+    assert f"the Optuna journal {journal} holds a damaged record" in line, line
+    assert 'delete the cut part (up to the next {"op_code") on that line' in line, line
+
+
 def test_a_stopped_journal_writer_is_waited_for_not_overwritten(tmp_path):
     """A writer holding the journal's kernel lock (as one stopped mid-append by SIGSTOP does)
     makes the others wait: Optuna's own lock file would be broken after 30 s and the stopped

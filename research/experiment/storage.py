@@ -150,7 +150,21 @@ def open_storage(url: str):
         raise StudyError(
             f"cannot open the Optuna journal {path}: {error.strerror}; pass --storage"
         ) from None
-    return optuna.storages.JournalStorage(backend)
+    try:
+        return optuna.storages.JournalStorage(backend)  # (reads the whole journal)
+    except json.JSONDecodeError as error:
+        raise damaged_journal(path, error) from None
+
+
+def damaged_journal(path: Path | str, error: Exception) -> StudyError:
+    """A journal record that is not JSON: one cut short by a version before :class:`JournalFile`
+    on a full disk, with the next record written after it on the same line."""
+    return StudyError(
+        f"the Optuna journal {path} holds a damaged record ({error}): a record cut short, "
+        "which versions before 2026-11-29 could leave on a full disk, with the next one "
+        'written after it on the same line; delete the cut part (up to the next {"op_code"'
+        ") on that line, or pass another --storage"
+    )
 
 
 @functools.cache

@@ -19,6 +19,7 @@ starts a trial, so the study may end with up to K − 1 trials more than asked.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 import warnings
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from research.experiment.search_space import SearchParam
-from research.experiment.storage import StudyError, open_storage
+from research.experiment.storage import StudyError, damaged_journal, open_storage
 from research.experiment.study_config import StudyConfig
 from research.experiment.tracking.stores import redact
 from research.experiment.train import (
@@ -114,6 +115,8 @@ def open_study(config: StudyConfig, storage_url: str, worker: int = 0) -> tuple[
             )
     except StudyError:
         raise
+    except json.JSONDecodeError as error:  # read when the study's first record was appended
+        raise damaged_journal(storage_url, error) from None
     except ValueError as error:  # e.g. an existing study with the other direction
         raise StudyError(f"study {config.name!r} in {redact(storage_url)}: {error}") from None
     if study.direction.name.lower() != config.direction:
