@@ -422,12 +422,22 @@ def _run_gradcheck(args: argparse.Namespace) -> int:
         data = _load_data(args, config.raw_inputs)
         x, labels = data.train.x[: args.rows], data.train.labels[: args.rows]
         source = f"the first {len(x)} MNIST training rows"
+    dropout = (
+        f", dropout {config.input_dropout:g} (inputs) / {config.dropout:g} (hidden) with one "
+        "fixed set of masks on both sides"
+        if config.input_dropout or config.dropout
+        else ""
+    )
     print(
         f"gradcheck: {'x'.join(map(str, spec.sizes))} {spec.activation}/{spec.output}/{spec.loss}"
-        f" l2={spec.l2:g}, {args.dtype}, {config.init} init (seed {args.seed}), on {source}"
+        f" l2={spec.l2:g}{dropout}, {args.dtype}, {config.init} init (seed {args.seed}), on "
+        f"{source}"
     )
     started = time.perf_counter()
-    rows = check_network(spec, config.init, args.dtype, args.seed, x, labels, args.rtol, args.atol)
+    rows = check_network(
+        spec, config.init, args.dtype, args.seed, x, labels, args.rtol, args.atol,
+        config.input_dropout, config.dropout,
+    )  # fmt: skip
     print(format_table(rows))
     print(f"({time.perf_counter() - started:.1f} s, including JAX compilation)")
     return 0 if all(row.passed for row in rows) else 1

@@ -156,6 +156,18 @@ def test_gradcheck_command_passes_and_prints_table(capsys):
     assert "--batch-size 0 is not allowed" in capsys.readouterr().err
 
 
+def test_gradcheck_checks_dropout_with_one_fixed_set_of_masks(capsys):
+    argv = ["gradcheck", "--synthetic", "--n-hidden-layers", "2", "--hidden", "24"]
+    assert main([*argv, "--input-dropout", "0.2", "--dropout", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "dropout 0.2 (inputs) / 0.5 (hidden) with one fixed set of masks on both sides" in out
+    assert "all 7 arrays agree" in out
+    assert main(argv) == 0
+    assert "dropout" not in capsys.readouterr().out.splitlines()[0]
+    assert main([*argv, "--dropout", "1"]) == 2
+    assert "dropout = 1.0: out of range; allowed: a number in [0, 1)" in capsys.readouterr().err
+
+
 def test_gradcheck_fails_when_tolerance_is_impossible(capsys):
     # A tolerance below float64 rounding must fail: the check can fail.
     code = main(
@@ -256,4 +268,5 @@ def test_the_flags_are_the_field_table():
     # gradcheck's own --dtype and --seed have their own defaults (--batch-size is rows)
     assert set(flags("gradcheck")) - {"dtype", "seed"} == model == {
         "hidden_size", "n_hidden_layers", "activation", "output", "loss", "l2", "init",
+        "input_dropout", "dropout",
     }  # fmt: skip

@@ -76,6 +76,7 @@ def check_against_reference(
     *,
     scale_atol: bool = False,
     cond: float = 1.0,
+    masks: mlp.Masks | None = None,
 ) -> tuple[float, Params]:
     """numpy loss/grads equal the JAX ones (tolerance by dtype); returns the numpy result.
 
@@ -84,13 +85,13 @@ def check_against_reference(
     """
     dtype = params[0]["W"].dtype
     tol, loss_tol = tolerance("gradients", dtype), tolerance("loss", dtype)
-    value, grads = mlp.loss_and_grads(params, x, y, spec)
-    ref_value, ref_grads = reference.loss_and_grads(params, x, y, spec)
+    value, grads = mlp.loss_and_grads(params, x, y, spec, masks)
+    ref_value, ref_grads = reference.loss_and_grads(params, x, y, spec, masks)
     assert isinstance(value, float) and math.isfinite(value), value
     loss_rtol, loss_atol = loss_tol.rtol * cond, loss_tol.atol * cond
     assert value == pytest.approx(ref_value, rel=loss_rtol, abs=loss_atol)
-    # The numpy loss() must be the same objective as the loss_and_grads value.
-    assert mlp.loss(params, x, y, spec) == pytest.approx(value, rel=loss_rtol, abs=loss_atol)
+    if masks is None:  # the numpy loss() must be the same objective as loss_and_grads'
+        assert mlp.loss(params, x, y, spec) == pytest.approx(value, rel=loss_rtol, abs=loss_atol)
     scaled = tol.scale_atol or scale_atol
     atol = tol.atol * cond * (max(1.0, _largest(ref_grads)) if scaled else 1.0)
     for layer in grads:
@@ -125,6 +126,33 @@ def test_grid_float64(activation: str, output: str, loss_name: str, depth: int, 
     spec = spec_for(activation, output, loss_name, depth, l2)
     params, x, y = problem(spec, batch=5, seed=depth)
     check_against_reference(params, x, y, spec)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize(("output", "loss_name"), OUTPUT_LOSSES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_dropout_grid_float64(activation: str, output: str, loss_name: str, depth: int) -> None:
+    """Dropout's gradients, with the same fixed masks on both sides (the JAX reference applies
+    them in its own code): input dropout 0.2 and hidden 0.5, and each alone."""
+    spec = spec_for(activation, output, loss_name, depth, 0.01)
+    params, x, y = problem(spec, batch=6, seed=depth)
+    rng = np.random.default_rng(depth)
+    for input_dropout, dropout in ((0.2, 0.5), (0.0, 0.5), (0.4, 0.0)):
+        masks = mlp.dropout_masks(rng, 6, spec.sizes, input_dropout, dropout, np.float64)
+        check_against_reference(params, x, y, spec, masks=masks)
+    # a mask that drops nothing changes nothing; one that drops a whole layer cuts every
+    # gradient below it (but the biases of the layers above)
+    ones = [np.ones((6, n)) for n in spec.sizes[:-1]]
+    assert_trees_close(
+        mlp.loss_and_grads(params, x, y, spec, ones)[1],
+        mlp.loss_and_grads(params, x, y, spec)[1],
+        rtol=0,
+        atol=0,
+    )
+    zeros = [None] * (spec.n_layers - 1) + [np.zeros((6, spec.sizes[-2]))]
+    no_l2 = spec_for(activation, output, loss_name, depth)
+    grads = mlp.loss_and_grads(params, x, y, no_l2, zeros)[1]
+    assert not np.any(grads[-1]["W"]) and all(not np.any(g["W"]) for g in grads[:-1])
 
 
 @pytest.mark.parametrize(("output", "loss_name"), OUTPUT_LOSSES)
@@ -201,6 +229,18 @@ def test_random_networks_float64(case) -> None:
     spec, params, x, y = case
     cond = conditioning(params, x, spec)
     check_against_reference(params, x, y, spec, scale_atol=True, cond=cond)
+
+
+@settings(deadline=None, max_examples=30)
+@given(problems(np.float64), st.floats(0, 0.9), st.floats(0, 0.9), st.integers(0, 2**32 - 1))
+def test_random_networks_with_dropout_float64(case, input_dropout, dropout, seed) -> None:
+    """Any rates, any network: the same masks on both sides give the same gradients."""
+    spec, params, x, y = case
+    rng = np.random.default_rng(seed)
+    masks = mlp.dropout_masks(rng, len(x), spec.sizes, input_dropout, dropout, np.float64)
+    # masks scale what a layer reads by up to 1/(1 - rate): widen as for larger pre-activations
+    cond = conditioning(params, x, spec) / (1 - max(input_dropout, dropout)) ** 2
+    check_against_reference(params, x, y, spec, scale_atol=True, cond=cond, masks=masks)
 
 
 @settings(deadline=None, max_examples=20)

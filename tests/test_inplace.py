@@ -49,10 +49,13 @@ def copy_params(params: mlp.Params) -> mlp.Params:
     batch_size=st.integers(1, 12),
     blas_update=st.booleans(),
     seed=st.integers(0, 2**31),
+    input_dropout=st.sampled_from([0.0, 0.2]),
+    dropout=st.sampled_from([0.0, 0.5]),
 )
 def test_in_place_step_equals_loss_and_grads_then_update(
-    activation, output_loss, optimizer, hidden, l2, batch_size, blas_update, seed
-):
+    activation, output_loss, optimizer, hidden, l2, batch_size, blas_update, seed,
+    input_dropout, dropout,
+):  # fmt: skip
     output, loss = output_loss
     spec = mlp.MLPSpec((6, *hidden, 4), activation, output, loss, l2=l2)
     rng = np.random.default_rng(seed)
@@ -68,12 +71,13 @@ def test_in_place_step_equals_loss_and_grads_then_update(
         # full batches, a short last batch, and the whole of x (rows=None) once
         n = batch_size if step % 3 else max(1, batch_size // 2)
         rows = rng.permutation(30)[:n]
-        expected_loss, grads = mlp.loss_and_grads(params, x[rows], y[rows], spec)
+        masks = mlp.dropout_masks(rng, n, spec.sizes, input_dropout, dropout, np.float64)
+        expected_loss, grads = mlp.loss_and_grads(params, x[rows], y[rows], spec, masks)
         params, state = pure_optimizer.update(params, grads, state)
         if step == 5:
-            loss_value = stepper.step(x[rows], y[rows])
+            loss_value = stepper.step(x[rows], y[rows], masks=masks)
         else:
-            loss_value = stepper.step(x, y, rows)
+            loss_value = stepper.step(x, y, rows, masks)
         assert loss_value == pytest.approx(expected_loss, rel=1e-12, abs=1e-14)
         assert_trees_close(
             stepper.params, params, SAME.rtol, SAME.atol, what=f"params after step {step + 1}"
@@ -136,8 +140,8 @@ def pure_train(config, x, labels, x_val, labels_val):
     """train()'s loop written with the pure functions (the loop before the fast path)."""
     spec = config.spec()
     dtype = np.dtype(config.dtype)
-    init_rng, shuffle_rng = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(2)
+    init_rng, shuffle_rng, dropout_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(3)
     )
     params = mlp.init_params(spec, init_rng, dtype=dtype, scheme=config.init)
     options = {"beta": config.momentum, "nesterov": config.nesterov}
@@ -158,7 +162,12 @@ def pure_train(config, x, labels, x_val, labels_val):
         )
         for step in range(n_batches):
             rows = order[step * config.batch_size : (step + 1) * config.batch_size]
-            value, grads = mlp.loss_and_grads(params, x[rows], targets[rows], spec)
+            masks = None
+            if config.input_dropout or config.dropout:
+                masks = mlp.dropout_masks(
+                    dropout_rng, len(rows), spec.sizes, config.input_dropout, config.dropout, dtype
+                )
+            value, grads = mlp.loss_and_grads(params, x[rows], targets[rows], spec, masks)
             params, state = optimizer.update(params, grads, state)
             total += value * len(rows)
         losses.append(total / (n_batches * config.batch_size if config.drop_last else len(x)))
@@ -172,8 +181,17 @@ def pure_train(config, x, labels, x_val, labels_val):
         {"activation": "sigmoid", "output": "sigmoid", "loss": "mse", "optimizer": "sgd"},
         {"activation": "tanh", "optimizer": "adam", "learning_rate": 0.003, "l2": 1e-3},
         {"optimizer": "momentum", "nesterov": False, "n_hidden_layers": 2, "drop_last": True},
+        {"n_hidden_layers": 2, "input_dropout": 0.2, "dropout": 0.5},
+        {"activation": "tanh", "optimizer": "adam", "learning_rate": 0.003, "dropout": 0.3},
     ],
-    ids=["default", "seed-like", "tanh-adam-l2", "momentum-deep-drop-last"],
+    ids=[
+        "default",
+        "seed-like",
+        "tanh-adam-l2",
+        "momentum-deep-drop-last",
+        "dropout",
+        "tanh-adam-dropout",
+    ],
 )
 def test_train_trajectory_equals_the_pure_loop(overrides):
     rng = np.random.default_rng(3)

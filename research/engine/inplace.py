@@ -35,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 
 from research.engine.blas import gemm_update
-from research.engine.mlp import MLPSpec, Params, l2_penalty, output_delta
+from research.engine.mlp import Masks, MLPSpec, Params, l2_penalty, output_delta
 from research.engine.optim import Optimizer
 
 
@@ -120,13 +120,21 @@ class InPlaceTrainingStep:
             for layer in self.params
         ]
 
-    def step(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray | None = None) -> float:
+    def step(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        rows: np.ndarray | None = None,
+        masks: Masks | None = None,
+    ) -> float:
         """One optimizer step on a batch; returns the batch loss (before the step).
 
         Args:
             x: inputs (N, sizes[0]) and y: targets (N, sizes[-1]), both in the step's dtype.
             rows: which rows of x and y form the batch (B ≤ batch_size valid indices, e.g. a
                 slice of a permutation); None for all of x and y.
+            masks: dropout masks for the batch, one (B, width) array or None per layer, in the
+                step's dtype (``mlp.Masks``).
         Returns:
             The batch's loss, as ``mlp.loss_and_grads`` returns it.
         """
@@ -143,6 +151,9 @@ class InPlaceTrainingStep:
             np.take(y, rows, axis=0, out=yb, mode="clip")
         spec, params, dtype = self.spec, self.params, self.dtype.type
         last = len(params) - 1
+        masks = masks if masks is not None else (None,) * len(params)
+        if masks[0] is not None:
+            xb *= masks[0]  # (the gathered copy: x itself is never written)
 
         # forward: inputs[i] is what layer i reads
         inputs = [xb]
@@ -156,6 +167,11 @@ class InPlaceTrainingStep:
                     np.tanh(out, out=out)
                 else:
                     _sigmoid_in_place(out)
+                if masks[i + 1] is not None:
+                    # σ' from the activation before the mask: kept now, used in the backward pass
+                    if spec.activation != "relu":
+                        self._derivative_of(out, self._derivatives[i][:n])
+                    out *= masks[i + 1]
                 inputs.append(out)
         value, delta = output_delta(out, yb, spec)
         total = float(value) + l2_penalty(params, spec.l2)
@@ -180,21 +196,22 @@ class InPlaceTrainingStep:
                 if spec.l2:
                     grad["W"] += dtype(spec.l2) * W
             if i > 0:
-                self._multiply_by_derivative(below, inputs[i], i - 1)
+                derivative = self._derivatives[i - 1][:n]
+                if masks[i] is None and spec.activation != "relu":
+                    self._derivative_of(inputs[i], derivative)
+                below *= derivative  # (relu: the mask made in the forward pass)
+                if masks[i] is not None:
+                    below *= masks[i]
                 delta = below
         if self._gemm_update is None:
             self.optimizer.update_in_place(params, self.grads, self.state)
         return total
 
-    def _multiply_by_derivative(self, delta: np.ndarray, a: np.ndarray, hidden: int) -> None:
-        """delta ← delta ⊙ σ'(z), σ' from the activation a = σ(z) (as ``mlp`` does)."""
-        derivative = self._derivatives[hidden][: len(delta)]
-        if self.spec.activation == "relu":
-            pass  # the mask was made in the forward pass
-        elif self.spec.activation == "tanh":
-            np.multiply(a, a, out=derivative)
-            np.subtract(1, derivative, out=derivative)
+    def _derivative_of(self, a: np.ndarray, out: np.ndarray) -> None:
+        """out ← σ'(z) from the activation a = σ(z), for tanh and sigmoid (as ``mlp`` does)."""
+        if self.spec.activation == "tanh":
+            np.multiply(a, a, out=out)
+            np.subtract(1, out, out=out)
         else:  # sigmoid: a(1 − a)
-            np.subtract(1, a, out=derivative)
-            derivative *= a
-        delta *= derivative
+            np.subtract(1, a, out=out)
+            out *= a

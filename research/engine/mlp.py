@@ -196,17 +196,61 @@ def _output(z: np.ndarray, output: str) -> np.ndarray:
 # --- forward and backward ---------------------------------------------------------------------
 
 
+#: Dropout masks: one per layer, for what that layer reads (the inputs, then each hidden layer's
+#: activations): (B, width) arrays of 0 and 1/keep ("inverted" dropout: the kept units are scaled
+#: up at training time, so evaluation uses no mask and no scaling), or None for no dropout there.
+Masks = Sequence["np.ndarray | None"]
+
+
+def dropout_masks(
+    rng: np.random.Generator,
+    rows: int,
+    sizes: Sequence[int],
+    input_dropout: float,
+    dropout: float,
+    dtype: np.dtype | type = np.float32,
+) -> list[np.ndarray | None]:
+    """Fresh inverted-dropout masks for one batch: one per layer, for what it reads.
+
+    Args:
+        rng: the run's dropout generator (each call draws new masks from it).
+        rows: the batch's rows B; sizes: the network's layer sizes (inputs first).
+        input_dropout: the fraction of inputs dropped; dropout: of each hidden layer's units.
+    Returns:
+        One (B, sizes[i]) array of 0 and 1/(1 − rate) per layer (None where the rate is 0), in
+        ``dtype``: each unit is kept with probability 1 − rate, independently.
+    """
+    rates = [input_dropout, *[dropout] * (len(sizes) - 2)]
+    masks: list[np.ndarray | None] = []
+    for width, rate in zip(sizes[:-1], rates):
+        if rate == 0:
+            masks.append(None)
+            continue
+        kept = rng.random((rows, width), dtype=np.float32) >= rate
+        masks.append(kept.astype(dtype) * np.asarray(1 / (1 - rate), dtype=dtype))
+    return masks
+
+
 def forward_layers(
-    params: Params, x: np.ndarray, spec: MLPSpec
+    params: Params, x: np.ndarray, spec: MLPSpec, masks: Masks | None = None
 ) -> tuple[list[np.ndarray], np.ndarray]:
-    """Returns the inputs of every layer [x, h1, ..., h_L-1] and the output logits (B, n_out)."""
-    inputs = [x]
-    h = x
-    for layer in params[:-1]:
-        h = _hidden(h @ layer["W"] + layer["b"], spec.activation)
-        inputs.append(h)
-    logits = h @ params[-1]["W"] + params[-1]["b"]
+    """Returns what every layer reads [x, h1, ..., h_L-1] (after its dropout mask, if any) and
+    the output logits (B, n_out)."""
+    _, inputs, logits = _forward(params, x, spec, masks)
     return inputs, logits
+
+
+def _forward(
+    params: Params, x: np.ndarray, spec: MLPSpec, masks: Masks | None
+) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """(activations [x, h1, ...] before the masks, what each layer reads after them, logits)."""
+    activations, inputs = [x], [x if masks is None or masks[0] is None else x * masks[0]]
+    for i, layer in enumerate(params[:-1], start=1):
+        h = _hidden(inputs[-1] @ layer["W"] + layer["b"], spec.activation)
+        activations.append(h)
+        inputs.append(h if masks is None or masks[i] is None else h * masks[i])
+    logits = inputs[-1] @ params[-1]["W"] + params[-1]["b"]
+    return activations, inputs, logits
 
 
 def forward(params: Params, x: np.ndarray, spec: MLPSpec) -> np.ndarray:
@@ -269,7 +313,7 @@ def loss(params: Params, x: np.ndarray, y: np.ndarray, spec: MLPSpec) -> float:
 
 
 def loss_and_grads(
-    params: Params, x: np.ndarray, y: np.ndarray, spec: MLPSpec
+    params: Params, x: np.ndarray, y: np.ndarray, spec: MLPSpec, masks: Masks | None = None
 ) -> tuple[float, Params]:
     """The handwritten backward pass: loss and its gradient for every parameter array.
 
@@ -278,6 +322,8 @@ def loss_and_grads(
         x: inputs (B, sizes[0]); cast to the parameters' dtype.
         y: targets (B, sizes[-1]): one-hot for cross_entropy/bce, any real values for mse.
         spec: the network.
+        masks: dropout masks (see :data:`Masks`), one per layer, in the parameters' dtype;
+            None for none. The gradient is that of the loss with these masks held fixed.
     Returns:
         ``(loss, grads)``: the scalar loss (a Python float) and gradients in the structure and
         dtype of ``params``.
@@ -286,7 +332,8 @@ def loss_and_grads(
     x = np.asarray(x, dtype=dtype)
     y = np.asarray(y, dtype=dtype)
     _check_shapes(params, x, y, spec)
-    inputs, logits = forward_layers(params, x, spec)
+    _check_masks(masks, x, spec)
+    activations, inputs, logits = _forward(params, x, spec, masks)
     value, delta = output_delta(logits, y, spec)
 
     grads: Params = [{} for _ in params]
@@ -297,10 +344,23 @@ def loss_and_grads(
         if spec.l2:
             grads[i]["W"] += dtype.type(spec.l2) * W
         if i > 0:
-            delta = (delta @ W.T) * _hidden_derivative(inputs[i], spec.activation)
+            # inputs[i] = σ(z)·m: ∂loss/∂z = (δ Wᵀ) · m · σ'(z), σ' from the unmasked σ(z)
+            delta = (delta @ W.T) * _hidden_derivative(activations[i], spec.activation)
+            if masks is not None and masks[i] is not None:
+                delta *= masks[i]
 
     total = float(value) + l2_penalty(params, spec.l2)
     return total, grads
+
+
+def _check_masks(masks: Masks | None, x: np.ndarray, spec: MLPSpec) -> None:
+    if masks is None:
+        return
+    if len(masks) != spec.n_layers:
+        raise ValueError(f"masks has {len(masks)} entries, one per layer ({spec.n_layers}) needed")
+    for i, (mask, width) in enumerate(zip(masks, spec.sizes[:-1])):
+        if mask is not None and mask.shape != (x.shape[0], width):
+            raise ValueError(f"mask {i} has shape {mask.shape}, expected ({x.shape[0]}, {width})")
 
 
 def output_delta(logits: np.ndarray, y: np.ndarray, spec: MLPSpec) -> tuple[np.ndarray, np.ndarray]:

@@ -99,6 +99,14 @@ class TrainConfig:
     output: Output = knob("softmax", "nonlinearity of the output layer", "model")
     loss: Loss = knob("cross_entropy", "mse, cross_entropy (needs softmax), bce (sigmoid)", "model")
     l2: float = knob(0.0, "weight decay: adds (l2/2)·Σ‖W‖² to the loss", "model", ge=0)
+    input_dropout: float = knob(
+        0.0, "fraction of input pixels dropped at each training step (none at evaluation)", "model",
+        ge=0, lt=1,
+    )  # fmt: skip
+    dropout: float = knob(
+        0.0, "fraction of each hidden layer's units dropped at each training step", "model",
+        ge=0, lt=1,
+    )  # fmt: skip
     init: InitScheme = knob("he", "initial weights: the origin's normal, xavier or he", "model")
     optimizer: OptimizerName = knob("momentum", "the update rule", "optimizer")
     learning_rate: float = knob(0.1, "step size", "optimizer", gt=0, flags=("--lr",))

@@ -26,7 +26,16 @@ import numpy as np
 
 from research.data import N_CLASSES
 from research.engine.inplace import InPlaceTrainingStep
-from research.engine.mlp import MLPSpec, Params, data_loss, forward_layers, init_params, l2_penalty
+from research.engine.mlp import (
+    Masks,
+    MLPSpec,
+    Params,
+    data_loss,
+    dropout_masks,
+    forward_layers,
+    init_params,
+    l2_penalty,
+)
 from research.engine.optim import make_optimizer
 from research.experiment.fields import TrainConfig
 
@@ -163,6 +172,7 @@ def train_epoch(
     epoch: int = 0,
     on_step: Callable[[int, int, int], None] | None = None,
     batch_losses: list[float] | None = None,
+    draw_masks: Callable[[int], Masks] | None = None,
 ) -> float:
     """The steps of one epoch: batches of ``stepper.batch_size`` rows taken from ``order``.
 
@@ -174,6 +184,7 @@ def train_epoch(
         n_batches: how many batches to take.
         epoch, on_step: for the progress callback and error messages.
         batch_losses: if given, each batch's loss is appended to it.
+        draw_masks: fresh dropout masks for a batch of that many rows (None: no dropout).
     Returns:
         The mean batch loss, weighted by batch size.
     Raises:
@@ -184,7 +195,8 @@ def train_epoch(
     rows_seen = 0
     for step in range(n_batches):
         index = order[step * batch_size : (step + 1) * batch_size]
-        batch_loss = stepper.step(x, targets, index)
+        masks = None if draw_masks is None else draw_masks(len(index))
+        batch_loss = stepper.step(x, targets, index, masks)
         if not np.isfinite(batch_loss):
             raise DivergenceError(epoch, step, f"the batch loss is {batch_loss}")
         loss_sum += batch_loss * len(index)
@@ -228,9 +240,10 @@ def train(
         raise ValueError(
             f"batch_size={config.batch_size} is larger than the {n_rows} training rows"
         )
-    # One generator for everything random, derived from the seed: init, then shuffles.
-    init_rng, shuffle_rng = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(2)
+    # One generator per use, all from the seed: init, shuffles, dropout masks. (Children of a
+    # SeedSequence depend on their index only: adding the third left the first two unchanged.)
+    init_rng, shuffle_rng, dropout_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(3)
     )
     if params is None:
         params = init_params(spec, init_rng, dtype=dtype, scheme=config.init)
@@ -253,6 +266,13 @@ def train(
         params, x_train[: config.batch_size], labels_train[: config.batch_size], spec
     )
     limit = loss_limit(initial_loss)
+    draw = None
+    if config.input_dropout or config.dropout:
+
+        def draw(rows: int) -> Masks:
+            return dropout_masks(
+                dropout_rng, rows, spec.sizes, config.input_dropout, config.dropout, dtype
+            )
 
     # A diverging run overflows on its way to inf/nan; that is detected and reported below as a
     # DivergenceError, so numpy's floating-point warnings would only repeat it noisily.
@@ -262,7 +282,7 @@ def train(
             order = shuffle_rng.permutation(n_rows)
             batch_losses: list[float] = []
             train_loss = train_epoch(
-                stepper, x_train, targets, order, n_batches, epoch, on_step, batch_losses
+                stepper, x_train, targets, order, n_batches, epoch, on_step, batch_losses, draw
             )
             # Judged on the epoch's last quarter: a high learning rate often spikes to 20 times
             # chance in its first steps and recovers within ten, which would set the mean of an

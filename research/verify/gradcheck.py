@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from research.engine.mlp import MLPSpec, Params, init_params, loss_and_grads
+from research.engine.mlp import (
+    Masks,
+    MLPSpec,
+    Params,
+    dropout_masks,
+    init_params,
+    loss_and_grads,
+)
 from research.verify.compare import ArrayCheck, compare_arrays, compare_trees, tolerance
 
 
@@ -22,6 +29,7 @@ def gradcheck(
     spec: MLPSpec,
     rtol: float | None = None,
     atol: float | None = None,
+    masks: Masks | None = None,
 ) -> list[ArrayCheck]:
     """Compares the loss and every gradient array of numpy's backprop with JAX's.
 
@@ -29,6 +37,7 @@ def gradcheck(
         params: one ``{"W": (n_in, n_out), "b": (n_out,)}`` per layer (float32 or float64).
         x: inputs (B, sizes[0]); y: targets (B, sizes[-1]).
         rtol, atol: the same for every array; default, the tolerance table's for the dtype.
+        masks: dropout masks (``mlp.Masks``), the same fixed ones for both sides.
     Returns:
         One :class:`~research.verify.compare.ArrayCheck` for the loss, then one per layer and
         array (W, then b); each carries the tolerance it was checked at.
@@ -36,8 +45,8 @@ def gradcheck(
     from research.verify import reference  # imports jax; kept out of `import gradcheck`
 
     dtype = params[0]["W"].dtype
-    our_loss, our_grads = loss_and_grads(params, x, y, spec)
-    their_loss, their_grads = reference.loss_and_grads(params, x, y, spec)
+    our_loss, our_grads = loss_and_grads(params, x, y, spec, masks)
+    their_loss, their_grads = reference.loss_and_grads(params, x, y, spec, masks)
     loss_tol = tolerance("loss", dtype)
     grad_rtol, grad_atol = tolerance("gradients", dtype).for_tree(their_grads)
     loss_rtol, loss_atol = loss_tol.rtol, loss_tol.atol
@@ -60,13 +69,20 @@ def check_network(
     labels: np.ndarray,
     rtol: float | None = None,
     atol: float | None = None,
+    input_dropout: float = 0.0,
+    dropout: float = 0.0,
 ) -> list[ArrayCheck]:
     """Initializes the network (``init`` scheme, ``seed``, ``dtype``) and runs :func:`gradcheck`
-    on inputs x (B, sizes[0]) and integer labels (B,) as one-hot targets."""
+    on inputs x (B, sizes[0]) and integer labels (B,) as one-hot targets, with one fixed set of
+    dropout masks at those rates (drawn from ``seed``) when either is above 0."""
     dtype = np.dtype(dtype)
     y = np.eye(spec.sizes[-1], dtype=dtype)[labels]
     params = init_params(spec, seed, dtype=dtype, scheme=init)
-    return gradcheck(params, np.asarray(x, dtype=dtype), y, spec, rtol=rtol, atol=atol)
+    masks = None
+    if input_dropout or dropout:
+        rng = np.random.default_rng([seed, 1])  # (not the stream init_params draws from)
+        masks = dropout_masks(rng, len(x), spec.sizes, input_dropout, dropout, dtype)
+    return gradcheck(params, np.asarray(x, dtype=dtype), y, spec, rtol, atol, masks)
 
 
 def random_batch(spec: MLPSpec, rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -28,7 +28,7 @@ memory mappings.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -90,12 +90,20 @@ def _output(z: jax.Array, output: str) -> jax.Array:
 # --- the model --------------------------------------------------------------------------------
 
 
-def _logits(params: JaxParams, x: jax.Array, activation: str) -> jax.Array:
-    """Output-layer pre-activations (B, n_out) for inputs x (B, n_in)."""
+def _logits(
+    params: JaxParams, x: jax.Array, activation: str, masks: Sequence[jax.Array] | None = None
+) -> jax.Array:
+    """Output-layer pre-activations (B, n_out) for inputs x (B, n_in). ``masks``: one array per
+    layer, multiplied into what that layer reads (inverted dropout: 0 or 1/keep)."""
     h = x
-    for layer in params[:-1]:
-        h = _hidden(h @ layer["W"] + layer["b"], activation)
-    return h @ params[-1]["W"] + params[-1]["b"]
+    for i, layer in enumerate(params):
+        if masks is not None:
+            h = h * masks[i]
+        z = h @ layer["W"] + layer["b"]
+        if i == len(params) - 1:
+            return z
+        h = _hidden(z, activation)
+    raise ValueError("a network needs at least one layer")
 
 
 def _data_loss(z: jax.Array, y: jax.Array, output: str, loss_name: str) -> jax.Array:
@@ -120,23 +128,29 @@ def _objective(
     activation: str,
     output: str,
     loss_name: str,
+    masks: Sequence[jax.Array] | None = None,
 ) -> jax.Array:
     dtype = params[0]["W"].dtype
     x = jnp.asarray(x, dtype=dtype)
     y = jnp.asarray(y, dtype=dtype)
-    data = _data_loss(_logits(params, x, activation), y, output, loss_name)
+    data = _data_loss(_logits(params, x, activation, masks), y, output, loss_name)
     penalty = 0.5 * l2 * sum(jnp.sum(layer["W"] ** 2) for layer in params)
     return data + penalty
 
 
 def objective(
-    params: JaxParams | Params, x: jax.typing.ArrayLike, y: jax.typing.ArrayLike, spec: MLPSpec
+    params: JaxParams | Params,
+    x: jax.typing.ArrayLike,
+    y: jax.typing.ArrayLike,
+    spec: MLPSpec,
+    masks: Sequence[jax.typing.ArrayLike] | None = None,
 ) -> jax.Array:
     """The full loss (data loss + l2 penalty) as a differentiable JAX scalar.
 
     Use this with :func:`jax.grad` / :func:`jax.jit` (``spec`` is not an array: close over it or
-    mark it static). Args as in :func:`loss`, without the shape checks; returns a 0-d array in the
-    dtype of ``params[0]["W"]``. E.g. ``jax.grad(objective)(params, x, y, spec)``.
+    mark it static). Args as in :func:`loss`, without the shape checks, and ``masks``: dropout
+    masks, one array per layer (all of them; ones for none); returns a 0-d array in the dtype of
+    ``params[0]["W"]``. E.g. ``jax.grad(objective)(params, x, y, spec)``.
     """
     return _objective(
         params,
@@ -146,6 +160,7 @@ def objective(
         activation=spec.activation,
         output=spec.output,
         loss_name=spec.loss,
+        masks=masks,
     )
 
 
@@ -159,6 +174,7 @@ class _Compiled(NamedTuple):
     forward: Callable[..., jax.Array]
     loss: Callable[..., jax.Array]
     value_and_grad: Callable[..., tuple[jax.Array, JaxParams]]
+    value_and_grad_masked: Callable[..., tuple[jax.Array, JaxParams]]
 
 
 @functools.cache
@@ -171,10 +187,15 @@ def _compiled(activation: str, output: str, loss_name: str) -> _Compiled:
 
     obj = functools.partial(_objective, activation=activation, output=output, loss_name=loss_name)
     jit = functools.partial(jax.jit, compiler_options=_COMPILER_OPTIONS)
+
+    def masked(params: JaxParams, x: jax.Array, y: jax.Array, l2: float, masks: list) -> jax.Array:
+        return obj(params, x, y, l2, masks=masks)
+
     return _Compiled(
         forward=jit(fwd),
         loss=jit(obj),
         value_and_grad=jit(jax.value_and_grad(obj)),
+        value_and_grad_masked=jit(jax.value_and_grad(masked)),
     )
 
 
@@ -261,7 +282,11 @@ def loss(params: Params, x: np.ndarray, y: np.ndarray, spec: MLPSpec) -> float:
 
 
 def loss_and_grads(
-    params: Params, x: np.ndarray, y: np.ndarray, spec: MLPSpec
+    params: Params,
+    x: np.ndarray,
+    y: np.ndarray,
+    spec: MLPSpec,
+    masks: Sequence[np.ndarray | None] | None = None,
 ) -> tuple[float, Params]:
     """The loss and its gradient for every parameter array, by ``jax.value_and_grad``.
 
@@ -269,12 +294,23 @@ def loss_and_grads(
         params: one ``{"W": (n_in, n_out), "b": (n_out,)}`` per layer, float32 or float64.
         x: inputs (B, sizes[0]); y: targets (B, sizes[-1]); both cast to the parameters' dtype.
         spec: the network.
+        masks: dropout masks, one (B, width) array (or None) per layer, for what it reads.
     Returns:
         ``(loss, grads)``: the loss as a Python float and a list of ``{"W": (n_in, n_out),
         "b": (n_out,)}`` numpy arrays (fresh, writable) in the parameters' dtype.
     """
     jparams, x, y = _prepare(params, x, y, spec)
-    value, grads = _for_spec(spec, "value_and_grad", jparams, x)(jparams, x, y, spec.l2)
+    if masks is None:
+        value, grads = _for_spec(spec, "value_and_grad", jparams, x)(jparams, x, y, spec.l2)
+    else:
+        if len(masks) != spec.n_layers:
+            raise ValueError(f"masks has {len(masks)} entries, one per layer needed")
+        full = [
+            jnp.ones((x.shape[0], width), x.dtype) if mask is None else jnp.asarray(mask, x.dtype)
+            for mask, width in zip(masks, spec.sizes[:-1])
+        ]
+        compiled = _for_spec(spec, "value_and_grad_masked", jparams, x)
+        value, grads = compiled(jparams, x, y, spec.l2, full)
     return float(value), [{"W": np.array(g["W"]), "b": np.array(g["b"])} for g in grads]
 
 
