@@ -51,10 +51,11 @@ def copy_params(params: mlp.Params) -> mlp.Params:
     seed=st.integers(0, 2**31),
     input_dropout=st.sampled_from([0.0, 0.2]),
     dropout=st.sampled_from([0.0, 0.5]),
+    radius=st.sampled_from([0.0, 0.5]),
 )
 def test_in_place_step_equals_loss_and_grads_then_update(
     activation, output_loss, optimizer, hidden, l2, batch_size, blas_update, seed,
-    input_dropout, dropout,
+    input_dropout, dropout, radius,
 ):  # fmt: skip
     output, loss = output_loss
     spec = mlp.MLPSpec((6, *hidden, 4), activation, output, loss, l2=l2)
@@ -66,7 +67,9 @@ def test_in_place_step_equals_loss_and_grads_then_update(
 
     pure_optimizer = OPTIMIZERS[optimizer]()
     params, state = start, pure_optimizer.init(start)
-    stepper = InPlaceTrainingStep(spec, start, OPTIMIZERS[optimizer](), batch_size, blas_update)
+    stepper = InPlaceTrainingStep(
+        spec, start, OPTIMIZERS[optimizer](), batch_size, blas_update, max_norm=radius
+    )
     for step in range(8):
         # full batches, a short last batch, and the whole of x (rows=None) once
         n = batch_size if step % 3 else max(1, batch_size // 2)
@@ -74,6 +77,7 @@ def test_in_place_step_equals_loss_and_grads_then_update(
         masks = mlp.dropout_masks(rng, n, spec.sizes, input_dropout, dropout, np.float64)
         expected_loss, grads = mlp.loss_and_grads(params, x[rows], y[rows], spec, masks)
         params, state = pure_optimizer.update(params, grads, state)
+        params = optim.max_norm(params, radius)
         if step == 5:
             loss_value = stepper.step(x[rows], y[rows], masks=masks)
         else:
@@ -169,6 +173,7 @@ def pure_train(config, x, labels, x_val, labels_val):
                 )
             value, grads = mlp.loss_and_grads(params, x[rows], targets[rows], spec, masks)
             params, state = optimizer.update(params, grads, state)
+            params = optim.max_norm(params, config.max_norm)
             total += value * len(rows)
         losses.append(total / (n_batches * config.batch_size if config.drop_last else len(x)))
     return params, losses
@@ -183,6 +188,7 @@ def pure_train(config, x, labels, x_val, labels_val):
         {"optimizer": "momentum", "nesterov": False, "n_hidden_layers": 2, "drop_last": True},
         {"n_hidden_layers": 2, "input_dropout": 0.2, "dropout": 0.5},
         {"activation": "tanh", "optimizer": "adam", "learning_rate": 0.003, "dropout": 0.3},
+        {"n_hidden_layers": 2, "dropout": 0.5, "max_norm": 0.3, "optimizer": "sgd"},
     ],
     ids=[
         "default",
@@ -191,6 +197,7 @@ def pure_train(config, x, labels, x_val, labels_val):
         "momentum-deep-drop-last",
         "dropout",
         "tanh-adam-dropout",
+        "sgd-dropout-max-norm",
     ],
 )
 def test_train_trajectory_equals_the_pure_loop(overrides):

@@ -345,5 +345,5 @@ def test_a_study_logged_before_the_search_space_was_reads_it_from_its_study_file
     assert space == [param.as_dict() for param in load_study_config(study_file).search]
     (l2,) = [entry for entry in space if entry["name"] == "l2"]
     assert l2["choices"] == [0.0, 1e-5, 1e-4] and isinstance(l2["choices"][0], float)
-    dropout = {"type": "float", "low": 0.0, "high": 0.5}
-    assert _as_searched("dropout", dropout) == {"name": "dropout", **dropout}
+    unknown = {"type": "float", "low": 0.0, "high": 0.5}  # (not a field of the table)
+    assert _as_searched("label_smoothing", unknown) == {"name": "label_smoothing", **unknown}

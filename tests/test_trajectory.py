@@ -100,10 +100,12 @@ def test_numpy_training_matches_jax_and_optax(spec_name: str, optimizer: str) ->
     assert mlp.loss(params, x, y, spec) < first_loss
 
 
+@pytest.mark.parametrize("radius", [0.0, 0.6])
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-def test_numpy_training_with_dropout_matches_jax_and_optax(optimizer: str) -> None:
-    """The same, with dropout (input 0.2, hidden 0.5): each step's masks, drawn once, are given
-    to both sides; the JAX side applies them in its own reference code."""
+def test_numpy_training_with_dropout_matches_jax_and_optax(optimizer: str, radius: float) -> None:
+    """The same, with dropout (input 0.2, hidden 0.5), and max-norm or not: each step's masks,
+    drawn once, are given to both sides; the JAX side applies them, and projects the weights
+    after each optax update, in its own reference code."""
     spec, scheme = SPECS["relu-xent-l2"]
     make_numpy, make_optax = OPTIMIZERS[optimizer]
     x, y, batches = data(spec)
@@ -118,16 +120,25 @@ def test_numpy_training_with_dropout_matches_jax_and_optax(optimizer: str) -> No
     def jax_step(p, s, xb, yb, masks):
         grads = jax.grad(reference.objective)(p, xb, yb, spec, masks)
         updates, s = tx.update(grads, s, p)
-        return optax.apply_updates(p, updates), s
+        p = optax.apply_updates(p, updates)
+        return (reference.max_norm(p, radius) if radius else p), s
 
     tol = tolerance("trajectory", np.float64)
+    capped = 0
     for step, rows in enumerate(batches, start=1):
         masks = mlp.dropout_masks(rng, BATCH, spec.sizes, 0.2, 0.5, np.float64)
         _, grads = mlp.loss_and_grads(params, x[rows], y[rows], spec, masks)
         params, state = opt.update(params, grads, state)
+        before = np.linalg.norm(params[0]["W"], axis=0)
+        params = optim.max_norm(params, radius)
+        capped += int(np.sum(before > radius)) if radius else 0
         jparams, jstate = jax_step(jparams, jstate, x[rows], y[rows], masks)
         assert_trees_close(
             params, jparams, tol.rtol, tol.atol, what=f"{optimizer} params after step {step}"
         )
     moved = max(float(np.max(np.abs(p[key] - p0[key]))) for p, p0 in zip(params, init) for key in p)
     assert moved > 1e-2, f"parameters barely moved ({moved:.2e}); the check would be vacuous"
+    if radius:  # the projection really acted, and held
+        assert capped > 0
+        for layer in params[:-1]:
+            assert np.all(np.linalg.norm(layer["W"], axis=0) <= radius * (1 + 1e-12))

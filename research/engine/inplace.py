@@ -36,7 +36,7 @@ import numpy as np
 
 from research.engine.blas import gemm_update
 from research.engine.mlp import Masks, MLPSpec, Params, l2_penalty, output_delta
-from research.engine.optim import Optimizer
+from research.engine.optim import Optimizer, max_norm_in_place
 
 
 def _sigmoid_in_place(z: np.ndarray) -> None:
@@ -72,6 +72,8 @@ class InPlaceTrainingStep:
             (``research.engine.blas``) where numpy's BLAS allows; False computes the gradients
             and runs ``optimizer.update_in_place``, as for every other optimizer (the tests
             check both).
+        max_norm: after every update, each hidden unit's incoming weight vector is projected
+            onto the ball of this radius (``optim.max_norm``); 0 for none.
 
     Attributes:
         params: the current parameters (updated in place by every step; copy them to keep them).
@@ -85,6 +87,7 @@ class InPlaceTrainingStep:
         optimizer: Optimizer,
         batch_size: int,
         blas_update: bool = True,
+        max_norm: float = 0.0,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} is not allowed; give an integer >= 1")
@@ -109,6 +112,8 @@ class InPlaceTrainingStep:
         derivative_dtype = bool if spec.activation == "relu" else self.dtype
         self._derivatives = [empty((batch_size, n), derivative_dtype) for n in widths[1:-1]]
         self._ones = np.ones(batch_size, self.dtype)
+        self.max_norm = max_norm
+        self._norms = [empty(n, self.dtype) for n in widths[1:-1]]
         # Plain SGD folds its rate into the output delta and updates W inside one GEMM.
         fused = optimizer.name == "sgd" and blas_update
         self._gemm_update = gemm_update() if fused else None
@@ -205,6 +210,8 @@ class InPlaceTrainingStep:
                 delta = below
         if self._gemm_update is None:
             self.optimizer.update_in_place(params, self.grads, self.state)
+        if self.max_norm:
+            max_norm_in_place(params, self.max_norm, self._norms)
         return total
 
     def _derivative_of(self, a: np.ndarray, out: np.ndarray) -> None:

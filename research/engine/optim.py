@@ -176,6 +176,41 @@ def adam(
     return Optimizer("adam", init, update, update_in_place, learning_rate)
 
 
+# --- max-norm (Srivastava et al., 2014) ------------------------------------------------------
+
+
+def max_norm(params: Params, radius: float) -> Params:
+    """Projects each hidden unit's incoming weight vector (a column of a hidden layer's W, shape
+    (n_in,)) onto the ball of radius ``radius``; the output layer and the biases are left as
+    they are. Applied after every update. Returns new parameters (0 = off: the same values)."""
+    if radius == 0:
+        return params
+    projected: Params = []
+    for i, layer in enumerate(params):
+        W = layer["W"]
+        if i < len(params) - 1:
+            norms = np.sqrt(np.sum(W * W, axis=0))
+            W = W * np.minimum(1, W.dtype.type(radius) / np.maximum(norms, np.finfo(W.dtype).tiny))
+        projected.append({"W": W, "b": layer["b"]})
+    return projected
+
+
+def max_norm_in_place(params: Params, radius: float, scratch: list[np.ndarray]) -> None:
+    """:func:`max_norm`, overwriting ``params``; ``scratch`` holds one (n_out,) array per hidden
+    layer, in the parameters' dtype."""
+    if radius == 0:
+        return
+    for layer, norms in zip(params[:-1], scratch):
+        W = layer["W"]
+        dtype = W.dtype.type
+        np.einsum("ij,ij->j", W, W, out=norms)
+        np.sqrt(norms, out=norms)
+        np.maximum(norms, np.finfo(W.dtype).tiny, out=norms)
+        np.divide(dtype(radius), norms, out=norms)
+        np.minimum(norms, 1, out=norms)
+        W *= norms
+
+
 def make_optimizer(name: str, learning_rate: float, **options: Any) -> Optimizer:
     """Builds an optimizer by name (``sgd``, ``momentum``, ``adam``)."""
     if name == "sgd":

@@ -107,6 +107,10 @@ class TrainConfig:
         0.0, "fraction of each hidden layer's units dropped at each training step", "model",
         ge=0, lt=1,
     )  # fmt: skip
+    max_norm: float = knob(
+        0.0, "after each update, cap the norm of every hidden unit's incoming weights (0: off)",
+        "optimizer", ge=0,
+    )  # fmt: skip
     init: InitScheme = knob("he", "initial weights: the origin's normal, xavier or he", "model")
     optimizer: OptimizerName = knob("momentum", "the update rule", "optimizer")
     learning_rate: float = knob(0.1, "step size", "optimizer", gt=0, flags=("--lr",))

@@ -255,7 +255,9 @@ def train(
     }[config.optimizer]
     optimizer = make_optimizer(config.optimizer, config.learning_rate, **options)
     # The fast path: loss_and_grads + optimizer.update computed in place (tests/test_inplace.py).
-    stepper = InPlaceTrainingStep(spec, params, optimizer, config.batch_size)
+    stepper = InPlaceTrainingStep(
+        spec, params, optimizer, config.batch_size, max_norm=config.max_norm
+    )
     x_train = np.asarray(x_train, dtype=dtype)
     targets = np.eye(N_CLASSES, dtype=dtype)[labels_train]
     n_batches = n_rows // config.batch_size if config.drop_last else -(-n_rows // config.batch_size)

@@ -164,6 +164,20 @@ def objective(
     )
 
 
+def max_norm(params: JaxParams, radius: float) -> JaxParams:
+    """Max-norm in JAX (optax has no per-unit one): every column of a hidden layer's W, the
+    weights into one hidden unit, rescaled to norm ``radius`` if it is longer. The output layer
+    and the biases are unchanged."""
+    projected = []
+    for i, layer in enumerate(params):
+        W = layer["W"]
+        if i < len(params) - 1:
+            norm = jnp.linalg.norm(W, axis=0, keepdims=True)
+            W = jnp.where(norm > radius, W * (radius / norm), W)
+        projected.append({"W": W, "b": layer["b"]})
+    return projected
+
+
 # These graphs are tiny and each is run only a few times (a test, a gradient check), so XLA's
 # compile time dominates; skipping LLVM's optimizations cuts it. Results are unchanged up to the
 # rounding of a few ulp that any change of evaluation order brings.
