@@ -39,7 +39,7 @@ MNIST_MLP = REPO / "experiments" / "mnist_mlp.toml"
 STUDY = "mnist_mlp"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EXTRA_PARAMS = {"sizes", "n_train_rows", "blas_threads", "blas_kernels"}
-EPOCH_METRICS = ("train/loss", "val/loss", "val/accuracy", "epoch_seconds")
+EPOCH_METRICS = ("train/loss", "val/loss", "val/accuracy", "epoch_seconds", "learning_rate")
 COMMIT = re.compile(r"[0-9a-f]{40}(-dirty)?")
 SERVER_WAIT = 90  # seconds: an MLflow server needs ~10 s to start on a busy 2-core machine
 

@@ -35,6 +35,38 @@ def test_training_is_deterministic_and_reports_every_epoch():
     assert not np.array_equal(first.params[0]["W"], other.params[0]["W"])
 
 
+#: The last step of each of 4 epochs of 10 steps: what learning_rate reports per epoch.
+LAST_STEPS = (9, 19, 29, 39)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "rates"),
+    [
+        ({}, [0.1, 0.1, 0.1, 0.1]),
+        ({"schedule": "step", "decay_epochs": 1, "decay_rate": 0.5}, [0.1, 0.05, 0.025, 0.0125]),
+        # a warm-up to step 10, then steps 9, 19, 29 of the decay: 0.1 · 0.1^⌊k/20⌋
+        ({"schedule": "step", "decay_epochs": 2, "warmup_epochs": 1}, [0.09, 0.1, 0.1, 0.01]),
+        ({"schedule": "cosine"}, [0.05 * (1 + np.cos(np.pi * k / 40)) for k in LAST_STEPS]),
+        (
+            {"schedule": "exponential", "decay_rate": 0.5},
+            [0.1 * 0.5 ** (k / 100) for k in LAST_STEPS],
+        ),
+    ],
+    ids=["constant", "step", "warmup-step", "cosine", "exponential"],
+)
+def test_the_learning_rate_follows_its_schedule_and_is_reported_per_epoch(schedule, rates):
+    """The rate of each epoch's last step; the schedules count steps (10 per epoch here), and
+    their fields epochs. The momentum ramp runs alongside (its own fields)."""
+    x, labels = small_data()
+    config = replace(
+        PRESETS["default"], hidden_size=16, epochs=4, batch_size=50, learning_rate=0.1,
+        momentum_epochs=2, final_momentum=0.95, **schedule,
+    )  # fmt: skip
+    result = train(config, x[:500], labels[:500], x[500:], labels[500:])
+    np.testing.assert_allclose([m.learning_rate for m in result.history], rates, rtol=1e-12)
+    assert result.history[-1].val_accuracy > 0.5  # (it trains)
+
+
 @pytest.mark.parametrize(("drop_last", "steps"), [(False, 5), (True, 4)])
 def test_partial_batch_kept_or_dropped(drop_last, steps):
     x, labels = small_data(130)

@@ -142,3 +142,105 @@ def test_numpy_training_with_dropout_matches_jax_and_optax(optimizer: str, radiu
         assert capped > 0
         for layer in params[:-1]:
             assert np.all(np.linalg.norm(layer["W"], axis=0) <= radius * (1 + 1e-12))
+
+
+def in_float64(schedule: optax.Schedule) -> optax.Schedule:
+    """An optax schedule evaluated on a float64 step count: optax counts steps in int32, and
+    its schedules then compute the rate in float32, 1e-8 off the float64 rate (measured: every
+    bias 1.5e-8 off after one step), which would hide what this test checks."""
+    return lambda count: schedule(jnp.asarray(count, jnp.float64))
+
+
+def schedule_of(name: str, **options) -> optim.Schedule:
+    return optim.learning_rate_schedule(0.05, name, total_steps=STEPS, **options)
+
+
+# Schedules, each with the optax schedule it claims to equal (rates for 20 steps of 8 rows).
+SCHEDULES: dict[str, tuple[optim.Schedule, optax.Schedule]] = {
+    "step": (
+        schedule_of("step", decay_steps=5, decay_rate=0.5),
+        optax.exponential_decay(0.05, 5, 0.5, staircase=True),
+    ),
+    "exponential": (
+        schedule_of("exponential", decay_steps=5, decay_rate=0.5),
+        optax.exponential_decay(0.05, 5, 0.5),
+    ),
+    "cosine": (schedule_of("cosine"), optax.cosine_decay_schedule(0.05, STEPS)),
+    "warmup-cosine": (
+        schedule_of("cosine", warmup_steps=4),
+        optax.join_schedules(
+            [optax.linear_schedule(0.0, 0.05, 4), optax.cosine_decay_schedule(0.05, STEPS - 4)],
+            [4],
+        ),
+    ),
+    "warmup-step": (
+        schedule_of("step", decay_steps=6, decay_rate=0.3, warmup_steps=3),
+        optax.join_schedules(
+            [
+                optax.linear_schedule(0.0, 0.05, 3),
+                optax.exponential_decay(0.05, 6, 0.3, staircase=True),
+            ],
+            [3],
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_schedules_equal_optax_at_every_step(name: str) -> None:
+    ours, theirs = SCHEDULES[name]
+    for step in range(3 * STEPS):
+        assert ours(step) == pytest.approx(float(theirs(step)), rel=1e-12, abs=1e-15), step
+    ramp = optim.linear_ramp(0.5, 0.9, 10)
+    reference_ramp = optax.linear_schedule(0.5, 0.9, 10)
+    for step in range(30):
+        assert ramp(step) == pytest.approx(float(reference_ramp(step)), rel=1e-12), step
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "nesterov-ramp", "adam"])
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_scheduled_training_matches_jax_and_optax(name: str, optimizer: str) -> None:
+    """20 steps with a schedule (and Nesterov momentum ramped from 0.5 to 0.9 over 10 steps,
+    optax's ``inject_hyperparams``), with dropout and max-norm too, against JAX + optax."""
+    spec, scheme = SPECS["relu-xent-l2"]
+    ours, theirs = SCHEDULES[name][0], in_float64(SCHEDULES[name][1])
+    ramp = optim.linear_ramp(0.5, 0.9, 10)
+    make_numpy, make_optax = {
+        "sgd": (lambda: optim.sgd(ours), lambda: optax.sgd(theirs)),
+        "nesterov-ramp": (
+            lambda: optim.momentum(ours, beta=ramp, nesterov=True),
+            lambda: optax.inject_hyperparams(optax.sgd)(
+                learning_rate=theirs,
+                momentum=in_float64(optax.linear_schedule(0.5, 0.9, 10)),
+                nesterov=True,
+            ),
+        ),
+        "adam": (
+            lambda: optim.adam(ours, beta1=0.85, beta2=0.99, eps=1e-7),
+            lambda: optax.adam(theirs, b1=0.85, b2=0.99, eps=1e-7),
+        ),
+    }[optimizer]
+    x, y, batches = data(spec)
+    init = mlp.init_params(spec, seed=0, scheme=scheme)
+    rng = np.random.default_rng(9)
+    opt, tx = make_numpy(), make_optax()
+    params, state = [dict(layer) for layer in init], opt.init(init)
+    jparams = [{key: jnp.asarray(value) for key, value in layer.items()} for layer in init]
+    jstate = tx.init(jparams)
+
+    @jax.jit
+    def jax_step(p, s, xb, yb, masks):
+        grads = jax.grad(reference.objective)(p, xb, yb, spec, masks)
+        updates, s = tx.update(grads, s, p)
+        return reference.max_norm(optax.apply_updates(p, updates), 1.0), s
+
+    tol = tolerance("trajectory", np.float64)
+    for step, rows in enumerate(batches, start=1):
+        masks = mlp.dropout_masks(rng, BATCH, spec.sizes, 0.1, 0.3, np.float64)
+        _, grads = mlp.loss_and_grads(params, x[rows], y[rows], spec, masks)
+        params, state = opt.update(params, grads, state)
+        params = optim.max_norm(params, 1.0)
+        jparams, jstate = jax_step(jparams, jstate, x[rows], y[rows], masks)
+        assert_trees_close(
+            params, jparams, tol.rtol, tol.atol, what=f"{name} {optimizer} after step {step}"
+        )

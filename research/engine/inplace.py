@@ -180,11 +180,11 @@ class InPlaceTrainingStep:
                 inputs.append(out)
         value, delta = output_delta(out, yb, spec)
         total = float(value) + l2_penalty(params, spec.l2)
+        rate = self.optimizer.rate_at(self.state)  # (a schedule's value at this step)
         if self._gemm_update is not None:
-            delta *= dtype(self.optimizer.learning_rate)
+            delta *= dtype(rate)
 
         # backward, updating each layer once its weights have been used for the delta below it
-        rate = self.optimizer.learning_rate
         for i in range(last, -1, -1):
             W, b, grad = params[i]["W"], params[i]["b"], self.grads[i]
             if i > 0:  # from the weights before their update
@@ -210,6 +210,8 @@ class InPlaceTrainingStep:
                 delta = below
         if self._gemm_update is None:
             self.optimizer.update_in_place(params, self.grads, self.state)
+        else:
+            self.state["count"] += 1  # the update was done above, inside the products
         if self.max_norm:
             max_norm_in_place(params, self.max_norm, self._norms)
         return total

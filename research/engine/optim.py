@@ -19,6 +19,7 @@ parameter and state array per step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -31,6 +32,9 @@ OptimizerName = Literal["sgd", "momentum", "adam"]
 OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 
 State = Any
+#: A hyperparameter as a function of the update's index (0 for the first update), as optax's
+#: schedules are: the learning rate (and momentum's beta) may be a number or a schedule.
+Schedule = Callable[[int], float]
 
 
 @dataclass(frozen=True)
@@ -43,10 +47,20 @@ class Optimizer:
     update: Callable[[Params, Params, State], tuple[Params, State]]
     # The same rule, overwriting params and state and clobbering grads; returns None.
     update_in_place: Callable[[Params, Params, State], None]
-    learning_rate: float
+    learning_rate: float | Schedule
+
+    def rate_at(self, state: State) -> float:
+        """The learning rate the next update (from ``state``) uses."""
+        return _value(self.learning_rate, state["count"])
 
 
-def _check_rate(learning_rate: float) -> None:
+def _value(hyperparameter: float | Schedule, count: int) -> float:
+    return float(hyperparameter(count)) if callable(hyperparameter) else hyperparameter
+
+
+def _check_rate(learning_rate: float | Schedule) -> None:
+    if callable(learning_rate):
+        return  # a schedule (a warm-up starts at 0): its base rate is checked where it is made
     if (
         isinstance(learning_rate, bool)
         or not isinstance(learning_rate, int | float | np.integer | np.floating)
@@ -62,67 +76,78 @@ def _zeros_like(params: Params) -> Params:
     return [{key: np.zeros_like(value) for key, value in layer.items()} for layer in params]
 
 
-def sgd(learning_rate: float) -> Optimizer:
+def sgd(learning_rate: float | Schedule) -> Optimizer:
     """Plain SGD, the origin's rule: p ← p − learning_rate · g."""
     _check_rate(learning_rate)
 
     def init(params: Params) -> State:
-        return ()
+        return {"count": 0}
 
     def update(params: Params, grads: Params, state: State) -> tuple[Params, State]:
+        rate = _value(learning_rate, state["count"])
         new = [
-            {key: p - p.dtype.type(learning_rate) * g[key] for key, p in layer.items()}
+            {key: p - p.dtype.type(rate) * g[key] for key, p in layer.items()}
             for layer, g in zip(params, grads)
         ]
-        return new, state
+        return new, {"count": state["count"] + 1}
 
     def update_in_place(params: Params, grads: Params, state: State) -> None:
+        rate = _value(learning_rate, state["count"])
         for layer, g in zip(params, grads):
             for key, p in layer.items():
-                step = np.multiply(g[key], p.dtype.type(learning_rate), out=g[key])
+                step = np.multiply(g[key], p.dtype.type(rate), out=g[key])
                 np.subtract(p, step, out=p)
+        state["count"] += 1
 
     return Optimizer("sgd", init, update, update_in_place, learning_rate)
 
 
-def momentum(learning_rate: float, beta: float = 0.9, nesterov: bool = False) -> Optimizer:
-    """Heavy-ball momentum: v ← β v + g; p ← p − lr · v (Nesterov: p ← p − lr · (g + β v))."""
+def momentum(
+    learning_rate: float | Schedule, beta: float | Schedule = 0.9, nesterov: bool = False
+) -> Optimizer:
+    """Heavy-ball momentum: v ← β v + g; p ← p − lr · v (Nesterov: p ← p − lr · (g + β v)).
+    ``beta`` may be a schedule too (the dropout paper ramps it up), as optax's
+    ``inject_hyperparams(sgd)`` allows."""
     _check_rate(learning_rate)
-    if not 0 <= beta < 1:
-        raise ValueError(f"beta={beta!r} is not allowed; give a number in [0, 1)")
+    first = _value(beta, 0)
+    if not 0 <= first < 1:
+        raise ValueError(f"beta={first!r} is not allowed; give a number in [0, 1)")
 
     def init(params: Params) -> State:
-        return _zeros_like(params)
+        return {"count": 0, "velocity": _zeros_like(params)}
 
     def update(params: Params, grads: Params, state: State) -> tuple[Params, State]:
+        rate, b = _value(learning_rate, state["count"]), _value(beta, state["count"])
         new_params: Params = []
         new_state: Params = []
-        for layer, g, v in zip(params, grads, state):
+        for layer, g, v in zip(params, grads, state["velocity"]):
             new_layer, new_v = {}, {}
             for key, p in layer.items():
                 dt = p.dtype.type
-                velocity = dt(beta) * v[key] + g[key]
-                step = g[key] + dt(beta) * velocity if nesterov else velocity
-                new_layer[key] = p - dt(learning_rate) * step
+                velocity = dt(b) * v[key] + g[key]
+                step = g[key] + dt(b) * velocity if nesterov else velocity
+                new_layer[key] = p - dt(rate) * step
                 new_v[key] = velocity
             new_params.append(new_layer)
             new_state.append(new_v)
-        return new_params, new_state
+        return new_params, {"count": state["count"] + 1, "velocity": new_state}
 
     def update_in_place(params: Params, grads: Params, state: State) -> None:
-        for layer, g, v in zip(params, grads, state):
+        rate, b = _value(learning_rate, state["count"]), _value(beta, state["count"])
+        for layer, g, v in zip(params, grads, state["velocity"]):
             for key, p in layer.items():
                 dt = p.dtype.type
-                velocity = np.multiply(v[key], dt(beta), out=v[key])
+                velocity = np.multiply(v[key], dt(b), out=v[key])
                 velocity += g[key]
-                step = np.add(g[key], dt(beta) * velocity, out=g[key]) if nesterov else velocity
-                np.subtract(p, np.multiply(step, dt(learning_rate), out=g[key]), out=p)
+                step = np.add(g[key], dt(b) * velocity, out=g[key]) if nesterov else velocity
+                np.subtract(p, np.multiply(step, dt(rate), out=g[key]), out=p)
+        state["count"] += 1
 
     return Optimizer("momentum", init, update, update_in_place, learning_rate)
 
 
 def adam(
-    learning_rate: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8
+    learning_rate: float | Schedule, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8
 ) -> Optimizer:
     """Adam (Kingma & Ba) with bias correction; eps is added outside the square root, as optax."""
     _check_rate(learning_rate)
@@ -134,6 +159,7 @@ def adam(
         return {"count": 0, "mu": _zeros_like(params), "nu": _zeros_like(params)}
 
     def update(params: Params, grads: Params, state: State) -> tuple[Params, State]:
+        rate = _value(learning_rate, state["count"])
         count = state["count"] + 1
         new_params: Params = []
         new_mu: Params = []
@@ -146,7 +172,7 @@ def adam(
                 nu = dt(beta2) * v[key] + dt(1 - beta2) * (g[key] * g[key])
                 mu_hat = mu / dt(1 - beta1**count)
                 nu_hat = nu / dt(1 - beta2**count)
-                new_layer[key] = p - dt(learning_rate) * mu_hat / (np.sqrt(nu_hat) + dt(eps))
+                new_layer[key] = p - dt(rate) * mu_hat / (np.sqrt(nu_hat) + dt(eps))
                 layer_mu[key], layer_nu[key] = mu, nu
             new_params.append(new_layer)
             new_mu.append(layer_mu)
@@ -154,6 +180,7 @@ def adam(
         return new_params, {"count": count, "mu": new_mu, "nu": new_nu}
 
     def update_in_place(params: Params, grads: Params, state: State) -> None:
+        rate = _value(learning_rate, state["count"])
         state["count"] += 1
         count = state["count"]
         for layer, g, m, v in zip(params, grads, state["mu"], state["nu"]):
@@ -170,10 +197,66 @@ def adam(
                 step = np.divide(nu, dt(1 - beta2**count), out=grad)
                 np.sqrt(step, out=step)
                 step += dt(eps)
-                np.divide(dt(learning_rate) * (mu / dt(1 - beta1**count)), step, out=step)
+                np.divide(dt(rate) * (mu / dt(1 - beta1**count)), step, out=step)
                 np.subtract(p, step, out=p)
 
     return Optimizer("adam", init, update, update_in_place, learning_rate)
+
+
+# --- schedules: the learning rate (and momentum) as a function of the update's index ----------
+
+ScheduleName = Literal["constant", "step", "exponential", "cosine"]
+SCHEDULES: tuple[str, ...] = get_args(ScheduleName)
+
+
+def learning_rate_schedule(
+    base: float,
+    name: str,
+    *,
+    total_steps: int,
+    decay_steps: int = 1,
+    decay_rate: float = 1.0,
+    warmup_steps: int = 0,
+) -> Schedule:
+    """The rate of update k (from 0), as optax's schedules give it.
+
+    ``constant``: ``base``. ``step``: ``base · decay_rate^⌊k / decay_steps⌋`` (optax's
+    ``exponential_decay(staircase=True)``). ``exponential``: ``base ·
+    decay_rate^(k / decay_steps)``.
+    ``cosine``: from ``base`` to 0 along half a cosine over the steps after the warm-up
+    (``cosine_decay_schedule``). A warm-up of ``warmup_steps`` first rises linearly from 0 to
+    ``base``, then the schedule starts over from its own step 0 (``join_schedules``).
+    """
+    if name not in SCHEDULES:
+        raise ValueError(f"schedule {name!r} is not allowed; choose one of {', '.join(SCHEDULES)}")
+    _check_rate(base)
+    decay_length = max(1, total_steps - warmup_steps)
+
+    def after_warmup(k: int) -> float:
+        if name == "step":
+            return base * decay_rate ** (k // decay_steps)
+        if name == "exponential":
+            return base * decay_rate ** (k / decay_steps)
+        if name == "cosine":
+            return base * 0.5 * (1 + math.cos(math.pi * min(k, decay_length) / decay_length))
+        return base
+
+    def schedule(k: int) -> float:
+        if k < warmup_steps:
+            return base * k / warmup_steps
+        return after_warmup(k - warmup_steps)
+
+    return schedule
+
+
+def linear_ramp(start: float, end: float, steps: int) -> Schedule:
+    """From ``start`` at update 0 to ``end`` at update ``steps``, then ``end`` (optax's
+    ``linear_schedule``): the dropout paper's momentum ramp."""
+
+    def ramp(k: int) -> float:
+        return start + (end - start) * min(k, steps) / steps if steps else end
+
+    return ramp
 
 
 # --- max-norm (Srivastava et al., 2014) ------------------------------------------------------
@@ -211,7 +294,7 @@ def max_norm_in_place(params: Params, radius: float, scratch: list[np.ndarray]) 
         W *= norms
 
 
-def make_optimizer(name: str, learning_rate: float, **options: Any) -> Optimizer:
+def make_optimizer(name: str, learning_rate: float | Schedule, **options: Any) -> Optimizer:
     """Builds an optimizer by name (``sgd``, ``momentum``, ``adam``)."""
     if name == "sgd":
         return sgd(learning_rate)

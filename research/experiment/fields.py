@@ -36,7 +36,7 @@ import numpy as np
 
 from research.data import N_CLASSES, N_PIXELS, N_TRAIN, N_VALIDATION
 from research.engine.mlp import Activation, InitScheme, Loss, MLPSpec, Output
-from research.engine.optim import OptimizerName
+from research.engine.optim import OptimizerName, ScheduleName
 
 MAX_HIDDEN_SIZE = 65_536
 MAX_HIDDEN_LAYERS = 32
@@ -118,6 +118,30 @@ class TrainConfig:
         0.9, "momentum coefficient (momentum optimizer)", "optimizer", ge=0, lt=1
     )
     nesterov: bool = knob(True, "Nesterov momentum (momentum optimizer)", "optimizer")
+    final_momentum: float = knob(
+        0.99, "momentum reached at the end of the ramp (momentum_epochs)", "optimizer",
+        ge=0, lt=1,
+    )  # fmt: skip
+    momentum_epochs: int = knob(
+        0, "ramp momentum linearly to final_momentum over this many epochs (0: no ramp)",
+        "optimizer", ge=0, le=MAX_EPOCHS,
+    )  # fmt: skip
+    schedule: ScheduleName = knob(
+        "constant", "learning-rate schedule over the steps: constant, step, exponential, cosine",
+        "optimizer",
+    )  # fmt: skip
+    decay_rate: float = knob(
+        0.1, "step and exponential schedules: the rate's factor every decay_epochs", "optimizer",
+        gt=0, le=1,
+    )  # fmt: skip
+    decay_epochs: int = knob(
+        10, "step and exponential schedules: epochs per decay_rate factor", "optimizer",
+        ge=1, le=MAX_EPOCHS,
+    )  # fmt: skip
+    warmup_epochs: int = knob(
+        0, "linear warm-up of the learning rate from 0 over this many epochs", "optimizer",
+        ge=0, le=MAX_EPOCHS,
+    )  # fmt: skip
     batch_size: int = knob(128, "rows per optimizer step", "training", ge=1, le=MAX_BATCH_SIZE)
     epochs: int = knob(
         10,

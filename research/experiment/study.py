@@ -32,6 +32,7 @@ from research.experiment.train import (
     Terminated,
     evaluate,
     interruption,
+    raise_pending_interrupt,
     stop_on_sigterm,
     train,
 )
@@ -365,7 +366,13 @@ def run_study(
         },
     }
     if not existing:
-        parent.log_params(settings)
+        try:
+            parent.log_params(settings)
+        except TrackingError:
+            # Commands joining a new study together may log its params at the same moment:
+            # one wins (MLflow params are immutable); the others read what it logged.
+            if not tracker.client.get_run(tracker.parent_run_id).data.params:
+                raise
     else:
         # MLflow params are immutable: a resumed study keeps the first run's; say what differs.
         changed = {
@@ -457,6 +464,9 @@ def _run_and_finish(
             ]
             for process in processes:
                 process.start()
+            while any(process.is_alive() for process in processes):
+                time.sleep(0.2)
+                raise_pending_interrupt()  # a signal a finalizer swallowed: act on it now
             for process in processes:
                 process.join()
             failed = [p.exitcode for p in processes if p.exitcode not in (0, None)]

@@ -21,6 +21,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +37,7 @@ from research.engine.mlp import (
     init_params,
     l2_penalty,
 )
-from research.engine.optim import make_optimizer
+from research.engine.optim import learning_rate_schedule, linear_ramp, make_optimizer
 from research.experiment.fields import TrainConfig
 
 
@@ -50,6 +51,7 @@ class EpochMetrics:
     val_loss: float
     val_accuracy: float
     seconds: float
+    learning_rate: float = math.nan  # the rate of the epoch's last step (a schedule moves it)
 
     def as_metrics(self) -> dict[str, float]:
         """Metric names as logged and shown everywhere."""
@@ -58,6 +60,7 @@ class EpochMetrics:
             "val/loss": self.val_loss,
             "val/accuracy": self.val_accuracy,
             "epoch_seconds": self.seconds,
+            "learning_rate": self.learning_rate,
         }
 
 
@@ -76,14 +79,36 @@ class Terminated(KeyboardInterrupt):
     running epoch stops, the run is closed and the trial queued again; the exit code is 143."""
 
 
+#: Ctrl-C or SIGTERM that landed inside a finalizer or weakref callback, where Python cannot
+#: raise it (it prints "Exception ignored" and goes on): kept to be raised at the next check.
+_swallowed: list[KeyboardInterrupt] = []
+
+
 def stop_on_sigterm() -> None:
-    """Makes SIGTERM raise :class:`Terminated` in the main thread of this process."""
+    """Makes SIGTERM raise :class:`Terminated` in the main thread of this process, and keeps an
+    interrupt that a finalizer swallowed for :func:`raise_pending_interrupt`."""
     import signal
+    import sys
 
     def terminated(signum: int, frame: object) -> None:
         raise Terminated("terminated (SIGTERM)")
 
     signal.signal(signal.SIGTERM, terminated)
+    default = sys.unraisablehook
+
+    def keep_interrupts(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            _swallowed.append(unraisable.exc_value)
+        else:
+            default(unraisable)
+
+    sys.unraisablehook = keep_interrupts
+
+
+def raise_pending_interrupt() -> None:
+    """Raises a Ctrl-C or SIGTERM that arrived where it could not be raised (a finalizer)."""
+    if _swallowed:
+        raise _swallowed.pop()
 
 
 @contextlib.contextmanager
@@ -248,19 +273,36 @@ def train(
     if params is None:
         params = init_params(spec, init_rng, dtype=dtype, scheme=config.init)
     # each optimizer's own fields
+    n_batches = n_rows // config.batch_size if config.drop_last else -(-n_rows // config.batch_size)
+    # Schedules count optimizer steps; their fields count epochs.
+    rate = learning_rate_schedule(
+        config.learning_rate,
+        config.schedule,
+        total_steps=config.epochs * n_batches,
+        decay_steps=config.decay_epochs * n_batches,
+        decay_rate=config.decay_rate,
+        warmup_steps=config.warmup_epochs * n_batches,
+    )
+    beta = (
+        linear_ramp(config.momentum, config.final_momentum, config.momentum_epochs * n_batches)
+        if config.momentum_epochs
+        else config.momentum
+    )
     options = {
         "sgd": {},
-        "momentum": {"beta": config.momentum, "nesterov": config.nesterov},
+        "momentum": {"beta": beta, "nesterov": config.nesterov},
         "adam": {},
     }[config.optimizer]
-    optimizer = make_optimizer(config.optimizer, config.learning_rate, **options)
+    constant = config.schedule == "constant" and not config.warmup_epochs
+    optimizer = make_optimizer(
+        config.optimizer, config.learning_rate if constant else rate, **options
+    )
     # The fast path: loss_and_grads + optimizer.update computed in place (tests/test_inplace.py).
     stepper = InPlaceTrainingStep(
         spec, params, optimizer, config.batch_size, max_norm=config.max_norm
     )
     x_train = np.asarray(x_train, dtype=dtype)
     targets = np.eye(N_CLASSES, dtype=dtype)[labels_train]
-    n_batches = n_rows // config.batch_size if config.drop_last else -(-n_rows // config.batch_size)
     result = TrainResult(params=params)
     # The loss at initialization, on one batch's worth of rows: what an exploded loss is measured
     # against (one forward pass; no random numbers drawn, so the trajectory is unchanged).
@@ -317,7 +359,9 @@ def train(
                 val_loss=val_loss,
                 val_accuracy=val_accuracy,
                 seconds=time.perf_counter() - started,
+                learning_rate=rate((epoch + 1) * n_batches - 1),
             )
+            raise_pending_interrupt()
             result.params = params
             result.history.append(metrics)
             if on_epoch is not None:

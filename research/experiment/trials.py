@@ -37,6 +37,7 @@ from research.experiment.train import (
     DivergenceError,
     EpochMetrics,
     interruption,
+    raise_pending_interrupt,
     signals_deferred,
     train,
 )
@@ -452,6 +453,7 @@ def optimize(
 
     n_trials = context.config.n_trials
     while deadline is None or time.monotonic() < deadline:
+        raise_pending_interrupt()
         running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         if counted_trials(study) + running >= n_trials:
             return
