@@ -100,17 +100,19 @@ def test_numpy_training_matches_jax_and_optax(spec_name: str, optimizer: str) ->
     assert mlp.loss(params, x, y, spec) < first_loss
 
 
-@pytest.mark.parametrize("radius", [0.0, 0.6])
-@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-def test_numpy_training_with_dropout_matches_jax_and_optax(optimizer: str, radius: float) -> None:
-    """The same, with dropout (input 0.2, hidden 0.5), and max-norm or not: each step's masks,
-    drawn once, are given to both sides; the JAX side applies them, and projects the weights
-    after each optax update, in its own reference code."""
+def train_both_with_dropout(
+    factories: Factories, rates: tuple[float, float], radius: float, seed: int, what: str
+) -> tuple[mlp.Params, int]:
+    """20 steps on both sides with fresh dropout masks at ``rates`` every step (drawn once, given
+    to both; the JAX side applies them in its own reference code) and max-norm at ``radius``
+    after every update (JAX: the reference's own projection; optax has none per unit).
+    Asserts the ``trajectory`` tolerance after every step; returns the numpy parameters and
+    how many columns the projection capped."""
     spec, scheme = SPECS["relu-xent-l2"]
-    make_numpy, make_optax = OPTIMIZERS[optimizer]
+    make_numpy, make_optax = factories
     x, y, batches = data(spec)
     init = mlp.init_params(spec, seed=0, scheme=scheme)
-    rng = np.random.default_rng(5)
+    rng = np.random.default_rng(seed)
     opt, tx = make_numpy(), make_optax()
     params, state = [dict(layer) for layer in init], opt.init(init)
     jparams = [{key: jnp.asarray(value) for key, value in layer.items()} for layer in init]
@@ -126,18 +128,27 @@ def test_numpy_training_with_dropout_matches_jax_and_optax(optimizer: str, radiu
     tol = tolerance("trajectory", np.float64)
     capped = 0
     for step, rows in enumerate(batches, start=1):
-        masks = mlp.dropout_masks(rng, BATCH, spec.sizes, 0.2, 0.5, np.float64)
+        masks = mlp.dropout_masks(rng, BATCH, spec.sizes, *rates, np.float64)
         _, grads = mlp.loss_and_grads(params, x[rows], y[rows], spec, masks)
         params, state = opt.update(params, grads, state)
-        before = np.linalg.norm(params[0]["W"], axis=0)
+        if radius:
+            norms = [np.linalg.norm(layer["W"], axis=0) for layer in params[:-1]]
+            capped += sum(int(np.sum(norm > radius)) for norm in norms)
         params = optim.max_norm(params, radius)
-        capped += int(np.sum(before > radius)) if radius else 0
         jparams, jstate = jax_step(jparams, jstate, x[rows], y[rows], masks)
-        assert_trees_close(
-            params, jparams, tol.rtol, tol.atol, what=f"{optimizer} params after step {step}"
-        )
+        assert_trees_close(params, jparams, tol.rtol, tol.atol, what=f"{what} after step {step}")
     moved = max(float(np.max(np.abs(p[key] - p0[key]))) for p, p0 in zip(params, init) for key in p)
     assert moved > 1e-2, f"parameters barely moved ({moved:.2e}); the check would be vacuous"
+    return params, capped
+
+
+@pytest.mark.parametrize("radius", [0.0, 0.6])
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_numpy_training_with_dropout_matches_jax_and_optax(optimizer: str, radius: float) -> None:
+    """The same with dropout (input 0.2, hidden 0.5), and max-norm or not."""
+    params, capped = train_both_with_dropout(
+        OPTIMIZERS[optimizer], (0.2, 0.5), radius, 5, optimizer
+    )
     if radius:  # the projection really acted, and held
         assert capped > 0
         for layer in params[:-1]:
@@ -202,10 +213,9 @@ def test_schedules_equal_optax_at_every_step(name: str) -> None:
 def test_scheduled_training_matches_jax_and_optax(name: str, optimizer: str) -> None:
     """20 steps with a schedule (and Nesterov momentum ramped from 0.5 to 0.9 over 10 steps,
     optax's ``inject_hyperparams``), with dropout and max-norm too, against JAX + optax."""
-    spec, scheme = SPECS["relu-xent-l2"]
     ours, theirs = SCHEDULES[name][0], in_float64(SCHEDULES[name][1])
     ramp = optim.linear_ramp(0.5, 0.9, 10)
-    make_numpy, make_optax = {
+    factories: Factories = {
         "sgd": (lambda: optim.sgd(ours), lambda: optax.sgd(theirs)),
         "nesterov-ramp": (
             lambda: optim.momentum(ours, beta=ramp, nesterov=True),
@@ -220,27 +230,4 @@ def test_scheduled_training_matches_jax_and_optax(name: str, optimizer: str) -> 
             lambda: optax.adam(theirs, b1=0.85, b2=0.99, eps=1e-7),
         ),
     }[optimizer]
-    x, y, batches = data(spec)
-    init = mlp.init_params(spec, seed=0, scheme=scheme)
-    rng = np.random.default_rng(9)
-    opt, tx = make_numpy(), make_optax()
-    params, state = [dict(layer) for layer in init], opt.init(init)
-    jparams = [{key: jnp.asarray(value) for key, value in layer.items()} for layer in init]
-    jstate = tx.init(jparams)
-
-    @jax.jit
-    def jax_step(p, s, xb, yb, masks):
-        grads = jax.grad(reference.objective)(p, xb, yb, spec, masks)
-        updates, s = tx.update(grads, s, p)
-        return reference.max_norm(optax.apply_updates(p, updates), 1.0), s
-
-    tol = tolerance("trajectory", np.float64)
-    for step, rows in enumerate(batches, start=1):
-        masks = mlp.dropout_masks(rng, BATCH, spec.sizes, 0.1, 0.3, np.float64)
-        _, grads = mlp.loss_and_grads(params, x[rows], y[rows], spec, masks)
-        params, state = opt.update(params, grads, state)
-        params = optim.max_norm(params, 1.0)
-        jparams, jstate = jax_step(jparams, jstate, x[rows], y[rows], masks)
-        assert_trees_close(
-            params, jparams, tol.rtol, tol.atol, what=f"{name} {optimizer} after step {step}"
-        )
+    train_both_with_dropout(factories, (0.1, 0.3), 1.0, 9, f"{name} {optimizer}")
