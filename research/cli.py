@@ -401,7 +401,12 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _run_gradcheck(args: argparse.Namespace) -> int:
     from research.data import N_TRAIN
-    from research.verify.gradcheck import check_network, format_table, random_batch
+    from research.verify.gradcheck import (
+        check_network,
+        describe_check,
+        format_table,
+        random_batch,
+    )
 
     config = _config_from_args(args)
     spec = config.spec()
@@ -422,17 +427,7 @@ def _run_gradcheck(args: argparse.Namespace) -> int:
         data = _load_data(args, config.raw_inputs)
         x, labels = data.train.x[: args.rows], data.train.labels[: args.rows]
         source = f"the first {len(x)} MNIST training rows"
-    dropout = (
-        f", dropout {config.input_dropout:g} (inputs) / {config.dropout:g} (hidden) with one "
-        "fixed set of masks on both sides"
-        if config.input_dropout or config.dropout
-        else ""
-    )
-    print(
-        f"gradcheck: {'x'.join(map(str, spec.sizes))} {spec.activation}/{spec.output}/{spec.loss}"
-        f" l2={spec.l2:g}{dropout}, {args.dtype}, {config.init} init (seed {args.seed}), on "
-        f"{source}"
-    )
+    print(describe_check(config, args.dtype, args.seed, source))
     started = time.perf_counter()
     rows = check_network(
         spec, config.init, args.dtype, args.seed, x, labels, args.rtol, args.atol,

@@ -9,6 +9,8 @@ as the tests scale it); the relative error shown is normwise.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from research.engine.mlp import (
@@ -83,6 +85,22 @@ def check_network(
         rng = np.random.default_rng([seed, 1])  # (not the stream init_params draws from)
         masks = dropout_masks(rng, len(x), spec.sizes, input_dropout, dropout, dtype)
     return gradcheck(params, np.asarray(x, dtype=dtype), y, spec, rtol, atol, masks)
+
+
+def describe_check(config: Any, dtype: str, seed: int, source: str) -> str:
+    """The first line of ``gradcheck``: the network of ``config`` (a TrainConfig), dropout, dtype,
+    init and the data it checks on."""
+    spec = config.spec()
+    dropout = (
+        f", dropout {config.input_dropout:g} (inputs) / {config.dropout:g} (hidden) with one "
+        "fixed set of masks on both sides"
+        if config.input_dropout or config.dropout
+        else ""
+    )
+    return (
+        f"gradcheck: {'x'.join(map(str, spec.sizes))} {spec.activation}/{spec.output}/{spec.loss}"
+        f" l2={spec.l2:g}{dropout}, {dtype}, {config.init} init (seed {seed}), on {source}"
+    )
 
 
 def random_batch(spec: MLPSpec, rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
