@@ -40,7 +40,7 @@ class StudyError(Exception):
     """A study cannot run as asked; the message says why and how to fix it."""
 
 
-class JournalWriteError(StudyError, OSError):
+class JournalWriteError(StudyError):
     """A record could not be appended to the journal (a full disk); nothing of it was kept."""
 
 

@@ -308,11 +308,13 @@ def _run_and_tell(study: Any, trial: Any, context: TrialContext) -> None:
         value = objective_value(config, result.history[-1])
         if not math.isfinite(value):
             raise DivergenceError(len(result.history) - 1, 0, f"objective is {value}")
-        _save_outputs(run, history, label, result.params, train_config)
+        # The curves and weights first: a trial whose artifacts cannot be written (a full
+        # disk) is not reported COMPLETE; TrackingError gives it back below.
+        run.save_outputs(history, label, result.params, train_config.spec())
         run.log_metrics({"wall_seconds": time.perf_counter() - started}, step=len(history) - 1)
     except optuna.TrialPruned:
         try:
-            _save_outputs(run, history, label)
+            run.save_outputs(history, label)
         except (KeyboardInterrupt, TrackingError) as error:
             with signals_deferred():
                 _give_back(study, trial, run, _reason(error), killed=_killed(error))
@@ -416,20 +418,6 @@ def _give_back(study: Any, trial: Any, run: Any, reason: str, killed: bool = Fal
     if run is not None:
         with contextlib.suppress(Exception):
             run.end("FAIL", "KILLED" if killed else "FAILED", reason)
-
-
-def _save_outputs(
-    run: Any,
-    history: list[EpochMetrics],
-    label: str,
-    params: Any = None,
-    train_config: Any = None,
-) -> None:
-    """The trial's curves (and weights). If the disk is full or the store unwritable, this
-    raises TrackingError (naming the path): the trial is not reported COMPLETE with missing
-    artifacts, but failed, queued again, and the study stops with the message."""
-    spec = None if train_config is None else train_config.spec()
-    run.save_outputs(history, label, params, spec)
 
 
 def short(value: Any) -> str:
