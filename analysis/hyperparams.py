@@ -40,11 +40,11 @@ def plot_metric_vs_param(
     values = trials[metric].astype(float)
     if dimension.kind == "categorical":
         order = list(dimension.choices)
-        known = {str(choice) for choice in order}
+        known = {_key(choice) for choice in order}
         # A resumed study may have searched choices its first run did not record.
-        order += [v for v in dict.fromkeys(trials[name].dropna()) if str(v) not in known]
-        position = {str(choice): index for index, choice in enumerate(order)}
-        x = trials[name].map(lambda v: position.get(str(v), np.nan)).astype(float)
+        order += [v for v in dict.fromkeys(trials[name].dropna()) if _key(v) not in known]
+        position = {_key(choice): index for index, choice in enumerate(order)}
+        x = trials[name].map(lambda v: position.get(_key(v), np.nan)).astype(float)
         # Deterministic jitter from the trial number: the same figure every time.
         x = x + ((trials["trial"].to_numpy() * 0.618) % 1.0 - 0.5) * 0.25
         ax.set_xticks(range(len(order)), [_short(choice) for choice in order])
@@ -93,7 +93,15 @@ def plot_metric_vs_param(
         ax.yaxis.set_major_formatter(percent_formatter())
 
 
+def _key(value: Any) -> str:
+    """A choice as text, the same for a list the study recorded and the tuple a trial logged."""
+    return str(list(value)) if isinstance(value, list | tuple) else str(value)
+
+
 def _short(value: Any) -> str:
+    """A tick label: ``0.001``, ``relu``, ``512x512`` (a list of widths)."""
+    if isinstance(value, list | tuple):
+        return "x".join(map(str, value))
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 

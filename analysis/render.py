@@ -51,6 +51,8 @@ def seconds(value: Any) -> str:
 
 
 def _cell(value: Any) -> str:
+    if isinstance(value, tuple):  # a list field, as it is written: [512, 512]
+        return str(list(value))
     if value is None or (not isinstance(value, str) and pd.isna(value)):
         return ""
     if isinstance(value, float):

@@ -1,4 +1,4 @@
-"""Command line: ``python -m research {train,gradcheck,study,ui,rerun,report,bench} ...``.
+"""Command line: ``python -m research {train,gradcheck,study,ui,rerun,report,reproduce,bench}``.
 
 User mistakes (bad flags, missing data, an unreachable tracking store) end with one message on
 stderr and exit code 2, never a traceback. A run that diverges exits 1; Ctrl-C exits 130.
@@ -15,13 +15,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from research.experiment.fields import (
-    FIELDS,
     PRESETS,
+    ConfigError,
     DeprecatedName,
     TrainConfig,
+    add_field_flags,
+    configure,
     preset_name,
-    show,
 )
+from research.experiment.reproduce import add_reproduce_arguments, reproduce_command
 from research.experiment.train import (
     DivergenceError,
     EpochMetrics,
@@ -69,29 +71,10 @@ def _add_store_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        port = -1
+    port = int(text) if text.strip().isdecimal() else -1
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1 to 65535)")
     return port
-
-
-def _add_field_flags(parser: argparse._ActionsContainer, group: str, preset: str) -> None:
-    """One flag per training field of ``group``, from the field table: ``--<name>`` and its
-    extra spellings, the field's type, choices and help (``None`` when not given, so that the
-    preset's value stays)."""
-    for field in (field for field in FIELDS.values() if field.group == group):
-        default = f"({preset} preset: {show(PRESETS[preset].as_params()[field.name])})"
-        options: dict = {"dest": field.name, "default": None, "help": f"{field.help} {default}"}
-        if field.kind is bool:
-            options["action"] = argparse.BooleanOptionalAction
-        elif field.choices:
-            options.update(type=field.kind, choices=list(field.choices))
-        else:
-            options.update(type=field.kind, metavar=field.name.upper())
-        parser.add_argument(field.flag, *field.flags, **options)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -112,7 +95,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     titles = ("the network", "the optimizer", "training", "the data")
     for group, title in zip(("model", "optimizer", "training", "data"), titles):
-        _add_field_flags(train.add_argument_group(title), group, "default")
+        add_field_flags(train.add_argument_group(title), group, "default")
     train.add_argument(
         "--subset",
         type=int,
@@ -137,7 +120,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "per layer and array; exits 1 if any array is outside tolerance.",
     )
     _add_preset_flag(check, "origin", "the network the model flags start from")
-    _add_field_flags(check.add_argument_group("the network"), "model", "origin")
+    add_field_flags(check.add_argument_group("the network"), "model", "origin")
     check.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     check.add_argument(
         "--batch-size", dest="rows", type=int, default=256, help="rows of the batch (default 256)"
@@ -221,6 +204,13 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_data_flags(report)
 
+    reproduce = commands.add_parser(
+        "reproduce", help="train a published table's rows, side by side"
+    )
+    add_reproduce_arguments(reproduce)
+    _add_store_flag(reproduce)
+    _add_data_flags(reproduce)
+
     bench = commands.add_parser(
         "bench",
         help="time the numpy engine against the origin, JAX and PyTorch (interleaved rounds)",
@@ -245,16 +235,14 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         for name in TrainConfig.field_names()
         if getattr(args, name, None) is not None
     }
-    base = PRESETS[args.preset]
-    try:
-        return replace(base, **overrides)
+    try:  # the flags' network replaces the preset's, whichever way each gives it
+        return configure(PRESETS[args.preset], **overrides)
     except ValueError as error:
         raise UserError(f"invalid training configuration: {error}") from None
 
 
 def _check_memory(config: TrainConfig, n_train_rows: int) -> None:
     """UserError if training ``config`` cannot fit in the memory available now."""
-    from research.experiment.fields import ConfigError
     from research.experiment.resources import check_memory
 
     try:
@@ -541,6 +529,15 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_reproduce(args: argparse.Namespace) -> int:
+    from research.experiment.tracking.stores import TrackingError
+
+    try:  # (missing data is _load_data's UserError)
+        return reproduce_command(args, lambda raw: _load_data(args, raw))
+    except (ConfigError, TrackingError, OSError) as error:
+        raise UserError(str(error)) from None
+
+
 def _run_bench(args: argparse.Namespace) -> int:
     from research.bench.run import BenchError, bench_command
     from research.data import DataError
@@ -587,6 +584,7 @@ def _main(argv: list[str] | None) -> int:
         "rerun": _run_rerun,
         "report": _run_report,
         "bench": _run_bench,
+        "reproduce": _run_reproduce,
     }
     # SIGTERM (kill, systemd, supervisord) stops a command as Ctrl-C does, with exit code 143.
     stop_on_sigterm()

@@ -1,5 +1,6 @@
 """``python -m research bench --quick``: it runs, prints a well-formed table and logs a well-formed
 MLflow run. No timing is asserted (machines are noisy); only that every figure exists and is sane.
+And w3's JAX program computes the engine's step (dropout, max-norm, Nesterov momentum).
 """
 
 from __future__ import annotations
@@ -10,12 +11,17 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from helpers import assert_trees_close
 
 from research.bench.contenders import CONTENDERS, WORKLOADS
-from research.bench.run import torch_available
+from research.bench.run import timing_groups, torch_available
 from research.cli import main
 from research.engine.blas_kernels import VARIABLE, loaded_kernels
+from research.engine.inplace import InPlaceTrainingStep
+from research.engine.mlp import dropout_masks, init_params
+from research.engine.optim import momentum
 
 
 @pytest.mark.slow
@@ -42,6 +48,9 @@ def test_quick_bench_prints_table_writes_json_and_logs_mlflow_run(tmp_path):
     table_rows = {tuple(line.split()[:2]) for line in out.splitlines()}
     assert expected_rows <= table_rows
     assert "matrix-product peak: float32" in out and "peak memory (w2-b256" in out
+    # w3: dropout + max-norm against the plain step, per contender, from the same rounds
+    (ratio_line,) = [line for line in out.splitlines() if line.startswith("w3-b256 / w3-plain")]
+    assert "engine-f32" in ratio_line and "jax-f32" in ratio_line
     if not torch_available():
         assert "PyTorch is not installed" in result.stderr
         assert not any(row[1:2] == ("torch-f32",) for row in table_rows)
@@ -60,6 +69,12 @@ def test_quick_bench_prints_table_writes_json_and_logs_mlflow_run(tmp_path):
             ratio = row["engine_speedup"]
             assert 0 < ratio["min"] <= ratio["median"] <= ratio["max"]
         assert rows["engine-f32"]["engine_speedup"]["median"] == 1.0
+        if workload.baseline:
+            assert results["workloads"][workload.key]["baseline"] == workload.baseline
+            for name in ("engine-f32", "jax-f32"):
+                ratio = rows[name]["baseline_ratio"]
+                assert 0 < ratio["min"] <= ratio["median"] <= ratio["max"] < math.inf
+    assert set(results["workloads"]) == {w.key for w in WORKLOADS}
     assert 0 < results["memory"]["peak_bytes"]
     assert results["memory"]["budget_bytes"] > 0
 
@@ -78,6 +93,8 @@ def test_quick_bench_prints_table_writes_json_and_logs_mlflow_run(tmp_path):
         results["workloads"]["w1-epoch"]["contenders"]["engine-f32"]["seconds"]["median"]
     )
     assert "w2-b256/jax-f32/engine_speedup_median" in metrics
+    assert "w3-b256/jax-f32/engine_speedup_median" in metrics
+    assert "w3-b256/engine-f32/baseline_ratio_median" in metrics
     assert "memory/ratio_to_budget" in metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert artifacts == {"bench_table.txt", "bench_results.json"}
@@ -85,7 +102,56 @@ def test_quick_bench_prints_table_writes_json_and_logs_mlflow_run(tmp_path):
 
 def test_contender_names_are_the_documented_ones():
     assert set(CONTENDERS) == {"origin", "engine-f64", "engine-f32", "jax-f32", "torch-f32"}
-    assert {w.key for w in WORKLOADS} == {"w1-epoch", "w1-eval", "w2-b256", "w2-b1024"}
+    assert {w.key for w in WORKLOADS} == {
+        "w1-epoch", "w1-eval", "w2-b256", "w2-b1024", "w3-b256", "w3-plain",
+    }  # fmt: skip
+
+
+def test_w3_is_timed_with_its_plain_step_and_differs_from_it_only_in_regularization():
+    w3, plain = (next(w for w in WORKLOADS if w.key == key) for key in ("w3-b256", "w3-plain"))
+    assert [[w.key for w in group] for group in timing_groups(WORKLOADS)] == [
+        ["w1-epoch"], ["w1-eval"], ["w2-b256"], ["w2-b1024"], ["w3-b256", "w3-plain"],
+    ]  # fmt: skip
+    assert w3.spec.sizes == (784, 1024, 1024, 1024, 10) and w3.baseline == "w3-plain"
+    assert (w3.input_dropout, w3.dropout, w3.max_norm) == (0.2, 0.5, 3.5)
+    assert (w3.optimizer, w3.beta, w3.batch_size) == ("momentum", 0.95, 256)
+    assert (plain.input_dropout, plain.dropout, plain.max_norm, plain.baseline) == (0, 0, 0, "")
+    same = ("spec", "init", "batch_size", "learning_rate", "steps", "quick_steps", "optimizer")
+    assert all(getattr(w3, field) == getattr(plain, field) for field in same)
+    assert {"engine-f32", "jax-f32"} <= set(w3.contenders) & set(plain.contenders)
+
+
+def test_w3_jax_step_is_the_engine_step_for_the_same_masks():
+    """Two steps of w3 in float64 with the same explicit dropout masks: the JAX program's step
+    (jitted as in the benchmark's scan) against the engine's in-place step, with a max-norm
+    radius that projects about half of the first layer's units."""
+    import jax
+    import jax.numpy as jnp
+
+    from research.bench.jax_programs import momentum_step
+
+    w3 = next(w for w in WORKLOADS if w.key == "w3-b256")
+    spec, batch = w3.spec, 16
+    params = init_params(spec, 0, np.float64, w3.init)
+    radius = float(np.median(np.linalg.norm(params[0]["W"], axis=0)))
+    optimizer = momentum(w3.learning_rate, beta=w3.beta, nesterov=True)
+    stepper = InPlaceTrainingStep(spec, params, optimizer, batch, max_norm=radius)
+    step = jax.jit(momentum_step(spec, w3.learning_rate, w3.beta, radius))
+    jax_params = [{k: jnp.asarray(v) for k, v in layer.items()} for layer in params]
+    velocity = [{k: jnp.zeros_like(v) for k, v in layer.items()} for layer in jax_params]
+    rng = np.random.default_rng(0)
+    for number in range(2):
+        x = rng.random((batch, spec.sizes[0]))
+        y = np.eye(spec.sizes[-1])[rng.integers(0, spec.sizes[-1], batch)]
+        masks = dropout_masks(rng, batch, spec.sizes, w3.input_dropout, w3.dropout, np.float64)
+        loss = stepper.step(x, y, masks=masks)
+        jax_params, velocity, jax_loss = step(jax_params, velocity, x, y, masks)
+        assert float(jax_loss) == pytest.approx(loss, rel=1e-10)
+        assert_trees_close(
+            jax_params, stepper.params, 1e-10, 1e-12, f"params after step {number + 1}"
+        )
+    norms = np.linalg.norm(stepper.params[0]["W"], axis=0)
+    assert 0.2 < np.mean(np.isclose(norms, radius, rtol=1e-12)) < 0.8  # the projection acted
 
 
 def test_matmul_flops_count_forward_weight_gradients_and_inner_deltas():

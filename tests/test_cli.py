@@ -261,12 +261,14 @@ def test_the_flags_are_the_field_table():
         assert field.help in action.help, name
         if field.kind is bool:
             assert "--no-" + name.replace("_", "-") in action.option_strings, name
+        elif field.kind is tuple:  # a list: its items as words, or separated by commas
+            assert action.nargs == "+", name
         else:
             assert action.type is field.kind, name
             assert tuple(action.choices or ()) == field.choices, name
     model = {name for name, field in FIELDS.items() if field.group == "model"}
     # gradcheck's own --dtype and --seed have their own defaults (--batch-size is rows)
     assert set(flags("gradcheck")) - {"dtype", "seed"} == model == {
-        "hidden_size", "n_hidden_layers", "activation", "output", "loss", "l2", "init",
-        "input_dropout", "dropout",
+        "hidden_size", "n_hidden_layers", "hidden_sizes", "activation", "output", "loss", "l2",
+        "init", "input_dropout", "dropout",
     }  # fmt: skip

@@ -138,6 +138,15 @@ EDITED_RUNS: dict[str, dict[str, str]] = {
     "batch_over_rows": {"batch_size": "5000"},
     "memory": {"hidden_size": "65536", "n_hidden_layers": "4"},
     "loss_combination": {"loss": "cross_entropy", "output": "sigmoid"},
+    "widths_zero": {"hidden_sizes": "[16, 0]"},
+    "widths_text": {"hidden_sizes": "wide"},
+    "widths_floats": {"hidden_sizes": "[16.0, 16.0]"},
+    "widths_conflict": {"hidden_sizes": "[16, 16]"},  # the run logged n_hidden_layers = 1
+    "widths_memory": {
+        "hidden_sizes": "[65536, 65536, 65536, 65536]",
+        "hidden_size": "65536",
+        "n_hidden_layers": "4",
+    },
 }
 
 
@@ -179,6 +188,26 @@ STUDY_FILES: dict[str, dict[str, dict[str, Any]]] = {
         "search.hidden_size": {"low": 64, "high": 65536},
         "search.n_hidden_layers": {"type": "int", "low": 1, "high": 32},
         "fixed": {"n_hidden_layers": None},
+    },
+    # per-layer widths: searched beside the shorthand the file fixes, or badly
+    "widths_vs_layers": {
+        "search": {"hidden_size": None},
+        "search.hidden_sizes": {"type": "categorical", "choices": [[64, 64], [128, 32]]},
+    },
+    "widths_empty_choice": {
+        "search": {"hidden_size": None},
+        "fixed": {"n_hidden_layers": None},
+        "search.hidden_sizes": {"type": "categorical", "choices": [[], [64]]},
+    },
+    "widths_and_hidden_size": {
+        "fixed": {"n_hidden_layers": None},
+        "search.hidden_sizes": {"type": "categorical", "choices": [[64, 64], [128, 32]]},
+    },
+    "widths_string": {"fixed": {"n_hidden_layers": None, "hidden_sizes": "64,64"}},
+    "widths_memory": {
+        "search": {"hidden_size": None},
+        "fixed": {"n_hidden_layers": None},
+        "search.hidden_sizes": {"type": "categorical", "choices": [[64], [65536, 65536]]},
     },
 }
 
@@ -237,6 +266,17 @@ BAD_INPUTS: list[tuple[str, list[str], str]] = [
     ("train-layers-0", ["train", "--n-hidden-layers", "0", "--no-track"], "n_hidden_layers"),
     ("train-hidden-0", ["train", "--hidden-size", "0", "--no-track"], "hidden_size"),
     ("train-hidden-text", ["train", "--hidden-size", "wide", "--no-track"], "--hidden-size"),
+    ("train-widths-0", ["train", "--hidden-sizes", "64", "0", "--no-track"],
+     "hidden_sizes = [64, 0]: item 2 (0) is out of range"),
+    ("train-widths-float", ["train", "--hidden-sizes", "64,1.5", "--no-track"], "is a float"),
+    ("train-widths-text", ["train", "--hidden-sizes", "wide", "--no-track"], "is a string"),
+    ("train-widths-none", ["train", "--hidden-sizes", "--no-track"], "--hidden-sizes"),
+    ("train-widths-33", ["train", "--hidden-sizes", ",".join(["8"] * 33), "--no-track"],
+     "33 items, more than 32"),
+    ("train-widths-conflict", ["train", "--hidden-sizes", "64", "64", "--n-hidden-layers", "3",
+                               "--no-track"], "n_hidden_layers = 3: conflicts with hidden_sizes"),
+    ("train-widths-memory", ["train", "--hidden-sizes", "65536", "65536", "--subset", "256",
+                             "--no-track"], "of memory"),
     ("train-lr-inf", ["train", "--lr", "inf", "--no-track"], "learning_rate"),
     ("train-lr-negative", ["train", "--lr", "-1", "--no-track"], "learning_rate"),
     ("train-momentum-1", ["train", "--momentum", "1", "--no-track"], "momentum"),
@@ -264,6 +304,7 @@ BAD_INPUTS: list[tuple[str, list[str], str]] = [
     ("gradcheck-memory", ["gradcheck", "--synthetic", "--hidden-size", "65536",
                           "--n-hidden-layers", "8"], "of memory"),
     ("gradcheck-rtol-nan", ["gradcheck", "--synthetic", "--rtol", "nan"], "--rtol"),
+    ("gradcheck-widths-0", ["gradcheck", "--synthetic", "--hidden-sizes", "0"], "hidden_sizes"),
     ("gradcheck-atol-negative", ["gradcheck", "--synthetic", "--atol", "-1"], "--atol"),
     # --- study
     ("study-missing-file", ["study", "{tmp}/nothing.toml"], "nothing.toml"),
@@ -302,6 +343,16 @@ BAD_INPUTS: list[tuple[str, list[str], str]] = [
     ("study-memory-searched", ["study", "{file:memory_searched}", "--n-trials", "1", "--epochs",
                                "1", "--subset", "256", "--no-final", "--tracking-uri",
                                "http://127.0.0.1:{closed_port}"], "of memory"),
+    ("study-widths-vs-layers", ["study", "{file:widths_vs_layers}"],
+     "fixed.n_hidden_layers = 1: conflicts with search.hidden_sizes.choices[0]"),
+    ("study-widths-empty-choice", ["study", "{file:widths_empty_choice}"],
+     "search.hidden_sizes.choices[0] = []: an empty list"),
+    ("study-widths-and-hidden-size", ["study", "{file:widths_and_hidden_size}"],
+     "search.hidden_size: cannot be searched with search.hidden_sizes"),
+    ("study-widths-string", ["study", "{file:widths_string}"], "fixed.hidden_sizes"),
+    ("study-widths-memory", ["study", "{file:widths_memory}", "--n-trials", "1", "--epochs",
+                             "1", "--subset", "256", "--no-final", "--tracking-uri",
+                             "http://127.0.0.1:{closed_port}"], "of memory"),
     # --- ui
     ("ui-port-busy", ["ui", "--port", "{busy_port}", "--tracking-uri", "{uri}"],
      "already in use"),
@@ -340,6 +391,11 @@ BAD_INPUTS: list[tuple[str, list[str], str]] = [
             ("batch_over_rows", "batch_size"),
             ("memory", "of memory"),
             ("loss_combination", "softmax"),
+            ("widths_zero", "hidden_sizes = [16, 0]"),
+            ("widths_text", 'hidden_sizes = "wide"'),
+            ("widths_floats", "hidden_sizes = [16.0, 16.0]"),
+            ("widths_conflict", "n_hidden_layers = 1: conflicts with hidden_sizes = [16, 16]"),
+            ("widths_memory", "of memory"),
         )
     ],
     # --- report

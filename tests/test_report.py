@@ -177,7 +177,7 @@ def test_the_comparison_takes_the_origin_from_a_train_run_of_the_exact_preset(
         run = start_training_run("train", tags={"preset": name}, tracking_uri=uri)
         config = replace(origin, epochs=epochs)
         run.log_params(
-            {**config.as_params(), "sizes": list(config.spec().sizes), "n_train_rows": N_TRAIN}
+            {**config.as_texts(), "sizes": list(config.spec().sizes), "n_train_rows": N_TRAIN}
         )
         run.log_metrics({"val/accuracy": test_accuracy - 0.01}, step=epochs - 1)
         run.log_metrics({"test_accuracy": test_accuracy, "wall_seconds": 61.5}, step=epochs - 1)

@@ -30,7 +30,7 @@ from helpers import copy_run
 
 from research.cli import main
 from research.engine.blas_kernels import loaded_kernels
-from research.experiment.fields import TrainConfig
+from research.experiment.fields import FIELDS, TrainConfig
 from research.experiment.study_config import load_study_config
 from research.experiment.tracking.weights import load_weights
 
@@ -310,7 +310,7 @@ def test_tiny_study_records_every_trial_in_optuna_and_mlflow(tiny):
             assert params[name] == str(value), (where, name)
         for name, value in config.fixed.items():
             expected = 2 if name == "epochs" else value
-            assert params[name] == str(expected), (where, name)
+            assert params[name] == FIELDS[name].text(expected), (where, name)
         assert params["n_train_rows"] == "2000", where
         assert params["sizes"] == str([784, trial.params["hidden_size"], 10]), where
 

@@ -1,6 +1,7 @@
 """What the benchmark runs: the workloads, and each contender (the origin, the engine, JAX,
 PyTorch), which lives in a worker process of its own and answers the driver's messages
-(:mod:`research.bench.run`)."""
+(:mod:`research.bench.run`). A worker holds the workloads it was asked to prepare until told to
+release them, so that two workloads can be timed in the same rounds (``Workload.baseline``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import statistics
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,10 +31,15 @@ class Workload:
         key: short name used in tables, JSON and MLflow metric names.
         title: what it is, in words.
         spec: the network; init: its initialization scheme.
-        batch_size, learning_rate: plain SGD's settings (every contender does the same update).
+        batch_size, learning_rate: the optimizer's settings (every contender does the same update).
         steps, quick_steps: optimizer steps per timed run (full / ``--quick``); 0 for evaluation.
         unit: what the reported time is per (``epoch``, ``step`` or ``pass``).
         contenders: who runs it.
+        optimizer: ``sgd`` (plain SGD) or ``momentum`` (Nesterov momentum with ``beta``).
+        input_dropout, dropout: inverted dropout on the inputs and on every hidden layer (0: none).
+        max_norm: the cap on the norm of every hidden unit's incoming weights (0: none).
+        baseline: the key of a workload timed in the same rounds, which this one is compared
+            with per round and per contender ("" for none).
     """
 
     key: str
@@ -45,6 +52,12 @@ class Workload:
     quick_steps: int
     unit: str
     contenders: tuple[str, ...]
+    optimizer: str = "sgd"
+    beta: float = 0.0
+    input_dropout: float = 0.0
+    dropout: float = 0.0
+    max_norm: float = 0.0
+    baseline: str = ""
 
     def matmul_flops(self, rows: int | None = None) -> float:
         """Matrix-product FLOPs of one unit (see the module docstring)."""
@@ -59,6 +72,10 @@ class Workload:
 
 ORIGIN_SPEC = MLPSpec((784, 30, 10), "sigmoid", "sigmoid", "mse")
 LARGE_SPEC = MLPSpec((784, 1024, 1024, 10), "relu", "softmax", "cross_entropy")
+DEEP_SPEC = MLPSpec((784, 1024, 1024, 1024, 10), "relu", "softmax", "cross_entropy")
+# The dropout paper's MNIST recipe (Srivastava et al., 2014): what w3 trains.
+W3_SETTINGS = {"optimizer": "momentum", "beta": 0.95}
+W3_REGULARIZATION = {"input_dropout": 0.2, "dropout": 0.5, "max_norm": 3.5}
 WORKLOADS = (
     Workload(
         "w1-epoch",
@@ -81,6 +98,20 @@ WORKLOADS = (
         "[784,1024,1024,10] relu/softmax cross-entropy, SGD 0.01, batch 1024 (time per step)",
         LARGE_SPEC, "he", 1024, 0.01, 10, 2, "step", CONTENDERS[1:],
     ),
+    Workload(
+        "w3-b256",
+        "[784,1024,1024,1024,10] relu/softmax cross-entropy, input dropout 0.2, hidden dropout "
+        "0.5, max-norm 3.5, Nesterov momentum 0.95, lr 0.01, batch 256 (time per step)",
+        DEEP_SPEC, "he", 256, 0.01, 40, 4, "step", ("engine-f32", "jax-f32", "torch-f32"),
+        **W3_SETTINGS, **W3_REGULARIZATION, baseline="w3-plain",
+    ),
+    Workload(
+        "w3-plain",
+        "w3's network and optimizer without dropout and max-norm (time per step), timed in the "
+        "same rounds as w3-b256",
+        DEEP_SPEC, "he", 256, 0.01, 40, 4, "step", ("engine-f32", "jax-f32", "torch-f32"),
+        **W3_SETTINGS,
+    ),
 )  # fmt: skip
 
 
@@ -98,17 +129,18 @@ class _Data:
         self.targets = np.eye(10, dtype=np.float32)[self.labels]
 
 
+Run = Callable[[], None]
+
+
 class _Contender:
-    """Prepares a workload (untimed: conversions, compilation, a warm-up run), then runs it."""
+    """Prepares a workload (untimed: conversions, compilation, a warm-up run) into a ``Run``:
+    one timed run of it, which it holds until released."""
 
     def __init__(self, data: _Data) -> None:
         self.data = data
         self.rng = np.random.default_rng(0)
 
-    def prepare(self, workload: Workload, steps: int) -> None:
-        raise NotImplementedError
-
-    def run(self) -> None:
+    def prepare(self, workload: Workload, steps: int) -> Run:
         raise NotImplementedError
 
     def info(self) -> dict[str, str]:
@@ -123,19 +155,20 @@ class _Contender:
 class _Origin(_Contender):
     """The per-sample port of the origin program (float64, as the origin)."""
 
-    def prepare(self, workload: Workload, steps: int) -> None:
-        self.params = init_params(workload.spec, 0, np.float64, workload.init)
-        self.x = self.data.x.astype(np.float64)
-        self.y = self.data.targets.astype(np.float64)
-        self.workload, self.steps = workload, steps
-
-    def run(self) -> None:
+    def prepare(self, workload: Workload, steps: int) -> Run:
         from research.verify.origin import origin_update_mini_batch
 
-        for rows in self.batches(self.workload, self.steps):
-            self.params, _ = origin_update_mini_batch(
-                self.params, self.x[rows], self.y[rows], self.workload.learning_rate
-            )
+        state = {"params": init_params(workload.spec, 0, np.float64, workload.init)}
+        x = self.data.x.astype(np.float64)
+        y = self.data.targets.astype(np.float64)
+
+        def run() -> None:
+            for rows in self.batches(workload, steps):
+                state["params"], _ = origin_update_mini_batch(
+                    state["params"], x[rows], y[rows], workload.learning_rate
+                )
+
+        return run
 
 
 class _Engine(_Contender):
@@ -162,29 +195,47 @@ class _Engine(_Contender):
             "openblas_coretype": os.environ.get(VARIABLE, "(unset)"),
         }
 
-    def prepare(self, workload: Workload, steps: int) -> None:
+    def prepare(self, workload: Workload, steps: int) -> Run:
+        """What ``train`` runs for this workload: ``train_epoch`` over an
+        ``InPlaceTrainingStep`` (with ``max_norm``), with fresh ``mlp.dropout_masks`` for every
+        batch when the workload has dropout."""
         from research.engine.inplace import InPlaceTrainingStep
-        from research.engine.optim import sgd
-
-        self.workload, self.steps = workload, steps
-        self.x = self.data.x.astype(self.dtype)
-        self.targets = self.data.targets.astype(self.dtype)
-        self.x_val = self.data.x_val.astype(self.dtype)
-        params = init_params(workload.spec, 0, self.dtype, workload.init)
-        self.stepper = InPlaceTrainingStep(
-            workload.spec, params, sgd(workload.learning_rate), workload.batch_size
-        )
-        self.run()
-
-    def run(self) -> None:
+        from research.engine.mlp import dropout_masks
+        from research.engine.optim import momentum, sgd
         from research.experiment.train import evaluate, train_epoch
 
-        if self.steps == 0:
-            evaluate(self.stepper.params, self.x_val, self.data.labels_val, self.workload.spec)
-            return
-        order = self.rng.permutation(len(self.x))
-        with np.errstate(over="ignore"):
-            train_epoch(self.stepper, self.x, self.targets, order, self.steps)
+        spec, dtype = workload.spec, self.dtype
+        x = self.data.x.astype(dtype)
+        targets = self.data.targets.astype(dtype)
+        x_val = self.data.x_val.astype(dtype)
+        params = init_params(spec, 0, dtype, workload.init)
+        optimizer = (
+            momentum(workload.learning_rate, beta=workload.beta, nesterov=True)
+            if workload.optimizer == "momentum"
+            else sgd(workload.learning_rate)
+        )
+        stepper = InPlaceTrainingStep(
+            spec, params, optimizer, workload.batch_size, max_norm=workload.max_norm
+        )
+        draw = None
+        if workload.input_dropout or workload.dropout:
+            mask_rng = np.random.default_rng(1)
+
+            def draw(rows: int) -> Any:
+                return dropout_masks(
+                    mask_rng, rows, spec.sizes, workload.input_dropout, workload.dropout, dtype
+                )
+
+        def run() -> None:
+            if steps == 0:
+                evaluate(stepper.params, x_val, self.data.labels_val, spec)
+                return
+            order = self.rng.permutation(len(x))
+            with np.errstate(over="ignore"):
+                train_epoch(stepper, x, targets, order, steps, draw_masks=draw)
+
+        run()
+        return run
 
     def peak_gflops(self, size: int, repeats: int) -> dict[str, float]:
         """The best-of-``repeats`` GFLOP/s of a (size × size) @ (size × size) product."""
@@ -243,64 +294,95 @@ class _Jax(_Contender):
 
         return versions()
 
-    def prepare(self, workload: Workload, steps: int) -> None:
-        from research.verify.reference import sgd_epoch_runner
-
-        self.workload, self.steps = workload, steps
+    def prepare(self, workload: Workload, steps: int) -> Run:
         params = init_params(workload.spec, 0, np.float32, workload.init)
-        self.epoch = sgd_epoch_runner(
-            workload.spec, workload.learning_rate, params, self.data.x, self.data.targets
-        )
-        self.run()  # compiles
+        if workload.optimizer == "sgd":
+            from research.verify.reference import sgd_epoch_runner
 
-    def run(self) -> None:
-        self.epoch(self.batches(self.workload, self.steps))
+            epoch = sgd_epoch_runner(
+                workload.spec, workload.learning_rate, params, self.data.x, self.data.targets
+            )
+        else:
+            from research.bench.jax_programs import momentum_epoch, momentum_epoch_runner
+
+            program = momentum_epoch(
+                workload.spec,
+                workload.learning_rate,
+                workload.beta,
+                workload.input_dropout,
+                workload.dropout,
+                workload.max_norm,
+            )
+            epoch = momentum_epoch_runner(program, params, self.data.x, self.data.targets)
+
+        def run() -> None:
+            epoch(self.batches(workload, steps))
+
+        run()  # compiles
+        return run
 
 
 class _Torch(_Contender):
-    """PyTorch on the CPU: the same network, autograd, and the same SGD update."""
+    """PyTorch on the CPU: the same network, autograd, and the same update (plain SGD by hand;
+    Nesterov momentum by ``torch.optim.SGD``, the same rule as optax's), with
+    ``torch.nn.functional.dropout`` (inverted, as the engine's) and max-norm in torch."""
 
     def info(self) -> dict[str, str]:
         import torch
 
         return {"torch": torch.__version__, "torch_threads": str(torch.get_num_threads())}
 
-    def prepare(self, workload: Workload, steps: int) -> None:
+    def prepare(self, workload: Workload, steps: int) -> Run:
         import torch
 
-        self.torch = torch
-        self.workload, self.steps = workload, steps
-        self.x = torch.from_numpy(self.data.x)
-        self.y = torch.from_numpy(self.data.targets)
-        params = init_params(workload.spec, 0, np.float32, workload.init)
-        self.params = [
+        x = torch.from_numpy(self.data.x)
+        y = torch.from_numpy(self.data.targets)
+        init = init_params(workload.spec, 0, np.float32, workload.init)
+        params = [
             torch.from_numpy(layer[key].copy()).requires_grad_()
-            for layer in params
+            for layer in init
             for key in ("W", "b")
         ]
-        self.run()
+        weights = params[0::2]
+        rate = workload.learning_rate
+        rates = [workload.input_dropout] + [workload.dropout] * (len(weights) - 1)
+        optimizer = None
+        if workload.optimizer == "momentum":
+            optimizer = torch.optim.SGD(params, lr=rate, momentum=workload.beta, nesterov=True)
+        tiny = float(np.finfo(np.float32).tiny)
 
-    def _loss(self, x, y):
-        torch, spec = self.torch, self.workload.spec
-        h = x
-        layers = len(self.params) // 2
-        for i in range(layers):
-            h = torch.addmm(self.params[2 * i + 1], h, self.params[2 * i])
-            if i < layers - 1:
-                h = torch.sigmoid(h) if spec.activation == "sigmoid" else torch.relu(h)
-        if spec.loss == "cross_entropy":
-            return -(y * torch.log_softmax(h, dim=1)).sum() / len(x)
-        return 0.5 * ((torch.sigmoid(h) - y) ** 2).sum() / len(x)
+        def loss(xb: Any, yb: Any) -> Any:
+            spec, h = workload.spec, xb
+            for i, (W, b) in enumerate(zip(weights, params[1::2])):
+                if rates[i]:
+                    h = torch.nn.functional.dropout(h, rates[i], training=True)
+                h = torch.addmm(b, h, W)
+                if i < len(weights) - 1:
+                    h = torch.sigmoid(h) if spec.activation == "sigmoid" else torch.relu(h)
+            if spec.loss == "cross_entropy":
+                return -(yb * torch.log_softmax(h, dim=1)).sum() / len(xb)
+            return 0.5 * ((torch.sigmoid(h) - yb) ** 2).sum() / len(xb)
 
-    def run(self) -> None:
-        torch = self.torch
-        rate = self.workload.learning_rate
-        for rows in torch.from_numpy(self.batches(self.workload, self.steps)):
-            loss = self._loss(self.x.index_select(0, rows), self.y.index_select(0, rows))
-            grads = torch.autograd.grad(loss, self.params)
-            with torch.no_grad():
-                for p, g in zip(self.params, grads):
-                    p.sub_(g, alpha=rate)
+        def run() -> None:
+            for rows in torch.from_numpy(self.batches(workload, steps)):
+                value = loss(x.index_select(0, rows), y.index_select(0, rows))
+                if optimizer is None:
+                    grads = torch.autograd.grad(value, params)
+                    with torch.no_grad():
+                        for p, g in zip(params, grads):
+                            p.sub_(g, alpha=rate)
+                else:
+                    optimizer.zero_grad()
+                    value.backward()
+                    optimizer.step()
+                if workload.max_norm:
+                    with torch.no_grad():
+                        for W in weights[:-1]:
+                            norms = torch.linalg.vector_norm(W, dim=0).clamp_min_(tiny)
+                            W.mul_(torch.clamp(workload.max_norm / norms, max=1.0))
+
+        run()
+        return run
 
 
 def _make_contender(name: str, data: _Data) -> _Contender:
@@ -324,18 +406,22 @@ def worker(connection: Any, name: str, mnist_dir: str | None, data_dir: str | No
         connection.send(("error", traceback.format_exc()))
         return
     workloads = {w.key: w for w in WORKLOADS}
+    runs: dict[str, Run] = {}  # the prepared workloads
     while True:
         command, *args = connection.recv()
         if command == "stop":
             return
         try:
+            answer: Any = None
             if command == "prepare":
                 key, steps = args
-                contender.prepare(workloads[key], steps)
-                answer: Any = None
+                runs[key] = contender.prepare(workloads[key], steps)
+            elif command == "release":
+                runs.clear()
             elif command == "run":
+                run = runs[args[0]]
                 started = time.perf_counter()
-                contender.run()
+                run()
                 answer = time.perf_counter() - started
             elif command == "peak":
                 answer = contender.peak_gflops(*args)

@@ -153,19 +153,30 @@ def run_benchmark(
         say(f"measuring the {size}x{size} matrix-product peak...")
         peak = workers.ask(ENGINE, "peak", size, repeats)
         results: dict[str, Any] = {}
-        for workload in WORKLOADS:
-            steps = workload.quick_steps if quick else workload.steps
-            contenders = [name for name in workload.contenders if name in names]
-            for name in contenders:
-                # the origin's per-sample loop is slow: a quick run times a few of its batches
-                workers.ask(name, "prepare", workload.key, steps)
-            times: dict[str, list[float]] = {name: [] for name in contenders}
-            for round_number in range(rounds):
-                say(f"{workload.key}: round {round_number + 1}/{rounds}")
+        for group in timing_groups(WORKLOADS):
+            # a workload and its baseline are timed in the same rounds, one after the other
+            times: dict[str, dict[str, list[float]]] = {}
+            for workload in group:
+                steps = workload.quick_steps if quick else workload.steps
+                contenders = [name for name in workload.contenders if name in names]
                 for name in contenders:
-                    time.sleep(GAP_SECONDS)
-                    times[name].append(workers.ask(name, "run"))
-            results[workload.key] = _workload_result(workload, steps, times, peak)
+                    # the origin's per-sample loop is slow: a quick run times a few of its batches
+                    workers.ask(name, "prepare", workload.key, steps)
+                times[workload.key] = {name: [] for name in contenders}
+            keys = " and ".join(workload.key for workload in group)
+            for round_number in range(rounds):
+                say(f"{keys}: round {round_number + 1}/{rounds}")
+                for workload in group:
+                    for name, seconds in times[workload.key].items():
+                        time.sleep(GAP_SECONDS)
+                        seconds.append(workers.ask(name, "run", workload.key))
+            for workload in group:
+                steps = workload.quick_steps if quick else workload.steps
+                results[workload.key] = _workload_result(workload, steps, times[workload.key], peak)
+                if workload.baseline:
+                    _add_baseline_ratios(results[workload.key], times, workload)
+            for name in {name for per_contender in times.values() for name in per_contender}:
+                workers.ask(name, "release")
         (memory_workload,) = [w for w in WORKLOADS if w.key == "w2-b256"]
         memory = workers.ask(ENGINE, "memory", memory_workload.key, 3)
         memory["workload"] = memory_workload.key
@@ -185,6 +196,29 @@ def run_benchmark(
         "memory": memory,
         "notes": notes,
     }
+
+
+def timing_groups(workloads: tuple[Workload, ...]) -> list[list[Workload]]:
+    """The workloads in the order they are timed: each alone, but a workload with a baseline
+    together with it (in the order they are listed), so that their per-round ratio compares
+    runs made minutes apart at most."""
+    groups: dict[str, list[Workload]] = {}
+    for workload in workloads:
+        groups.setdefault(workload.baseline or workload.key, []).append(workload)
+    return list(groups.values())
+
+
+def _add_baseline_ratios(
+    result: dict[str, Any], times: dict[str, dict[str, list[float]]], workload: Workload
+) -> None:
+    """Per contender, the per-round ratio of this workload's time to its baseline's (both
+    timed the same number of steps)."""
+    result["baseline"] = workload.baseline
+    for name, row in result["contenders"].items():
+        baseline = times[workload.baseline].get(name)
+        if baseline:
+            ratios = [s / b for s, b in zip(times[workload.key][name], baseline)]
+            row["baseline_ratio"] = _summary(ratios)
 
 
 def _workload_result(
@@ -271,6 +305,17 @@ def format_table(results: dict[str, Any]) -> str:
         f"one batch's activations ({memory['budget_bytes'] / 2**20:.1f} MiB)"
     )
     for workload_key, workload in results["workloads"].items():
+        if workload.get("baseline"):
+            ratios = ", ".join(
+                f"{name} {ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f})"
+                for name, row in workload["contenders"].items()
+                if (ratio := row.get("baseline_ratio"))
+            )
+            lines.append(
+                f"{workload_key} / {workload['baseline']} per {workload['unit']}, median (min-max) "
+                f"of the per-round ratios: {ratios}"
+            )
+    for workload_key, workload in results["workloads"].items():
         if workload["scaled_to_unit"]:
             lines.append(
                 f"{workload_key}: timed {workload['steps_timed']} steps, scaled to an epoch"
@@ -296,6 +341,8 @@ def metrics_of(results: dict[str, Any]) -> dict[str, float]:
             metrics[f"{prefix}/fraction_of_peak"] = row["fraction_of_peak"]
             if name != ENGINE:
                 metrics[f"{prefix}/engine_speedup_median"] = row["engine_speedup"]["median"]
+            if "baseline_ratio" in row:
+                metrics[f"{prefix}/baseline_ratio_median"] = row["baseline_ratio"]["median"]
     metrics["load_average/start"] = results["load_average"]["start"]
     metrics["load_average/end"] = results["load_average"]["end"]
     memory = results["memory"]

@@ -111,6 +111,9 @@ class InPlaceTrainingStep:
         # sigmoid and tanh.
         derivative_dtype = bool if spec.activation == "relu" else self.dtype
         self._derivatives = [empty((batch_size, n), derivative_dtype) for n in widths[1:-1]]
+        # relu with dropout: mask · relu' per hidden layer, made in the forward pass (allocated
+        # at the first masked step: steps without dropout never hold them).
+        self._relu_masks: list[np.ndarray] = []
         self._ones = np.ones(batch_size, self.dtype)
         self.max_norm = max_norm
         self._norms = [empty(n, self.dtype) for n in widths[1:-1]]
@@ -166,17 +169,24 @@ class InPlaceTrainingStep:
             out = np.matmul(inputs[-1], layer["W"], out=self._outputs[i][:n])
             out += layer["b"]
             if i < last:
-                if spec.activation == "relu":
+                if spec.activation == "relu" and masks[i + 1] is not None:
+                    # relu and dropout as one product, z ← z·(mask·(z > 0)), the factor kept
+                    # for the backward pass: the same values as z·(z > 0), then ·mask (every
+                    # factor is 0, 1 or the mask's 1/keep, so no rounding differs)
+                    derivative = self._derivatives[i][:n]
+                    np.greater(out, 0, out=derivative)
+                    out *= np.multiply(masks[i + 1], derivative, out=self._relu_mask(i)[:n])
+                elif spec.activation == "relu":
                     _relu_in_place(out, self._derivatives[i][:n])
-                elif spec.activation == "tanh":
-                    np.tanh(out, out=out)
                 else:
-                    _sigmoid_in_place(out)
-                if masks[i + 1] is not None:
-                    # σ' from the activation before the mask: kept now, used in the backward pass
-                    if spec.activation != "relu":
+                    if spec.activation == "tanh":
+                        np.tanh(out, out=out)
+                    else:
+                        _sigmoid_in_place(out)
+                    if masks[i + 1] is not None:
+                        # σ' from the activation before the mask: kept now, used backward
                         self._derivative_of(out, self._derivatives[i][:n])
-                    out *= masks[i + 1]
+                        out *= masks[i + 1]
                 inputs.append(out)
         value, delta = output_delta(out, yb, spec)
         total = float(value) + l2_penalty(params, spec.l2)
@@ -202,11 +212,14 @@ class InPlaceTrainingStep:
                     grad["W"] += dtype(spec.l2) * W
             if i > 0:
                 derivative = self._derivatives[i - 1][:n]
-                if masks[i] is None and spec.activation != "relu":
-                    self._derivative_of(inputs[i], derivative)
-                below *= derivative  # (relu: the mask made in the forward pass)
-                if masks[i] is not None:
-                    below *= masks[i]
+                if masks[i] is not None and spec.activation == "relu":
+                    below *= self._relu_masks[i - 1][:n]  # mask · relu', made forward
+                else:
+                    if masks[i] is None and spec.activation != "relu":
+                        self._derivative_of(inputs[i], derivative)
+                    below *= derivative  # (relu: the mask made in the forward pass)
+                    if masks[i] is not None:
+                        below *= masks[i]
                 delta = below
         if self._gemm_update is None:
             self.optimizer.update_in_place(params, self.grads, self.state)
@@ -215,6 +228,12 @@ class InPlaceTrainingStep:
         if self.max_norm:
             max_norm_in_place(params, self.max_norm, self._norms)
         return total
+
+    def _relu_mask(self, i: int) -> np.ndarray:
+        """The buffer for mask · relu' of hidden layer i (all of them made at the first call)."""
+        if not self._relu_masks:
+            self._relu_masks = [np.empty_like(d, self.dtype) for d in self._derivatives]
+        return self._relu_masks[i]
 
     def _derivative_of(self, a: np.ndarray, out: np.ndarray) -> None:
         """out ← σ'(z) from the activation a = σ(z), for tanh and sigmoid (as ``mlp`` does)."""

@@ -291,7 +291,10 @@ def max_norm_in_place(params: Params, radius: float, scratch: list[np.ndarray]) 
         np.maximum(norms, np.finfo(W.dtype).tiny, out=norms)
         np.divide(dtype(radius), norms, out=norms)
         np.minimum(norms, 1, out=norms)
-        W *= norms
+        # Every factor exactly 1 (no column over the radius): W would not change. (Written so
+        # that a NaN factor, from a diverged W, still scales as it always did.)
+        if not norms.min() >= 1:
+            W *= norms
 
 
 def make_optimizer(name: str, learning_rate: float | Schedule, **options: Any) -> Optimizer:

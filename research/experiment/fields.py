@@ -6,7 +6,8 @@ a ``Literal`` type lists the allowed names), its default, help text, group, rang
 command-line spellings. Everything else derives from it:
 
 - ``TrainConfig(...)`` checks every value (pydantic, strict types) and then the combinations;
-- the ``train`` flags and their choices, and ``gradcheck``'s model flags (:mod:`research.cli`);
+- the ``train`` flags and their choices, and ``gradcheck``'s model flags (:func:`add_field_flags`,
+  for :mod:`research.cli`);
 - the study files' ``[fixed]`` and ``[search]`` validation (:mod:`.study_config`);
 - the Optuna parameter names and the MLflow params, which are the field names;
 - ``rerun`` and the report, which read logged params back with :meth:`Field.parse`.
@@ -14,10 +15,20 @@ command-line spellings. Everything else derives from it:
 Adding a field is this one declaration plus the code that uses it (docs/development.md walks
 through an example). Mistakes are :class:`ConfigError`: one line naming the key, the bad value and
 what is allowed.
+
+The network's hidden layers can be given two ways: ``hidden_sizes`` (one width per layer) or the
+shorthand ``hidden_size`` × ``n_hidden_layers``. ``hidden_sizes = []`` (the default) means the
+shorthand. A non-empty ``hidden_sizes`` defines the network, and the shorthand's two fields then
+follow from it (``n_hidden_layers`` = its length, ``hidden_size`` = its widest layer), so that the
+logged params always agree; a value of theirs that disagrees is a ConfigError, unless it is the
+field's default (:class:`TrainConfig`) or comes from an earlier layer of values (a preset under
+command-line flags: :func:`configure`).
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
 import dataclasses
 import difflib
 import functools
@@ -59,6 +70,7 @@ def knob(
     lt: float | None = None,
     not_searchable: str = "",
     flags: tuple[str, ...] = (),
+    max_items: int | None = None,
 ) -> Any:
     """Declares one field of :class:`TrainConfig` (a dataclass field carrying its description).
 
@@ -67,9 +79,10 @@ def knob(
         help: what it is, for ``--help`` and the docs.
         group: ``model``, ``optimizer``, ``training`` or ``data``: how flags are grouped;
             ``gradcheck`` takes the ``model`` ones.
-        ge, gt, le, lt: bounds of a number (floats must also be finite).
+        ge, gt, le, lt: bounds of a number (floats must also be finite); of each item of a list.
         not_searchable: why a study may not search it ("" if it may).
         flags: extra command-line spellings beside ``--<name-with-dashes>``.
+        max_items: the most items of a list field (annotated ``tuple[int, ...]``).
     """
     description = {
         "help": help,
@@ -77,6 +90,7 @@ def knob(
         "bounds": {"ge": ge, "gt": gt, "le": le, "lt": lt},
         "not_searchable": not_searchable,
         "flags": flags,
+        "max_items": max_items,
     }
     return dataclasses.field(default=default, metadata={"knob": description})
 
@@ -88,13 +102,22 @@ class TrainConfig:
     Field names are the project's names for these quantities everywhere: command-line flags,
     study TOML keys, Optuna parameters and MLflow params. Construction checks every value and
     raises :class:`ConfigError` (a ValueError) for a bad one, or ValueError for a combination
-    the network does not allow (cross-entropy without softmax, say).
+    the network does not allow (cross-entropy without softmax, say). A non-empty
+    ``hidden_sizes`` sets ``hidden_size`` (its widest layer) and ``n_hidden_layers`` (its
+    length); either given at another value than that or its default is a ConfigError.
     """
 
     hidden_size: int = knob(
-        256, "units in each hidden layer", "model", ge=1, le=MAX_HIDDEN_SIZE, flags=("--hidden",)
+        256, "units in each hidden layer (with hidden_sizes: its widest layer)", "model",
+        ge=1, le=MAX_HIDDEN_SIZE, flags=("--hidden",),
+    )  # fmt: skip
+    n_hidden_layers: int = knob(
+        1, "hidden layers (with hidden_sizes: its length)", "model", ge=1, le=MAX_HIDDEN_LAYERS
     )
-    n_hidden_layers: int = knob(1, "hidden layers", "model", ge=1, le=MAX_HIDDEN_LAYERS)
+    hidden_sizes: tuple[int, ...] = knob(
+        (), "the width of each hidden layer, in order ([]: n_hidden_layers of hidden_size)",
+        "model", ge=1, le=MAX_HIDDEN_SIZE, max_items=MAX_HIDDEN_LAYERS,
+    )  # fmt: skip
     activation: Activation = knob("relu", "nonlinearity of the hidden layers", "model")
     output: Output = knob("softmax", "nonlinearity of the output layer", "model")
     loss: Loss = knob("cross_entropy", "mse, cross_entropy (needs softmax), bce (sigmoid)", "model")
@@ -182,16 +205,28 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name, field in FIELDS.items():
             object.__setattr__(self, name, field.check(getattr(self, name)))
+        if self.hidden_sizes:  # it defines the network; the shorthand follows from it
+            for name, value in shorthand(self.hidden_sizes).items():
+                given = getattr(self, name)
+                if given not in (value, FIELDS[name].default):
+                    raise widths_conflict(name, given, self.hidden_sizes)
+                object.__setattr__(self, name, value)
         self.spec()  # the combinations: MLPSpec checks output against loss
 
     def spec(self) -> MLPSpec:
-        """The network: 784 inputs, ``n_hidden_layers`` of ``hidden_size``, 10 outputs."""
-        sizes = (N_PIXELS, *([self.hidden_size] * self.n_hidden_layers), N_CLASSES)
+        """The network: 784 inputs, the hidden layers (``hidden_sizes``, else ``n_hidden_layers``
+        of ``hidden_size``), 10 outputs."""
+        widths = self.hidden_sizes or (self.hidden_size,) * self.n_hidden_layers
+        sizes = (N_PIXELS, *widths, N_CLASSES)
         return MLPSpec(sizes, self.activation, self.output, self.loss, self.l2)
 
     def as_params(self) -> dict[str, Any]:
-        """Flat name → value mapping (for MLflow params and tables)."""
+        """Flat name → value mapping (for tables; a list field's value is a tuple)."""
         return dataclasses.asdict(self)
+
+    def as_texts(self) -> dict[str, str]:
+        """Flat name → the text of its MLflow param (:meth:`from_params` reads them back)."""
+        return {name: FIELDS[name].text(value) for name, value in self.as_params().items()}
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -200,10 +235,58 @@ class TrainConfig:
     @classmethod
     def from_params(cls, params: Mapping[str, str]) -> tuple[TrainConfig, list[str]]:
         """The config a run logged, from its MLflow params (text); fields the run did not log
-        (it predates them) take their defaults. Returns the config and those fields' names."""
+        (it predates them) take their defaults. Returns the config and those fields' names.
+        The logged values were given together: hidden_sizes and the shorthand must agree."""
         missing = [name for name in FIELDS if name not in params]
         values = {name: FIELDS[name].parse(params[name]) for name in FIELDS if name in params}
-        return cls(**values), missing
+        return configure(cls(), **values), missing
+
+
+#: The shorthand for the hidden layers, which a non-empty ``hidden_sizes`` replaces.
+SHORTHAND = ("hidden_size", "n_hidden_layers")
+_SHORTHAND_ALONE = "hidden_size and n_hidden_layers without hidden_sizes"
+
+
+def shorthand(widths: tuple[int, ...]) -> dict[str, int]:
+    """The shorthand's values that agree with the hidden layers ``widths``: its widest layer and
+    its length."""
+    return {"hidden_size": max(widths), "n_hidden_layers": len(widths)}
+
+
+def widths_conflict(
+    name: str,
+    value: Any,
+    widths: tuple[int, ...],
+    key: str | None = None,
+    widths_key: str = "hidden_sizes",
+) -> ConfigError:
+    """The one-line error for a shorthand field ``name`` whose ``value`` disagrees with the
+    hidden layers ``widths`` (named ``key`` and ``widths_key`` in the message)."""
+    agrees = shorthand(widths)[name]
+    what = f"{agrees} layers" if name == "n_hidden_layers" else f"its widest layer is {agrees}"
+    return ConfigError(
+        key or name,
+        f"conflicts with {widths_key} = {show(list(widths))} ({what}), which defines the network",
+        value=value,
+        allowed=f"hidden_sizes alone (it sets {name}), or {_SHORTHAND_ALONE}",
+    )
+
+
+def configure(base: TrainConfig, **given: Any) -> TrainConfig:
+    """``base`` with the values a user ``given`` together (a command line's flags) in place of
+    its own. The network comes from one spelling: a non-empty ``hidden_sizes`` given replaces
+    base's hidden_size and n_hidden_layers, and a given hidden_size or n_hidden_layers replaces
+    base's hidden_sizes; given together, the two must agree (ConfigError otherwise)."""
+    values = dataclasses.asdict(base) | given
+    if "hidden_sizes" in given:
+        widths = FIELDS["hidden_sizes"].check(given["hidden_sizes"])
+        for name, value in (shorthand(widths) if widths else {}).items():
+            if name in given and FIELDS[name].check(given[name]) != value:
+                raise widths_conflict(name, given[name], widths)
+            values[name] = value
+    elif any(name in given for name in SHORTHAND):
+        values["hidden_sizes"] = ()
+    return TrainConfig(**values)
 
 
 # --- what derives from a declaration -----------------------------------------------------------
@@ -252,12 +335,15 @@ class ConfigError(ValueError):
         return ConfigError(parts.pop("key"), parts.pop("problem"), **parts)
 
 
+_LINE_BREAKS = {code: f"\\u{code:04x}" for code in (0x85, 0x2028, 0x2029)}
+
+
 def show(value: Any, limit: int = 80) -> str:
     """A value as it is written in TOML (strings in double quotes, true/false, inf, nan)."""
     if isinstance(value, bool | np.bool_):
         text = "true" if value else "false"
-    elif isinstance(value, str):
-        text = json.dumps(value, ensure_ascii=False)
+    elif isinstance(value, str):  # the line breaks JSON leaves alone escaped too: one line
+        text = json.dumps(value, ensure_ascii=False).translate(_LINE_BREAKS)
     elif isinstance(value, float) and not math.isfinite(value):
         text = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     elif isinstance(value, list | tuple):
@@ -314,15 +400,24 @@ def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
+def _listed(value: Any) -> Any:
+    """A tuple as the list it holds (strict pydantic takes only lists for a list)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
 @dataclass(frozen=True)
 class Field:
     """What one field may be, derived from its declaration (or declared directly, as the study
     files' ``[study]`` settings are). ``check`` validates through pydantic in strict mode (an
     integer field takes no float, a boolean is never a number; a float field takes integers),
-    ``parse`` reads the text of an MLflow param back."""
+    ``parse`` reads the text of an MLflow param back.
+
+    A list field (``kind`` tuple: a list of integers, each within the bounds, at most
+    ``max_items`` of them) takes a TOML array or a tuple and gives a tuple; its MLflow text is
+    ``[1024, 512]``, and ``[]`` (no items) is allowed only as its default."""
 
     name: str
-    kind: type  # int, float, bool or str
+    kind: type  # int, float, bool, str, or tuple: a list of integers
     default: Any
     help: str = ""
     group: str = ""
@@ -335,6 +430,7 @@ class Field:
     not_searchable: str = ""
     flags: tuple[str, ...] = ()
     allowed_text: str = ""  # what is allowed, where the derived wording would not do
+    max_items: int | None = None  # a list field: the most items
 
     @property
     def searchable(self) -> bool:
@@ -350,6 +446,8 @@ class Field:
         """What is allowed, in words: ``an integer from 1 to 65536``, ``one of "a", "b"``."""
         if self.allowed_text:
             return self.allowed_text
+        if self.kind is tuple:
+            return f"{self.allowed_items}, or [] (the default)"
         if self.choices:
             return f"one of {quoted(self.choices)}"
         if self.kind is bool:
@@ -372,6 +470,17 @@ class Field:
         op, bound = low if low[1] is not None else high
         return noun if bound is None else f"{noun} {op} {number(bound)}"
 
+    @property
+    def allowed_items(self) -> str:
+        """A list field's non-empty values, in words: ``a list of 1 to 32 integers, each ...``."""
+        each = dataclasses.replace(self, kind=int, max_items=None).allowed
+        return f"a list of 1 to {self.max_items} integers, each {each.removeprefix('an integer ')}"
+
+    def text(self, value: Any) -> str:
+        """The text MLflow keeps for a value, which :meth:`parse` reads back (``0.1``, ``True``,
+        ``relu``, ``[1024, 512]``); also a list's choice as Optuna keeps it."""
+        return str(list(value)) if isinstance(value, tuple) else str(value)
+
     @functools.cached_property
     def _adapter(self) -> Any:
         import pydantic
@@ -387,8 +496,16 @@ class Field:
         if self.pattern is not None:
             constraints["pattern"] = f"^(?:{self.pattern})$"
         annotated = typing.Annotated[
-            kind, pydantic.BeforeValidator(_plain), pydantic.Field(**constraints)
+            int if self.kind is tuple else kind,
+            pydantic.BeforeValidator(_plain),
+            pydantic.Field(**constraints),
         ]
+        if self.kind is tuple:  # a list of such integers
+            annotated = typing.Annotated[
+                list[annotated],
+                pydantic.BeforeValidator(_listed),
+                pydantic.Field(max_length=self.max_items),
+            ]
         return pydantic.TypeAdapter(annotated, config=pydantic.ConfigDict(strict=True))
 
     def check(self, value: Any, key: str | None = None, path: str | Path | None = None) -> Any:
@@ -397,7 +514,8 @@ class Field:
         import pydantic
 
         try:
-            return self._adapter.validate_python(value)
+            checked = self._adapter.validate_python(value)
+            return tuple(checked) if self.kind is tuple else checked
         except pydantic.ValidationError as error:
             value = _plain(value)  # shown as the Python value it is
             problem = self._problem(error.errors()[0], value)
@@ -406,6 +524,17 @@ class Field:
     def _problem(self, error: Mapping[str, Any], value: Any) -> str:
         """Our wording of a pydantic error (the rest of the message is ours too)."""
         kind = error["type"]
+        if self.kind is tuple:  # a list: the list itself, or one of its items
+            if kind == "list_type":
+                return f"{type_name(value)}, not a list"
+            if kind == "too_long":
+                return f"{len(value)} items, more than {self.max_items}"
+            if not error["loc"]:
+                return str(error["msg"]).lower()
+            index = error["loc"][0]
+            item = dataclasses.replace(self, kind=int, max_items=None)
+            problem = item._problem(error, _plain(value[index]))
+            return f"item {index + 1} ({show(_plain(value[index]))}) is {problem}"
         if kind == "float_type" and isinstance(value, int) and not isinstance(value, bool):
             return "out of range"  # an integer too large to be a float
         if kind.endswith("_parsing"):  # logged text that is not a value of the field's type
@@ -422,9 +551,18 @@ class Field:
         return str(error["msg"]).lower()
 
     def parse(self, text: str) -> Any:
-        """A value from the text MLflow keeps (``"0.1"``, ``"True"``, ``"relu"``)."""
+        """A value from the text MLflow keeps (``"0.1"``, ``"True"``, ``"relu"``,
+        ``"[1024, 512]"``)."""
         import pydantic
 
+        if self.kind is tuple:  # "[1024, 512]" (or a tuple's "(1024, 512)"); strict integers
+            try:
+                items = ast.literal_eval(text) if len(text) < 10_000 else text
+            except (TypeError, ValueError, SyntaxError, MemoryError, RecursionError):
+                items = text
+            if not isinstance(items, list | tuple):
+                raise ConfigError(self.name, "not a list", value=text, allowed=self.allowed)
+            return self.check(items)
         try:
             return self._adapter.validate_python(text, strict=False)
         except pydantic.ValidationError as error:
@@ -439,15 +577,17 @@ def _fields_of(cls: type) -> dict[str, Field]:
         description = declared.metadata["knob"]
         annotation = hints[declared.name]
         choices = typing.get_args(annotation) if typing.get_origin(annotation) is Literal else ()
+        kind = typing.get_origin(annotation) or annotation  # tuple[int, ...]: a list field
         table[declared.name] = Field(
             name=declared.name,
-            kind=type(choices[0]) if choices else annotation,
+            kind=type(choices[0]) if choices else kind,
             default=declared.default,
             help=description["help"],
             group=description["group"],
             choices=choices,
             not_searchable=description["not_searchable"],
             flags=description["flags"],
+            max_items=description["max_items"],
             **description["bounds"],
         )
     return table
@@ -508,4 +648,50 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
     name = preset_name(name, stacklevel=3)
     if name not in PRESETS:
         raise ValueError(f"preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
-    return dataclasses.replace(PRESETS[name], **overrides)
+    return configure(PRESETS[name], **overrides)
+
+
+# --- the command line's flags ------------------------------------------------------------------
+
+
+def add_field_flags(parser: Any, group: str, preset: str) -> None:
+    """One flag per training field of ``group`` on an argparse ``parser``, from the field table:
+    ``--<name>`` and its extra spellings, the field's type, choices and help (``None`` when not
+    given, so that the preset's value stays). A boolean is ``--x/--no-x``; a list takes its
+    items as separate words or separated by commas (``--hidden-sizes 1024 512`` or
+    ``1024,512``), each read as a number if it is one, for the field's own check to judge."""
+    for field in (field for field in FIELDS.values() if field.group == group):
+        default = f"({preset} preset: {show(PRESETS[preset].as_params()[field.name])})"
+        options: dict = {"dest": field.name, "default": None, "help": f"{field.help} {default}"}
+        if field.kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif field.kind is tuple:
+            options.update(nargs="+", type=_flag_items, action=_Items, metavar="N")
+        elif field.choices:
+            options.update(type=field.kind, choices=list(field.choices))
+        else:
+            options.update(type=field.kind, metavar=field.name.upper())
+        parser.add_argument(field.flag, *field.flags, **options)
+
+
+def _flag_items(word: str) -> list[Any]:
+    """The items of one command-line word of a list flag (``"1024,512"``): integers, floats or,
+    failing both, the text."""
+    items: list[Any] = []
+    for text in word.split(","):
+        for kind in (int, float):
+            try:
+                items.append(kind(text))
+                break
+            except ValueError:
+                continue
+        else:
+            items.append(text)
+    return items
+
+
+class _Items(argparse.Action):
+    """The argparse action of a list flag: the items of all its words, as one tuple."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        setattr(namespace, self.dest, tuple(item for word in values for item in word))

@@ -45,3 +45,33 @@ def save_loss_curves(history: Sequence[EpochMetrics], path: Path, title: str = "
     figure.subplots_adjust(left=0.1, right=0.88, bottom=0.13, top=0.92)
     figure.savefig(path, dpi=150)
     return path
+
+
+def save_rows_figure(
+    histories: Sequence[tuple[str, Sequence[EpochMetrics]]], path: Path, title: str = ""
+) -> Path:
+    """Training loss per epoch of several runs (a reproduced table's rows) on one log axis, and
+    the learning rate under it; writes a 150 dpi PNG and returns its path."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 5.5))
+    loss_ax, rate_ax = figure.subplots(2, 1, sharex=True, height_ratios=(3, 1))
+    for i, (name, history) in enumerate(histories):
+        epochs = [m.epoch + 1 for m in history]  # the tables count epochs from 1
+        style = ("-", "--", ":", "-.")[i % 4]  # rows that coincide stay visible
+        (line,) = loss_ax.plot(epochs, [m.train_loss for m in history], label=name, linestyle=style)
+        rate_ax.plot(
+            epochs, [m.learning_rate for m in history], color=line.get_color(), linestyle=style
+        )
+    loss_ax.set_yscale("log")
+    loss_ax.set_ylabel("train/loss (epoch mean, with dropout)")
+    loss_ax.grid(alpha=0.3, which="both")
+    loss_ax.legend(frameon=False, fontsize="small")
+    rate_ax.set_ylabel("learning_rate")
+    rate_ax.set_xlabel("epochs trained")
+    rate_ax.grid(alpha=0.3)
+    if title:
+        loss_ax.set_title(title, fontsize="medium")
+    figure.subplots_adjust(left=0.12, right=0.97, bottom=0.1, top=0.93, hspace=0.08)
+    figure.savefig(path, dpi=150)
+    return path

@@ -152,9 +152,11 @@ def rerun(
     result = Rerun(logged, config, n_rows)
     say(f"rerunning {run_id} ({n_rows} training rows, {config.epochs} epochs)")
     if missing:
+        defaults = {name: FIELDS[name].default for name in missing}
+        shown = [f"{k}={list(v) if isinstance(v, tuple) else v!r}" for k, v in defaults.items()]
         say(
             f"note: the run did not log {', '.join(missing)} (it predates them): using their "
-            f"defaults {', '.join(f'{name}={FIELDS[name].default!r}' for name in missing)}"
+            f"defaults {', '.join(shown)}"
         )
     note = kernels_note(logged.params.get("blas_kernels"), loaded_kernels())
     if note:

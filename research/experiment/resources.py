@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from research.data import N_CLASSES, N_PIXELS, N_TEST, N_TRAIN, N_VALIDATION
-from research.experiment.fields import ConfigError, TrainConfig
+from research.experiment.fields import FIELDS, ConfigError, TrainConfig
 from research.experiment.study_config import StudyConfig
 
 #: Worker processes allowed per core: more than one per core only time-share it.
@@ -212,6 +212,10 @@ def check_workers(workers: int, cores: int | None = None) -> None:
         )
 
 
+#: What to make smaller when the network is the shorthand (else: smaller hidden_sizes).
+_SMALLER = "a smaller hidden_size, n_hidden_layers"
+
+
 def check_memory(
     config: TrainConfig,
     n_train_rows: int,
@@ -225,7 +229,7 @@ def check_memory(
     what = (
         f"the network {sizes} ({config.dtype}, {config.optimizer}, batch_size {config.batch_size})"
     )
-    smaller = "a smaller hidden_size, n_hidden_layers or batch_size"
+    smaller = f"{'smaller hidden_sizes' if config.hidden_sizes else _SMALLER} or batch_size"
     _refuse(_estimate(config, n_train_rows), workers, what, smaller, available)
 
 
@@ -240,16 +244,26 @@ def _largest(config: StudyConfig, name: str) -> Any:
 
 def worst_case(config: StudyConfig) -> TrainConfig:
     """The trial of study ``config`` that needs the most memory: the largest hidden_size,
-    n_hidden_layers and batch_size its search can reach, the optimizer with the most state,
-    other fields as in its first trial corner (every searched field at its first value)."""
+    n_hidden_layers and batch_size its search can reach (or, when hidden_sizes defines the
+    network, its list that needs the most), the optimizer with the most state, other fields as
+    in its first trial corner (every searched field at its first value)."""
     values = dict(config.fixed)
     for param in config.search:
         values[param.name] = param.corners()[0]
-    for name in ("hidden_size", "n_hidden_layers", "batch_size"):
-        values[name] = _largest(config, name)
+    values["batch_size"] = _largest(config, "batch_size")
     if "optimizer" not in config.fixed:
         choices = next(param for param in config.search if param.name == "optimizer").choices
         values["optimizer"] = max(choices, key=OPTIMIZER_STATES.__getitem__)
+    if "hidden_sizes" in config.search_names:
+
+        def need(widths: tuple[int, ...]) -> int:
+            return _estimate(TrainConfig(**{**values, "hidden_sizes": widths}), N_TRAIN).total
+
+        choices = next(param for param in config.search if param.name == "hidden_sizes").choices
+        values["hidden_sizes"] = max(choices, key=need)
+    elif not values["hidden_sizes"]:
+        for name in ("hidden_size", "n_hidden_layers"):
+            values[name] = _largest(config, name)
     return TrainConfig(**values)
 
 
@@ -264,16 +278,17 @@ def check_study_memory(
     available (see :func:`check_memory`)."""
     worst = worst_case(config)
     searched = [
-        f"{name} = {getattr(worst, name)}"
-        for name in ("hidden_size", "n_hidden_layers", "batch_size", "optimizer")
+        f"{name} = {FIELDS[name].text(getattr(worst, name))}"
+        for name in ("hidden_size", "n_hidden_layers", "hidden_sizes", "batch_size", "optimizer")
         if name in config.search_names
     ]
     sizes = network(worst.spec().sizes)
     what = (
         f"the study's largest trial ({', '.join([*searched, f'a {sizes} network'])}, {worst.dtype})"
     )
+    network_fields = "smaller hidden_sizes" if worst.hidden_sizes else _SMALLER
     smaller = (
-        "a smaller hidden_size, n_hidden_layers or batch_size (in [fixed], or the high end or "
-        "largest choice of its [search] table)"
+        f"{network_fields} or batch_size (in [fixed], or the high end or largest choice of its "
+        "[search] table)"
     )
     _refuse(_estimate(worst, n_train_rows), workers, what, smaller, available, path=config.path)

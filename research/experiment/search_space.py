@@ -5,6 +5,11 @@ field table (:mod:`research.experiment.fields`): only fields it marks searchable
 choices checked as the field's values are, and the rules Optuna itself has for ranges, so that
 Optuna neither raises nor warns later. Its :meth:`SearchParam.as_dict` is how a study records its
 search space as data.
+
+A list field (``hidden_sizes``) is searched as a categorical of lists. Optuna's choices must be
+None, bool, int, float or str, so Optuna is given each list as its text (``"[512, 512]"``, the
+MLflow param's text too), under the field's name: :meth:`SearchParam.optuna_choices` and, back,
+:meth:`SearchParam.value`.
 """
 
 from __future__ import annotations
@@ -115,22 +120,33 @@ class SearchParam:
                     value=value,
                     allowed="type, choices",
                 )
+        each = field.allowed_items if field.kind is tuple else field.allowed  # [] is no choice
         if not isinstance(self.choices, list | tuple):
             raise ConfigError(
                 f"{key}.choices",
                 f"{type_name(self.choices)}, not an array",
                 value=self.choices,
-                allowed=f"a non-empty array of values, each {field.allowed}",
+                allowed=f"a non-empty array of values, each {each}",
             )
-        choices = tuple(
-            field.check(value, f"{key}.choices[{i}]") for i, value in enumerate(self.choices)
-        )
+        try:
+            choices = tuple(
+                field.check(value, f"{key}.choices[{i}]") for i, value in enumerate(self.choices)
+            )
+        except ConfigError as error:
+            raise error.but(allowed=each) from None
+        if () in choices:  # a list field's default, which is no choice of a width
+            raise ConfigError(
+                f"{key}.choices[{choices.index(())}]",
+                "an empty list (the default) is not a choice",
+                value=[],
+                allowed=field.allowed_items,
+            )
         if len(choices) < 2:
             raise ConfigError(
                 f"{key}.choices",
                 "empty" if not choices else "a single choice is not a search; put it in [fixed]",
                 value=list(self.choices),
-                allowed=f"at least two distinct values, each {field.allowed}",
+                allowed=f"at least two distinct values, each {each}",
             )
         for i, value in enumerate(choices):
             if value in choices[:i]:
@@ -215,9 +231,21 @@ class SearchParam:
         """The values that bound what the sampler can suggest: every choice, or low and high."""
         return self.choices if self.kind == "categorical" else (self.low, self.high)
 
+    def optuna_choices(self) -> list[Any]:
+        """The choices as Optuna takes them: a list field's as their text, ``"[512, 512]"``."""
+        field = FIELDS[self.name]
+        return [field.text(choice) if field.kind is tuple else choice for choice in self.choices]
+
+    def value(self, suggested: Any) -> Any:
+        """The field's value from Optuna's suggestion (a list field's text read back)."""
+        field = FIELDS[self.name]
+        listed = field.kind is tuple and isinstance(suggested, str)
+        return field.parse(suggested) if listed else suggested
+
     def as_dict(self) -> dict[str, Any]:
         """The parameter as data, in the study file's words (``type``, not ``kind``)."""
         if self.kind == "categorical":
-            return {"name": self.name, "type": self.kind, "choices": list(self.choices)}
+            choices = [list(c) if isinstance(c, tuple) else c for c in self.choices]
+            return {"name": self.name, "type": self.kind, "choices": choices}
         data = {"name": self.name, "type": self.kind, "low": self.low, "high": self.high}
         return data | {"log": self.log} | ({"step": self.step} if self.step is not None else {})

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from research.experiment.fields import TrainConfig
+from research.experiment.fields import FIELDS, TrainConfig
 from research.experiment.storage import StudyError, check_storage, default_storage_url
 from research.experiment.study_config import StudyConfig
 from research.experiment.tracking.stores import redact
@@ -355,10 +355,10 @@ def run_study(
         "pruner_settings": describe_pruner(make_pruner(config)),
         "sampler_seed": config.seed,
         "study_file": config.path.name,
-        **{f"fixed.{name}": value for name, value in config.fixed.items()},
+        **{f"fixed.{name}": FIELDS[name].text(value) for name, value in config.fixed.items()},
         **{
             f"search.{p.name}": (
-                list(p.choices)
+                p.as_dict()["choices"]
                 if p.kind == "categorical"
                 else f"{p.kind} [{p.low}, {p.high}]{' log' if p.log else ''}"
             )

@@ -56,8 +56,13 @@ Rules (each one a :class:`StudyConfigError` when broken):
   integers are accepted for float fields (``l2 = 0``) and become floats; floats are finite. Range
   ends and categorical choices are checked the same way as fixed values.
 - Only the fields the table marks searchable may be searched. Integer fields take
-  ``type = "int"`` or ``"categorical"``, float fields ``"float"`` or ``"categorical"``, names and
-  booleans ``"categorical"``.
+  ``type = "int"`` or ``"categorical"``, float fields ``"float"`` or ``"categorical"``, names,
+  booleans and lists (``hidden_sizes``) ``"categorical"`` (a list's choices are lists:
+  ``choices = [[512, 512], [1024, 1024, 1024]]``, none of them empty).
+- The network: when ``hidden_sizes`` is searched, or fixed to a non-empty list, it defines the
+  hidden layers. ``hidden_size`` and ``n_hidden_layers`` then follow from it in every trial (its
+  widest layer, its length): they may not be searched, the preset's values are dropped, and a
+  value ``[fixed]`` gives them must agree with every list.
 - Ranges: ``low < high`` (a single value belongs in ``[fixed]``, as does a single choice);
   ``log = true`` needs ``low > 0`` and no ``step`` (for ``int``: ``step = 1``); a ``step`` must
   divide ``high - low`` exactly. These mirror Optuna's own rules, so Optuna neither raises nor
@@ -77,7 +82,7 @@ import itertools
 import math
 import re
 import tomllib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,15 +90,18 @@ from typing import Any
 from research.experiment.fields import (
     FIELDS,
     PRESETS,
+    SHORTHAND,
     ConfigError,
     Field,
     TrainConfig,
     did_you_mean,
     preset_name,
     quoted,
+    shorthand,
     show,
     toml_key,
     type_name,
+    widths_conflict,
 )
 from research.experiment.search_space import (
     KINDS,
@@ -210,7 +218,9 @@ class StudyConfig:
         sampler: ``"tpe"`` or ``"random"``; pruner: ``"median"``, ``"hyperband"`` or ``"none"``.
         seed: the sampler's seed (the training seed is ``fixed["seed"]``).
         preset: the preset the fixed values started from.
-        fixed: every training field that is not searched → its value (preset, then [fixed]).
+        fixed: every training field that is not searched → its value (preset, then [fixed]);
+            when a searched ``hidden_sizes`` sets them, not ``hidden_size`` or
+            ``n_hidden_layers`` (unless [fixed] gives them).
         search: the searched fields, in file order.
         from_preset: the fixed fields whose value the file left to the preset (for messages).
 
@@ -273,7 +283,8 @@ class StudyConfig:
                     f"unknown key{did_you_mean(name, FIELDS)}",
                     allowed=", ".join(FIELDS),
                 )
-        missing = [name for name in FIELDS if name not in fixed and name not in names]
+        derived = SHORTHAND if "hidden_sizes" in names else ()  # set by each trial's widths
+        missing = [n for n in FIELDS if n not in fixed and n not in names and n not in derived]
         if missing:
             raise ConfigError(
                 "fixed",
@@ -281,6 +292,7 @@ class StudyConfig:
                 allowed="a value for every training field that is not searched",
             )
         fixed = {name: FIELDS[name].check(fixed[name], f"fixed.{name}") for name in fixed}
+        fixed = self._network(fixed, search)
         object.__setattr__(self, "search", search)
         object.__setattr__(self, "fixed", FrozenMapping(fixed))
         self._check_combinations()
@@ -312,7 +324,8 @@ class StudyConfig:
                 f"suggested values must name exactly the searched fields "
                 f"({', '.join(self.search_names)}); " + "; ".join(problems)
             )
-        return TrainConfig(**{**self.fixed, **suggested})
+        values = {param.name: param.value(suggested[param.name]) for param in self.search}
+        return TrainConfig(**{**self.fixed, **values})
 
     # --- checks across fields ------------------------------------------------------------------
 
@@ -331,6 +344,38 @@ class StudyConfig:
         for i, j in itertools.combinations(range(len(names)), 2):
             for a, b in itertools.product(corners[i], corners[j]):
                 yield {**base, names[i]: a, names[j]: b}
+
+    def _network(self, fixed: dict[str, Any], search: tuple[SearchParam, ...]) -> dict[str, Any]:
+        """``fixed`` with the shorthand (``hidden_size``, ``n_hidden_layers``) made to follow
+        ``hidden_sizes`` when it defines the network (searched, or fixed to a non-empty list):
+        the preset's values are dropped (searched) or set from the list (fixed); the file's own
+        must agree with every list, and neither may be searched."""
+        param = next((param for param in search if param.name == "hidden_sizes"), None)
+        if param is not None:
+            key = "search.hidden_sizes"
+            lists = [(f"{key}.choices[{i}]", widths) for i, widths in enumerate(param.choices)]
+        elif fixed.get("hidden_sizes"):
+            key = "fixed.hidden_sizes"
+            lists = [(key, fixed["hidden_sizes"])]
+        else:
+            return fixed
+        for name in SHORTHAND:
+            if any(other.name == name for other in search):
+                raise ConfigError(
+                    f"search.{name}",
+                    f"cannot be searched with {key}, which defines the network",
+                    allowed=f"search hidden_sizes alone (it sets {name}), or search "
+                    "hidden_size and n_hidden_layers without hidden_sizes",
+                )
+            if name in fixed and name not in self.from_preset:
+                for where, widths in lists:
+                    if fixed[name] != shorthand(widths)[name]:
+                        raise widths_conflict(name, fixed[name], widths, f"fixed.{name}", where)
+            elif param is not None:
+                fixed.pop(name, None)
+            else:
+                fixed[name] = shorthand(lists[0][1])[name]
+        return fixed
 
     def _check_combinations(self) -> None:
         """Builds a TrainConfig for the fixed values with each corner combination of the
@@ -412,23 +457,32 @@ def load_study_config(path: str | Path) -> StudyConfig:
             (see the module docstring); the message names the file, key, value and what is
             allowed.
     """
-    path = Path(path)
+    return load_toml(Path(path), "study file", _parse)
+
+
+def load_toml(path: Path, what: str, parse: Callable[[Path, dict[str, Any]], Any]) -> Any:
+    """``parse(path, tables)`` of a TOML file (a study file, a paper file); every ConfigError,
+    reading or parsing, names the file."""
+    raw = _read_toml(path, what)
     try:
-        raw = tomllib.loads(path.read_bytes().decode("utf-8"))
+        return parse(path, raw)
+    except ConfigError as error:
+        raise error.but(path=path) from None
+
+
+def _read_toml(path: Path, what: str) -> dict[str, Any]:
+    """The tables of a TOML file, or ConfigError naming it."""
+    try:
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
     except OSError as error:
-        problem = f"cannot read the study file ({error.strerror or error})"
+        problem = f"cannot read the {what} ({error.strerror or error})"
         allowed = "a readable TOML file"
     except UnicodeDecodeError as error:
         problem, allowed = f"not UTF-8 text (byte {error.start})", "a UTF-8 TOML file"
     except tomllib.TOMLDecodeError as error:
         problem, allowed = f"invalid TOML: {error}", "TOML 1.0 syntax (https://toml.io)"
     except RecursionError:
-        problem, allowed = "invalid TOML: nested too deeply", "a study file"
-    else:
-        try:
-            return _parse(path, raw)
-        except ConfigError as error:
-            raise error.but(path=path) from None
+        problem, allowed = "invalid TOML: nested too deeply", f"a {what}"
     raise ConfigError(None, problem, allowed=allowed, path=path)
 
 

@@ -149,7 +149,7 @@ def distribution(param: SearchParam):
         return IntDistribution(param.low, param.high, log=param.log, step=param.step or 1)
     if param.kind == "float":
         return FloatDistribution(param.low, param.high, log=param.log, step=param.step)
-    return CategoricalDistribution(list(param.choices))
+    return CategoricalDistribution(param.optuna_choices())
 
 
 def describe_distribution(found: Any) -> str:
@@ -186,7 +186,8 @@ def check_search_space(study: Any, config: StudyConfig, storage_url: str) -> Non
 
 
 def suggest(trial: Any, param: SearchParam) -> Any:
-    """One Optuna suggestion for a searched field, named as the field."""
+    """One Optuna suggestion for a searched field, named as the field (a list as its text:
+    :meth:`StudyConfig.train_config` reads it back)."""
     if param.kind == "int":
         return trial.suggest_int(
             param.name, param.low, param.high, step=param.step or 1, log=param.log
@@ -195,7 +196,7 @@ def suggest(trial: Any, param: SearchParam) -> Any:
         return trial.suggest_float(
             param.name, param.low, param.high, step=param.step, log=param.log
         )
-    return trial.suggest_categorical(param.name, list(param.choices))
+    return trial.suggest_categorical(param.name, param.optuna_choices())
 
 
 # --- trial budget and stale trials -------------------------------------------------------------

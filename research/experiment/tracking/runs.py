@@ -133,7 +133,7 @@ class TrainingRun:
         from research.engine.blas_kernels import loaded_kernels
 
         params = {
-            **config.as_params(),
+            **config.as_texts(),  # the text TrainConfig.from_params reads back
             "sizes": list(config.spec().sizes),
             "n_train_rows": n_train_rows,
             "blas_kernels": loaded_kernels(),

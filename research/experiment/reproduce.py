@@ -1,0 +1,584 @@
+"""Reproducing a published table: ``python -m research reproduce experiments/<paper>.toml``.
+
+A paper file (TOML) names a paper and the rows of one of its tables. Each row is a published
+result, its test error, and the training fields that reproduce it (``[rows.fixed]`` over a
+preset). The command:
+
+- trains each row on all 60,000 training images (the train and validation splits together, as
+  the paper's final models were; ``--holdout`` trains on the 50,000 and logs validation curves
+  instead, for choosing settings);
+- evaluates each row once, at the end, on the 10,000 test images;
+- prints the table side by side: the paper's error, ours with a 95% Wilson interval, the target
+  (the paper's error plus the file's ``tolerance``), the epochs and the wall time.
+
+Each row is one MLflow run, with its curves, test metrics and weights, under one parent run that
+holds the table (``reproduce.md``, ``reproduce.json``). A row's training stops early when its
+next epoch would pass the file's ``budget_minutes``; the table then says how many epochs it had.
+``--quick`` trains every row for a few epochs on a subset (for the tests); its numbers are not
+results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from research.experiment.fields import (
+    FIELDS,
+    PRESETS,
+    ConfigError,
+    Field,
+    TrainConfig,
+    configure,
+    preset_name,
+    show,
+)
+from research.experiment.figures import save_rows_figure
+from research.experiment.study_config import (
+    NAME_ALLOWED,
+    NAME_PATTERN,
+    _check_keys,
+    _table,
+    load_toml,
+)
+from research.experiment.tracking.runs import TAG_PARENT, TAG_ROLE
+from research.experiment.train import DivergenceError, EpochMetrics, evaluate, train
+
+#: The ``[paper]`` table, declared like the training fields.
+PAPER_FIELDS: dict[str, Field] = {
+    f.name: f
+    for f in (
+        Field(
+            "name", str, None, "the MLflow experiment", pattern=NAME_PATTERN,
+            allowed_text=NAME_ALLOWED,
+        ),
+        Field("title", str, None, "the paper and the table, as cited"),
+        Field("budget_minutes", float, 30.0, "wall time per row", gt=0, le=7 * 24 * 60),
+        Field("tolerance", float, 0.15, "points above the paper's error a row may land", ge=0),
+        Field("preset", str, "default", "the preset rows start from", choices=tuple(PRESETS)),
+    )
+}  # fmt: skip
+ROW_FIELDS: dict[str, Field] = {
+    f.name: f
+    for f in (
+        Field("name", str, None, "the row as the paper names it", pattern=r".{1,100}",
+              allowed_text="a string of 1 to 100 characters"),
+        Field("paper_error", float, None, "the paper's test error, in percent", gt=0, lt=100),
+        Field("note", str, "", "where the settings come from"),
+    )
+}  # fmt: skip
+QUICK_FIELDS: dict[str, Field] = {
+    f.name: f
+    for f in (
+        Field("epochs", int, 2, "epochs per row with --quick", ge=1, le=1000),
+        Field("subset", int, 2000, "training rows per row with --quick", ge=1, le=60_000),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the table: the published error and the fields that reproduce it."""
+
+    name: str
+    paper_error: float  # percent
+    config: TrainConfig
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Paper:
+    """A paper file, validated."""
+
+    path: Path
+    name: str
+    title: str
+    budget_minutes: float
+    tolerance: float
+    rows: tuple[Row, ...]
+    quick_epochs: int
+    quick_subset: int
+
+    def target(self, row: Row) -> float:
+        """The error (percent) a row must reach: the paper's plus the tolerance."""
+        return round(row.paper_error + self.tolerance, 6)
+
+
+@dataclass
+class RowResult:
+    """What training one row gave."""
+
+    row: Row
+    epochs_planned: int
+    epochs: int = 0  # trained
+    seconds: float = 0.0
+    n_test: int = 0
+    errors: int = 0
+    diverged: str = ""  # the reason, if training diverged
+    stopped_by_budget: bool = False
+    run_id: str = ""
+    history: list[EpochMetrics] = field(default_factory=list)
+
+    @property
+    def error(self) -> float:
+        """Test error in percent (NaN if there is none)."""
+        return 100 * self.errors / self.n_test if self.n_test else math.nan
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """The 95% Wilson interval of the test error, in percent."""
+        return wilson_interval(self.errors, self.n_test) if self.n_test else (math.nan, math.nan)
+
+
+def wilson_interval(errors: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of ``errors`` out of ``n``, in percent (scipy's binomtest)."""
+    from scipy.stats import binomtest
+
+    interval = binomtest(int(errors), int(n)).proportion_ci(confidence, method="wilson")
+    return 100 * float(interval.low), 100 * float(interval.high)
+
+
+# --- the paper file ----------------------------------------------------------------------------
+
+
+def load_paper(path: str | Path) -> Paper:
+    """Reads and validates a paper file; ConfigError names the file, the key and what is
+    allowed."""
+    return load_toml(Path(path), "paper file", _parse)
+
+
+def _settings(table: dict[str, Any], prefix: str, fields: dict[str, Field]) -> dict[str, Any]:
+    _check_keys(table, prefix, tuple(fields), [n for n, f in fields.items() if f.default is None])
+    values = {name: f.default for name, f in fields.items()} | table
+    return {name: fields[name].check(values[name], f"{prefix}{name}") for name in fields}
+
+
+def _parse(path: Path, raw: dict[str, Any]) -> Paper:
+    _check_keys(raw, "", ("paper", "quick", "rows"), required=("paper", "rows"))
+    paper = _settings(_table(raw["paper"], "paper", "a [paper] table"), "paper.", PAPER_FIELDS)
+    quick = _settings(
+        _table(raw.get("quick", {}), "quick", "a [quick] table"), "quick.", QUICK_FIELDS
+    )
+    tables = raw["rows"]
+    if not isinstance(tables, list) or not tables:
+        raise ConfigError("rows", "not a list of [[rows]] tables", allowed="one [[rows]] per row")
+    base = PRESETS[preset_name(paper["preset"])]
+    rows = []
+    for i, table in enumerate(tables):
+        prefix = f"rows[{i}]."
+        table = _table(table, f"rows[{i}]", "a [[rows]] table")
+        fixed = _table(table.pop("fixed", {}), f"{prefix}fixed", "a table of training fields")
+        settings = _settings(table, prefix, ROW_FIELDS)
+        _check_keys(fixed, f"{prefix}fixed.", tuple(FIELDS))
+        values = {name: FIELDS[name].check(v, f"{prefix}fixed.{name}") for name, v in fixed.items()}
+        try:
+            config = configure(base, **values)
+        except ConfigError as error:
+            raise error.but(key=f"{prefix}fixed.{error.key}") from None
+        except ValueError as error:  # a combination, e.g. cross-entropy without softmax
+            raise ConfigError(f"{prefix}fixed", str(error)) from None
+        rows.append(Row(settings["name"], settings["paper_error"], config, settings["note"]))
+    names = [row.name for row in rows]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError("rows", f"two rows are named {show(name)}", allowed="unique names")
+    return Paper(
+        path=path,
+        name=paper["name"],
+        title=paper["title"],
+        budget_minutes=paper["budget_minutes"],
+        tolerance=paper["tolerance"],
+        rows=tuple(rows),
+        quick_epochs=quick["epochs"],
+        quick_subset=quick["subset"],
+    )
+
+
+def select_rows(paper: Paper, numbers: Sequence[int] | None) -> list[int]:
+    """Row indexes (from 0) for row numbers counted from 1 (all rows for None); ConfigError for
+    a number the file does not have."""
+    if not numbers:
+        return list(range(len(paper.rows)))
+    for number in numbers:
+        if not 1 <= number <= len(paper.rows):
+            raise ConfigError(
+                "--rows", "no such row", value=number, allowed=f"1 to {len(paper.rows)}"
+            )
+    return sorted({number - 1 for number in numbers})
+
+
+def describe(config: TrainConfig) -> str:
+    """The network and its regularizers in a few words: ``relu 3×1024, dropout 0.2/0.5,
+    max-norm 3.5``."""
+    hidden = config.spec().sizes[1:-1]
+    widths = f"{len(hidden)}×{hidden[0]}" if len(set(hidden)) == 1 else "-".join(map(str, hidden))
+    parts = [f"{'logistic' if config.activation == 'sigmoid' else config.activation} {widths}"]
+    if config.input_dropout or config.dropout:
+        parts.append(f"dropout {config.input_dropout:g}/{config.dropout:g}")
+    if config.max_norm:
+        parts.append(f"max-norm {config.max_norm:g}")
+    if config.l2:
+        parts.append(f"l2 {config.l2:g}")
+    return ", ".join(parts)
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+
+
+def results_table(paper: Paper, results: Sequence[RowResult], quick: bool = False) -> str:
+    """The table as Markdown: one line per row trained."""
+    lines = [
+        "| row | network | paper's error | ours (95% CI) | target | met | epochs | wall time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        row, target = result.row, paper.target(result.row)
+        if result.n_test:
+            low, high = result.interval
+            ours = f"{result.error:.2f}% ({low:.2f}–{high:.2f})"
+            met = "yes" if result.error <= target + 1e-9 else "no"
+        else:
+            ours, met = f"diverged: {result.diverged}", "no"
+        epochs = f"{result.epochs}" + (
+            f" of {result.epochs_planned} (budget)" if result.stopped_by_budget else ""
+        )
+        lines.append(
+            f"| {row.name} | {describe(row.config)} | {row.paper_error:.2f}% | {ours} | "
+            f"≤ {target:.2f}% | {met} | {epochs} | {_minutes(result.seconds)} |"
+        )
+    if quick:
+        lines.append("")
+        lines.append("`--quick`: a few epochs on a subset, for the tests; these are not results.")
+    return "\n".join(lines) + "\n"
+
+
+def results_json(paper: Paper, results: Sequence[RowResult], quick: bool) -> dict[str, Any]:
+    """The table as data (``reproduce.json``)."""
+    rows = []
+    for result in results:
+        low, high = result.interval
+        rows.append(
+            {
+                "name": result.row.name,
+                "network": describe(result.row.config),
+                "paper_error": result.row.paper_error,
+                "target": paper.target(result.row),
+                "error": None if math.isnan(result.error) else result.error,
+                "ci95": None if math.isnan(low) else [low, high],
+                "errors": result.errors,
+                "n_test": result.n_test,
+                "epochs": result.epochs,
+                "epochs_planned": result.epochs_planned,
+                "stopped_by_budget": result.stopped_by_budget,
+                "seconds": result.seconds,
+                "diverged": result.diverged or None,
+                "run_id": result.run_id,
+                "fields": result.row.config.as_params(),
+            }
+        )
+    return {"paper": paper.title, "file": str(paper.path), "quick": quick, "rows": rows}
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``reproduce`` command's own arguments (the command line adds the store and data
+    flags)."""
+    parser.description = (
+        "Train each row of a paper file (e.g. experiments/dropout_paper.toml) on the 60,000 "
+        "training images, evaluate it once on the test set, and print the paper's error beside "
+        "ours with a 95%% Wilson interval; every row is an MLflow run under one parent."
+    )
+    parser.add_argument("paper_file", help="e.g. experiments/dropout_paper.toml")
+    parser.add_argument("--rows", type=_numbers, help="only these rows, from 1 (e.g. 1,3)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a few epochs on a subset (for tests; not results)"
+    )
+    parser.add_argument(
+        "--holdout",
+        action="store_true",
+        help="train on the 50,000 and log validation curves (to choose settings)",
+    )
+    parser.add_argument("--out", type=Path, help="also write the table (Markdown) here")
+    parser.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def reproduce_command(args: argparse.Namespace, load_data: Callable[[bool], Any]) -> int:
+    """Runs the paper file of a parsed ``reproduce`` command line (see :func:`run_paper`)."""
+    return run_paper(
+        load_paper(args.paper_file),
+        load_data,
+        rows=args.rows,
+        quick=args.quick,
+        holdout=args.holdout,
+        tracking_uri=args.tracking_uri,
+        track=not args.no_track,
+        quiet=args.quiet,
+        out=args.out,
+    )
+
+
+def _numbers(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of row numbers") from None
+
+
+# --- running -----------------------------------------------------------------------------------
+
+
+class _BudgetReached(Exception):
+    """Raised from the epoch callback when the next epoch would pass the row's budget."""
+
+
+@dataclass
+class Splits:
+    """What the rows train and are tested on."""
+
+    x_train: np.ndarray
+    labels_train: np.ndarray
+    x_val: np.ndarray | None
+    labels_val: np.ndarray | None
+    x_test: np.ndarray
+    labels_test: np.ndarray
+
+
+def splits(data: Any, holdout: bool, subset: int | None) -> Splits:
+    """All 60,000 training images (or the 50,000 with ``holdout``, validation kept apart),
+    cut to the first ``subset`` rows if given, and the test split."""
+    if holdout:
+        x, labels = data.train.x, data.train.labels
+        x_val, labels_val = data.validation.x, data.validation.labels
+    else:
+        x = np.concatenate([data.train.x, data.validation.x])
+        labels = np.concatenate([data.train.labels, data.validation.labels])
+        x_val = labels_val = None
+    if subset is not None:
+        x, labels = x[:subset], labels[:subset]
+    return Splits(x, labels, x_val, labels_val, data.test.x, data.test.labels)
+
+
+def train_row(
+    row: Row,
+    data: Splits,
+    budget_seconds: float,
+    run: Any = None,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+) -> RowResult:
+    """Trains one row, then evaluates it once on the test split. Logs epochs to ``run`` (a
+    TrainingRun) if given. A divergence is recorded in the result, not raised."""
+    config = row.config
+    result = RowResult(row, epochs_planned=config.epochs)
+    latest: dict[str, Any] = {}
+    started = time.perf_counter()
+
+    def epoch_done(metrics: EpochMetrics, params: Any) -> None:
+        latest["params"] = params
+        result.history.append(metrics)
+        result.epochs = metrics.epoch + 1
+        if run is not None:
+            run.log_epoch(metrics)
+        if on_epoch is not None:
+            on_epoch(metrics)
+        elapsed = time.perf_counter() - started
+        # Stop before an epoch that would end past the budget (epochs take about as long).
+        mean_epoch = elapsed / result.epochs
+        if result.epochs < config.epochs and elapsed + mean_epoch > budget_seconds:
+            raise _BudgetReached
+
+    try:
+        train(config, data.x_train, data.labels_train, data.x_val, data.labels_val, epoch_done)
+    except _BudgetReached:
+        result.stopped_by_budget = True
+    except DivergenceError as error:
+        result.diverged = str(error)
+        result.seconds = time.perf_counter() - started
+        if run is not None:
+            run.diverged(error)
+        return result
+    loss, accuracy = evaluate(latest["params"], data.x_test, data.labels_test, config.spec())
+    result.n_test = len(data.labels_test)
+    result.errors = result.n_test - round(accuracy * result.n_test)
+    result.seconds = time.perf_counter() - started
+    if run is not None:
+        low, high = result.interval
+        run.log_metrics(
+            {
+                "test_accuracy": accuracy,
+                "test_loss": loss,
+                "test_error": result.error,
+                "test_error_ci_low": low,
+                "test_error_ci_high": high,
+                "wall_seconds": result.seconds,
+                "epochs_trained": float(result.epochs),
+            },
+            step=result.epochs - 1,
+        )
+        run.save_outputs(result.history, row.name, latest["params"], config.spec())
+        run.end("COMPLETE", "FINISHED")
+    return result
+
+
+def run_paper(
+    paper: Paper,
+    load_data: Callable[[bool], Any],
+    *,
+    rows: Sequence[int] | None = None,
+    quick: bool = False,
+    holdout: bool = False,
+    tracking_uri: str | None = None,
+    track: bool = True,
+    quiet: bool = False,
+    out: Path | None = None,
+    say: Callable[[str], None] = print,
+) -> int:
+    """Trains the chosen rows (numbers from 1; all by default), prints the table, logs it all.
+
+    Args:
+        load_data: ``raw -> MNIST`` (the splits, with raw 0..255 pixels or scaled ones).
+    Returns:
+        0 when every row trained, 1 when one diverged.
+    Raises:
+        ConfigError: a row cannot run here (batch larger than the rows, not enough memory).
+    """
+    from research.experiment.resources import check_memory
+
+    chosen = [paper.rows[i] for i in select_rows(paper, rows)]
+    if quick:
+        chosen = [
+            replace(r, config=replace(r.config, epochs=min(r.config.epochs, paper.quick_epochs)))
+            for r in chosen
+        ]
+    subset = paper.quick_subset if quick else None
+    raws = {row.config.raw_inputs for row in chosen}
+    data = {raw: splits(load_data(raw), holdout, subset) for raw in raws}
+    for row in chosen:
+        n_rows = len(data[row.config.raw_inputs].x_train)
+        if row.config.batch_size > n_rows:
+            raise ConfigError(
+                "batch_size",
+                f"larger than the {n_rows} training rows of row {show(row.name)}",
+                value=row.config.batch_size,
+            )
+        check_memory(row.config, n_rows)
+    note = " (--quick: not results)" if quick else ""
+    say(f"{paper.title}: {len(chosen)} row(s), at most {paper.budget_minutes:g} min each{note}")
+    parent = _start_parent(paper, quick, holdout, tracking_uri) if track else None
+    results: list[RowResult] = []
+    try:
+        for number, row in enumerate(chosen, 1):
+            rows_data = data[row.config.raw_inputs]
+            say(
+                f"[{number}/{len(chosen)}] {row.name}: {describe(row.config)}, "
+                f"{row.config.epochs} epochs on {len(rows_data.x_train):,} rows"
+            )
+            result = _train_tracked(paper, row, rows_data, parent, tracking_uri, quiet)
+            results.append(result)
+            if result.diverged:
+                say(f"    diverged: {result.diverged}")
+            else:
+                low, high = result.interval
+                say(
+                    f"    test error {result.error:.2f}% (95% CI {low:.2f}–{high:.2f}), paper "
+                    f"{row.paper_error:.2f}%: {result.epochs} epochs, {_minutes(result.seconds)}"
+                )
+    except KeyboardInterrupt:
+        if parent is not None:
+            parent.end("FAIL", "KILLED", "interrupted")
+        raise
+    table = results_table(paper, results, quick)
+    say("")
+    say(table)
+    if out is not None:
+        temporary = out.with_name(out.name + ".tmp")
+        temporary.write_text(table)
+        temporary.replace(out)
+    diverged = any(result.diverged for result in results)
+    if parent is not None:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "reproduce.md"
+            path.write_text(f"# {paper.title}\n\n{table}")
+            parent.log_artifact(path)
+            trained = [(r.row.name, r.history) for r in results if r.history]
+            if trained:
+                curves = Path(folder) / "rows_train_loss.png"
+                parent.log_artifact(save_rows_figure(trained, curves, paper.title))
+        parent.log_json("reproduce.json", results_json(paper, results, quick))
+        parent.end("FAIL" if diverged else "COMPLETE", "FINISHED")
+        say(f"MLflow: experiment {show(paper.name)}, parent run {parent.run_id}")
+        say(f"browse it: {parent.ui_hint}")
+    return 1 if diverged else 0
+
+
+def _start_parent(paper: Paper, quick: bool, holdout: bool, tracking_uri: str | None) -> Any:
+    from research.experiment.tracking.runs import start_training_run
+
+    parent = start_training_run(
+        paper.name,
+        run_name="reproduce" + ("-quick" if quick else ""),
+        tags={TAG_ROLE: "reproduce", "command": "reproduce"},
+        tracking_uri=tracking_uri,
+    )
+    settings = {"budget_minutes": paper.budget_minutes, "tolerance": paper.tolerance}
+    parent.log_params(
+        {"paper": paper.title, "file": str(paper.path), "quick": quick, "holdout": holdout}
+        | settings
+    )
+    return parent
+
+
+def _train_tracked(
+    paper: Paper,
+    row: Row,
+    data: Splits,
+    parent: Any,
+    tracking_uri: str | None,
+    quiet: bool,
+) -> RowResult:
+    """One row with its MLflow run (under ``parent``, if any) and a progress bar."""
+    from tqdm import tqdm
+
+    from research.experiment.tracking.runs import start_training_run
+
+    run = None
+    if parent is not None:
+        run = start_training_run(
+            paper.name,
+            run_name=row.name,
+            tags={TAG_PARENT: parent.run_id, TAG_ROLE: "row", "command": "reproduce"},
+            tracking_uri=tracking_uri,
+        )
+        run.log_config(row.config, len(data.x_train), paper_error=row.paper_error)
+    progress = tqdm(
+        total=row.config.epochs, unit="epoch", disable=quiet, leave=False, dynamic_ncols=True,
+        file=sys.stdout,
+    )  # fmt: skip
+
+    def on_epoch(metrics: EpochMetrics) -> None:
+        progress.set_postfix_str(f"train/loss {metrics.train_loss:.4f}", refresh=False)
+        progress.update(1)
+
+    try:
+        return train_row(row, data, 60 * paper.budget_minutes, run, on_epoch)
+    except KeyboardInterrupt:
+        if run is not None:
+            run.end("FAIL", "KILLED", "interrupted")
+        raise
+    finally:
+        progress.close()
