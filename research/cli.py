@@ -19,10 +19,10 @@ from research.experiment.fields import (
     ConfigError,
     DeprecatedName,
     TrainConfig,
-    add_field_flags,
     configure,
     preset_name,
 )
+from research.experiment.flags import add_field_flags
 from research.experiment.reproduce import add_reproduce_arguments, reproduce_command
 from research.experiment.train import (
     DivergenceError,

@@ -6,8 +6,8 @@ a ``Literal`` type lists the allowed names), its default, help text, group, rang
 command-line spellings. Everything else derives from it:
 
 - ``TrainConfig(...)`` checks every value (pydantic, strict types) and then the combinations;
-- the ``train`` flags and their choices, and ``gradcheck``'s model flags (:func:`add_field_flags`,
-  for :mod:`research.cli`);
+- the ``train`` flags and their choices, and ``gradcheck``'s model flags
+  (:func:`.flags.add_field_flags`, for :mod:`research.cli`);
 - the study files' ``[fixed]`` and ``[search]`` validation (:mod:`.study_config`);
 - the Optuna parameter names and the MLflow params, which are the field names;
 - ``rerun`` and the report, which read logged params back with :meth:`Field.parse`.
@@ -27,19 +27,13 @@ command-line flags: :func:`configure`).
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
-import difflib
 import functools
-import json
-import math
-import re
 import typing
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date, datetime, time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +42,16 @@ import numpy as np
 from research.data import N_CLASSES, N_PIXELS, N_TRAIN, N_VALIDATION
 from research.engine.mlp import Activation, InitScheme, Loss, MLPSpec, Output
 from research.engine.optim import OptimizerName, ScheduleName
+
+# The one-line errors and their wording live in config_text; the field table's users take
+# them from here too.
+from research.experiment.config_text import NO_VALUE as NO_VALUE
+from research.experiment.config_text import ConfigError as ConfigError
+from research.experiment.config_text import did_you_mean as did_you_mean
+from research.experiment.config_text import quoted as quoted
+from research.experiment.config_text import show as show
+from research.experiment.config_text import toml_key as toml_key
+from research.experiment.config_text import type_name as type_name
 
 MAX_HIDDEN_SIZE = 65_536
 MAX_HIDDEN_LAYERS = 32
@@ -290,104 +294,6 @@ def configure(base: TrainConfig, **given: Any) -> TrainConfig:
 
 
 # --- what derives from a declaration -----------------------------------------------------------
-
-
-class _NoValue:
-    def __repr__(self) -> str:
-        return "<no value>"
-
-
-NO_VALUE: Any = _NoValue()
-
-
-class ConfigError(ValueError):
-    """A value a configuration does not allow, as one message:
-    ``[<file>: ]<key> = <value>: <problem>; allowed: <what is allowed>``.
-
-    Attributes ``path`` (None outside a file), ``key`` (a dotted key such as
-    ``search.learning_rate.low``, None for a file-level problem), ``value``, ``problem`` and
-    ``allowed`` hold the parts.
-    """
-
-    def __init__(
-        self,
-        key: str | None,
-        problem: str,
-        *,
-        value: Any = NO_VALUE,
-        allowed: str | None = None,
-        path: str | Path | None = None,
-    ):
-        self.path = None if path is None else Path(path)
-        self.key, self.value, self.problem, self.allowed = key, value, problem, allowed
-        parts = [] if self.path is None else [str(self.path)]
-        if key is not None:
-            parts.append(key if value is NO_VALUE else f"{key} = {show(value)}")
-        elif value is not NO_VALUE:
-            parts.append(show(value))
-        message = ": ".join([*parts, problem])
-        super().__init__(message + (f"; allowed: {allowed}" if allowed else ""))
-
-    def but(self, **changes: Any) -> ConfigError:
-        """The same error with some parts changed (e.g. ``path``, ``problem``)."""
-        parts = {key: getattr(self, key) for key in ("key", "problem", "value", "allowed", "path")}
-        parts.update(changes)
-        return ConfigError(parts.pop("key"), parts.pop("problem"), **parts)
-
-
-_LINE_BREAKS = {code: f"\\u{code:04x}" for code in (0x85, 0x2028, 0x2029)}
-
-
-def show(value: Any, limit: int = 80) -> str:
-    """A value as it is written in TOML (strings in double quotes, true/false, inf, nan)."""
-    if isinstance(value, bool | np.bool_):
-        text = "true" if value else "false"
-    elif isinstance(value, str):  # the line breaks JSON leaves alone escaped too: one line
-        text = json.dumps(value, ensure_ascii=False).translate(_LINE_BREAKS)
-    elif isinstance(value, float) and not math.isfinite(value):
-        text = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    elif isinstance(value, list | tuple):
-        text = "[" + ", ".join(show(v, limit) for v in value) + "]"
-    elif isinstance(value, dict):
-        text = "{" + ", ".join(f"{toml_key(k)} = {show(v, limit)}" for k, v in value.items()) + "}"
-    elif isinstance(value, datetime | date | time):
-        text = value.isoformat()
-    else:
-        text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def toml_key(key: str) -> str:
-    """A key as written in TOML: bare if it can be, else quoted (so it stays on one line)."""
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
-
-
-def type_name(value: Any) -> str:
-    """'an integer', 'a string', ... for a TOML value."""
-    for kind, name in (
-        (bool, "a boolean"),
-        (int, "an integer"),
-        (float, "a float"),
-        (str, "a string"),
-        (list | tuple, "an array"),
-        (dict, "a table"),
-        (datetime | date | time, "a date/time"),
-    ):
-        if isinstance(value, kind):
-            return name
-    return f"a {type(value).__name__}"
-
-
-def quoted(names: Any) -> str:
-    return ", ".join(show(name) for name in names)
-
-
-def did_you_mean(word: Any, known: Any) -> str:
-    """`` (did you mean "x"?)`` for a close known word, else ""."""
-    if not isinstance(word, str):
-        return ""
-    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
-    return f" (did you mean {show(close[0])}?)" if close else ""
 
 
 _EXPECTED = {int: "an integer", float: "a number", bool: "a boolean", str: "a string"}
@@ -649,49 +555,3 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
     if name not in PRESETS:
         raise ValueError(f"preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
     return configure(PRESETS[name], **overrides)
-
-
-# --- the command line's flags ------------------------------------------------------------------
-
-
-def add_field_flags(parser: Any, group: str, preset: str) -> None:
-    """One flag per training field of ``group`` on an argparse ``parser``, from the field table:
-    ``--<name>`` and its extra spellings, the field's type, choices and help (``None`` when not
-    given, so that the preset's value stays). A boolean is ``--x/--no-x``; a list takes its
-    items as separate words or separated by commas (``--hidden-sizes 1024 512`` or
-    ``1024,512``), each read as a number if it is one, for the field's own check to judge."""
-    for field in (field for field in FIELDS.values() if field.group == group):
-        default = f"({preset} preset: {show(PRESETS[preset].as_params()[field.name])})"
-        options: dict = {"dest": field.name, "default": None, "help": f"{field.help} {default}"}
-        if field.kind is bool:
-            options["action"] = argparse.BooleanOptionalAction
-        elif field.kind is tuple:
-            options.update(nargs="+", type=_flag_items, action=_Items, metavar="N")
-        elif field.choices:
-            options.update(type=field.kind, choices=list(field.choices))
-        else:
-            options.update(type=field.kind, metavar=field.name.upper())
-        parser.add_argument(field.flag, *field.flags, **options)
-
-
-def _flag_items(word: str) -> list[Any]:
-    """The items of one command-line word of a list flag (``"1024,512"``): integers, floats or,
-    failing both, the text."""
-    items: list[Any] = []
-    for text in word.split(","):
-        for kind in (int, float):
-            try:
-                items.append(kind(text))
-                break
-            except ValueError:
-                continue
-        else:
-            items.append(text)
-    return items
-
-
-class _Items(argparse.Action):
-    """The argparse action of a list flag: the items of all its words, as one tuple."""
-
-    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
-        setattr(namespace, self.dest, tuple(item for word in values for item in word))

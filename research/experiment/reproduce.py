@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from research.experiment.config_text import check_keys, load_toml, table_of
 from research.experiment.fields import (
     FIELDS,
     PRESETS,
@@ -43,13 +44,7 @@ from research.experiment.fields import (
     show,
 )
 from research.experiment.figures import save_rows_figure
-from research.experiment.study_config import (
-    NAME_ALLOWED,
-    NAME_PATTERN,
-    _check_keys,
-    _table,
-    load_toml,
-)
+from research.experiment.study_config import NAME_ALLOWED, NAME_PATTERN
 from research.experiment.tracking.runs import TAG_PARENT, TAG_ROLE
 from research.experiment.train import DivergenceError, EpochMetrics, evaluate, train
 
@@ -157,16 +152,16 @@ def load_paper(path: str | Path) -> Paper:
 
 
 def _settings(table: dict[str, Any], prefix: str, fields: dict[str, Field]) -> dict[str, Any]:
-    _check_keys(table, prefix, tuple(fields), [n for n, f in fields.items() if f.default is None])
+    check_keys(table, prefix, tuple(fields), [n for n, f in fields.items() if f.default is None])
     values = {name: f.default for name, f in fields.items()} | table
     return {name: fields[name].check(values[name], f"{prefix}{name}") for name in fields}
 
 
 def _parse(path: Path, raw: dict[str, Any]) -> Paper:
-    _check_keys(raw, "", ("paper", "quick", "rows"), required=("paper", "rows"))
-    paper = _settings(_table(raw["paper"], "paper", "a [paper] table"), "paper.", PAPER_FIELDS)
+    check_keys(raw, "", ("paper", "quick", "rows"), required=("paper", "rows"))
+    paper = _settings(table_of(raw["paper"], "paper", "a [paper] table"), "paper.", PAPER_FIELDS)
     quick = _settings(
-        _table(raw.get("quick", {}), "quick", "a [quick] table"), "quick.", QUICK_FIELDS
+        table_of(raw.get("quick", {}), "quick", "a [quick] table"), "quick.", QUICK_FIELDS
     )
     tables = raw["rows"]
     if not isinstance(tables, list) or not tables:
@@ -175,10 +170,10 @@ def _parse(path: Path, raw: dict[str, Any]) -> Paper:
     rows = []
     for i, table in enumerate(tables):
         prefix = f"rows[{i}]."
-        table = _table(table, f"rows[{i}]", "a [[rows]] table")
-        fixed = _table(table.pop("fixed", {}), f"{prefix}fixed", "a table of training fields")
+        table = table_of(table, f"rows[{i}]", "a [[rows]] table")
+        fixed = table_of(table.pop("fixed", {}), f"{prefix}fixed", "a table of training fields")
         settings = _settings(table, prefix, ROW_FIELDS)
-        _check_keys(fixed, f"{prefix}fixed.", tuple(FIELDS))
+        check_keys(fixed, f"{prefix}fixed.", tuple(FIELDS))
         values = {name: FIELDS[name].check(v, f"{prefix}fixed.{name}") for name, v in fixed.items()}
         try:
             config = configure(base, **values)

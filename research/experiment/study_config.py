@@ -81,12 +81,12 @@ import dataclasses
 import itertools
 import math
 import re
-import tomllib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from research.experiment.config_text import check_keys, load_toml, table_of
 from research.experiment.fields import (
     FIELDS,
     PRESETS,
@@ -428,27 +428,6 @@ class StudyConfig:
 # --- loading -----------------------------------------------------------------------------------
 
 
-def _check_keys(
-    table: Mapping[str, Any], prefix: str, allowed: Sequence[str], required: Sequence[str] = ()
-) -> None:
-    for key in table:
-        if key not in allowed:
-            raise ConfigError(
-                f"{prefix}{toml_key(key)}",
-                f"unknown key{did_you_mean(key, allowed)}",
-                allowed=", ".join(allowed),
-            )
-    for key in required:
-        if key not in table:
-            raise ConfigError(f"{prefix}{key}", "missing (required)", allowed=", ".join(allowed))
-
-
-def _table(value: Any, key: str, what: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise ConfigError(key, f"{type_name(value)}, not a table", value=value, allowed=what)
-    return value
-
-
 def load_study_config(path: str | Path) -> StudyConfig:
     """Reads and validates a study file (TOML).
 
@@ -460,47 +439,21 @@ def load_study_config(path: str | Path) -> StudyConfig:
     return load_toml(Path(path), "study file", _parse)
 
 
-def load_toml(path: Path, what: str, parse: Callable[[Path, dict[str, Any]], Any]) -> Any:
-    """``parse(path, tables)`` of a TOML file (a study file, a paper file); every ConfigError,
-    reading or parsing, names the file."""
-    raw = _read_toml(path, what)
-    try:
-        return parse(path, raw)
-    except ConfigError as error:
-        raise error.but(path=path) from None
-
-
-def _read_toml(path: Path, what: str) -> dict[str, Any]:
-    """The tables of a TOML file, or ConfigError naming it."""
-    try:
-        return tomllib.loads(path.read_bytes().decode("utf-8"))
-    except OSError as error:
-        problem = f"cannot read the {what} ({error.strerror or error})"
-        allowed = "a readable TOML file"
-    except UnicodeDecodeError as error:
-        problem, allowed = f"not UTF-8 text (byte {error.start})", "a UTF-8 TOML file"
-    except tomllib.TOMLDecodeError as error:
-        problem, allowed = f"invalid TOML: {error}", "TOML 1.0 syntax (https://toml.io)"
-    except RecursionError:
-        problem, allowed = "invalid TOML: nested too deeply", f"a {what}"
-    raise ConfigError(None, problem, allowed=allowed, path=path)
-
-
 def _parse(path: Path, raw: dict[str, Any]) -> StudyConfig:
     """The study file's tables as StudyConfig's arguments (which it then validates): only the
     shape of the file is checked here (tables, known and required keys)."""
-    _check_keys(raw, "", ("study", "fixed", "search"), required=("study", "search"))
-    study = _table(raw["study"], "study", "a [study] table")
-    _check_keys(study, "study.", tuple(STUDY_FIELDS), required=_REQUIRED)
+    check_keys(raw, "", ("study", "fixed", "search"), required=("study", "search"))
+    study = table_of(raw["study"], "study", "a [study] table")
+    check_keys(study, "study.", tuple(STUDY_FIELDS), required=_REQUIRED)
     settings = {name: field.default for name, field in STUDY_FIELDS.items()} | study
     # The preset's name first: its values fill what [fixed] leaves out.
     settings["preset"] = STUDY_FIELDS["preset"].check(
         preset_name(settings["preset"]), "study.preset"
     )
-    fixed = _table(raw.get("fixed", {}), "fixed", "a [fixed] table of training fields")
-    _check_keys(fixed, "fixed.", tuple(FIELDS))
+    fixed = table_of(raw.get("fixed", {}), "fixed", "a [fixed] table of training fields")
+    check_keys(fixed, "fixed.", tuple(FIELDS))
     search = []
-    for name, spec in _table(raw["search"], "search", "[search.<field>] tables").items():
+    for name, spec in table_of(raw["search"], "search", "[search.<field>] tables").items():
         check_searchable(name, f"search.{toml_key(name)}")
         search.append(_parse_param(name, spec))
     searched = {param.name for param in search}
@@ -517,7 +470,7 @@ def _parse(path: Path, raw: dict[str, Any]) -> StudyConfig:
 def _parse_param(name: str, spec: Any) -> SearchParam:
     key = f"search.{name}"
     kinds = kinds_for(name)
-    spec = _table(
+    spec = table_of(
         spec,
         key,
         f"a table [search.{name}] with type = {' or '.join(show(kind) for kind in kinds)}",
@@ -534,7 +487,7 @@ def _parse_param(name: str, spec: Any) -> SearchParam:
             allowed=quoted(kinds),
         )
     required = ("choices",) if kind == "categorical" else ("low", "high")
-    _check_keys(spec, f"{key}.", PARAM_KEYS[kind], required)
+    check_keys(spec, f"{key}.", PARAM_KEYS[kind], required)
     if kind == "categorical":
         choices = spec["choices"]
         return SearchParam(
