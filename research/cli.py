@@ -429,7 +429,7 @@ def _run_gradcheck(args: argparse.Namespace) -> int:
 def _run_study(args: argparse.Namespace) -> int:
     from analysis.report import ReportError, log_study_figures
     from research.data import DataError
-    from research.experiment.storage import StudyError
+    from research.experiment.storage import StudyError, locked_database
     from research.experiment.study import run_study
     from research.experiment.study_config import (
         StudyConfigError,
@@ -463,6 +463,11 @@ def _run_study(args: argparse.Namespace) -> int:
         return code
     except (StudyConfigError, StudyError, DataError, TrackingError, ReportError) as error:
         raise UserError(str(error)) from None
+    except Exception as error:  # a SQLite study database that another process keeps locked
+        locked = locked_database(error, args.storage) if args.storage else None
+        if locked is None:
+            raise
+        raise UserError(str(locked)) from None
 
 
 def _run_ui(args: argparse.Namespace) -> int:

@@ -370,6 +370,57 @@ def test_a_database_study_sweeps_another_hosts_dead_trial_when_it_starts(tmp_pat
     no_run_left_running(uri)
 
 
+def stop_outside_a_write(process: subprocess.Popen, database: Path) -> None:
+    """SIGSTOP ``process`` at a moment it holds no write lock on the SQLite ``database``.
+
+    Stopped inside a write (its heartbeat's, a few milliseconds each second) it would lock every
+    other process out: that case is :func:`test_a_database_locked_by_a_stopped_writer_is_one_line`.
+    The database is in WAL mode, where a stopped reader blocks no one."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(database, timeout=5)) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    for _ in range(100):
+        process.send_signal(signal.SIGSTOP)
+        try:
+            with contextlib.closing(sqlite3.connect(database, timeout=0)) as connection:
+                connection.execute("BEGIN IMMEDIATE")
+                connection.rollback()
+            return
+        except sqlite3.OperationalError:  # stopped mid-write: let it finish, stop it again
+            process.send_signal(signal.SIGCONT)
+            time.sleep(0.05)
+    raise AssertionError(f"{database} stayed locked through 100 tries")
+
+
+def test_a_database_locked_by_a_stopped_writer_is_one_line(tmp_path, monkeypatch):
+    """A process stopped inside a write to a SQLite study database holds its lock until it
+    resumes; a command that waited for it as long as SQLite waits says so in one line, with
+    the way out, and no traceback."""
+    import sqlite3
+
+    import optuna
+
+    from research.experiment import storage as storage_module
+
+    database = tmp_path / "optuna.db"
+    storage = f"sqlite:///{database}"
+    optuna.create_study(
+        study_name=STUDY, storage=storage_module.open_storage(storage), direction="maximize"
+    )
+    monkeypatch.setattr(storage_module, "SQLITE_BUSY_SECONDS", 1)
+    argv = [*study_argv(sqlite_uri(tmp_path), n_trials=1, epochs=1), "--storage", storage]
+    with contextlib.closing(sqlite3.connect(database, timeout=5)) as writer:
+        writer.execute("BEGIN IMMEDIATE")  # the stopped writer's lock
+        code, out, err = run_cli(argv)
+    assert code == 2, out + err
+    line = one_error_line(err)
+    assert f"the Optuna database {storage} stayed locked for 1 s" in line, line
+    assert "resume or end that process and run the command again" in line, line
+    code, out, err = run_cli(argv)  # once the writer let go, the same command runs
+    assert code == 0, out + err
+
+
 @pytest.mark.slow
 def test_a_worker_stopped_past_its_heartbeat_says_so_and_goes_on(tmp_path):
     """A worker stopped with SIGSTOP (a hung disk, a paused VM) past its heartbeat: another
@@ -386,7 +437,7 @@ def test_a_worker_stopped_past_its_heartbeat_says_so_and_goes_on(tmp_path):
     stopped = spawn(argv, tmp_path, env)
     with stopped:
         read_until(stopped, r"^trial 0 epoch 1/3")
-        stopped.send_signal(signal.SIGSTOP)
+        stop_outside_a_write(stopped, tmp_path / "optuna.db")
         time.sleep(6)  # past the grace period
         code, other_out, other_err = command(argv, tmp_path, env)
         stopped.send_signal(signal.SIGCONT)

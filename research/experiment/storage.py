@@ -34,6 +34,8 @@ JOURNAL_NAME = "optuna.journal"
 #: Seconds between a trial's heartbeats on a database storage, and how long a silent trial lives.
 HEARTBEAT_INTERVAL = 20
 HEARTBEAT_GRACE = 60
+#: Seconds a SQLite study database waits for another process's write lock before it gives up.
+SQLITE_BUSY_SECONDS = 20
 
 
 class StudyError(Exception):
@@ -121,11 +123,15 @@ def open_storage(url: str):
 
     if "://" in url:
         interval, grace = heartbeat_settings()
+        engine_kwargs = {}
+        if url.startswith("sqlite:"):
+            engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_SECONDS}}
         try:
             with store_lock(url), warnings.catch_warnings():  # (the callback is "experimental")
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
+                storage = optuna.storages.RDBStorage(
                     sqlalchemy_url(url),
+                    engine_kwargs=engine_kwargs,
                     heartbeat_interval=interval,
                     grace_period=grace,
                     # A trial whose worker stopped beating is failed and queued again (up to
@@ -136,10 +142,13 @@ def open_storage(url: str):
                 )
         except Exception as error:
             text = str(error).strip().splitlines()
-            raise StudyError(
+            raise locked_database(error, url) or StudyError(
                 f"cannot open the Optuna storage {redact(url)}: {text[0] if text else error!r}; "
                 "check --storage"
             ) from None
+        if url.startswith("sqlite:"):
+            _write_ahead_log(url)
+        return storage
     path = Path(url)
     if path.exists() and not path.is_file():
         raise StudyError(f"the Optuna journal {path} is not a regular file; pass --storage")
@@ -154,6 +163,44 @@ def open_storage(url: str):
         return optuna.storages.JournalStorage(backend)  # (reads the whole journal)
     except json.JSONDecodeError as error:
         raise damaged_journal(path, error) from None
+
+
+def _write_ahead_log(url: str) -> None:
+    """Puts a SQLite study database in write-ahead-log mode (kept in the file), where readers
+    never block a writer: a worker stopped mid-read (SIGSTOP, a paused VM) then no longer locks
+    every other worker out. Only a worker stopped inside a write transaction (milliseconds) can;
+    :func:`locked_database` words that case. Best effort: a database in use stays as it is."""
+    import sqlite3
+
+    from sqlalchemy.engine import make_url
+
+    try:
+        database = make_url(url).database
+    except Exception:
+        return  # (open_storage words a bad URL)
+    if not database or database == ":memory:" or not Path(database).is_file():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(database, timeout=1)) as connection:
+            connection.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.Error:
+        pass
+
+
+def locked_database(error: BaseException, url: str) -> StudyError | None:
+    """The one-line error for a SQLite study database whose write lock another process held past
+    :data:`SQLITE_BUSY_SECONDS` (a worker stopped mid-write, a hung disk), else None."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if "database is locked" in str(cause):
+            return StudyError(
+                f"the Optuna database {redact(url)} stayed locked for {SQLITE_BUSY_SECONDS} s: "
+                "another process holds its write lock (a worker stopped with Ctrl-Z or SIGSTOP, "
+                "or a hung disk); resume or end that process and run the command again (studies "
+                "whose workers may stop are safer in PostgreSQL)"
+            )
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def damaged_journal(path: Path | str, error: Exception) -> StudyError:
