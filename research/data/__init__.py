@@ -1,21 +1,32 @@
-"""Datasets through tensorflow-datasets, without TensorFlow: MNIST (:mod:`.mnist`), its digests,
-the fixed train / validation / test splits and the cache. Imports nothing else of the project."""
+"""Datasets through tensorflow-datasets, without TensorFlow: their descriptions
+(:mod:`.datasets`: MNIST, Fashion-MNIST), the TF-free builder, digests and cache (:mod:`.idx`),
+and the fixed train / validation / test splits of uint8 images (:mod:`.splits`). Imports nothing
+else of the project."""
 
-from research.data.mnist import (
-    MNIST,
+from research.data.datasets import DATASETS, DEFAULT_DATASET, DatasetInfo, dataset_info
+from research.data.idx import (
     MNIST_DIGESTS,
-    N_CLASSES,
     N_PIXELS,
     N_TEST,
     N_TRAIN,
     N_VALIDATION,
     DataError,
-    Split,
+    load_dataset,
     load_mnist,
+)
+from research.data.splits import (
+    MNIST,
+    N_CLASSES,
+    Dataset,
+    Split,
     one_hot,
+    pixel_values,
+    to_inputs,
 )
 
 __all__ = [
+    "DATASETS",
+    "DEFAULT_DATASET",
     "MNIST",
     "MNIST_DIGESTS",
     "N_CLASSES",
@@ -24,7 +35,13 @@ __all__ = [
     "N_TRAIN",
     "N_VALIDATION",
     "DataError",
+    "Dataset",
+    "DatasetInfo",
     "Split",
+    "dataset_info",
+    "load_dataset",
     "load_mnist",
     "one_hot",
+    "pixel_values",
+    "to_inputs",
 ]

@@ -1,22 +1,25 @@
-"""MNIST, prepared by tensorflow-datasets (without TensorFlow) and cached as one ``.npz``.
+"""The datasets of :mod:`research.data.datasets`, prepared by tensorflow-datasets (without
+TensorFlow) and cached as one ``.npz`` each.
 
-The four canonical IDX files come either from a local folder (``mnist_dir``, else the environment
-variable ``RESEARCH_MNIST_DIR``; handed to tfds as its manual dir) or, when no folder is given, from
-the canonical mirror through tfds' download manager (unless tfds' default manual dir,
-``<data_dir>/downloads/manual``, already holds them). Each file is checked against the SHA-256 of
-its *decompressed* bytes (``MNIST_DIGESTS``): those identify the data whatever gzip produced the
-archive, and any mismatch, truncation or missing file raises ``DataError`` before tfds writes a
-single record (with ``mnist_dir``, before tfds even runs). tfds then writes the records
-(array_record, in the original row order) under ``<data_dir>/mnist_idx/1.0.0``; we read them back
-once and save the decoded arrays as ``<data_dir>/mnist_idx/cache-v1.npz``, so every later load is
-a single ``np.load``.
+The four IDX files of a dataset come either from a local folder (the ``source_dir`` argument,
+else ``$RESEARCH_<NAME>_DIR``, e.g. ``RESEARCH_MNIST_DIR``, else a distribution's folder such as
+``/usr/share/datasets/fashion-mnist``; handed to tfds as its manual dir) or, when there is none,
+from the dataset's canonical download location through tfds' download manager (unless tfds' own
+manual dir, ``<data_dir>/downloads/manual``, already holds them). Each file is checked against
+the SHA-256 of its *decompressed* bytes (``DatasetInfo.digests``): those identify the data
+whatever gzip produced the archive, and any mismatch, truncation or missing file raises
+``DataError`` before tfds writes a single record (with a folder, before tfds even runs); a file
+of another dataset is named as such. tfds then writes the records (array_record, in the original
+row order) under ``<data_dir>/<name>_idx/1.0.0``; we read them back once and save the decoded
+arrays as ``<data_dir>/<name>_idx/cache-v1.npz``, so every later load is a single ``np.load``.
 
 The cache is never trusted blindly: it carries a format version and the source digests, and on
-every load its arrays are re-serialized to IDX and hashed against ``MNIST_DIGESTS``,
-so a stale, truncated or tampered cache is rebuilt from the tfds copy instead of being used.
+every load its arrays are re-serialized to IDX and hashed against the digests, so a stale,
+truncated or tampered cache is rebuilt from the tfds copy instead of being used.
 
 Splits (fixed, no randomness): ``train`` = rows 0..49,999 of the official training set,
-``validation`` = its last 10,000 rows, ``test`` = the 10,000 official test images.
+``validation`` = its last 10,000 rows, ``test`` = the 10,000 official test images. Images stay
+uint8 in memory (``Split.images``); ``Split.x`` and the training loop turn them into floats.
 
 tensorflow_datasets is imported lazily: importing it is slow, and a warm load does
 not need it.
@@ -35,31 +38,33 @@ import sys
 import uuid
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import numpy as np
 
+from research.data.datasets import (
+    DEFAULT_DATASET,
+    IDX_FILES,
+    MNIST_INFO,
+    DatasetInfo,
+    UnknownDataset,
+    dataset_info,
+    identify,
+)
+from research.data.splits import N_CLASSES, Dataset, Split
+
 if TYPE_CHECKING:
     import tensorflow_datasets as tfds
 
-__all__ = ["MNIST", "MNIST_DIGESTS", "DataError", "Split", "load_mnist", "one_hot"]
+__all__ = ["DataError", "load_dataset", "load_mnist"]
 
 # SHA-256 of each decompressed IDX file: the canonical MNIST digests.
-MNIST_DIGESTS: dict[str, str] = {
-    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-}
+MNIST_DIGESTS: dict[str, str] = MNIST_INFO.digests
 
-MIRROR_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
-MNIST_DIR_ENV = "RESEARCH_MNIST_DIR"
 DATA_DIR_ENV = "RESEARCH_DATA_DIR"
 DEFAULT_DATA_DIR = Path("~/.cache/research")
 
-BUILDER_NAME = "mnist_idx"
 BUILDER_VERSION = "1.0.0"
 # Bump when the layout or meaning of the cache file changes; older caches are then rebuilt.
 CACHE_FORMAT_VERSION = 1
@@ -71,50 +76,14 @@ N_VALIDATION = 10_000
 N_TRAIN = N_TRAIN_OFFICIAL - N_VALIDATION
 IMAGE_SHAPE = (28, 28)
 N_PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
-N_CLASSES = 10
 
-_FILES = {
-    ("train", "images"): "train-images-idx3-ubyte",
-    ("train", "labels"): "train-labels-idx1-ubyte",
-    ("test", "images"): "t10k-images-idx3-ubyte",
-    ("test", "labels"): "t10k-labels-idx1-ubyte",
-}
-_HOW_TO_SUPPLY = (
-    f"To supply the data, set {MNIST_DIR_ENV} or pass --mnist-dir to a folder holding the four "
-    "files train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and "
-    "t10k-labels-idx1-ubyte.gz (or the same names without .gz)."
-)
+_FILES = IDX_FILES
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
 class DataError(Exception):
-    """The MNIST files are missing, truncated or corrupt, or could not be fetched."""
-
-
-@dataclass(frozen=True)
-class Split:
-    """One split: inputs ``x`` (N, 784) float32 and integer class ``labels`` (N,) int64."""
-
-    x: np.ndarray
-    labels: np.ndarray
-
-    def __post_init__(self) -> None:
-        if self.x.ndim != 2 or self.labels.shape != (self.x.shape[0],):
-            raise ValueError(
-                f"Split needs x (N, d) and labels (N,), got {self.x.shape} and {self.labels.shape}"
-            )
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-
-@dataclass(frozen=True)
-class MNIST:
-    """The three fixed splits: train (50,000), validation (10,000) and test (10,000)."""
-
-    train: Split
-    validation: Split
-    test: Split
+    """A dataset's files are missing, truncated, corrupt or another dataset's, or could not be
+    fetched; or the dataset name is unknown."""
 
 
 class _Arrays(NamedTuple):
@@ -130,58 +99,65 @@ class _Arrays(NamedTuple):
 # Public API
 
 
+def load_dataset(
+    name: str = DEFAULT_DATASET,
+    source_dir: str | os.PathLike[str] | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    raw: bool = False,
+) -> Dataset:
+    """Load the three splits of dataset ``name``, preparing them with tensorflow-datasets on the
+    first call.
+
+    Args:
+        name: a key of :data:`research.data.datasets.DATASETS` (``mnist``, ``fashion_mnist``).
+        source_dir: folder holding the four IDX files (``.gz`` or not); defaults to
+            ``$RESEARCH_<NAME>_DIR``, then to a system folder that holds them. Without any, the
+            files are downloaded from the dataset's canonical location. Only read when the tfds
+            copy has not been prepared yet.
+        data_dir: where tfds writes the dataset and we keep the cache; defaults to
+            ``$RESEARCH_DATA_DIR``, else ``~/.cache/research``.
+        raw: if True, ``Split.x`` gives the origin's raw pixel values 0..255 (still float32)
+            instead of scaling them to [0, 1].
+    Returns:
+        ``Dataset`` whose splits hold uint8 ``images`` (N, 784) and ``labels`` (N,) int64, in the
+        canonical row order; N = 50,000 / 10,000 / 10,000.
+    Raises:
+        DataError: an unknown name; a source file is missing, truncated, another dataset's or does
+            not match the digests; or the download failed. Nothing is written to ``data_dir``
+            in that case.
+    """
+    try:
+        info = dataset_info(name)
+    except UnknownDataset as error:
+        raise DataError(str(error)) from None
+    root = _resolve_data_dir(data_dir)
+    cache_path = root / info.builder_name / CACHE_NAME
+    arrays, problem = _read_cache(cache_path, info)
+    if arrays is None:
+        if cache_path.exists():
+            _say(f"Rebuilding the {info.title} cache {cache_path} ({problem}).")
+        try:
+            arrays = _arrays_from_tfds(info, info.source_dir(source_dir), root)
+            _write_cache(cache_path, arrays, info)
+        except OSError as error:  # an unwritable or full data dir, inside tfds or our cache
+            where = error.filename or root
+            raise DataError(
+                f"cannot write the prepared {info.title} data under {root} ({where}: "
+                f"{error.strerror or error}); set RESEARCH_DATA_DIR or pass --data-dir to a "
+                "writable folder"
+            ) from None
+    return _to_splits(arrays, info, raw=raw)
+
+
 def load_mnist(
     mnist_dir: str | os.PathLike[str] | None = None,
     data_dir: str | os.PathLike[str] | None = None,
     *,
     raw: bool = False,
-) -> MNIST:
-    """Load the three MNIST splits, preparing them with tensorflow-datasets on the first call.
-
-    Args:
-        mnist_dir: folder holding the four IDX files (``.gz`` or not); defaults to
-            ``$RESEARCH_MNIST_DIR``. Without either, the files are downloaded from the canonical
-            mirror. Only read when the tfds copy has not been prepared yet.
-        data_dir: where tfds writes the dataset and we keep the cache; defaults to
-            ``$RESEARCH_DATA_DIR``, else ``~/.cache/research``.
-        raw: if True, keep the origin's raw pixel values 0..255 (still float32) instead of
-            scaling them to [0, 1].
-    Returns:
-        ``MNIST`` whose splits hold ``x`` (N, 784) float32 and ``labels`` (N,) int64, in the
-        canonical row order; N = 50,000 / 10,000 / 10,000.
-    Raises:
-        DataError: a source file is missing, truncated or does not match ``MNIST_DIGESTS``, or the
-            download failed; nothing is written to ``data_dir`` in that case.
-    """
-    root = _resolve_data_dir(data_dir)
-    cache_path = root / BUILDER_NAME / CACHE_NAME
-    arrays, problem = _read_cache(cache_path)
-    if arrays is None:
-        if cache_path.exists():
-            _say(f"Rebuilding the MNIST cache {cache_path} ({problem}).")
-        try:
-            arrays = _arrays_from_tfds(_resolve_mnist_dir(mnist_dir), root)
-            _write_cache(cache_path, arrays)
-        except OSError as error:  # an unwritable or full data dir, inside tfds or our cache
-            where = error.filename or root
-            raise DataError(
-                f"cannot write the prepared MNIST data under {root} ({where}: "
-                f"{error.strerror or error}); set RESEARCH_DATA_DIR or pass --data-dir to a "
-                "writable folder"
-            ) from None
-    return _to_splits(arrays, raw=raw)
-
-
-def one_hot(labels: np.ndarray, n_classes: int = N_CLASSES, dtype: Any = np.float64) -> np.ndarray:
-    """One-hot encode integer class labels (N,) into an (N, n_classes) array of ``dtype``."""
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
-    if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
-        raise ValueError(f"labels must lie in [0, {n_classes}), got {labels.min()}..{labels.max()}")
-    out = np.zeros((labels.shape[0], n_classes), dtype=dtype)
-    out[np.arange(labels.shape[0]), labels] = 1
-    return out
+) -> Dataset:
+    """``load_dataset("mnist", mnist_dir, data_dir, raw=raw)``."""
+    return load_dataset("mnist", mnist_dir, data_dir, raw=raw)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,19 +170,13 @@ def _resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
     return Path(data_dir).expanduser().absolute()
 
 
-def _resolve_mnist_dir(mnist_dir: str | os.PathLike[str] | None) -> Path | None:
-    if mnist_dir is None:
-        mnist_dir = os.environ.get(MNIST_DIR_ENV) or None
-    return None if mnist_dir is None else Path(mnist_dir).expanduser().absolute()
-
-
-def _prepared_dir(root: Path) -> Path:
+def _prepared_dir(root: Path, info: DatasetInfo) -> Path:
     """Where tfds keeps the prepared dataset (it only appears once complete, via a rename)."""
-    return root / BUILDER_NAME / BUILDER_VERSION
+    return root / info.builder_name / BUILDER_VERSION
 
 
-def _is_prepared(root: Path) -> bool:
-    return (_prepared_dir(root) / "dataset_info.json").is_file()
+def _is_prepared(root: Path, info: DatasetInfo) -> bool:
+    return (_prepared_dir(root, info) / "dataset_info.json").is_file()
 
 
 def _say(message: str) -> None:
@@ -217,10 +187,10 @@ def _say(message: str) -> None:
 # IDX files: locate, decompress, verify, parse
 
 
-def _find_source_files(folder: Path) -> dict[str, Path]:
+def _find_source_files(folder: Path, info: DatasetInfo) -> dict[str, Path]:
     """Map each IDX name to its file in ``folder`` (the ``.gz`` preferred), or raise DataError."""
     found = {}
-    for name, digest in MNIST_DIGESTS.items():
+    for name, digest in info.digests.items():
         # Prefer the archive: an interrupted gunzip can leave a truncated raw file beside it.
         candidates = [folder / f"{name}.gz", folder / name]
         path = next((p for p in candidates if p.is_file()), None)
@@ -231,16 +201,16 @@ def _find_source_files(folder: Path) -> dict[str, Path]:
                 else f"the folder {folder} does not exist"
             )
             raise DataError(
-                f"MNIST file {candidates[0]} is missing ({why}); "
-                f"expected SHA-256 of the decompressed file: {digest}. {_HOW_TO_SUPPLY}"
+                f"{info.title} file {candidates[0]} is missing ({why}); "
+                f"expected SHA-256 of the decompressed file: {digest}. {info.how_to_supply()}"
             )
         found[name] = path
     return found
 
 
-def _read_verified(name: str, path: Path) -> bytes:
+def _read_verified(name: str, path: Path, info: DatasetInfo) -> bytes:
     """The decompressed bytes of IDX file ``name`` at ``path``, checked against its digest."""
-    expected = MNIST_DIGESTS[name]
+    expected = info.digests[name]
     try:
         data = path.read_bytes()
         # Sniff rather than trust the suffix: an IDX file never starts with the gzip magic.
@@ -248,14 +218,22 @@ def _read_verified(name: str, path: Path) -> bytes:
             data = gzip.decompress(data)
     except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
         raise DataError(
-            f"MNIST file {path} could not be read or decompressed, it may be truncated ({err}); "
-            f"expected SHA-256 of the decompressed file: {expected}. {_HOW_TO_SUPPLY}"
+            f"{info.title} file {path} could not be read or decompressed, it may be truncated "
+            f"({err}); expected SHA-256 of the decompressed file: {expected}. "
+            f"{info.how_to_supply()}"
         ) from err
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
+        known = identify(actual)
+        if known is not None:
+            other, other_name = known
+            raise DataError(
+                f"{path} is {dataset_info(other).title}'s {other_name}, not {info.title}'s "
+                f"{name}: the folder holds another dataset's files. {info.how_to_supply()}"
+            )
         raise DataError(
-            f"MNIST file {path} is corrupt: the SHA-256 of its decompressed contents "
-            f"({len(data)} bytes) is {actual}, expected {expected}. {_HOW_TO_SUPPLY}"
+            f"{info.title} file {path} is corrupt: the SHA-256 of its decompressed contents "
+            f"({len(data)} bytes) is {actual}, expected {expected}. {info.how_to_supply()}"
         )
     return data
 
@@ -272,12 +250,12 @@ def _parse_idx(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def _load_idx_files(paths: dict[str, Path]) -> _Arrays:
+def _load_idx_files(paths: dict[str, Path], info: DatasetInfo) -> _Arrays:
     """Verify and parse the four IDX files into ``_Arrays`` (images flattened to (N, 784))."""
     out = {}
     for (split, kind), name in _FILES.items():
         n = N_TRAIN_OFFICIAL if split == "train" else N_TEST
-        data = _read_verified(name, paths[name])
+        data = _read_verified(name, paths[name], info)
         if kind == "images":
             out[f"{split}_images"] = _parse_idx(data, (n, *IMAGE_SHAPE)).reshape(n, N_PIXELS)
         else:
@@ -293,11 +271,11 @@ def _idx_digest(array: np.ndarray, shape: tuple[int, ...]) -> str:
     return digest.hexdigest()
 
 
-def _check_arrays(arrays: _Arrays) -> str | None:
-    """Why ``arrays`` are not exactly canonical MNIST, or None when they are.
+def _check_arrays(arrays: _Arrays, info: DatasetInfo) -> str | None:
+    """Why ``arrays`` are not exactly the canonical dataset, or None when they are.
 
-    Shapes and dtypes first (cheap), then the IDX bytes they serialize to against
-    ``MNIST_DIGESTS``, which pins every pixel and label and the row order.
+    Shapes and dtypes first (cheap), then the IDX bytes they serialize to against the
+    dataset's digests, which pin every pixel and label and the row order.
     """
     for (split, kind), name in _FILES.items():
         n = N_TRAIN_OFFICIAL if split == "train" else N_TEST
@@ -310,7 +288,7 @@ def _check_arrays(arrays: _Arrays) -> str | None:
         if kind == "labels" and (array.min() < 0 or array.max() >= N_CLASSES):
             return f"{split}_labels outside 0..{N_CLASSES - 1}"
         idx_shape = (n, *IMAGE_SHAPE) if kind == "images" else (n,)
-        if _idx_digest(array, idx_shape) != MNIST_DIGESTS[name]:
+        if _idx_digest(array, idx_shape) != info.digests[name]:
             return f"{split}_{kind} does not match the SHA-256 of {name}"
     return None
 
@@ -319,7 +297,7 @@ def _check_arrays(arrays: _Arrays) -> str | None:
 # The cache
 
 
-def _read_cache(path: Path) -> tuple[_Arrays | None, str]:
+def _read_cache(path: Path, info: DatasetInfo = MNIST_INFO) -> tuple[_Arrays | None, str]:
     """The cached arrays if the cache at ``path`` is present and valid, else (None, why not)."""
     if not path.is_file():
         return None, "no cache"
@@ -330,22 +308,22 @@ def _read_cache(path: Path) -> tuple[_Arrays | None, str]:
             if version != CACHE_FORMAT_VERSION:
                 return None, f"cache format {version}, expected {CACHE_FORMAT_VERSION}"
             digests = dict(zip(npz["digest_names"].tolist(), npz["digests"].tolist(), strict=True))
-            if digests != MNIST_DIGESTS:
+            if digests != info.digests:
                 return None, "cache built from other source files"
             arrays = _Arrays(**{field: npz[field] for field in _Arrays._fields})
     # Whatever makes the file unreadable (truncated zip, missing key, pickled object...), the
     # answer is the same: rebuild it rather than trust it.
     except Exception as err:
         return None, f"unreadable cache: {type(err).__name__}: {err}"
-    problem = _check_arrays(arrays)
+    problem = _check_arrays(arrays, info)
     return (None, f"invalid cache: {problem}") if problem else (arrays, "")
 
 
-def _write_cache(path: Path, arrays: _Arrays) -> None:
+def _write_cache(path: Path, arrays: _Arrays, info: DatasetInfo = MNIST_INFO) -> None:
     """Save ``arrays`` to ``path`` atomically: write a unique temp file, then ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    names = sorted(MNIST_DIGESTS)
+    names = sorted(info.digests)
     try:
         with open(tmp, "wb") as f:
             # Uncompressed: the pixels compress ~5x, but inflating them costs more than reading.
@@ -353,7 +331,7 @@ def _write_cache(path: Path, arrays: _Arrays) -> None:
                 f,
                 format_version=np.int64(CACHE_FORMAT_VERSION),
                 digest_names=np.array(names),
-                digests=np.array([MNIST_DIGESTS[n] for n in names]),
+                digests=np.array([info.digests[n] for n in names]),
                 **arrays._asdict(),
             )
         os.replace(tmp, path)
@@ -361,21 +339,15 @@ def _write_cache(path: Path, arrays: _Arrays) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _to_splits(arrays: _Arrays, *, raw: bool) -> MNIST:
-    """Cut the official sets into train/validation/test, as float32 (scaled unless ``raw``)."""
-
-    def to_x(images: np.ndarray) -> np.ndarray:
-        if raw:
-            return images.astype(np.float32)
-        # Divide (not multiply by 1/255) so each value is the correctly rounded k/255.
-        return np.divide(images, np.float32(255), dtype=np.float32)
-
-    x_train = to_x(arrays.train_images)
-    return MNIST(
+def _to_splits(arrays: _Arrays, info: DatasetInfo, *, raw: bool) -> Dataset:
+    """Cut the official sets into train/validation/test (uint8 views; ``raw`` for ``Split.x``)."""
+    images, labels = arrays.train_images, arrays.train_labels
+    return Dataset(
         # Views into one array; the validation rows are the last 10,000 of the official train set.
-        train=Split(x_train[:N_TRAIN], arrays.train_labels[:N_TRAIN]),
-        validation=Split(x_train[N_TRAIN:], arrays.train_labels[N_TRAIN:]),
-        test=Split(to_x(arrays.test_images), arrays.test_labels),
+        train=Split(images[:N_TRAIN], labels[:N_TRAIN], raw),
+        validation=Split(images[N_TRAIN:], labels[N_TRAIN:], raw),
+        test=Split(arrays.test_images, arrays.test_labels, raw),
+        info=info,
     )
 
 
@@ -384,26 +356,31 @@ def _to_splits(arrays: _Arrays, *, raw: bool) -> MNIST:
 
 
 @functools.cache
-def _builder_class() -> type[tfds.core.GeneratorBasedBuilder]:
-    """The tfds builder, defined on first use so that importing this module stays light."""
+def _builder_class(name: str) -> type[tfds.core.GeneratorBasedBuilder]:
+    """The tfds builder of dataset ``name``, defined on first use so that importing this module
+    stays light."""
     import tensorflow_datasets as tfds
+
+    info = dataset_info(name)
 
     # skip_registration: the builder is used directly, never looked up by name, and registering
     # would make a second definition (e.g. after importlib.reload) fail on the duplicate name.
-    class MnistIdx(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        """MNIST from the four IDX files, verified against MNIST_DIGESTS, in canonical order."""
+    class IdxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        """A dataset from its four IDX files, verified against its digests, in canonical order."""
 
-        name = BUILDER_NAME
+        name = info.builder_name
         VERSION = tfds.core.Version(BUILDER_VERSION)
         RELEASE_NOTES: ClassVar[dict[str, str]] = {BUILDER_VERSION: "Initial release."}
-        MANUAL_DOWNLOAD_INSTRUCTIONS = _HOW_TO_SUPPLY
+        MANUAL_DOWNLOAD_INSTRUCTIONS = info.how_to_supply()
 
         def _info(self) -> tfds.core.DatasetInfo:
             # DatasetInfo directly: dataset_info_from_configs() looks for metadata files next to
             # the module, which only exist for builders inside a tfds dataset package.
             return tfds.core.DatasetInfo(
                 builder=self,
-                description="MNIST in the original IDX row order (index = row in the IDX file).",
+                description=(
+                    f"{info.title} in the original IDX row order (index = row in the IDX file)."
+                ),
                 features=tfds.features.FeaturesDict(
                     {
                         "image": tfds.features.Tensor(shape=IMAGE_SHAPE, dtype=np.uint8),
@@ -412,7 +389,7 @@ def _builder_class() -> type[tfds.core.GeneratorBasedBuilder]:
                     }
                 ),
                 supervised_keys=("image", "label"),
-                homepage="http://yann.lecun.com/exdb/mnist/",
+                homepage=info.homepage,
                 # tfds otherwise shuffles records by key hash when writing; the row order matters
                 # (validation = the last 10,000 training rows). `index` double-checks it on read.
                 disable_shuffling=True,
@@ -422,7 +399,7 @@ def _builder_class() -> type[tfds.core.GeneratorBasedBuilder]:
             self, dl_manager: tfds.download.DownloadManager
         ) -> dict[str, Iterator[tuple[int, dict[str, Any]]]]:
             # Everything is verified here, before tfds writes a single record.
-            arrays = _load_idx_files(_source_files(dl_manager))
+            arrays = _load_idx_files(_source_files(dl_manager, info), info)
             return {
                 "train": self._generate_examples(arrays.train_images, arrays.train_labels),
                 "test": self._generate_examples(arrays.test_images, arrays.test_labels),
@@ -435,29 +412,42 @@ def _builder_class() -> type[tfds.core.GeneratorBasedBuilder]:
             for i in range(labels.shape[0]):
                 yield i, {"image": images[i].reshape(IMAGE_SHAPE), "label": labels[i], "index": i}
 
-    return MnistIdx
+    return IdxBuilder
 
 
-def _source_files(dl_manager: tfds.download.DownloadManager) -> dict[str, Path]:
-    """The IDX files: from tfds' manual dir if it holds any of them, else from the mirror."""
+def _source_files(
+    dl_manager: tfds.download.DownloadManager, info: DatasetInfo = MNIST_INFO
+) -> dict[str, Path]:
+    """The IDX files: from tfds' manual dir if it holds any of them, else downloaded from the
+    dataset's canonical location (each archive checked against its registered size and digest)."""
     try:
         manual_dir: Path | None = Path(dl_manager.manual_dir)
     except AssertionError:  # tfds' way of saying the manual dir is absent or empty
         manual_dir = None
     if manual_dir is not None and any(
-        (manual_dir / n).is_file() or (manual_dir / f"{n}.gz").is_file() for n in MNIST_DIGESTS
+        (manual_dir / n).is_file() or (manual_dir / f"{n}.gz").is_file() for n in info.digests
     ):
-        return _find_source_files(manual_dir)
-    urls = {name: f"{MIRROR_URL}{name}.gz" for name in MNIST_DIGESTS}
+        return _find_source_files(manual_dir, info)
+    urls = {name: f"{info.url}{name}.gz" for name in info.digests}
     try:
         # tfds retries a failing download for minutes; an unreachable host is known in a moment.
-        _probe(MIRROR_URL)
-        return {name: Path(p) for name, p in dl_manager.download(urls).items()}
+        _probe(info.url)
+        paths = {name: Path(p) for name, p in dl_manager.download(urls).items()}
     except Exception as err:  # network errors come in many types; all mean the same here
         raise DataError(
-            f"Could not download the MNIST files from {MIRROR_URL} "
-            f"({type(err).__name__}: {err}). {_HOW_TO_SUPPLY}"
+            f"Could not download the {info.title} files from {info.url} "
+            f"({type(err).__name__}: {err}). {info.how_to_supply()}"
         ) from err
+    for name, path in paths.items():
+        size, digest = info.archive_digests[name]
+        data = path.read_bytes()
+        if len(data) != size or hashlib.sha256(data).hexdigest() != digest:
+            raise DataError(
+                f"the download {urls[name]} ({len(data)} bytes) does not match the size and "
+                f"SHA-256 tensorflow-datasets registers for it ({size} bytes, {digest}). "
+                f"{info.how_to_supply()}"
+            )
+    return paths
 
 
 def _probe(url: str, timeout: float = 10.0) -> None:
@@ -476,25 +466,26 @@ def _probe(url: str, timeout: float = 10.0) -> None:
         pass
 
 
-def _arrays_from_tfds(mnist_dir: Path | None, root: Path) -> _Arrays:
+def _arrays_from_tfds(info: DatasetInfo, source_dir: Path | None, root: Path) -> _Arrays:
     """Prepare the tfds dataset under ``root`` if needed, and read it back into ``_Arrays``.
 
     Args:
-        mnist_dir: local folder with the IDX files (tfds' manual dir), or None to download.
+        info: the dataset.
+        source_dir: local folder with the IDX files (tfds' manual dir), or None to download.
         root: the tfds data_dir.
     """
-    if not _is_prepared(root) and mnist_dir is not None:
+    if not _is_prepared(root, info) and source_dir is not None:
         # Fail on a bad folder before importing tfds or creating anything under root.
-        _load_idx_files(_find_source_files(mnist_dir))
+        _load_idx_files(_find_source_files(source_dir, info), info)
 
     import tensorflow_datasets as tfds
 
-    builder = _builder_class()(data_dir=os.fspath(root), file_format="array_record")
-    if not _is_prepared(root):
-        _say(f"Preparing MNIST with tensorflow-datasets in {root} (first run only)...")
+    builder = _builder_class(info.name)(data_dir=os.fspath(root), file_format="array_record")
+    if not _is_prepared(root, info):
+        _say(f"Preparing {info.title} with tensorflow-datasets in {root} (first run only)...")
         config = tfds.download.DownloadConfig(
-            manual_dir=None if mnist_dir is None else os.fspath(mnist_dir),
-            # Otherwise tfds first asks GCS for a prepared copy of "mnist_idx" (a network call).
+            manual_dir=None if source_dir is None else os.fspath(source_dir),
+            # Otherwise tfds first asks GCS for a prepared copy of "<name>_idx" (a network call).
             try_download_gcs=False,
         )
         with _quiet_tfds(tfds):
@@ -503,10 +494,10 @@ def _arrays_from_tfds(mnist_dir: Path | None, root: Path) -> _Arrays:
             except OSError:
                 # tfds prepares into incomplete.* and renames; the rename fails if another
                 # process finished first, and then its copy is as good as ours.
-                if not _is_prepared(root):
+                if not _is_prepared(root, info):
                     raise
     try:
-        return _read_prepared(builder)
+        return _read_prepared(builder, info)
     except DataError:
         raise
     except Exception as err:  # whatever array_record or tfds raise on a damaged copy
@@ -530,7 +521,7 @@ def _quiet_tfds(tfds: Any) -> Iterator[None]:
         tfds.display_progress_bar(was_active)
 
 
-def _read_prepared(builder: tfds.core.GeneratorBasedBuilder) -> _Arrays:
+def _read_prepared(builder: tfds.core.GeneratorBasedBuilder, info: DatasetInfo) -> _Arrays:
     """Read the prepared train/test records back into ``_Arrays``, placed by their ``index``."""
     out = {}
     sources = builder.as_data_source()
@@ -549,10 +540,10 @@ def _read_prepared(builder: tfds.core.GeneratorBasedBuilder) -> _Arrays:
         labels[index] = [r["label"] for r in records]
         out[f"{split}_images"], out[f"{split}_labels"] = images, labels
     arrays = _Arrays(**out)
-    problem = _check_arrays(arrays)
+    problem = _check_arrays(arrays, info)
     if problem:
         raise DataError(
-            f"The tensorflow-datasets copy in {builder.data_dir} does not hold canonical MNIST "
-            f"({problem}); delete that folder to prepare it again."
+            f"The tensorflow-datasets copy in {builder.data_dir} does not hold canonical "
+            f"{info.title} ({problem}); delete that folder to prepare it again."
         )
     return arrays
