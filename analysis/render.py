@@ -17,7 +17,9 @@ from typing import Any
 
 import pandas as pd
 
+from analysis.baselines import baselines_table
 from analysis.store import StudyResults
+from research.data import DATASETS
 from research.experiment.tracking.stores import redact
 
 TOP_TRIALS = 10
@@ -45,6 +47,13 @@ def pct(value: Any, digits: int = 2) -> str:
     return f"{100 * float(value):.{digits}f}%"
 
 
+def title_of(dataset: str) -> str:
+    """How people write a dataset (``Fashion-MNIST``); a name this version does not know, as
+    it is."""
+    info = DATASETS.get(dataset)
+    return info.title if info else dataset
+
+
 def seconds(value: Any) -> str:
     """``12.3 s``, or ``an unrecorded time`` for a run that logged none."""
     return "an unrecorded time" if value is None or pd.isna(value) else f"{float(value):.1f} s"
@@ -70,6 +79,7 @@ def sections(report: Report) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
 
     overview = [
+        f"Dataset: {title_of(results.dataset)}.",
         f"Objective: {results.objective} ({results.direction}). Sampler "
         f"{results.parent_params.get('sampler', '?')}, pruner "
         f"{results.parent_params.get('pruner', '?')}. Trials: {len(trials)} finished ("
@@ -123,44 +133,8 @@ def sections(report: Report) -> list[dict[str, Any]]:
         )
 
     if report.test:
-        test = report.test
-        text = [
-            f"Evaluated once on the test split: {test['source']}.",
-            f"Test accuracy {pct(test['accuracy'])} ({test['correct']:,} of {test['n']:,}); "
-            f"95% confidence interval {pct(test['ci_low'])} to {pct(test['ci_high'])} "
-            "(Wilson score interval).",
-        ]
-        if test.get("logged_test_accuracy") is not None:
-            text.append(
-                f"The study logged test_accuracy {pct(test['logged_test_accuracy'])} for the "
-                "same weights."
-            )
-        per_class = pd.DataFrame(test["per_class"])
-        table = pd.DataFrame(
-            {
-                "digit": per_class["digit"],
-                "test rows": per_class["n"],
-                "correct": per_class["correct"],
-                "accuracy": per_class["accuracy"].map(pct),
-                "95% CI": [
-                    f"{pct(lo)} to {pct(hi)}"
-                    for lo, hi in zip(per_class["ci_low"], per_class["ci_high"])
-                ],
-            }
-        )
-        figures = [
-            name
-            for name in ("confusion_matrix.png", "per_class_accuracy.png", "misclassified.png")
-            if name in report.figures
-        ]
-        out.append(
-            {
-                "title": "Best model on the test split",
-                "paragraphs": text,
-                "tables": [table],
-                "figures": figures,
-            }
-        )
+        dataset = report.test.get("dataset", results.dataset)
+        out += _test_sections(report.test, dataset, report.figures)
 
     if report.comparison is not None and len(report.comparison):
         frame = report.comparison
@@ -204,6 +178,74 @@ def sections(report: Report) -> list[dict[str, Any]]:
     ]
     out.append({"title": "The search", "paragraphs": [], "tables": [], "figures": search_figures})
     return out
+
+
+def _test_sections(test: dict[str, Any], name: str, drawn: dict[str, str]) -> list[dict[str, Any]]:
+    """The best model on the test split of dataset ``name``, per class, with those of its
+    figures that were ``drawn``; and where its accuracy stands against the dataset's published
+    results."""
+    dataset = title_of(name)
+    text = [
+        f"Evaluated once on the {dataset} test split: {test['source']}.",
+        f"Test accuracy {pct(test['accuracy'])} ({test['correct']:,} of {test['n']:,}); "
+        f"95% confidence interval {pct(test['ci_low'])} to {pct(test['ci_high'])} "
+        "(Wilson score interval).",
+    ]
+    if test.get("logged_test_accuracy") is not None:
+        text.append(
+            f"The study logged test_accuracy {pct(test['logged_test_accuracy'])} for the "
+            "same weights."
+        )
+    per_class = pd.DataFrame(test["per_class"])
+    # MNIST's classes are their labels; any other dataset's are named beside them.
+    if name == "mnist":
+        classes = {"digit": per_class["class"]}
+    else:
+        classes = {"label": per_class["label"], "class": per_class["class"]}
+    table = pd.DataFrame(
+        {
+            **classes,
+            "test rows": per_class["n"],
+            "correct": per_class["correct"],
+            "accuracy": per_class["accuracy"].map(pct),
+            "95% CI": [
+                f"{pct(lo)} to {pct(hi)}"
+                for lo, hi in zip(per_class["ci_low"], per_class["ci_high"])
+            ],
+        }
+    )
+    figures = [
+        name
+        for name in ("confusion_matrix.png", "per_class_accuracy.png", "misclassified.png")
+        if name in drawn
+    ]
+    sections = [
+        {
+            "title": "Best model on the test split",
+            "paragraphs": text,
+            "tables": [table],
+            "figures": figures,
+        }
+    ]
+    if test.get("baselines"):
+        sections.append(
+            {
+                "title": f"Against published {dataset} results",
+                "paragraphs": [
+                    f"Where the test accuracy above stands against published {dataset} test "
+                    "accuracies: above or below a baseline when the baseline lies outside our "
+                    f"95% interval, within it when inside ({test['n']:,} test rows cannot tell "
+                    "the two apart)."
+                ],
+                "tables": [
+                    baselines_table(
+                        test["baselines"], test["accuracy"], test["ci_low"], test["ci_high"]
+                    )
+                ],
+                "figures": [],
+            }
+        )
+    return sections
 
 
 #: What Markdown would read as markup in text from the store (tags, params, names): raw HTML
@@ -324,6 +366,7 @@ def write_json(report: Report, path: Path) -> None:
     best = results.best
     payload = {
         "study": results.name,
+        "dataset": results.dataset,
         "tracking_uri": redact(report.tracking_uri),
         "parent_run_id": results.record.parent_run_id,
         "objective": results.objective,

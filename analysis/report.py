@@ -23,24 +23,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis import curves, evaluation, history, hyperparams
-from analysis.render import Report, pct, write_html, write_json, write_markdown
+from analysis import baselines, curves, evaluation, history, hyperparams
+from analysis.comparison import comparison, refit_trial
+from analysis.render import Report, write_html, write_json, write_markdown
 from analysis.store import StudyResults, load_study_results
 from analysis.style import light_style, save_png
+from research.data.datasets import DATASETS, DatasetInfo, UnknownDataset, dataset_info
 from research.experiment.fields import show
 from research.experiment.storage import default_storage_url
 from research.experiment.tracking import results as tracking
-from research.experiment.tracking.stores import (
-    TrackingError,
-    local_store_folder,
-    redact,
-    resolve_tracking_uri,
-)
+from research.experiment.tracking.stores import local_store_folder, redact, resolve_tracking_uri
 from research.experiment.tracking.weights import WeightsError, load_weights
 
-#: The origin's network tuned (experiments/origin_baseline.toml); studies logged before the
-#: preset was renamed are called seed_baseline.
-BASELINE_STUDIES = ("origin_baseline", "seed_baseline")
 MISTAKES_SHOWN = 24
 
 
@@ -138,7 +132,7 @@ def build_report(
         else:
             test_figures = _evaluate_best(report, best, mnist_dir, data_dir, say)
             figures.update(test_figures)
-        report.comparison = _comparison(report, uri, say)
+        report.comparison = comparison(report, uri, say)
 
         staging = None
         try:
@@ -322,37 +316,39 @@ def _importances(results: StudyResults, storage: str) -> tuple[pd.DataFrame | No
 def _evaluate_best(
     report: Report, best: pd.Series, mnist_dir: str | None, data_dir: str | None, say: Callable
 ) -> dict[str, tuple[Any, str]]:
-    """Evaluates the best model once on the test split; fills ``report.test``."""
-    from research.data import load_mnist
+    """Evaluates the best model once on the test split of the dataset it trained on; fills
+    ``report.test``."""
+    from research.data import load_named
     from research.engine.mlp import forward
 
     results = report.results
     uri = report.tracking_uri
+    info = best_dataset(best)
     with tempfile.TemporaryDirectory() as folder:
         weights = None
-        refit_trial = _refit_trial(results)
+        refit = refit_trial(results)
         best_trial = str(int(best["trial"]))
-        if refit_trial is None:
+        if refit is None:
             pass  # no final fit (--no-final): the trial's own weights, below
         elif results.repeated_trials:
             report.notes.append(
-                f"with trial numbers repeated (above), the final fit of trial {refit_trial} "
+                f"with trial numbers repeated (above), the final fit of trial {refit} "
                 "cannot be matched to a run, so the test evaluation uses the best trial's own "
                 "weights"
             )
             say("note: " + report.notes[-1])
-        elif refit_trial == best_trial:
+        elif refit == best_trial:
             weights = tracking.download_artifact(
                 results.record.parent_run_id, "best_weights.npz", Path(folder), uri
             )
         else:
             report.notes.append(
-                f"the study's final fit retrained trial {refit_trial}, not the best trial "
+                f"the study's final fit retrained trial {refit}, not the best trial "
                 f"{best_trial} shown here, so the test evaluation uses the best trial's own "
                 "weights; run the study command again (without --no-final) to refit it"
             )
             say("note: " + report.notes[-1])
-        refit = weights is not None
+        refitted = weights is not None
         source = "the best configuration retrained on train+validation (the study's final fit)"
         artifact = f"best_weights.npz of the study's parent run {results.record.parent_run_id}"
         if weights is None:
@@ -372,14 +368,16 @@ def _evaluate_best(
             reason = str(error).removeprefix(f"{weights}: ")
             message = f"cannot evaluate {source}: the artifact {artifact}: {reason}"
             raise ReportError(message) from None
-    data = load_mnist(mnist_dir, data_dir, raw=bool(best["raw_inputs"]))
+    data = load_named(info.name, mnist_dir, data_dir, raw=bool(best["raw_inputs"]))
     x_test = data.test.x.astype(params[0]["W"].dtype, copy=False)
-    say(f"evaluating {source} once on the {len(x_test):,} test digits")
+    item, kind = evaluation.words(info.class_names)
+    say(f"evaluating {source} once on the {len(x_test):,} {info.title} test {item}s")
     outputs = np.asarray(forward(params, x_test, spec), dtype=np.float64)
     labels = data.test.labels
-    result = evaluation.evaluate_outputs(outputs, labels)
-    logged = results.parent_metrics.get("test_accuracy") if refit else None
+    result = evaluation.evaluate_outputs(outputs, labels, info.class_names)
+    logged = results.parent_metrics.get("test_accuracy") if refitted else None
     report.test = {
+        "dataset": info.name,
         "source": source,
         "n": result.n,
         "correct": result.correct,
@@ -389,6 +387,7 @@ def _evaluate_best(
         "logged_test_accuracy": logged,
         "confusion_matrix": result.confusion.tolist(),
         "per_class": result.per_class.to_dict(orient="records"),
+        "baselines": baselines.against_baselines(result.correct, result.n, info.baselines),
         "spec": {
             "sizes": list(spec.sizes),
             "activation": spec.activation,
@@ -407,136 +406,39 @@ def _evaluate_best(
         )
         say("warning: " + report.notes[-1])
     score = "p" if spec.output == "softmax" else "output"
+    if report.test["baselines"]:
+        say(
+            f"against published {info.title} results: ours is "
+            + "; ".join(
+                f"{row['place']} {row['baseline']} ({row['accuracy_percent']:g}%)"
+                for row in report.test["baselines"]
+            )
+        )
     figures = evaluation.evaluation_figures(
-        result, data.test.x, outputs, labels, score, MISTAKES_SHOWN
+        result, data.test.x, outputs, labels, score, MISTAKES_SHOWN, info.class_names, info.title
     )
     captions = {
-        "confusion_matrix.png": "Test confusion matrix of the best model: counts, colored by "
-        "the share of the true digit's rows.",
-        "per_class_accuracy.png": "Test accuracy per digit with 95% Wilson intervals; the "
-        "dashed line is the overall accuracy.",
-        "misclassified.png": f"The {MISTAKES_SHOWN} test digits the best model got wrong with "
-        "the highest output for the wrong digit.",
+        "confusion_matrix.png": f"{info.title} test confusion matrix of the best model: counts, "
+        f"colored by the share of the true {kind}'s rows.",
+        "per_class_accuracy.png": f"{info.title} test accuracy per {kind} with 95% Wilson "
+        "intervals; the dashed line is the overall accuracy.",
+        "misclassified.png": f"The {MISTAKES_SHOWN} {info.title} test {item}s the best model got "
+        f"wrong with the highest output for the wrong {kind}.",
     }
     return {name: (figure, captions[name]) for name, figure in figures.items()}
 
 
-def _comparison(report: Report, uri: str, say: Callable) -> pd.DataFrame:
-    """The origin's configuration beside the tuned best: accuracy, epochs, wall time, size."""
-    from research.data import N_TRAIN
-    from research.experiment.fields import PRESET_ALIASES, PRESETS
-
-    rows = []
-    origin_preset = PRESETS["origin"]
-    # train runs of the origin preset, under its name or the one it had before ("seed")
-    names = ["origin", *(old for old, new in PRESET_ALIASES.items() if new == "origin")]
-    found = [tracking.find_runs("train", f"tags.preset = '{name}'", uri) for name in names]
-    found = [frame for frame in found if not frame.empty]
-    origin_runs = (
-        pd.concat(found, ignore_index=True).sort_values("start_time", ascending=False)
-        if found
-        else pd.DataFrame()
-    )
-    origin = {
-        "configuration": "origin preset: [784, 30, 10] sigmoid, mse, sgd",
-        "source": "not in this store; run "
-        "`python -m research train --preset origin --evaluate-test`",
-        "val/accuracy": math.nan,
-        "test_accuracy": math.nan,
-        "epochs": origin_preset.epochs,
-        "wall_seconds": math.nan,
-        "n_params": origin_preset.spec().n_params,
-    }
-    # Only a finished run of the preset exactly as the origin had it, on all training rows (its
-    # params read through the field table: a field it predates has its default).
-    matching = [
-        run
-        for _, run in origin_runs.iterrows()
-        if run["status"] == "FINISHED"
-        and run.get("params.n_train_rows") == str(N_TRAIN)
-        and _logged_config(run) == origin_preset
-    ]
-    if matching:
-        run = matching[0]
-        origin.update(
-            source=f"train run {run['run_id'][:8]}",
-            **{
-                "val/accuracy": run.get("metrics.val/accuracy", math.nan),
-                "test_accuracy": run.get("metrics.test_accuracy", math.nan),
-                "epochs": int(run.get("params.epochs", origin_preset.epochs)),
-                "wall_seconds": run.get("metrics.wall_seconds", math.nan),
-            },
-        )
-    rows.append(origin)
-    results = report.results
-    if results.name not in BASELINE_STUDIES:
-        baseline = None
-        for name in BASELINE_STUDIES:
-            try:
-                baseline = load_study_results(name, uri)
-                break
-            except TrackingError:
-                continue
-        if baseline is None:
-            rows.append(
-                {
-                    "configuration": "origin network, tuned (experiments/origin_baseline.toml)",
-                    "source": "not in this store; run `python -m research study "
-                    "experiments/origin_baseline.toml`",
-                    "n_params": origin_preset.spec().n_params,
-                }
-            )
-        else:
-            label = f"origin network, tuned ({baseline.name} best)"
-            rows.append(_study_row(baseline, label, None))
-    test = report.test["accuracy"] if report.test else None
-    rows.append(_study_row(results, f"tuned best ({results.name})", test))
-    frame = pd.DataFrame(rows)
-    say(
-        "comparison: "
-        + "; ".join(f"{row['configuration']}: test {pct(row.get('test_accuracy'))}" for row in rows)
-    )
-    return frame
-
-
-def _logged_config(run: pd.Series) -> Any:
-    """The TrainConfig a run's ``params.<field>`` columns give, or None if they give none."""
-    from research.experiment.fields import FIELDS, TrainConfig
-
-    params = {
-        name: run[f"params.{name}"] for name in FIELDS if isinstance(run.get(f"params.{name}"), str)
-    }
+def best_dataset(best: pd.Series) -> DatasetInfo:
+    """The description of the dataset the best trial trained on (its ``dataset`` param; runs
+    logged before the field existed trained on MNIST); ReportError for a name this version does
+    not know (a later version's dataset)."""
+    name = best.get("dataset")
+    name = name if isinstance(name, str) and name else "mnist"
     try:
-        return TrainConfig.from_params(params)[0] if params else None
-    except ValueError:
-        return None
-
-
-def _refit_trial(results: StudyResults) -> str | None:
-    """The trial the study's last final fit retrained (its best_weights.npz and test_accuracy).
-
-    A later resume with --no-final may have found a better trial since. Stores written before
-    the refit_trial tag have only best_trial, which every invocation moves.
-    """
-    tags = results.parent_tags
-    return tags.get("refit_trial", tags.get("best_trial"))
-
-
-def _study_row(results: StudyResults, label: str, test_accuracy: float | None) -> dict[str, Any]:
-    best = results.best
-    if best is None:
-        return {"configuration": label, "source": f"study {results.name}: no completed trial"}
-    if test_accuracy is None:
-        # the study's logged test accuracy, if its final fit retrained the best trial shown
-        refit_is_best = _refit_trial(results) == str(int(best["trial"]))
-        logged = results.parent_metrics.get("test_accuracy", math.nan)
-        test_accuracy = logged if refit_is_best and not results.repeated_trials else math.nan
-    return {
-        "configuration": label,
-        "source": f"study {results.name}, trial {int(best['trial'])}",
-        "val/accuracy": float(best["val/accuracy"]),
-        "test_accuracy": test_accuracy,
-        "epochs": int(best["epochs_run"]),
-        "wall_seconds": float(best["wall_seconds"]),
-        "n_params": best["n_params"],
-    }
+        return dataset_info(name)
+    except UnknownDataset:
+        raise ReportError(
+            f"trial {int(best['trial'])} (run {best['run_id']}) trained on dataset {show(name)}, "
+            f"which this version does not know (it knows {', '.join(DATASETS)}); report the "
+            "study with the version that trained it"
+        ) from None

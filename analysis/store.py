@@ -10,7 +10,8 @@ field table (:mod:`research.experiment.fields`), the search space from the study
 ``state`` (``COMPLETE``, ``PRUNED`` or ``FAIL``), the searched parameters under their own names
 (``hidden_size``, ``learning_rate``, ...), the last logged ``val/accuracy``, ``val/loss`` and
 ``train/loss``, ``epochs_run``, ``epochs`` (asked for), ``wall_seconds``, ``n_params``,
-``error`` and ``raw_inputs``. ``curves`` is long: one row per trial run and epoch, with
+``error``, ``raw_inputs`` and ``dataset`` (the ``dataset`` param as logged: a name, ``mnist`` for
+runs logged before the field existed). ``curves`` is long: one row per trial run and epoch, with
 ``run_id``, ``trial``, ``state``, ``epoch`` (from 0), ``train/loss``, ``val/loss`` and
 ``val/accuracy``. Rows are keyed by ``run_id``: two runs can carry the same trial number when
 studies kept in different Optuna storages log to one MLflow experiment.
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from research.data import DEFAULT_DATASET
 from research.engine.mlp import count_params
 from research.experiment.fields import FIELDS, ConfigError
 from research.experiment.tracking import results as tracking
@@ -75,6 +77,17 @@ class StudyResults:
         index = values.idxmax() if self.direction == "maximize" else values.idxmin()
         return complete.loc[index]
 
+    @property
+    def dataset(self) -> str:
+        """The dataset the study trained on, as its best trial (else its first) logged it; a
+        study has one (the field cannot be searched). ``mnist`` when no run says otherwise."""
+        best = self.best
+        if best is not None and isinstance(best.get("dataset"), str):
+            return str(best["dataset"])
+        if "dataset" in self.trials.columns and len(self.trials):
+            return str(self.trials["dataset"].iloc[0])
+        return DEFAULT_DATASET
+
 
 def search_dimensions(space: Iterable[Mapping[str, Any]]) -> list[SearchDimension]:
     """The search space from the study's record of it: one ``{"name", "type", "low", "high",
@@ -119,6 +132,7 @@ def trials_frame(runs: pd.DataFrame, search: list[SearchDimension]) -> pd.DataFr
     by_name = {dimension.name: dimension for dimension in search}
     columns = ["trial", "run_id", "state", *by_name, *CURVE_METRICS]
     columns += ["epochs_run", "epochs", "wall_seconds", "n_params", "error", "raw_inputs"]
+    columns += ["dataset"]
     if runs.empty:
         return pd.DataFrame(columns=columns)
 
@@ -145,6 +159,11 @@ def trials_frame(runs: pd.DataFrame, search: list[SearchDimension]) -> pd.DataFr
     # The preprocessing the trial trained with: its test evaluation must use the same.
     raw = _typed(column("params.raw_inputs", None), "raw_inputs")
     frame["raw_inputs"] = raw.map(lambda value: value is True)
+    # As logged, not through the field table: a name a later version added stays as it is, for
+    # the report to say it does not know it.
+    frame["dataset"] = column("params.dataset", None).map(
+        lambda text: text if isinstance(text, str) and text else DEFAULT_DATASET
+    )
     frame["epochs_run"] = 0
     return frame[[c for c in columns if c in frame.columns]]
 

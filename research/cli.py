@@ -12,18 +12,16 @@ import sys
 import time
 import warnings
 from dataclasses import replace
-from pathlib import Path
 
+from research.arguments import build_parser
 from research.experiment.fields import (
     PRESETS,
     ConfigError,
     DeprecatedName,
     TrainConfig,
     configure,
-    preset_name,
 )
-from research.experiment.flags import add_field_flags
-from research.experiment.reproduce import add_reproduce_arguments, reproduce_command
+from research.experiment.reproduce import reproduce_command
 from research.experiment.train import (
     DivergenceError,
     EpochMetrics,
@@ -37,196 +35,6 @@ EXIT_USAGE = 2
 
 class UserError(Exception):
     """A mistake the user can fix; printed as one line, exit code 2."""
-
-
-def _add_data_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--mnist-dir",
-        help="folder holding the four MNIST IDX files (.gz or raw), for offline use; "
-        "default $RESEARCH_MNIST_DIR, else download through tensorflow-datasets",
-    )
-    parser.add_argument(
-        "--data-dir",
-        help="where the prepared dataset and its cache live; default $RESEARCH_DATA_DIR, "
-        "else ~/.cache/research",
-    )
-
-
-def _add_preset_flag(parser: argparse.ArgumentParser, default: str, help: str) -> None:
-    # type= runs first: the deprecated name "seed" becomes "origin", with a note
-    parser.add_argument(
-        "--preset",
-        type=preset_name,
-        choices=list(PRESETS),
-        default=default,
-        help=f"{help} (default: {default})",
-    )
-
-
-def _add_store_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--tracking-uri",
-        help="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db",
-    )
-
-
-def _port(text: str) -> int:
-    port = int(text) if text.strip().isdecimal() else -1
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1 to 65535)")
-    return port
-
-
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m research",
-        description="A numpy MLP with handwritten backprop, verified against JAX.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    train = commands.add_parser(
-        "train",
-        help="train one network on MNIST and log it to MLflow",
-        description="Train one network on MNIST (train split), report validation metrics per "
-        "epoch, and log the run to MLflow.",
-    )
-    _add_preset_flag(
-        train, "default", "the values the flags start from: 'origin' is the origin program's"
-    )
-    titles = ("the network", "the optimizer", "training", "the data")
-    for group, title in zip(("model", "optimizer", "training", "data"), titles):
-        add_field_flags(train.add_argument_group(title), group, "default")
-    train.add_argument(
-        "--subset",
-        type=int,
-        metavar="N",
-        help="train on the first N training rows only (quick looks and tests)",
-    )
-    train.add_argument(
-        "--evaluate-test",
-        action="store_true",
-        help="evaluate the final model once on the test split (never used for choices)",
-    )
-    train.add_argument("--experiment", default="train", help="MLflow experiment (default: train)")
-    _add_store_flag(train)
-    train.add_argument("--no-track", action="store_true", help="do not log to MLflow")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_data_flags(train)
-
-    check = commands.add_parser(
-        "gradcheck",
-        help="compare numpy's handwritten gradients with JAX autodiff, per layer",
-        description="Compare the handwritten numpy gradients with JAX autodiff on one batch, "
-        "per layer and array; exits 1 if any array is outside tolerance.",
-    )
-    _add_preset_flag(check, "origin", "the network the model flags start from")
-    add_field_flags(check.add_argument_group("the network"), "model", "origin")
-    check.add_argument("--dtype", choices=["float32", "float64"], default="float64")
-    check.add_argument(
-        "--batch-size", dest="rows", type=int, default=256, help="rows of the batch (default 256)"
-    )
-    check.add_argument("--seed", type=int, default=0)
-    check.add_argument(
-        "--synthetic",
-        action="store_true",
-        help="use a random batch instead of real MNIST (no data needed)",
-    )
-    for name in ("rtol", "atol"):
-        check.add_argument(
-            f"--{name}",
-            type=float,
-            help="the same for every array, instead of the tolerance table's for the dtype "
-            "(research/verify/compare.py)",
-        )
-    _add_data_flags(check)
-
-    study = commands.add_parser(
-        "study",
-        help="run (or continue) an Optuna study; every trial is an MLflow run",
-        description="Run or continue the Optuna study defined in a TOML file (see experiments/). "
-        "Command-line values override the file's.",
-    )
-    study.add_argument("study_file", help="study definition, e.g. experiments/mnist_mlp.toml")
-    study.add_argument("--n-trials", type=int, help="trials the study should hold in the end")
-    study.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
-    study.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    study.add_argument("--epochs", type=int, help="epochs per trial")
-    study.add_argument("--subset", type=int, metavar="N", help="train on the first N rows")
-    study.add_argument("--study-name", help="Optuna study and MLflow experiment name")
-    study.add_argument(
-        "--storage",
-        help="Optuna storage: a journal file path, or a database URL such as "
-        "postgresql://user@host/db (default: mlruns/optuna.journal beside the MLflow store)",
-    )
-    _add_store_flag(study)
-    study.add_argument(
-        "--no-final",
-        action="store_true",
-        help="skip retraining the best configuration on train+validation and the test evaluation",
-    )
-    study.add_argument("--quiet", action="store_true", help="no per-epoch lines")
-    _add_data_flags(study)
-
-    ui = commands.add_parser("ui", help="start the MLflow UI over the tracking store")
-    ui.add_argument("--port", type=_port, default=5000, help="port to listen on (default 5000)")
-    ui.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address to bind (default 127.0.0.1; the UI has no authentication)",
-    )
-    _add_store_flag(ui)
-
-    rerun = commands.add_parser(
-        "rerun",
-        help="retrain a logged run from its params and seed; check its metrics are reproduced",
-    )
-    rerun.add_argument("run_id", help="the MLflow run id of a trial or a train run")
-    _add_store_flag(rerun)
-    _add_data_flags(rerun)
-
-    report = commands.add_parser(
-        "report",
-        help="figures and a self-contained report of a study (never trains)",
-        description="Turn a study in the tracking store into figures, report.md, report.html "
-        "and report.json, and log them on the study's parent run (artifacts report/).",
-    )
-    report.add_argument("study", nargs="?", help="study name (default: the most recent study)")
-    _add_store_flag(report)
-    report.add_argument(
-        "--out", type=Path, help="output folder (default: reports/<study> beside the store)"
-    )
-    report.add_argument(
-        "--storage",
-        help="Optuna storage for the importances (default: the one the study recorded)",
-    )
-    report.add_argument(
-        "--no-log", action="store_true", help="do not log the report to the parent run"
-    )
-    _add_data_flags(report)
-
-    reproduce = commands.add_parser(
-        "reproduce", help="train a published table's rows, side by side"
-    )
-    add_reproduce_arguments(reproduce)
-    _add_store_flag(reproduce)
-    _add_data_flags(reproduce)
-
-    bench = commands.add_parser(
-        "bench",
-        help="time the numpy engine against the origin, JAX and PyTorch (interleaved rounds)",
-        description="Time every contender on every workload in interleaved rounds, print a "
-        "table of medians, spreads, GFLOP/s and ratios, and log it to MLflow.",
-    )
-    bench.add_argument("--quick", action="store_true", help="short runs (under a minute)")
-    bench.add_argument("--rounds", type=int, help="rounds per workload (default 5; 2 with --quick)")
-    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
-    bench.add_argument(
-        "--experiment", default="benchmarks", help="MLflow experiment (default: benchmarks)"
-    )
-    _add_store_flag(bench)
-    bench.add_argument("--no-track", action="store_true", help="do not log to MLflow")
-    _add_data_flags(bench)
-    return parser
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -251,11 +59,12 @@ def _check_memory(config: TrainConfig, n_train_rows: int) -> None:
         raise UserError(str(error)) from None
 
 
-def _load_data(args: argparse.Namespace, raw: bool):
-    from research.data import DataError, load_mnist
+def _load_data(args: argparse.Namespace, config: TrainConfig):
+    """The splits of ``config.dataset``, its inputs as ``config.raw_inputs`` says."""
+    from research.data import DataError, load_named
 
     try:
-        return load_mnist(args.mnist_dir, args.data_dir, raw=raw)
+        return load_named(config.dataset, args.mnist_dir, args.data_dir, raw=config.raw_inputs)
     except DataError as error:
         raise UserError(str(error)) from None
 
@@ -282,8 +91,8 @@ def _run_train(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     if config.optimizer != "momentum" and args.nesterov:
         raise UserError("--nesterov applies only to --optimizer momentum")
-    data = _load_data(args, config.raw_inputs)
-    x_train, labels_train = data.train.x, data.train.labels
+    data = _load_data(args, config)
+    x_train, labels_train = data.train.images, data.train.labels  # (uint8: floats per batch)
     if args.subset is not None:
         if not 1 <= args.subset <= len(x_train):
             raise UserError(f"--subset {args.subset} must be between 1 and {len(x_train)}")
@@ -298,14 +107,17 @@ def _run_train(args: argparse.Namespace) -> int:
         f"training {'x'.join(map(str, spec.sizes))} {config.activation}/{config.output}/"
         f"{config.loss}, {config.optimizer} learning_rate={config.learning_rate:g}, "
         f"batch_size={config.batch_size}, {config.epochs} epochs, {config.dtype} "
-        f"(preset {args.preset}; {spec.n_params:,} parameters)"
+        f"(preset {args.preset}; {spec.n_params:,} parameters) on {data.info.title}"
     )
 
     run = None
+    experiment = args.experiment or (
+        "train" if config.dataset == "mnist" else f"train_{config.dataset}"
+    )
     if not args.no_track:
         try:
             run = start_training_run(
-                args.experiment,
+                experiment,
                 tags={"preset": args.preset, "command": "train"},
                 tracking_uri=args.tracking_uri,
             )
@@ -382,7 +194,7 @@ def _run_train(args: argparse.Namespace) -> int:
             run.end("FAIL", "FAILED", str(error))
             raise UserError(str(error)) from None
         run.end("COMPLETE", "FINISHED")
-        print(f"MLflow run {run.run_id} in experiment '{args.experiment}'")
+        print(f"MLflow run {run.run_id} in experiment '{experiment}'")
         print(f"browse it: {run.ui_hint}")
     return 0
 
@@ -412,9 +224,10 @@ def _run_gradcheck(args: argparse.Namespace) -> int:
         x, labels = random_batch(spec, args.rows, args.seed)
         source = "a random batch"
     else:
-        data = _load_data(args, config.raw_inputs)
-        x, labels = data.train.x[: args.rows], data.train.labels[: args.rows]
-        source = f"the first {len(x)} MNIST training rows"
+        data = _load_data(args, config)
+        head = data.train[: args.rows]
+        x, labels = head.x, head.labels
+        source = f"the first {len(x)} {data.info.title} training rows"
     print(describe_check(config, args.dtype, args.seed, source))
     started = time.perf_counter()
     rows = check_network(
@@ -538,7 +351,7 @@ def _run_reproduce(args: argparse.Namespace) -> int:
     from research.experiment.tracking.stores import TrackingError
 
     try:  # (missing data is _load_data's UserError)
-        return reproduce_command(args, lambda raw: _load_data(args, raw))
+        return reproduce_command(args, lambda config: _load_data(args, config))
     except (ConfigError, TrackingError, OSError) as error:
         raise UserError(str(error)) from None
 
@@ -580,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = _build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     commands = {
         "train": _run_train,
         "gradcheck": _run_gradcheck,

@@ -40,7 +40,7 @@ def main() -> None:
     study = load_study(config, str(folder / "optuna.journal"))
     context = TrialContext(
         config,
-        data.train.x,
+        data.train.images,
         data.train.labels,
         data.validation.x,
         data.validation.labels,

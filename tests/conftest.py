@@ -1,4 +1,4 @@
-"""Shared fixtures: where the real MNIST copy is, and the loaded splits."""
+"""Shared fixtures: where the real MNIST and Fashion-MNIST copies are, and the loaded splits."""
 
 from __future__ import annotations
 
@@ -30,10 +30,26 @@ def mnist_dir() -> Path:
     return folder
 
 
+def fashion_mnist_dir() -> Path:
+    """The offline Fashion-MNIST folder: $RESEARCH_FASHION_MNIST_DIR, else
+    ../shared/data/fashion-mnist beside the repo (a missing folder fails, as for MNIST)."""
+    folder = Path(
+        os.environ.get("RESEARCH_FASHION_MNIST_DIR")
+        or REPO.parent / "shared" / "data" / "fashion-mnist"
+    )
+    if not folder.is_dir():
+        pytest.fail(
+            f"Fashion-MNIST folder {folder} not found: set RESEARCH_FASHION_MNIST_DIR to a folder "
+            "holding its four IDX files (tests never download)"
+        )
+    return folder
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _offline_mnist() -> None:
-    """Subprocesses and the data loader see the offline folder, never the network."""
+    """Subprocesses and the data loader see the offline folders, never the network."""
     os.environ["RESEARCH_MNIST_DIR"] = str(mnist_dir())
+    os.environ["RESEARCH_FASHION_MNIST_DIR"] = str(fashion_mnist_dir())
 
 
 @pytest.fixture(scope="session")

@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 from helpers import assert_trees_close
 
-from research.bench.contenders import CONTENDERS, WORKLOADS
+from research.bench.contenders import CONTENDERS, ORIGIN_SPEC, WORKLOADS
 from research.bench.run import timing_groups, torch_available
 from research.cli import main
+from research.data import to_inputs
 from research.engine.blas_kernels import VARIABLE, loaded_kernels
 from research.engine.inplace import InPlaceTrainingStep
-from research.engine.mlp import dropout_masks, init_params
+from research.engine.mlp import MLPSpec, dropout_masks, init_params
 from research.engine.optim import momentum
 
 
@@ -152,6 +153,71 @@ def test_w3_jax_step_is_the_engine_step_for_the_same_masks():
         )
     norms = np.linalg.norm(stepper.params[0]["W"], axis=0)
     assert 0.2 < np.mean(np.isclose(norms, radius, rtol=1e-12)) < 0.8  # the projection acted
+
+
+SMALL_SPECS = {
+    "w1": ORIGIN_SPEC,
+    "relu": MLPSpec((784, 32, 16, 10), "relu", "softmax", "cross_entropy"),
+}
+
+
+def jax_tree(params):
+    import jax.numpy as jnp
+
+    return [{key: jnp.asarray(value) for key, value in layer.items()} for layer in params]
+
+
+@pytest.mark.parametrize("name", list(SMALL_SPECS))
+def test_jax_sgd_program_on_images_is_the_reference_program_on_floats(mnist, name):
+    """The JAX contender of w1 and w2 gathers uint8 rows and converts them inside its program:
+    the same epoch as ``reference.sgd_epoch`` (its program before) on ``Split.x``, but for the
+    last bit of the inputs (XLA divides by 255 as a product with 1/255)."""
+    from research.bench.jax_programs import batch_inputs, sgd_epoch
+    from research.verify import reference
+
+    spec = SMALL_SPECS[name]
+    images, labels = mnist.train.images[:1_000], mnist.train.labels[:1_000]
+    floats = to_inputs(images)
+    targets = np.eye(10, dtype=np.float32)[labels]
+    params = init_params(spec, 0, np.float32, "xavier")
+    batches = np.random.default_rng(0).permutation(1_000)[: 6 * 64].reshape(6, 64)
+    batches = batches.astype(np.int32)
+    np.testing.assert_array_max_ulp(
+        np.asarray(batch_inputs(images, batches[0], np.float32)), floats[batches[0]], maxulp=1
+    )
+    ours, our_losses = sgd_epoch(spec, 0.1)(jax_tree(params), images, targets, batches)
+    theirs, their_losses = reference.sgd_epoch(spec, 0.1)(
+        jax_tree(params), floats, targets, batches
+    )
+    np.testing.assert_allclose(np.asarray(our_losses), np.asarray(their_losses), rtol=1e-5)
+    assert_trees_close(ours, theirs, 1e-4, 1e-6, "params after an epoch")
+
+
+def test_jax_momentum_program_on_images_steps_as_its_step_on_floats(mnist):
+    """w3's JAX epoch (without dropout and max-norm, so no random draws) on uint8 images: the
+    steps of ``momentum_step`` on the float inputs, but for the last bit of the inputs."""
+    import jax
+
+    from research.bench.jax_programs import momentum_epoch, momentum_step
+
+    spec = SMALL_SPECS["relu"]
+    images, labels = mnist.train.images[:1_000], mnist.train.labels[:1_000]
+    floats = to_inputs(images)
+    targets = np.eye(10, dtype=np.float32)[labels]
+    params = init_params(spec, 0, np.float32, "he")
+    batches = np.random.default_rng(1).permutation(1_000)[: 5 * 50].reshape(5, 50)
+    batches = batches.astype(np.int32)
+    epoch = momentum_epoch(spec, 0.05, 0.9, 0.0, 0.0, 0.0)
+    zeros = [{key: np.zeros_like(v) for key, v in layer.items()} for layer in params]
+    ours, _, _, our_losses = epoch(
+        jax_tree(params), jax_tree(zeros), jax.random.key(0), images, targets, batches
+    )
+    step = jax.jit(momentum_step(spec, 0.05, 0.9, 0.0))
+    theirs, velocity, no_masks = jax_tree(params), jax_tree(zeros), [None] * spec.n_layers
+    for number, rows in enumerate(batches):
+        theirs, velocity, loss = step(theirs, velocity, floats[rows], targets[rows], no_masks)
+        assert float(our_losses[number]) == pytest.approx(float(loss), rel=1e-5)
+    assert_trees_close(ours, theirs, 1e-4, 1e-6, "params after an epoch")
 
 
 def test_matmul_flops_count_forward_weight_gradients_and_inner_deltas():

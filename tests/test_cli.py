@@ -244,10 +244,10 @@ def test_the_flags_are_the_field_table():
     default, so the preset's value stays); gradcheck takes the network's fields."""
     import argparse
 
-    from research.cli import _build_parser
+    from research.arguments import build_parser
     from research.experiment.fields import FIELDS
 
-    (commands,) = [a for a in _build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
 
     def flags(command: str) -> dict[str, argparse.Action]:
         return {a.dest: a for a in commands.choices[command]._actions if a.dest in FIELDS}

@@ -9,6 +9,7 @@ network: "downloads" come from a local HTTP server.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import hashlib
@@ -29,7 +30,8 @@ import numpy as np
 import pytest
 
 from research.data import MNIST_DIGESTS, DataError, load_mnist, one_hot
-from research.data import mnist as data
+from research.data import idx as data
+from research.data.datasets import MNIST_INFO
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = sorted(MNIST_DIGESTS)
@@ -168,12 +170,12 @@ def test_env_vars_choose_the_folders(
     monkeypatch.setenv("RESEARCH_DATA_DIR", str(prepared))
     monkeypatch.setenv("RESEARCH_MNIST_DIR", str(mnist_folder))
     assert data._resolve_data_dir(None) == prepared.absolute()
-    assert data._resolve_mnist_dir(None) == mnist_folder.absolute()
+    assert MNIST_INFO.source_dir() == mnist_folder.absolute()
     assert len(load_mnist().test) == 10_000
     monkeypatch.delenv("RESEARCH_DATA_DIR")
     monkeypatch.delenv("RESEARCH_MNIST_DIR")
     assert data._resolve_data_dir(None) == Path.home() / ".cache" / "research"
-    assert data._resolve_mnist_dir(None) is None
+    assert MNIST_INFO.source_dir() is None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,9 +329,9 @@ def test_bad_source_file_raises_before_writing_anything(
 def test_uncompressed_files_are_accepted(mnist_folder: Path, tmp_path: Path) -> None:
     for name in NAMES:
         (tmp_path / name).write_bytes(_decompressed(mnist_folder, name))
-    paths = data._find_source_files(tmp_path)
+    paths = data._find_source_files(tmp_path, MNIST_INFO)
     assert paths == {name: tmp_path / name for name in NAMES}
-    arrays = data._load_idx_files(paths)
+    arrays = data._load_idx_files(paths, MNIST_INFO)
     assert arrays.train_labels[:5].tolist() == [5, 0, 4, 1, 9]
 
 
@@ -392,10 +394,29 @@ def test_download_from_mirror(
 ) -> None:
     if not all((mnist_folder / f"{name}.gz").is_file() for name in NAMES):
         pytest.skip("the mirror serves .gz files; the offline folder holds uncompressed ones")
-    monkeypatch.setattr(data, "MIRROR_URL", mirror)
-    paths = data._source_files(_download_manager(tmp_path))
-    arrays = data._load_idx_files(paths)
+    # The mirror serves this folder's archives: register their sizes and digests for it.
+    archives = {
+        name: (len(gz), hashlib.sha256(gz).hexdigest())
+        for name in NAMES
+        for gz in [(mnist_folder / f"{name}.gz").read_bytes()]
+    }
+    info = dataclasses.replace(MNIST_INFO, url=mirror, archive_digests=archives)
+    paths = data._source_files(_download_manager(tmp_path), info)
+    arrays = data._load_idx_files(paths, info)
     assert arrays.train_labels[:5].tolist() == [5, 0, 4, 1, 9]
+
+
+def test_a_download_unlike_the_registered_archive_is_refused(
+    mirror: str, mnist_folder: Path, tmp_path: Path
+) -> None:
+    """The archives registered for the public mirror (tfds' url_checksums) are not this folder's
+    recompressed ones: served in their place, they are refused, naming both."""
+    if not all((mnist_folder / f"{name}.gz").is_file() for name in NAMES):
+        pytest.skip("the mirror serves .gz files; the offline folder holds uncompressed ones")
+    info = dataclasses.replace(MNIST_INFO, url=mirror)
+    with pytest.raises(DataError, match="does not match the size and SHA-256") as excinfo:
+        data._source_files(_download_manager(tmp_path), info)
+    assert "tensorflow-datasets registers" in str(excinfo.value)
 
 
 def test_unreachable_mirror_raises_data_error_quickly(
@@ -404,9 +425,9 @@ def test_unreachable_mirror_raises_data_error_quickly(
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setattr(data, "MIRROR_URL", f"http://127.0.0.1:{port}/")
+    info = dataclasses.replace(MNIST_INFO, url=f"http://127.0.0.1:{port}/")
     with pytest.raises(DataError, match="Could not download") as excinfo:
-        data._source_files(_download_manager(tmp_path))
+        data._source_files(_download_manager(tmp_path), info)
     assert "RESEARCH_MNIST_DIR" in str(excinfo.value)
 
 

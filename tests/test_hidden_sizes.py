@@ -16,7 +16,8 @@ from helpers import copy_run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from research.cli import _build_parser, main
+from research.arguments import build_parser
+from research.cli import main
 from research.experiment.fields import (
     FIELDS,
     MAX_HIDDEN_LAYERS,
@@ -188,10 +189,10 @@ def test_given_values_replace_the_network_of_the_values_under_them():
     ids=["words", "commas", "both"],
 )
 def test_the_flag_takes_words_or_commas(words):
-    args = _build_parser().parse_args(["train", "--hidden-sizes", *words])
+    args = build_parser().parse_args(["train", "--hidden-sizes", *words])
     assert args.hidden_sizes == (1024, 512, 256)
-    assert _build_parser().parse_args(["train"]).hidden_sizes is None  # the preset's stays
-    args = _build_parser().parse_args(["gradcheck", "--hidden-sizes", *words])
+    assert build_parser().parse_args(["train"]).hidden_sizes is None  # the preset's stays
+    args = build_parser().parse_args(["gradcheck", "--hidden-sizes", *words])
     assert args.hidden_sizes == (1024, 512, 256)
 
 

@@ -131,6 +131,22 @@ def test_the_report_of_a_tiny_study_has_every_figure_and_consistent_numbers(tiny
     assert test["ci_high"] - test["ci_low"] < 0.03  # 10,000 rows pin it to about ±1%
     assert f"test accuracy {100 * test['accuracy']:.2f}%" in out
 
+    # Runs logged without a dataset param are MNIST's: its digits, and its published baseline
+    # placed against the interval.
+    from analysis.baselines import place
+
+    assert summary["dataset"] == test["dataset"] == "mnist"
+    assert [row["class"] for row in per_class] == [str(digit) for digit in range(10)]
+    (baseline,) = test["baselines"]
+    assert baseline["baseline"] == "Simard et al. (2003), MLP with 800 hidden units"
+    assert baseline["accuracy_percent"] == 98.4
+    assert baseline["place"] == place(98.4, test["ci_low"], test["ci_high"]) == "below"
+    assert "on the 10,000 MNIST test digits" in out
+    assert "against published MNIST results: ours is below Simard et al. (2003)" in out
+    assert "Dataset: MNIST." in markdown
+    assert "## Against published MNIST results" in markdown
+    assert "| Simard et al. (2003), MLP with 800 hidden units | 98.4% | " in markdown
+
     # The report names the best trial the study chose.
     assert summary["best_trial"] == int(parent.data.tags["best_trial"])
     assert summary["states"] == {"COMPLETE": 3}

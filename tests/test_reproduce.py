@@ -21,8 +21,8 @@ from research.experiment.reproduce import (
     load_paper,
     results_table,
     train_row,
-    wilson_interval,
 )
+from research.experiment.stats import wilson_interval
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "experiments" / "dropout_paper.toml"
@@ -90,7 +90,7 @@ def _wilson_by_hand(k: int, n: int, z: float = 1.959963984540054) -> tuple[float
 @given(st.integers(1, 10_000), st.data())
 def test_wilson_interval_matches_its_closed_form(n, data):
     k = data.draw(st.integers(0, n))
-    low, high = wilson_interval(k, n)
+    low, high = (100 * end for end in wilson_interval(k, n))
     expected = _wilson_by_hand(k, n)
     assert low == pytest.approx(expected[0], abs=1e-9)
     assert high == pytest.approx(expected[1], abs=1e-9)
@@ -99,7 +99,7 @@ def test_wilson_interval_matches_its_closed_form(n, data):
 
 def test_wilson_interval_of_the_papers_best_row():
     # 106 errors in 10,000: the interval is about ±0.2 points, so rows 0.15 apart overlap.
-    low, high = wilson_interval(106, 10_000)
+    low, high = (100 * end for end in wilson_interval(106, 10_000))
     assert 0.87 < low < 0.88 and 1.28 < high < 1.29
 
 
@@ -261,4 +261,5 @@ def test_holdout_keeps_validation_apart(mnist):
     held = splits(mnist, holdout=True, subset=None)
     assert len(full.x_train) == 60_000 and full.x_val is None
     assert len(held.x_train) == 50_000 and len(held.x_val) == 10_000
-    np.testing.assert_array_equal(full.x_train[50_000:], mnist.validation.x)
+    np.testing.assert_array_equal(full.x_train[50_000:], mnist.validation.images)
+    assert full.x_train.dtype == np.uint8  # floats are made per batch

@@ -38,7 +38,7 @@ from research.experiment.study_config import (
 REPO = Path(__file__).resolve().parents[1]
 MNIST_MLP = REPO / "experiments" / "mnist_mlp.toml"
 ORIGIN_BASELINE = REPO / "experiments" / "origin_baseline.toml"
-SHIPPED = (MNIST_MLP, ORIGIN_BASELINE)
+SHIPPED = (MNIST_MLP, ORIGIN_BASELINE, MNIST_MLP.with_name("fashion_mlp.toml"))
 
 Doc = dict[str, Any]
 
@@ -146,7 +146,9 @@ def test_the_study_rules_are_the_field_table():
     """What a study may search and which names a field allows come from the table alone."""
     assert set(FIELDS) == set(TrainConfig.field_names())
     assert SEARCHABLE == tuple(name for name, field in FIELDS.items() if not field.not_searchable)
-    assert {"epochs", "seed", "dtype", "raw_inputs", "drop_last"} == set(FIELDS) - set(SEARCHABLE)
+    assert {"epochs", "seed", "dtype", "raw_inputs", "drop_last", "dataset"} == set(FIELDS) - set(
+        SEARCHABLE
+    )
     assert FIELDS["activation"].choices == ACTIVATIONS
     assert FIELDS["output"].choices == OUTPUTS
     assert FIELDS["loss"].choices == LOSSES

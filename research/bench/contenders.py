@@ -5,6 +5,7 @@ release them, so that two workloads can be timed in the same rounds (``Workload.
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -116,17 +117,29 @@ WORKLOADS = (
 
 
 class _Data:
-    """The MNIST training and validation rows, float32, loaded once per worker."""
+    """The MNIST rows, loaded once per worker: the training rows as uint8 ``images`` (N, 784),
+    what ``train`` trains from and the engine and JAX gather their batches from; float32 inputs
+    ``x`` made from them only for the contenders that train on floats (the origin's port,
+    PyTorch); the validation rows float32 (``x_val``, for ``w1-eval``); one-hot float32
+    ``targets``."""
 
     def __init__(self, mnist_dir: str | None, data_dir: str | None) -> None:
         from research.data import load_mnist
 
         data = load_mnist(mnist_dir, data_dir)
-        self.x = np.ascontiguousarray(data.train.x[:TRAIN_ROWS], dtype=np.float32)
+        self.images = np.ascontiguousarray(data.train.images[:TRAIN_ROWS])
         self.labels = data.train.labels[:TRAIN_ROWS]
         self.x_val = np.ascontiguousarray(data.validation.x, dtype=np.float32)
         self.labels_val = data.validation.labels
         self.targets = np.eye(10, dtype=np.float32)[self.labels]
+
+    @functools.cached_property
+    def x(self) -> np.ndarray:
+        """The training inputs (N, 784) float32 (k/255), made at the first use: the engine's and
+        JAX's workers never hold them."""
+        from research.data import to_inputs
+
+        return to_inputs(self.images)
 
 
 Run = Callable[[], None]
@@ -148,7 +161,7 @@ class _Contender:
 
     def batches(self, workload: Workload, steps: int) -> np.ndarray:
         """(steps, batch_size) row indices: an epoch's shuffle, cut into batches."""
-        order = self.rng.permutation(len(self.data.x))
+        order = self.rng.permutation(len(self.data.images))
         return order[: steps * workload.batch_size].reshape(steps, workload.batch_size)
 
 
@@ -172,7 +185,8 @@ class _Origin(_Contender):
 
 
 class _Engine(_Contender):
-    """The project's engine: ``train_epoch`` over an ``InPlaceTrainingStep``, as ``train`` runs."""
+    """The project's engine: ``train_epoch`` over an ``InPlaceTrainingStep``, as ``train`` runs
+    on ``Split.images``: each batch gathered as uint8 and converted by the step."""
 
     def __init__(self, data: _Data, dtype: type) -> None:
         super().__init__(data)
@@ -196,16 +210,18 @@ class _Engine(_Contender):
         }
 
     def prepare(self, workload: Workload, steps: int) -> Run:
-        """What ``train`` runs for this workload: ``train_epoch`` over an
-        ``InPlaceTrainingStep`` (with ``max_norm``), with fresh ``mlp.dropout_masks`` for every
-        batch when the workload has dropout."""
+        """What ``train`` runs for this workload: ``train_epoch`` over the uint8 images and an
+        ``InPlaceTrainingStep`` given ``pixel_values`` (with ``max_norm``), with fresh
+        ``mlp.dropout_masks`` for every batch when the workload has dropout. ``w1-eval``
+        evaluates the float32 validation inputs."""
+        from research.data import pixel_values
         from research.engine.inplace import InPlaceTrainingStep
         from research.engine.mlp import dropout_masks
         from research.engine.optim import momentum, sgd
         from research.experiment.train import evaluate, train_epoch
 
         spec, dtype = workload.spec, self.dtype
-        x = self.data.x.astype(dtype)
+        images = self.data.images
         targets = self.data.targets.astype(dtype)
         x_val = self.data.x_val.astype(dtype)
         params = init_params(spec, 0, dtype, workload.init)
@@ -215,7 +231,12 @@ class _Engine(_Contender):
             else sgd(workload.learning_rate)
         )
         stepper = InPlaceTrainingStep(
-            spec, params, optimizer, workload.batch_size, max_norm=workload.max_norm
+            spec,
+            params,
+            optimizer,
+            workload.batch_size,
+            max_norm=workload.max_norm,
+            pixel_values=pixel_values(False, dtype),
         )
         draw = None
         if workload.input_dropout or workload.dropout:
@@ -230,9 +251,9 @@ class _Engine(_Contender):
             if steps == 0:
                 evaluate(stepper.params, x_val, self.data.labels_val, spec)
                 return
-            order = self.rng.permutation(len(x))
+            order = self.rng.permutation(len(images))
             with np.errstate(over="ignore"):
-                train_epoch(stepper, x, targets, order, steps, draw_masks=draw)
+                train_epoch(stepper, images, targets, order, steps, draw_masks=draw)
 
         run()
         return run
@@ -256,26 +277,33 @@ class _Engine(_Contender):
     def peak_memory(self, workload: Workload, steps: int) -> dict[str, float]:
         """tracemalloc's peak while a fresh stepper is built and trained for ``steps`` steps.
 
-        numpy reports its allocations to tracemalloc; the training data and the starting
-        parameters exist before tracing starts (the stepper's own copy of the parameters is
-        counted). OpenBLAS's internal work buffer, allocated once per process, is not seen.
+        numpy reports its allocations to tracemalloc; the training data (uint8 images) and the
+        starting parameters exist before tracing starts (the stepper's own copy of the
+        parameters, its uint8 batch buffer and its conversion block are counted). OpenBLAS's
+        internal work buffer, allocated once per process, is not seen.
         """
         import tracemalloc
 
+        from research.data import pixel_values
         from research.engine.inplace import InPlaceTrainingStep
         from research.engine.optim import sgd
         from research.experiment.train import train_epoch
 
-        x = self.data.x.astype(self.dtype)
+        images = self.data.images
         targets = self.data.targets.astype(self.dtype)
         params = init_params(workload.spec, 0, self.dtype, workload.init)
-        order = self.rng.permutation(len(x))
+        table = pixel_values(False, self.dtype)
+        order = self.rng.permutation(len(images))
         tracemalloc.start()
         try:
             stepper = InPlaceTrainingStep(
-                workload.spec, params, sgd(workload.learning_rate), workload.batch_size
+                workload.spec,
+                params,
+                sgd(workload.learning_rate),
+                workload.batch_size,
+                pixel_values=table,
             )
-            train_epoch(stepper, x, targets, order, steps)
+            train_epoch(stepper, images, targets, order, steps)
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
@@ -287,7 +315,9 @@ class _Engine(_Contender):
 
 
 class _Jax(_Contender):
-    """``jax.jit`` of a whole epoch: ``lax.scan`` over the batches (``reference.sgd_epoch``)."""
+    """``jax.jit`` of a whole epoch: ``lax.scan`` over the batches, each gathered from the uint8
+    images and converted inside the program, as the engine does (``research.bench.jax_programs``:
+    ``sgd_epoch``, ``momentum_epoch``)."""
 
     def info(self) -> dict[str, str]:
         from research.verify.reference import versions
@@ -295,16 +325,17 @@ class _Jax(_Contender):
         return versions()
 
     def prepare(self, workload: Workload, steps: int) -> Run:
+        from research.bench.jax_programs import (
+            momentum_epoch,
+            momentum_epoch_runner,
+            sgd_epoch_runner,
+        )
+
         params = init_params(workload.spec, 0, np.float32, workload.init)
+        images, targets = self.data.images, self.data.targets
         if workload.optimizer == "sgd":
-            from research.verify.reference import sgd_epoch_runner
-
-            epoch = sgd_epoch_runner(
-                workload.spec, workload.learning_rate, params, self.data.x, self.data.targets
-            )
+            epoch = sgd_epoch_runner(workload.spec, workload.learning_rate, params, images, targets)
         else:
-            from research.bench.jax_programs import momentum_epoch, momentum_epoch_runner
-
             program = momentum_epoch(
                 workload.spec,
                 workload.learning_rate,
@@ -313,7 +344,7 @@ class _Jax(_Contender):
                 workload.dropout,
                 workload.max_norm,
             )
-            epoch = momentum_epoch_runner(program, params, self.data.x, self.data.targets)
+            epoch = momentum_epoch_runner(program, params, images, targets)
 
         def run() -> None:
             epoch(self.batches(workload, steps))
@@ -325,7 +356,9 @@ class _Jax(_Contender):
 class _Torch(_Contender):
     """PyTorch on the CPU: the same network, autograd, and the same update (plain SGD by hand;
     Nesterov momentum by ``torch.optim.SGD``, the same rule as optax's), with
-    ``torch.nn.functional.dropout`` (inverted, as the engine's) and max-norm in torch."""
+    ``torch.nn.functional.dropout`` (inverted, as the engine's) and max-norm in torch. It
+    gathers its batches from the float32 inputs (not from the uint8 images, as the engine and
+    JAX do: the difference was not measured with PyTorch, which this machine lacks)."""
 
     def info(self) -> dict[str, str]:
         import torch

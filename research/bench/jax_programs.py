@@ -1,18 +1,25 @@
-"""The JAX contender of workload w3: Nesterov momentum with inverted dropout and max-norm, an
-epoch as one ``jax.jit``-compiled ``lax.scan``.
+"""The JAX contender's programs: an epoch as one ``jax.jit``-compiled ``lax.scan`` over the
+batches, for plain SGD (workloads w1 and w2) and for Nesterov momentum with inverted dropout and
+max-norm (w3).
 
-The math is the engine's step (``InPlaceTrainingStep`` fed ``mlp.dropout_masks``, with
-``max_norm``), written in ``jax.numpy`` as a JAX user would write it: the loss of the masked
-network, its gradient from ``jax.value_and_grad``, optax's Nesterov rule (v ← βv + g;
-p ← p − lr·(g + βv)), then every hidden unit's incoming weights scaled by min(1, r/‖w‖). The masks
-come from ``jax.random`` inside the compiled program (one key split per step), so the whole epoch,
-batch gathering included, runs without returning to Python; the parameters and the velocity are
-donated, so XLA may update them in place. ``momentum_step`` is the same step for masks given
-explicitly (the tests compare it with the engine's step in float64).
+The math is the engine's step, written in ``jax.numpy`` as a JAX user would write it: the loss
+with ``jax.nn``'s nonlinearities (for w3, of the masked network), its gradient from
+``jax.value_and_grad``, then plain SGD, or optax's Nesterov rule (v ← βv + g;
+p ← p − lr·(g + βv)) followed by every hidden unit's incoming weights scaled by min(1, r/‖w‖).
+The w3 masks come from ``jax.random`` inside the compiled program (one key split per step). The
+parameters (and the velocity) are donated, so XLA may update them in place.
+
+Like the engine (``train`` on ``Split.images``), the programs train from uint8 images: each step
+gathers its batch's rows as bytes and converts them to float32 k/255 inside the compiled program
+(:func:`batch_inputs`), so the whole epoch, gathering and conversion included, runs without
+returning to Python, and both contenders do the same work per batch. ``momentum_step`` and
+``sgd_step`` are single steps on float inputs (the tests compare the first with the engine's step
+in float64).
 
 jax lives in ``research.verify.reference`` only (tests/test_layout.py); this module takes it from
-there, at call time, so importing the benchmark stays light. The program could move beside
-``reference.sgd_epoch``, the JAX contender of w1 and w2.
+there, at call time, so importing the benchmark stays light. ``reference.sgd_epoch``, on float
+inputs, was the SGD program before the bench trained from bytes; :func:`sgd_epoch` is the same
+math (tests/test_bench.py compares them).
 """
 
 from __future__ import annotations
@@ -31,6 +38,104 @@ def _jax() -> tuple[Any, Any]:
     return reference.jax, reference.jnp
 
 
+def batch_inputs(images: Any, rows: Any, dtype: Any) -> Any:
+    """The batch's inputs (B, n) of ``dtype`` from uint8 ``images`` (N, n) and ``rows`` (B,):
+    the rows gathered as bytes, then k/255.
+
+    What a JAX user writes. XLA on the CPU turns the division into a product with 1/255, so 126
+    of the 256 values are one ulp away from the correctly rounded k/255 the engine feeds
+    (``research.data.pixel_values``); a timing cannot see that. (An exact table look-up,
+    ``table[images[rows]]``, was 15% slower per w1 epoch.)
+    """
+    return images[rows].astype(dtype) / 255
+
+
+def _objective(spec: MLPSpec) -> Callable[..., Any]:
+    """``objective(params, x, y, masks) -> loss``: ``spec``'s batch-mean loss with the l2 term,
+    the network written with ``jax.nn``; ``masks`` has one array (0 or 1/keep, multiplied into
+    what that layer reads) or None per layer. The losses of the benchmark's workloads only:
+    squared error on sigmoid outputs, and softmax cross-entropy."""
+    if (spec.output, spec.loss) not in (("sigmoid", "mse"), ("softmax", "cross_entropy")):
+        raise ValueError(
+            "the benchmark's JAX programs are written for sigmoid/mse and softmax/cross-entropy, "
+            f"not {spec.output}/{spec.loss}"
+        )
+    jax, jnp = _jax()
+    hidden = {"sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh, "relu": jax.nn.relu}[spec.activation]
+    last = spec.n_layers - 1
+
+    def objective(params: Any, x: Any, y: Any, masks: Sequence[Any]) -> Any:
+        h = x
+        for i, layer in enumerate(params):
+            if masks[i] is not None:
+                h = h * masks[i]
+            z = h @ layer["W"] + layer["b"]
+            if i < last:
+                h = hidden(z)
+        if spec.loss == "cross_entropy":
+            value = -jnp.sum(y * jax.nn.log_softmax(z, axis=1)) / z.shape[0]
+        else:
+            value = 0.5 * jnp.sum((jax.nn.sigmoid(z) - y) ** 2) / z.shape[0]
+        if spec.l2:
+            value += 0.5 * spec.l2 * sum(jnp.sum(layer["W"] ** 2) for layer in params)
+        return value
+
+    return objective
+
+
+def sgd_step(spec: MLPSpec, learning_rate: float) -> Callable[..., tuple[Any, Any]]:
+    """One plain SGD step, not compiled: ``step(params, x, y) -> (params, loss)``, the loss
+    before the step."""
+    jax, _ = _jax()
+    value_and_grad = jax.value_and_grad(_objective(spec))
+    no_masks = (None,) * spec.n_layers
+
+    def step(params: Any, x: Any, y: Any) -> Any:
+        value, grads = value_and_grad(params, x, y, no_masks)
+        return jax.tree.map(lambda p, g: p - learning_rate * g, params, grads), value
+
+    return step
+
+
+def sgd_epoch(spec: MLPSpec, learning_rate: float) -> Callable[..., Any]:
+    """``epoch(params, images, y, batches) -> (params, losses)``, compiled: a ``lax.scan`` of
+    :func:`sgd_step` over ``batches`` (S, B) row indices, each batch gathered from the uint8
+    ``images`` (N, n_in) and converted by :func:`batch_inputs` to the parameters' dtype."""
+    jax, _ = _jax()
+    step = sgd_step(spec, learning_rate)
+
+    def epoch(params: Any, images: Any, y: Any, batches: Any) -> Any:
+        dtype = params[0]["W"].dtype
+
+        def body(params: Any, rows: Any) -> Any:
+            return step(params, batch_inputs(images, rows, dtype), y[rows])
+
+        return jax.lax.scan(body, params, batches)
+
+    return jax.jit(epoch, donate_argnums=0)
+
+
+def sgd_epoch_runner(
+    spec: MLPSpec, learning_rate: float, params: Params, images: np.ndarray, y: np.ndarray
+) -> Callable[[np.ndarray], None]:
+    """The benchmark's JAX contender for a plain SGD workload: :func:`sgd_epoch` over device
+    copies of the uint8 ``images`` (N, n_in) and the targets ``y`` (N, n_out). Returns
+    ``run(batches)``: one epoch over ``batches`` (S, B) row indices, waiting for the result; the
+    parameters stay on the device between calls."""
+    jax, jnp = _jax()
+    epoch = sgd_epoch(spec, learning_rate)
+    images_device, y_device = jax.device_put(images), jax.device_put(y)
+    state = {"params": [{key: jnp.asarray(v) for key, v in layer.items()} for layer in params]}
+
+    def run(batches: np.ndarray) -> None:
+        state["params"], losses = epoch(
+            state["params"], images_device, y_device, np.asarray(batches, np.int32)
+        )
+        jax.block_until_ready((state["params"], losses))
+
+    return run
+
+
 def momentum_step(
     spec: MLPSpec, learning_rate: float, beta: float, max_norm: float
 ) -> Callable[..., tuple[Any, Any, Any]]:
@@ -41,21 +146,7 @@ def momentum_step(
         raise ValueError("the w3 program is written for relu hidden layers and cross-entropy")
     jax, jnp = _jax()
     last = spec.n_layers - 1
-
-    def objective(params: Any, x: Any, y: Any, masks: Sequence[Any]) -> Any:
-        h = x
-        for i, layer in enumerate(params):
-            if masks[i] is not None:
-                h = h * masks[i]
-            z = h @ layer["W"] + layer["b"]
-            if i < last:
-                h = jax.nn.relu(z)
-        value = -jnp.sum(y * jax.nn.log_softmax(z, axis=1)) / z.shape[0]
-        if spec.l2:
-            value += 0.5 * spec.l2 * sum(jnp.sum(layer["W"] ** 2) for layer in params)
-        return value
-
-    value_and_grad = jax.value_and_grad(objective)
+    value_and_grad = jax.value_and_grad(_objective(spec))
 
     def project(params: Any) -> Any:
         projected = []
@@ -89,9 +180,10 @@ def momentum_epoch(
     dropout: float,
     max_norm: float,
 ) -> Callable[..., Any]:
-    """``epoch(params, velocity, key, x, y, batches) -> (params, velocity, key, losses)``,
+    """``epoch(params, velocity, key, images, y, batches) -> (params, velocity, key, losses)``,
     compiled: a ``lax.scan`` of :func:`momentum_step` over ``batches`` (S, B) row indices, each
-    step with fresh ``jax.random`` masks (each unit kept with probability 1 − rate)."""
+    batch gathered from the uint8 ``images`` (N, n_in) and converted by :func:`batch_inputs`,
+    each step with fresh ``jax.random`` masks (each unit kept with probability 1 − rate)."""
     jax, _ = _jax()
     step = momentum_step(spec, learning_rate, beta, max_norm)
     rates = [input_dropout, *[dropout] * (spec.n_layers - 1)]
@@ -106,12 +198,15 @@ def momentum_epoch(
                 masks.append(kept.astype(dtype) * (1 / (1 - rate)))
         return masks
 
-    def epoch(params: Any, velocity: Any, key: Any, x: Any, y: Any, batches: Any) -> Any:
+    def epoch(params: Any, velocity: Any, key: Any, images: Any, y: Any, batches: Any) -> Any:
+        dtype = params[0]["W"].dtype
+
         def body(carry: Any, rows: Any) -> Any:
             params, velocity, key = carry
             key, subkey = jax.random.split(key)
-            masks = draw(subkey, rows.shape[0], x.dtype)
-            params, velocity, value = step(params, velocity, x[rows], y[rows], masks)
+            masks = draw(subkey, rows.shape[0], dtype)
+            x = batch_inputs(images, rows, dtype)
+            params, velocity, value = step(params, velocity, x, y[rows], masks)
             return (params, velocity, key), value
 
         (params, velocity, key), losses = jax.lax.scan(body, (params, velocity, key), batches)
@@ -121,14 +216,14 @@ def momentum_epoch(
 
 
 def momentum_epoch_runner(
-    epoch: Callable[..., Any], params: Params, x: np.ndarray, y: np.ndarray, seed: int = 0
+    epoch: Callable[..., Any], params: Params, images: np.ndarray, y: np.ndarray, seed: int = 0
 ) -> Callable[[np.ndarray], None]:
     """The benchmark's JAX contender for a momentum workload: an ``epoch`` of
-    :func:`momentum_epoch` over device copies of the data. Returns ``run(batches)``: one epoch
-    over ``batches`` (S, B) row indices, waiting for the result; parameters, velocity and key
-    stay on the device between calls."""
+    :func:`momentum_epoch` over device copies of the uint8 ``images`` (N, n_in) and the targets
+    ``y`` (N, n_out). Returns ``run(batches)``: one epoch over ``batches`` (S, B) row indices,
+    waiting for the result; parameters, velocity and key stay on the device between calls."""
     jax, jnp = _jax()
-    x_device, y_device = jax.device_put(x), jax.device_put(y)
+    images_device, y_device = jax.device_put(images), jax.device_put(y)
     state = {
         "params": [{key: jnp.asarray(v) for key, v in layer.items()} for layer in params],
         "velocity": [{key: jnp.zeros_like(v) for key, v in layer.items()} for layer in params],
@@ -140,7 +235,7 @@ def momentum_epoch_runner(
             state["params"],
             state["velocity"],
             state["key"],
-            x_device,
+            images_device,
             y_device,
             np.asarray(batches, np.int32),
         )

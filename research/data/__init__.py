@@ -13,6 +13,7 @@ from research.data.idx import (
     DataError,
     load_dataset,
     load_mnist,
+    load_named,
 )
 from research.data.splits import (
     MNIST,
@@ -41,6 +42,7 @@ __all__ = [
     "dataset_info",
     "load_dataset",
     "load_mnist",
+    "load_named",
     "one_hot",
     "pixel_values",
     "to_inputs",

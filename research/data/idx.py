@@ -57,7 +57,7 @@ from research.data.splits import N_CLASSES, Dataset, Split
 if TYPE_CHECKING:
     import tensorflow_datasets as tfds
 
-__all__ = ["DataError", "load_dataset", "load_mnist"]
+__all__ = ["DataError", "load_dataset", "load_mnist", "load_named"]
 
 # SHA-256 of each decompressed IDX file: the canonical MNIST digests.
 MNIST_DIGESTS: dict[str, str] = MNIST_INFO.digests
@@ -148,6 +148,18 @@ def load_dataset(
                 "writable folder"
             ) from None
     return _to_splits(arrays, info, raw=raw)
+
+
+def load_named(
+    name: str,
+    mnist_dir: str | os.PathLike[str] | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    raw: bool = False,
+) -> Dataset:
+    """``load_dataset`` as the commands call it: ``mnist_dir`` (``--mnist-dir``) is MNIST's
+    folder only; the other datasets find theirs through ``RESEARCH_<NAME>_DIR``."""
+    return load_dataset(name, mnist_dir if name == "mnist" else None, data_dir, raw=raw)
 
 
 def load_mnist(

@@ -62,6 +62,12 @@ class Split:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def __getitem__(self, rows: slice) -> Split:
+        """The rows ``rows`` (a slice) as a Split of views: ``split[:100].x`` converts 100 rows."""
+        if not isinstance(rows, slice):
+            raise TypeError(f"a Split is cut with a slice, not {type(rows).__name__}")
+        return Split(self.images[rows], self.labels[rows], self.raw)
+
 
 @dataclass(frozen=True)
 class Dataset:

@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from research.data import N_CLASSES, N_PIXELS, N_TRAIN, N_VALIDATION
+from research.data import DATASETS, DEFAULT_DATASET, N_CLASSES, N_PIXELS, N_TRAIN, N_VALIDATION
 from research.engine.mlp import Activation, InitScheme, Loss, MLPSpec, Output
 from research.engine.optim import OptimizerName, ScheduleName
 
@@ -52,6 +52,9 @@ from research.experiment.config_text import quoted as quoted
 from research.experiment.config_text import show as show
 from research.experiment.config_text import toml_key as toml_key
 from research.experiment.config_text import type_name as type_name
+
+#: The datasets' names, from their descriptions (research/data/datasets.py).
+DatasetName = Literal[tuple(DATASETS)]  # type: ignore[valid-type]
 
 MAX_HIDDEN_SIZE = 65_536
 MAX_HIDDEN_LAYERS = 32
@@ -198,6 +201,12 @@ class TrainConfig:
         "data",
         not_searchable="input scaling is fixed per study",
         flags=("--raw",),
+    )
+    dataset: DatasetName = knob(
+        DEFAULT_DATASET,
+        "the images and labels to train and evaluate on",
+        "data",
+        not_searchable="a study compares models on one dataset",
     )
     dtype: Literal["float32", "float64"] = knob(
         "float32",

@@ -44,6 +44,7 @@ from research.experiment.fields import (
     show,
 )
 from research.experiment.figures import save_rows_figure
+from research.experiment.stats import wilson_interval
 from research.experiment.study_config import NAME_ALLOWED, NAME_PATTERN
 from research.experiment.tracking.runs import TAG_PARENT, TAG_ROLE
 from research.experiment.train import DivergenceError, EpochMetrics, evaluate, train
@@ -131,15 +132,10 @@ class RowResult:
     @property
     def interval(self) -> tuple[float, float]:
         """The 95% Wilson interval of the test error, in percent."""
-        return wilson_interval(self.errors, self.n_test) if self.n_test else (math.nan, math.nan)
-
-
-def wilson_interval(errors: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """The Wilson score interval of ``errors`` out of ``n``, in percent (scipy's binomtest)."""
-    from scipy.stats import binomtest
-
-    interval = binomtest(int(errors), int(n)).proportion_ci(confidence, method="wilson")
-    return 100 * float(interval.low), 100 * float(interval.high)
+        if not self.n_test:
+            return math.nan, math.nan
+        low, high = wilson_interval(self.errors, self.n_test)
+        return 100 * low, 100 * high
 
 
 # --- the paper file ----------------------------------------------------------------------------
@@ -313,7 +309,7 @@ def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def reproduce_command(args: argparse.Namespace, load_data: Callable[[bool], Any]) -> int:
+def reproduce_command(args: argparse.Namespace, load_data: Callable[[TrainConfig], Any]) -> int:
     """Runs the paper file of a parsed ``reproduce`` command line (see :func:`run_paper`)."""
     return run_paper(
         load_paper(args.paper_file),
@@ -358,10 +354,10 @@ def splits(data: Any, holdout: bool, subset: int | None) -> Splits:
     """All 60,000 training images (or the 50,000 with ``holdout``, validation kept apart),
     cut to the first ``subset`` rows if given, and the test split."""
     if holdout:
-        x, labels = data.train.x, data.train.labels
+        x, labels = data.train.images, data.train.labels  # (uint8: floats per batch)
         x_val, labels_val = data.validation.x, data.validation.labels
     else:
-        x = np.concatenate([data.train.x, data.validation.x])
+        x = np.concatenate([data.train.images, data.validation.images])
         labels = np.concatenate([data.train.labels, data.validation.labels])
         x_val = labels_val = None
     if subset is not None:
@@ -432,7 +428,7 @@ def train_row(
 
 def run_paper(
     paper: Paper,
-    load_data: Callable[[bool], Any],
+    load_data: Callable[[TrainConfig], Any],
     *,
     rows: Sequence[int] | None = None,
     quick: bool = False,
@@ -446,7 +442,8 @@ def run_paper(
     """Trains the chosen rows (numbers from 1; all by default), prints the table, logs it all.
 
     Args:
-        load_data: ``raw -> MNIST`` (the splits, with raw 0..255 pixels or scaled ones).
+        load_data: ``config -> Dataset``: the splits of ``config.dataset``, its inputs as
+            ``config.raw_inputs`` says.
     Returns:
         0 when every row trained, 1 when one diverged.
     Raises:
@@ -461,10 +458,16 @@ def run_paper(
             for r in chosen
         ]
     subset = paper.quick_subset if quick else None
-    raws = {row.config.raw_inputs for row in chosen}
-    data = {raw: splits(load_data(raw), holdout, subset) for raw in raws}
+
+    def key(config: TrainConfig) -> tuple[str, bool]:
+        return config.dataset, config.raw_inputs
+
+    data = {}
+    for row in chosen:  # (each dataset and input scaling once)
+        if key(row.config) not in data:
+            data[key(row.config)] = splits(load_data(row.config), holdout, subset)
     for row in chosen:
-        n_rows = len(data[row.config.raw_inputs].x_train)
+        n_rows = len(data[key(row.config)].x_train)
         if row.config.batch_size > n_rows:
             raise ConfigError(
                 "batch_size",
@@ -478,7 +481,7 @@ def run_paper(
     results: list[RowResult] = []
     try:
         for number, row in enumerate(chosen, 1):
-            rows_data = data[row.config.raw_inputs]
+            rows_data = data[key(row.config)]
             say(
                 f"[{number}/{len(chosen)}] {row.name}: {describe(row.config)}, "
                 f"{row.config.epochs} epochs on {len(rows_data.x_train):,} rows"
@@ -559,7 +562,12 @@ def _train_tracked(
             tags={TAG_PARENT: parent.run_id, TAG_ROLE: "row", "command": "reproduce"},
             tracking_uri=tracking_uri,
         )
-        run.log_config(row.config, len(data.x_train), paper_error=row.paper_error)
+        run.log_config(
+            row.config,
+            len(data.x_train),
+            validation=data.x_val is not None,
+            paper_error=row.paper_error,
+        )
     progress = tqdm(
         total=row.config.epochs, unit="epoch", disable=quiet, leave=False, dynamic_ncols=True,
         file=sys.stdout,

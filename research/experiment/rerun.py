@@ -114,7 +114,7 @@ def rerun(
     """
     from threadpoolctl import threadpool_limits
 
-    from research.data import load_mnist
+    from research.data import load_named
     from research.engine.blas_kernels import loaded_kernels
 
     check_store_exists(resolve_tracking_uri(tracking_uri))
@@ -148,7 +148,7 @@ def rerun(
         check_memory(config, n_rows)
     except ConfigError as error:
         raise RerunError(f"run {run_id} cannot be rerun here: {error}") from None
-    data = load_mnist(mnist_dir, data_dir, raw=config.raw_inputs)
+    data = load_named(config.dataset, mnist_dir, data_dir, raw=config.raw_inputs)
     result = Rerun(logged, config, n_rows)
     say(f"rerunning {run_id} ({n_rows} training rows, {config.epochs} epochs)")
     if missing:
@@ -165,7 +165,7 @@ def rerun(
         try:
             train(
                 config,
-                data.train.x[:n_rows],
+                data.train.images[:n_rows],  # (uint8: floats per batch)
                 data.train.labels[:n_rows],
                 data.validation.x,
                 data.validation.labels,

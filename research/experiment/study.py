@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from research.data import N_TRAIN
 from research.experiment.fields import FIELDS, TrainConfig
 from research.experiment.storage import StudyError, check_storage, default_storage_url
 from research.experiment.study_config import StudyConfig
@@ -143,12 +144,12 @@ class StudyRequest:
 def _load_splits(
     config: StudyConfig, mnist_dir: str | None, data_dir: str | None, subset: int | None
 ):
-    """The MNIST splits and the (first ``subset`` rows of the) training split."""
-    from research.data import load_mnist
+    """The study's dataset's splits and the (first ``subset`` rows of the) training split."""
+    from research.data import DEFAULT_DATASET, load_named
 
     raw = bool(config.fixed.get("raw_inputs", False))
-    data = load_mnist(mnist_dir, data_dir, raw=raw)
-    x_train, labels_train = data.train.x, data.train.labels
+    data = load_named(config.fixed.get("dataset", DEFAULT_DATASET), mnist_dir, data_dir, raw=raw)
+    x_train, labels_train = data.train.images, data.train.labels  # (uint8: floats per batch)
     if subset is not None:
         x_train, labels_train = x_train[:subset], labels_train[:subset]
     return data, x_train, labels_train
@@ -529,7 +530,7 @@ def _run_and_finish(
     )
     if final:
         with tempfile.TemporaryDirectory() as folder:
-            x_full = np.concatenate([x_train, data.validation.x])
+            x_full = np.concatenate([x_train, data.validation.images])
             labels_full = np.concatenate([labels_train, data.validation.labels])
             try:
                 best_config, test_accuracy, params = final_fit(
@@ -545,6 +546,13 @@ def _run_and_finish(
                 return 1
             say(f"test_accuracy of the retrained best configuration: {100 * test_accuracy:.2f}%")
             parent.log_metrics({"test_accuracy": test_accuracy}, step=len(study.trials))
+            n_train = len(x_train)  # (a --subset's first rows, then all validation rows)
+            rows = f"train[0:{n_train}]" + ("" if n_train == N_TRAIN else "+train[50000:60000]")
+            rows = rows.replace(f"train[0:{N_TRAIN}]", "train[0:60000]")
+            parent.log_data(
+                best_config.dataset,
+                {"training": (rows, len(x_full)), "test": ("test[0:10000]", len(data.test))},
+            )
             weights = Path(folder) / "best_weights.npz"
             save_weights(weights, params, best_config.spec())
             parent.log_artifact(weights)

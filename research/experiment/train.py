@@ -12,6 +12,12 @@ partial batch is kept unless ``drop_last`` is set (the origin program dropped it
 weighted by batch size (computed with the gradients, so it costs nothing extra; the parameters
 move during the epoch, as in the origin's printout). ``val/loss`` and ``val/accuracy`` are
 computed after the epoch with the final parameters of that epoch.
+
+Inputs: float arrays, or uint8 images (N, 784) as ``research.data.Split.images`` holds them. The
+training set is then never held as floats: each batch's rows are gathered as bytes and turned
+into inputs by the step (``research.data.pixel_values``: k/255, or k with ``raw_inputs``), and the
+validation rows chunk by chunk, so training on ``split.images`` gives exactly what training on
+``split.x`` gives, in float32 and float64 alike.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from research.data import N_CLASSES
+from research.data import N_CLASSES, pixel_values, to_inputs
 from research.engine.inplace import InPlaceTrainingStep
 from research.engine.mlp import (
     Masks,
@@ -155,20 +161,49 @@ class DivergenceError(RuntimeError):
 
 
 def evaluate(
-    params: Params, x: np.ndarray, labels: np.ndarray, spec: MLPSpec, chunk: int = 10_000
+    params: Params,
+    x: np.ndarray,
+    labels: np.ndarray,
+    spec: MLPSpec,
+    chunk: int = 10_000,
+    *,
+    raw: bool | None = None,
 ) -> tuple[float, float]:
-    """Loss (with the l2 term) and accuracy of ``params`` on x (N, 784), labels (N,)."""
+    """Loss (with the l2 term) and accuracy of ``params`` on x (N, 784), labels (N,).
+
+    x: float inputs, or uint8 images converted chunk by chunk (``research.data.to_inputs``), in
+    which case ``raw`` must say how a byte becomes an input (k/255, or k when True): there is no
+    default, as a wrong guess would run silently at 255 times the scale.
+    """
     dtype = params[0]["W"].dtype
+    images = _check_inputs(x, "x")
+    if images and raw is None:
+        raise ValueError("evaluate on uint8 images needs raw= (True: inputs 0..255, False: k/255)")
     total_loss = 0.0
     correct = 0
     eye = np.eye(spec.sizes[-1], dtype=dtype)
     for start in range(0, len(x), chunk):
-        xb = np.asarray(x[start : start + chunk], dtype=dtype)
+        if images:
+            xb = to_inputs(x[start : start + chunk], bool(raw), dtype)
+        else:
+            xb = np.asarray(x[start : start + chunk], dtype=dtype)
         lb = labels[start : start + chunk]
         _, logits = forward_layers(params, xb, spec)
         total_loss += float(data_loss(logits, eye[lb], spec)) * len(xb)
         correct += int(np.count_nonzero(np.argmax(logits, axis=1) == lb))
     return total_loss / len(x) + l2_penalty(params, spec.l2), correct / len(x)
+
+
+def _check_inputs(x: np.ndarray, name: str) -> bool:
+    """True for uint8 images, False for float inputs; anything else is refused (integers other
+    than uint8 would be taken for pixel values at the wrong scale, booleans and objects make no
+    inputs)."""
+    dtype = x.dtype if isinstance(x, np.ndarray) else np.asarray(x).dtype
+    if dtype == np.uint8:
+        return True
+    if not np.issubdtype(dtype, np.floating):
+        raise ValueError(f"{name} must be uint8 images or float inputs, got {dtype}")
+    return False
 
 
 #: A loss this many times its value at initialization (or at chance) over a quarter epoch exploded.
@@ -203,7 +238,8 @@ def train_epoch(
 
     Args:
         stepper: parameters and optimizer state, stepped in place.
-        x: inputs (N, n_in) and targets (N, n_out), in the stepper's dtype.
+        x: inputs (N, n_in) in the stepper's dtype, or uint8 images if the stepper was given
+            ``pixel_values``; targets (N, n_out) in the stepper's dtype.
         order: the epoch's row order (a permutation of N); batch ``step`` is its slice
             ``[step·B, (step+1)·B)``, so the last one may be short.
         n_batches: how many batches to take.
@@ -246,9 +282,12 @@ def train(
     """Trains the network of ``config`` and returns the final parameters and the history.
 
     Args:
-        x_train: (N, 784) inputs; labels_train: (N,) integer classes.
-        x_val, labels_val: the validation split, same layout; None for a final fit on all
-            non-test data (the validation metrics are then NaN).
+        x_train: (N, 784) float inputs, or uint8 images (``Split.images``), which are never
+            converted as a whole: each batch becomes floats as it is gathered, by
+            ``pixel_values(config.raw_inputs, config.dtype)``; labels_train: (N,) integer classes.
+        x_val, labels_val: the validation split, same layout (uint8 or floats, independently of
+            x_train); None for a final fit on all non-test data (the validation metrics are then
+            NaN).
         on_epoch: called after every epoch with its metrics and the current parameters; it may
             raise to stop training (the Optuna layer prunes this way).
         on_step: called after every optimizer step with (epoch, step, steps_per_epoch), both
@@ -257,9 +296,13 @@ def train(
     Raises:
         DivergenceError: a batch loss is not finite, an epoch's mean loss has exploded
             (:func:`loss_limit`), or at the end of an epoch a parameter is not finite.
+        ValueError: inputs neither uint8 nor floats, or a batch larger than the training set.
     """
     spec = config.spec()
     dtype = np.dtype(config.dtype)
+    images = _check_inputs(x_train, "x_train")
+    if x_val is not None:
+        _check_inputs(x_val, "x_val")
     n_rows = len(x_train)
     if config.batch_size > n_rows:
         raise ValueError(
@@ -298,16 +341,28 @@ def train(
         config.optimizer, config.learning_rate if constant else rate, **options
     )
     # The fast path: loss_and_grads + optimizer.update computed in place (tests/test_inplace.py).
+    # uint8 images stay bytes: the stepper converts each batch it gathers (by the same table as
+    # Split.x, so the trajectory is the one training on the floats gives).
     stepper = InPlaceTrainingStep(
-        spec, params, optimizer, config.batch_size, max_norm=config.max_norm
+        spec,
+        params,
+        optimizer,
+        config.batch_size,
+        max_norm=config.max_norm,
+        pixel_values=pixel_values(config.raw_inputs, dtype) if images else None,
     )
-    x_train = np.asarray(x_train, dtype=dtype)
+    if not images:
+        x_train = np.asarray(x_train, dtype=dtype)
     targets = np.eye(N_CLASSES, dtype=dtype)[labels_train]
     result = TrainResult(params=params)
     # The loss at initialization, on one batch's worth of rows: what an exploded loss is measured
     # against (one forward pass; no random numbers drawn, so the trajectory is unchanged).
     initial_loss, _ = evaluate(
-        params, x_train[: config.batch_size], labels_train[: config.batch_size], spec
+        params,
+        x_train[: config.batch_size],
+        labels_train[: config.batch_size],
+        spec,
+        raw=config.raw_inputs,
     )
     limit = loss_limit(initial_loss)
     draw = None
@@ -352,7 +407,9 @@ def train(
             if x_val is None or labels_val is None:
                 val_loss, val_accuracy = float("nan"), float("nan")
             else:
-                val_loss, val_accuracy = evaluate(params, x_val, labels_val, spec)
+                val_loss, val_accuracy = evaluate(
+                    params, x_val, labels_val, spec, raw=config.raw_inputs
+                )
             metrics = EpochMetrics(
                 epoch=epoch,
                 train_loss=train_loss,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from research.data import N_TRAIN, N_VALIDATION
 from research.experiment.tracking.stores import (
     TrackingError,
     get_or_create_experiment,
@@ -125,9 +126,13 @@ class TrainingRun:
 
     # --- a training run, the same for `train` and a study's trials ----------------------------
 
-    def log_config(self, config: TrainConfig, n_train_rows: int, **extra: Any) -> None:
+    def log_config(
+        self, config: TrainConfig, n_train_rows: int, validation: bool = True, **extra: Any
+    ) -> None:
         """What the run trains: every field under its own name, the layer ``sizes``,
-        ``n_train_rows``, the OpenBLAS kernels and ``extra`` params (one transaction)."""
+        ``n_train_rows``, the OpenBLAS kernels and ``extra`` params (one transaction); and its
+        data as MLflow dataset inputs: the first ``n_train_rows`` rows of the official training
+        set, and the validation rows unless ``validation`` is False."""
         from mlflow.entities import Param, RunTag
 
         from research.engine.blas_kernels import loaded_kernels
@@ -146,6 +151,18 @@ class TrainingRun:
                 params=[Param(key, str(value)) for key, value in params.items()],
                 tags=[RunTag(key, str(value)) for key, value in tags.items()],
             )
+        splits = {"training": (0, n_train_rows)}
+        if validation:
+            splits["validation"] = (N_TRAIN, N_TRAIN + N_VALIDATION)
+        self.log_data(
+            config.dataset, {k: (f"train[{a}:{b}]", b - a) for k, (a, b) in splits.items()}
+        )
+
+    def log_data(self, dataset: str, splits: dict[str, tuple[str, int]]) -> None:
+        """Logs the run's data as MLflow dataset inputs (the UI's Dataset column), one per
+        ``context: (rows, number of rows)``, e.g. ``"training": ("train[0:50000]", 50000)``."""
+        with store_writes(self.tracking_uri):
+            self.client.log_inputs(self.run_id, datasets=dataset_inputs(dataset, splits))
 
     def log_epoch(self, metrics: EpochMetrics) -> None:
         """One epoch's metrics, at its step (the epoch, from 0)."""
@@ -197,6 +214,35 @@ class TrainingRun:
             f"python -m research ui --tracking-uri {self.tracking_uri}  "
             f"(experiment id {self.experiment_id}, run id {self.run_id})"
         )
+
+
+def dataset_inputs(dataset: str, splits: dict[str, tuple[str, int]]) -> list[Any]:
+    """MLflow dataset inputs, one per ``context: (rows, number of rows)`` (rows of the official
+    sets, as ``train[0:50000]``). Each is named after the dataset, with a digest of its files'
+    digests and the rows: the same rows of the same data have the same digest."""
+    import hashlib
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    from research.data import dataset_info
+
+    info = dataset_info(dataset)
+    files = "".join(f"{name}:{digest}" for name, digest in sorted(info.digests.items()))
+    inputs = []
+    for context, (rows, n_rows) in splits.items():
+        digest = hashlib.sha256(f"{files}/{rows}".encode()).hexdigest()[:16]
+        profile = {"split": rows, "num_rows": n_rows, "inputs": "28x28 uint8 pixels"}
+        dataset = Dataset(
+            name=info.name,
+            digest=digest,
+            source_type="http",
+            source=json.dumps({"url": info.url}),
+            profile=json.dumps(profile),
+        )
+        inputs.append(DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    return inputs
 
 
 def start_training_run(
