@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train",
-        help="train one network on MNIST and log it to MLflow",
-        description="Train one network on MNIST (train split), report validation metrics per "
+        help="train one network (MNIST, or --dataset fashion_mnist) and log it to MLflow",
+        description="Train one network on a dataset's train split, report validation metrics per "
         "epoch, and log the run to MLflow.",
     )
     add_preset_flag(

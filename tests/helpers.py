@@ -84,3 +84,24 @@ def make_targets(
     else:
         y = rng.uniform(0.0, 1.0, size=(batch, k))
     return y.astype(dtype)
+
+
+def study_results(trials, name: str = "s"):
+    """An ``analysis.store.StudyResults`` of the ``trials`` table alone (no curves, no parent
+    run's params), for the report's text and refusals."""
+    import pandas as pd
+
+    from analysis.store import StudyResults
+    from research.experiment.tracking.results import StudyRecord
+
+    return StudyResults(
+        record=StudyRecord(name, "1", "parent", 0),
+        objective="val/accuracy",
+        direction="maximize",
+        search=[],
+        trials=trials,
+        curves=pd.DataFrame(),
+        parent_params={},
+        parent_metrics={},
+        parent_tags={},
+    )

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 import tomli_w
-from helpers import copy_run
+from helpers import copy_run, study_results
 
 from research.cli import main
 
@@ -598,25 +598,13 @@ def test_report_markdown_shows_tags_as_text(tmp_path):
     import pandas as pd
 
     from analysis.render import Report, write_html, write_markdown
-    from analysis.store import StudyResults
-    from research.experiment.tracking.results import StudyRecord
 
     evil = "<script>alert(1)</script> [click](javascript:alert(2)) a|b\n# heading & more"
     trials = pd.DataFrame(
         {"run_id": ["r0"], "trial": [0], "state": ["FAIL"], "error": [evil],
          "val/accuracy": [float("nan")], "epochs_run": [1], "wall_seconds": [1.0]}
     )  # fmt: skip
-    results = StudyResults(
-        record=StudyRecord("s", "1", "parent", 0),
-        objective="val/accuracy",
-        direction="maximize",
-        search=[],
-        trials=trials,
-        curves=pd.DataFrame(),
-        parent_params={},
-        parent_metrics={},
-        parent_tags={},
-    )
+    results = study_results(trials)
     report = Report(results, "sqlite:///x.db", "now", notes=["a note with <img src=x>"])
     write_markdown(report, tmp_path / "report.md")
     write_html(report, tmp_path / "report.html", tmp_path)

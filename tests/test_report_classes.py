@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import study_results
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -200,8 +201,6 @@ def test_the_baselines_table_of_fashion_mnist():
 
 def results_of(dataset: str | None) -> StudyResults:
     """A study of one complete trial, which logged ``dataset`` (no param if None)."""
-    from research.experiment.tracking.results import StudyRecord
-
     runs = pd.DataFrame(
         {
             "run_id": ["run0"],
@@ -215,17 +214,7 @@ def results_of(dataset: str | None) -> StudyResults:
     )
     trials = trials_frame(runs, [])
     trials["epochs_run"] = 2
-    return StudyResults(
-        record=StudyRecord("fashion_mlp", "1", "parent", 0),
-        objective="val/accuracy",
-        direction="maximize",
-        search=[],
-        trials=trials,
-        curves=pd.DataFrame(),
-        parent_params={},
-        parent_metrics={},
-        parent_tags={},
-    )
+    return study_results(trials, "fashion_mlp")
 
 
 def fashion_report(tmp_path) -> tuple[Report, str]:

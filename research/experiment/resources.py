@@ -5,10 +5,10 @@ Pure functions over configurations; the only things they read are how much memor
 how many cores this process may use. A configuration that cannot fit raises
 :class:`~research.experiment.fields.ConfigError`: one line with the estimate, what is available
 and what to change. The estimate (:func:`estimate_memory`) counts, per process: the interpreter
-with its libraries, the MNIST splits, the training rows in the run's dtype, three copies of the
-parameters (the stepper's, the last epoch's and the one being made), the gradients, the
-optimizer's state, the float64 draws of initialization, one batch's activations and deltas, and
-one evaluation chunk's activations. It errs on the high side, as a MemoryError half-way through a
+with its libraries, the dataset's splits (uint8 images), the training targets in the run's
+dtype, three copies of the parameters (the stepper's, the last epoch's and the one being made),
+the gradients, the optimizer's state, the float64 draws of initialization, one batch's
+activations and deltas, and one evaluation chunk's activations. It errs on the high side, as a MemoryError half-way through a
 study costs more than a refusal that asks for a smaller network.
 """
 
@@ -94,7 +94,7 @@ def gigabytes(n_bytes: float) -> str:
 class MemoryEstimate:
     """Bytes one process needs to train one network, by part."""
 
-    process: int  # the interpreter, its libraries and the MNIST splits
+    process: int  # the interpreter, its libraries and the dataset's splits
     data: int  # the training rows and targets in the run's dtype (beyond the splits)
     model: int  # parameters, gradients, optimizer state (or initialization's peak, if more)
     activations: int  # one training batch and one evaluation chunk

@@ -328,7 +328,7 @@ def run_study(
     uri = resolve_tracking_uri(tracking_uri)
     storage_url = storage_url or default_storage_url(uri)
     check_workers(workers)
-    # Data first: a missing MNIST folder, an impossible batch size or a network the memory
+    # Data first: a missing data folder, an impossible batch size or a network the memory
     # cannot hold (its largest trial, in every worker) stops us before anything is written.
     data, x_train, labels_train = _load_splits(config, mnist_dir, data_dir, subset)
     if subset is not None and not 1 <= subset <= len(data.train):

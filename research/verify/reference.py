@@ -383,30 +383,6 @@ def sgd_epoch(spec: MLPSpec, learning_rate: float) -> Callable[..., tuple[JaxPar
     return jax.jit(epoch, donate_argnums=0)
 
 
-def sgd_epoch_runner(
-    spec: MLPSpec, learning_rate: float, params: Params, x: np.ndarray, y: np.ndarray
-) -> Callable[[np.ndarray], None]:
-    """The benchmark's JAX contender: :func:`sgd_epoch` over device copies of the data.
-
-    Args:
-        params: starting parameters (float32 for the benchmark); x (N, n_in), y (N, n_out).
-    Returns:
-        ``run(batches)``: one epoch over ``batches`` (S, B) row indices, waiting for the result;
-        the parameters it trains stay on the device between calls.
-    """
-    epoch = sgd_epoch(spec, learning_rate)
-    x_device, y_device = jax.device_put(x), jax.device_put(y)
-    state = {"params": [{key: jnp.asarray(v) for key, v in layer.items()} for layer in params]}
-
-    def run(batches: np.ndarray) -> None:
-        state["params"], losses = epoch(
-            state["params"], x_device, y_device, np.asarray(batches, np.int32)
-        )
-        jax.block_until_ready((state["params"], losses))
-
-    return run
-
-
 def versions() -> dict[str, str]:
     """JAX's version and the device it computes on."""
     return {"jax": jax.__version__, "jax_device": str(jax.devices()[0])}
