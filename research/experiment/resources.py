@@ -8,8 +8,8 @@ and what to change. The estimate (:func:`estimate_memory`) counts, per process: 
 with its libraries, the dataset's splits (uint8 images), the training targets in the run's
 dtype, three copies of the parameters (the stepper's, the last epoch's and the one being made),
 the gradients, the optimizer's state, the float64 draws of initialization, one batch's
-activations and deltas, and one evaluation chunk's activations. It errs on the high side, as a MemoryError half-way through a
-study costs more than a refusal that asks for a smaller network.
+activations and deltas, and one evaluation chunk's activations. It errs on the high side, as a
+MemoryError half-way through a study costs more than a refusal that asks for a smaller network.
 """
 
 from __future__ import annotations
