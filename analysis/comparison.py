@@ -1,6 +1,8 @@
 """The report's comparison: the origin's configuration (a train run of the unchanged preset), the
 origin's network tuned (the ``origin_baseline`` study's best) and this study's best, side by side:
-accuracy, epochs, wall time, size. Only results on the study's own dataset are compared.
+accuracy, epochs, wall time, size. Only results on the study's own dataset are compared. A row
+the store does not hold names the configuration and how to get it, and nothing else: every
+number of it is missing (``n/a`` in the report), not what the configuration would give.
 """
 
 from __future__ import annotations
@@ -20,6 +22,16 @@ from research.experiment.tracking.stores import TrackingError
 #: The origin's network tuned (experiments/origin_baseline.toml); studies logged before the
 #: preset was renamed are called seed_baseline.
 BASELINE_STUDIES = ("origin_baseline", "seed_baseline")
+#: The comparison's columns; a row the store does not hold has only the first two.
+COLUMNS = (
+    "configuration",
+    "source",
+    "val/accuracy",
+    "test_accuracy",
+    "epochs",
+    "wall_seconds",
+    "n_params",
+)
 
 
 def refit_trial(results: StudyResults) -> str | None:
@@ -54,14 +66,9 @@ def comparison(report: Report, uri: str, say: Callable[[str], None]) -> pd.DataF
     )
     command = "`python -m research train --preset origin --evaluate-test"
     command += "`" if dataset == DEFAULT_DATASET else f" --dataset {dataset}`"
-    origin = {
+    origin: dict[str, Any] = {
         "configuration": "origin preset: [784, 30, 10] sigmoid, mse, sgd",
         "source": f"not in this store; run {command}",
-        "val/accuracy": math.nan,
-        "test_accuracy": math.nan,
-        "epochs": origin_preset.epochs,
-        "wall_seconds": math.nan,
-        "n_params": origin_preset.spec().n_params,
     }
     # Only a finished run of the preset exactly as the origin had it, on all training rows of
     # this study's dataset (its params read through the field table: a field it predates has
@@ -83,6 +90,7 @@ def comparison(report: Report, uri: str, say: Callable[[str], None]) -> pd.DataF
                 "test_accuracy": run.get("metrics.test_accuracy", math.nan),
                 "epochs": int(run.get("params.epochs", origin_preset.epochs)),
                 "wall_seconds": run.get("metrics.wall_seconds", math.nan),
+                "n_params": origin_preset.spec().n_params,  # the run is of this preset exactly
             },
         )
     rows.append(origin)
@@ -101,20 +109,13 @@ def comparison(report: Report, uri: str, say: Callable[[str], None]) -> pd.DataF
                 if dataset == DEFAULT_DATASET
                 else f"experiments/origin_baseline.toml tunes it on MNIST, not {title_of(dataset)}"
             )
-            rows.append(
-                {
-                    "configuration": label,
-                    "source": f"not in this store; {how}",
-                    "n_params": origin_preset.spec().n_params,
-                }
-            )
+            rows.append({"configuration": label, "source": f"not in this store; {how}"})
         elif baseline.dataset != dataset:
             rows.append(
                 {
                     "configuration": label,
                     "source": f"study {baseline.name} is of {title_of(baseline.dataset)}, "
                     f"not {title_of(dataset)}",
-                    "n_params": origin_preset.spec().n_params,
                 }
             )
         else:
@@ -122,7 +123,7 @@ def comparison(report: Report, uri: str, say: Callable[[str], None]) -> pd.DataF
             rows.append(study_row(baseline, label, None))
     test = report.test["accuracy"] if report.test else None
     rows.append(study_row(results, f"tuned best ({results.name})", test))
-    frame = pd.DataFrame(rows)
+    frame = pd.DataFrame(rows).reindex(columns=list(COLUMNS))
     say(
         "comparison: "
         + "; ".join(f"{row['configuration']}: test {pct(row.get('test_accuracy'))}" for row in rows)

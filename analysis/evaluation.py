@@ -16,7 +16,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.style import BEST, STATE_COLORS, new_figure, percent_formatter, require_rows
+from analysis.style import (
+    BEST,
+    STATE_COLORS,
+    new_figure,
+    percent_formatter,
+    require_rows,
+    value_range,
+)
 from research.experiment.stats import wilson_interval as wilson_interval
 
 N_CLASSES = 10
@@ -142,42 +149,65 @@ def plot_confusion_matrix(
     return image
 
 
-def plot_per_class_accuracy(per_class: pd.DataFrame, ax: Any, overall: float | None = None) -> None:
-    """Accuracy per true class with its 95% Wilson interval, and the overall accuracy as a line.
+def plot_per_class_accuracy(
+    per_class: pd.DataFrame,
+    ax: Any,
+    overall: float | None = None,
+    overall_interval: tuple[float, float] | None = None,
+) -> None:
+    """Accuracy per true class as a point with its 95% Wilson interval, and the overall accuracy
+    as a dashed line (its interval shaded, if given). Points, not bars: the axis spans the
+    intervals, not zero to one, and a bar cut off above zero would make a class 1% worse look
+    half as good.
 
-    ``per_class``: ``class`` (its name, the bar's label), ``accuracy``, ``ci_low``, ``ci_high``
+    ``per_class``: ``class`` (its name, the tick label), ``accuracy``, ``ci_low``, ``ci_high``
     columns, one row per class in label order (as :func:`evaluate_outputs` gives).
     """
     require_rows(per_class, "the per-class accuracy", ("class", "accuracy", "ci_low", "ci_high"))
     names = [str(name) for name in per_class["class"]]
     accuracy = per_class["accuracy"].to_numpy(dtype=float)
-    errors = np.vstack([accuracy - per_class["ci_low"], per_class["ci_high"] - accuracy])
+    low = per_class["ci_low"].to_numpy(dtype=float)
+    high = per_class["ci_high"].to_numpy(dtype=float)
     positions = np.arange(len(names))
-    ax.bar(
-        positions,
-        accuracy,
-        color=STATE_COLORS["COMPLETE"],
-        width=0.7,
-        yerr=errors,
-        capsize=3,
-        ecolor="#333333",
-        label="per class (95% CI)",
-    )
+    if overall_interval is not None:
+        ax.axhspan(*overall_interval, color=BEST, alpha=0.12, linewidth=0, zorder=1)
     if overall is not None:
         ax.axhline(
-            overall, color=BEST, linewidth=1.5, linestyle="--", label=f"overall {overall:.2%}"
+            overall,
+            color=BEST,
+            linewidth=1.5,
+            linestyle="--",
+            label=f"overall {overall:.2%}"
+            + (" (95% CI shaded)" if overall_interval is not None else ""),
+            zorder=2,
         )
-    low = float(np.nanmin(per_class["ci_low"]))
-    ax.set_ylim(max(0.0, low - (1 - low) * 0.25 - 0.005), 1.0)
+    ax.errorbar(
+        positions,
+        accuracy,
+        yerr=np.vstack([accuracy - low, high - accuracy]),
+        fmt="o",
+        markersize=5,
+        color=STATE_COLORS["COMPLETE"],
+        ecolor="#333333",
+        elinewidth=1.2,
+        capsize=3,
+        label="per class (95% Wilson interval)",
+        zorder=3,
+    )
+    shown = [*low, *high, *([overall] if overall is not None else [])]
+    limits = value_range(shown, pad=0.1)
+    if limits is not None:
+        ax.set_ylim(*limits)
+    ax.set_xlim(-0.6, len(names) - 0.4)
     if max(map(len, names)) > SHORT_NAME:
         ax.set_xticks(positions, names, rotation=30, ha="right", rotation_mode="anchor")
     else:
         ax.set_xticks(positions, names)
     ax.set_xlabel("true digit" if tuple(names) == DIGITS else "true class")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("test accuracy (axis not from 0)")
     ax.yaxis.set_major_formatter(percent_formatter())
     ax.grid(axis="x", visible=False)
-    # Beside the axes: inside, it would hide bars or whiskers whatever the corner.
+    # Beside the axes: inside, it would hide points or whiskers whatever the corner.
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
 
@@ -242,7 +272,9 @@ def evaluation_figures(
     figures = {"confusion_matrix.png": figure}
 
     figure, ax = new_figure(8 if long_names else 7, 4.4 if long_names else 3.8)
-    plot_per_class_accuracy(evaluation.per_class, ax, evaluation.accuracy)
+    plot_per_class_accuracy(
+        evaluation.per_class, ax, evaluation.accuracy, (evaluation.ci_low, evaluation.ci_high)
+    )
     ax.set_title(f"{prefix}test accuracy per {kind}")
     figures["per_class_accuracy.png"] = figure
 

@@ -7,7 +7,39 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.style import BEST, STATE_COLORS, new_figure, percent_formatter, require_rows
+from analysis.style import (
+    BEST,
+    STATE_COLORS,
+    epochs_text,
+    mark_along_bottom,
+    new_figure,
+    percent_formatter,
+    pruned_label,
+    require_rows,
+    value_range,
+)
+
+#: The one way the report and the study's own figures measure parameter importances: Optuna's
+#: ``FanovaImportanceEvaluator`` with this seed, over the completed trials; named in the
+#: figure's title and axis. Optuna 5's default evaluator (PED-ANOVA) asks another question and
+#: can rank the parameters differently: :func:`importances_caveat` says how, in the caption.
+IMPORTANCES_SEED = 0
+IMPORTANCES_METHOD = f"fANOVA, seed {IMPORTANCES_SEED}"
+
+
+def importances_caveat(n_complete: int) -> str:
+    """Why Optuna's default importances may disagree with the report's, for a study of
+    ``n_complete`` completed trials (a sentence of the figure's caption)."""
+    top = max(1, round(n_complete / 10))
+    return (
+        "fANOVA fits a random forest to the completed trials and splits the variance of the "
+        "objective over the whole search space between the hyperparameters. Optuna 5's default "
+        "evaluator, PED-ANOVA (what optuna.importance.get_param_importances and "
+        "plot_param_importances use when given none; Optuna 4's default was fANOVA), asks "
+        f"instead which values the top 10% of the completed trials share (about {top} of the "
+        f"{n_complete} here), so the two can rank the hyperparameters very differently; with a "
+        "few dozen trials neither ranking is precise."
+    )
 
 
 def best_so_far(trials: pd.DataFrame, objective: str, direction: str) -> pd.Series:
@@ -24,33 +56,47 @@ def best_so_far(trials: pd.DataFrame, objective: str, direction: str) -> pd.Seri
 def plot_optimization_history(
     trials: pd.DataFrame, ax: Any, objective: str = "val/accuracy", direction: str = "maximize"
 ) -> None:
-    """Each trial's ``objective`` against its number (by state) and the best value so far.
+    """Each completed trial's ``objective`` against its number, and the best value so far.
 
-    ``trials``: one row per trial with ``trial``, ``state`` and ``objective``.
+    Only completed trials are drawn on the ``objective`` axis and set its range: a pruned
+    trial's value after an epoch or two is not comparable with a finished trial's, so pruned
+    trials are hollow grey circles along the bottom edge, and failed ones crosses there.
+    ``trials``: one row per trial with ``trial``, ``state`` and ``objective`` (and
+    ``epochs_run``, if known, for the legend).
     """
     require_rows(trials, "the optimization history", ("trial", "state", objective))
     values = trials[objective].astype(float)
-    for state, label in (("COMPLETE", "complete"), ("PRUNED", "pruned (value when stopped)")):
-        rows = (trials["state"] == state) & np.isfinite(values)
-        style = (
-            {"color": STATE_COLORS[state]}
-            if state == "COMPLETE"
-            else {"facecolors": "none", "edgecolors": STATE_COLORS[state]}
+    complete = (trials["state"] == "COMPLETE") & np.isfinite(values)
+    if complete.any():
+        ran = trials[complete]
+        ran = epochs_text(ran["epochs_run"]) if "epochs_run" in ran.columns else ""
+        ax.scatter(
+            trials.loc[complete, "trial"],
+            values[complete],
+            s=28,
+            color=STATE_COLORS["COMPLETE"],
+            label=f"complete ({ran.removeprefix('after ')})" if ran else "complete",
+            zorder=3,
         )
-        if rows.any():
-            ax.scatter(
-                trials.loc[rows, "trial"], values[rows], s=28, label=label, zorder=3, **style
-            )
-    failed = trials[(trials["state"] == "FAIL") | ~np.isfinite(values)]
+    pruned = trials["state"] == "PRUNED"
+    if pruned.any():
+        mark_along_bottom(
+            ax,
+            trials.loc[pruned, "trial"],
+            s=28,
+            facecolors="none",
+            edgecolors=STATE_COLORS["PRUNED"],
+            label=pruned_label(trials[pruned]),
+            zorder=3,
+        )
+    failed = trials[~(complete | pruned)]
     if len(failed):
         # Failed trials have no value: mark their numbers along the bottom edge.
-        ax.scatter(
+        mark_along_bottom(
+            ax,
             failed["trial"],
-            np.zeros(len(failed)),
             marker="x",
             color=STATE_COLORS["FAIL"],
-            transform=ax.get_xaxis_transform(),
-            clip_on=False,
             zorder=3,
             label=f"failed ({len(failed)}; no value)",
         )
@@ -70,6 +116,9 @@ def plot_optimization_history(
         )
     numbers = trials["trial"].astype(float)
     ax.set_xlim(numbers.min() - 0.6, numbers.max() + 0.6)  # failed trials count too
+    limits = value_range(values[complete])
+    if limits is not None:
+        ax.set_ylim(*limits)
     ax.set_xlabel("trial number")
     ax.set_ylabel(objective)
     ax.xaxis.get_major_locator().set_params(integer=True)
@@ -79,9 +128,9 @@ def plot_optimization_history(
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
-def plot_importances(importances: pd.DataFrame, ax: Any) -> None:
+def plot_importances(importances: pd.DataFrame, ax: Any, method: str = IMPORTANCES_METHOD) -> None:
     """Horizontal bars of each hyperparameter's importance (fraction of the objective's variance
-    it explains, fANOVA), the most important on top.
+    it explains, as ``method`` measured it), the most important on top.
 
     ``importances``: ``param`` and ``importance`` columns.
     """
@@ -89,7 +138,7 @@ def plot_importances(importances: pd.DataFrame, ax: Any) -> None:
     ordered = importances.sort_values("importance")
     bars = ax.barh(ordered["param"], ordered["importance"], color=STATE_COLORS["COMPLETE"])
     ax.bar_label(bars, labels=[f"{v:.0%}" for v in ordered["importance"]], padding=3, fontsize=8)
-    ax.set_xlabel("importance (share of the objective's variance, fANOVA)")
+    ax.set_xlabel(f"importance (share of the objective's variance, {method})")
     ax.set_xlim(0, min(1.0, float(ordered["importance"].max()) * 1.25 + 0.02))
     ax.xaxis.set_major_formatter(percent_formatter(decimals=0))
     ax.grid(axis="y", visible=False)
@@ -103,9 +152,10 @@ def optimization_history_figure(trials: pd.DataFrame, objective: str, direction:
     return figure
 
 
-def importances_figure(importances: pd.DataFrame):
-    """The parameter importances on their own figure."""
+def importances_figure(importances: pd.DataFrame, method: str = IMPORTANCES_METHOD):
+    """The parameter importances on their own figure, titled with the ``method`` that measured
+    them."""
     figure, ax = new_figure(6.5, 0.9 + 0.45 * max(len(importances), 2))
-    plot_importances(importances, ax)
-    ax.set_title("parameter importances")
+    plot_importances(importances, ax, method)
+    ax.set_title(f"parameter importances ({method})")
     return figure

@@ -12,10 +12,14 @@ from analysis.store import SearchDimension
 from analysis.style import (
     BEST,
     STATE_COLORS,
+    epochs_text,
+    mark_along_bottom,
     new_figure,
     percent_formatter,
     plain_log_axis,
+    pruned_label,
     require_rows,
+    value_range,
 )
 
 
@@ -28,12 +32,14 @@ def plot_metric_vs_param(
 ) -> None:
     """Each trial's last ``metric`` against its value of ``dimension``.
 
-    Completed trials are filled dots, pruned ones hollow grey circles at the value they had when
-    stopped; failed ones and any without a value are left out and counted in the legend. A log
+    Completed trials are filled dots, and only they set the range of the ``metric`` axis;
+    pruned trials, whose value after an epoch or two is not comparable with a finished trial's,
+    are hollow grey circles along the bottom edge (at their parameter value, off the ``metric``
+    axis); failed ones and any without a value are left out and counted in the legend. A log
     axis where the search was log; categorical choices are evenly spaced, in declared order
     (then any other value the trials used), with a small deterministic jitter so equal points
     stay visible. ``trials``: one row per trial run with ``run_id``, ``trial``, ``state``,
-    ``metric`` and the parameter.
+    ``metric`` and the parameter (and ``epochs_run``, if known, for the legend).
     """
     name = dimension.name
     require_rows(trials, f"{metric} against {name}", ("run_id", "trial", "state", metric, name))
@@ -56,18 +62,29 @@ def plot_metric_vs_param(
             plain_log_axis(ax.xaxis)
         elif dimension.kind == "int":
             ax.xaxis.get_major_locator().set_params(integer=True)
-    styles = {
-        "PRUNED": {"s": 26, "facecolors": "none", "edgecolors": STATE_COLORS["PRUNED"],
-                   "linewidths": 1.0, "label": "pruned (value when stopped)", "zorder": 2},
-        "COMPLETE": {"s": 30, "color": STATE_COLORS["COMPLETE"], "label": "complete",
-                     "zorder": 3},
-    }  # fmt: skip
-    shown = np.isfinite(values) & np.isfinite(x) & trials["state"].isin(list(styles))
-    for state, style in styles.items():
-        rows = shown & (trials["state"] == state)
-        if rows.any():
-            ax.scatter(x[rows], values[rows], **style)
-    best = shown & (trials["run_id"] == best_run)
+    complete = (trials["state"] == "COMPLETE") & np.isfinite(values) & np.isfinite(x)
+    pruned = (trials["state"] == "PRUNED") & np.isfinite(x)
+    if pruned.any():
+        mark_along_bottom(
+            ax,
+            x[pruned],
+            s=26,
+            facecolors="none",
+            edgecolors=STATE_COLORS["PRUNED"],
+            linewidths=1.0,
+            label=pruned_label(trials[pruned]),
+            zorder=2,
+        )
+    if complete.any():
+        ax.scatter(
+            x[complete],
+            values[complete],
+            s=30,
+            color=STATE_COLORS["COMPLETE"],
+            label=_complete_label(trials[complete]),
+            zorder=3,
+        )
+    best = complete & (trials["run_id"] == best_run)
     if best.any():
         ax.scatter(
             x[best],
@@ -80,17 +97,32 @@ def plot_metric_vs_param(
             label=f"best (trial {int(trials.loc[best, 'trial'].iloc[0])})",
             zorder=4,
         )
-    hidden = int((~shown).sum())
+    hidden = int((~(complete | pruned)).sum())
     if hidden:
         failed = int((trials["state"] == "FAIL").sum())
         what = "failed" if hidden == failed else "failed or without a value"
         ax.scatter(
             [], [], marker="x", color=STATE_COLORS["FAIL"], label=f"{hidden} {what} (not shown)"
         )
+    limits = value_range(values[complete])
+    if limits is not None:
+        ax.set_ylim(*limits)
+    if dimension.kind != "categorical":
+        # The pruned trials' markers do not widen the axes by themselves.
+        drawn = x[complete | pruned].to_numpy()
+        span = value_range(drawn, log=dimension.log, pad=0.06)
+        if span is not None:
+            ax.set_xlim(*span)
     ax.set_xlabel(f"{name}{' (log scale)' if dimension.log else ''}")
     ax.set_ylabel(metric)
     if "accuracy" in metric:
         ax.yaxis.set_major_formatter(percent_formatter())
+
+
+def _complete_label(rows: pd.DataFrame) -> str:
+    """``complete (8 epochs)``: how long the trials whose values are drawn ran, if known."""
+    ran = epochs_text(rows["epochs_run"]) if "epochs_run" in rows.columns else ""
+    return f"complete ({ran.removeprefix('after ')})" if ran else "complete"
 
 
 def _key(value: Any) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from analysis.baselines import baselines_table
+from analysis.history import IMPORTANCES_METHOD
 from analysis.store import StudyResults
 from research.data import DATASETS
 from research.experiment.tracking.stores import redact
@@ -93,6 +94,13 @@ def sections(report: Report) -> list[dict[str, Any]]:
     tables = []
     if len(failed):
         tables.append(pd.DataFrame({"trial": failed["trial"], "why it failed": failed["error"]}))
+        if failed["error"].astype(str).str.contains("diverged at epoch").any():
+            # research/experiment/train.py's DivergenceError counts from 0, unlike the rest.
+            overview.append(
+                "Failed trials below, with the reason their run logged: a divergence's epoch "
+                "and step there count from 0 (epoch 0 is the first epoch, shown as epoch 1 in "
+                "the figures)."
+            )
     out.append({"title": "Overview", "paragraphs": overview, "tables": tables, "figures": []})
 
     if best is not None:
@@ -137,34 +145,7 @@ def sections(report: Report) -> list[dict[str, Any]]:
         out += _test_sections(report.test, dataset, report.figures)
 
     if report.comparison is not None and len(report.comparison):
-        frame = report.comparison
-        table = pd.DataFrame(
-            {
-                "configuration": frame["configuration"],
-                "val/accuracy": frame.get("val/accuracy", pd.Series(dtype=float)).map(pct),
-                "test_accuracy": frame.get("test_accuracy", pd.Series(dtype=float)).map(pct),
-                "epochs": frame.get("epochs", pd.Series(dtype=float)).map(_cell),
-                "wall (s)": frame.get("wall_seconds", pd.Series(dtype=float)).map(
-                    lambda v: "" if pd.isna(v) else f"{v:.1f}"
-                ),
-                "parameters": frame.get("n_params", pd.Series(dtype=float)).map(
-                    lambda v: "" if pd.isna(v) else f"{int(v):,}"
-                ),
-                "source": frame["source"],
-            }
-        )
-        out.append(
-            {
-                "title": "The origin's configuration against the tuned best",
-                "paragraphs": [
-                    "Wall time is the training time of that one configuration (a study's is its "
-                    "best trial's, on the study's training rows); test accuracy of a study is "
-                    "that of its final refit on train+validation."
-                ],
-                "tables": [table],
-                "figures": [],
-            }
-        )
+        out.append(_comparison_section(report.comparison))
 
     search_figures = [
         name
@@ -178,6 +159,44 @@ def sections(report: Report) -> list[dict[str, Any]]:
     ]
     out.append({"title": "The search", "paragraphs": [], "tables": [], "figures": search_figures})
     return out
+
+
+def na(show: Any) -> Any:
+    """``show`` of a value, or ``n/a`` for a missing one."""
+    return lambda value: "n/a" if value is None or pd.isna(value) else show(value)
+
+
+def comparison_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """The comparison's rows as text; a number the store does not hold is ``n/a``."""
+    frame = frame.reindex(columns=[*frame.columns, *sorted(COMPARED.difference(frame.columns))])
+    return pd.DataFrame(
+        {
+            "configuration": frame["configuration"],
+            "val/accuracy": frame["val/accuracy"].map(pct),
+            "test_accuracy": frame["test_accuracy"].map(pct),
+            "epochs": frame["epochs"].map(na(lambda v: f"{int(v)}")),
+            "wall (s)": frame["wall_seconds"].map(na(lambda v: f"{float(v):.1f}")),
+            "parameters": frame["n_params"].map(na(lambda v: f"{int(v):,}")),
+            "source": frame["source"],
+        }
+    )
+
+
+COMPARED = frozenset({"val/accuracy", "test_accuracy", "epochs", "wall_seconds", "n_params"})
+
+
+def _comparison_section(frame: pd.DataFrame) -> dict[str, Any]:
+    return {
+        "title": "The origin's configuration against the tuned best",
+        "paragraphs": [
+            "Wall time is the training time of that one configuration (a study's is its "
+            "best trial's, on the study's training rows); test accuracy of a study is "
+            "that of its final refit on train+validation. A configuration this store holds no "
+            "run of is n/a throughout."
+        ],
+        "tables": [comparison_table(frame)],
+        "figures": [],
+    }
 
 
 def _test_sections(test: dict[str, Any], name: str, drawn: dict[str, str]) -> list[dict[str, Any]]:
@@ -379,6 +398,7 @@ def write_json(report: Report, path: Path) -> None:
         "importances": None
         if report.importances is None
         else dict(zip(report.importances["param"], report.importances["importance"])),
+        "importances_method": None if report.importances is None else IMPORTANCES_METHOD,
         "figures": sorted(report.figures),
         "notes": report.notes,
         "seconds": report.seconds,

@@ -173,29 +173,38 @@ def search_figures(
     if not results.curves.empty:
         figures["loss_curves.png"] = (
             curves.loss_curves_figure(results.curves, best_run),
-            "train/loss and val/loss per epoch of every trial, colored by the trial's final "
-            "validation accuracy; pruned and failed trials dashed and faint, ending where "
-            "they stopped; the best trial thick.",
+            "train/loss and val/loss per epoch (counted from 1) of every trial, on one y axis "
+            "whose scale and range the completed trials set (a pruned or failed trial outside "
+            "it runs off the panel, which counts them), colored by the trial's final "
+            "validation accuracy; pruned and failed trials dashed and faint, ending where they "
+            "stopped; the best trial thick.",
         )
     if results.search:
         figures["val_accuracy_vs_params.png"] = (
             hyperparams.metric_vs_params_figure(
                 results.trials, results.search, "val/accuracy", best_run
             ),
-            "Final validation accuracy of each trial against each searched hyperparameter "
-            "(log axes where the search was log; pruned trials at the value they had when "
-            "stopped).",
+            "Final validation accuracy of each completed trial against each searched "
+            "hyperparameter (log axes where the search was log); the completed trials set the "
+            "range. Pruned trials are marked apart, as hollow circles along the bottom edge at "
+            "their value of the hyperparameter: their accuracy after an epoch or two is not "
+            "comparable with a finished trial's, so it is not drawn.",
         )
     figures["optimization_history.png"] = (
         history.optimization_history_figure(results.trials, results.objective, results.direction),
-        f"{results.objective} of each trial in the order they ran, and the best so far.",
+        f"{results.objective} of each completed trial in the order they ran, and the best so "
+        "far; the completed trials set the range. Pruned trials are marked apart, as hollow "
+        "circles along the bottom edge (their value when stopped is not comparable, so it is "
+        "not drawn), failed ones as crosses there.",
     )
     importances, note = _importances(results, storage)
+    n_complete = int((results.trials["state"] == "COMPLETE").sum())
     if importances is not None:
         figures["param_importances.png"] = (
-            history.importances_figure(importances),
-            "How much of the variance of the objective each hyperparameter explains "
-            "(Optuna's fANOVA over the completed trials, seed 0).",
+            history.importances_figure(importances, history.IMPORTANCES_METHOD),
+            "How much of the variance of the objective each hyperparameter explains, by "
+            f"fANOVA (Optuna's FanovaImportanceEvaluator, seed {history.IMPORTANCES_SEED}, "
+            f"over the completed trials). {history.importances_caveat(n_complete)}",
         )
     return figures, importances, note
 
@@ -203,9 +212,9 @@ def search_figures(
 def log_study_figures(
     study: str, tracking_uri: str | None = None, storage: str | None = None
 ) -> list[str]:
-    """Draws the study's search figures (:func:`search_figures`) and logs them under
-    ``figures/`` of its parent run, as the study command does at its end. Returns their names;
-    none while no trial has finished."""
+    """Draws the study's search figures (:func:`search_figures`: the report's own, the
+    importances by the same method) and logs them under ``figures/`` of its parent run, as the
+    study command does at its end. Returns their names; none while no trial has finished."""
     uri = resolve_tracking_uri(tracking_uri)
     results = load_study_results(study, uri)
     if results.trials.empty:
@@ -270,8 +279,9 @@ def _replace_folder(staging: Path, out: Path) -> None:
 
 
 def _importances(results: StudyResults, storage: str) -> tuple[pd.DataFrame | None, str]:
-    """Optuna's fANOVA importances of the study from the Optuna storage ``storage``, or None and
-    the reason there are none."""
+    """The study's importances from the Optuna storage ``storage`` by the report's one method
+    (fANOVA, :data:`analysis.history.IMPORTANCES_METHOD`), or None and the reason there are
+    none."""
     import warnings
 
     import optuna
@@ -300,7 +310,10 @@ def _importances(results: StudyResults, storage: str) -> tuple[pd.DataFrame | No
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             importances = optuna.importance.get_param_importances(
-                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+                study,
+                evaluator=optuna.importance.FanovaImportanceEvaluator(
+                    seed=history.IMPORTANCES_SEED
+                ),
             )
     except StudyError as error:
         return None, str(error)
@@ -420,8 +433,9 @@ def _evaluate_best(
     captions = {
         "confusion_matrix.png": f"{info.title} test confusion matrix of the best model: counts, "
         f"colored by the share of the true {kind}'s rows.",
-        "per_class_accuracy.png": f"{info.title} test accuracy per {kind} with 95% Wilson "
-        "intervals; the dashed line is the overall accuracy.",
+        "per_class_accuracy.png": f"{info.title} test accuracy per {kind}, a point with its 95% "
+        "Wilson interval; the dashed line is the overall accuracy, its interval shaded. The "
+        "axis spans the intervals, not 0 to 100%.",
         "misclassified.png": f"The {MISTAKES_SHOWN} {info.title} test {item}s the best model got "
         f"wrong with the highest output for the wrong {kind}.",
     }

@@ -12,9 +12,10 @@ field table (:mod:`research.experiment.fields`), the search space from the study
 ``train/loss``, ``epochs_run``, ``epochs`` (asked for), ``wall_seconds``, ``n_params``,
 ``error``, ``raw_inputs`` and ``dataset`` (the ``dataset`` param as logged: a name, ``mnist`` for
 runs logged before the field existed). ``curves`` is long: one row per trial run and epoch, with
-``run_id``, ``trial``, ``state``, ``epoch`` (from 0), ``train/loss``, ``val/loss`` and
-``val/accuracy``. Rows are keyed by ``run_id``: two runs can carry the same trial number when
-studies kept in different Optuna storages log to one MLflow experiment.
+``run_id``, ``trial``, ``state``, ``epoch`` (counted from 1, as the training command prints
+``epoch 1/8``: MLflow's step plus one), ``train/loss``, ``val/loss`` and ``val/accuracy``.
+Rows are keyed by ``run_id``: two runs can carry the same trial number when studies kept in
+different Optuna storages log to one MLflow experiment.
 """
 
 from __future__ import annotations
@@ -175,6 +176,7 @@ def curves_frame(histories: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=columns)
     wide = histories.pivot_table(index=["run_id", "step"], columns="key", values="value")
     wide = wide.reset_index().rename(columns={"step": "epoch"})
+    wide["epoch"] = wide["epoch"].astype(int) + 1  # MLflow's steps count from 0, epochs from 1
     for metric in CURVE_METRICS:
         if metric not in wide.columns:
             wide[metric] = np.nan
@@ -205,7 +207,7 @@ def load_study_results(name: str | None, tracking_uri: str | None = None) -> Stu
 
     histories = tracking.metric_histories(list(trials["run_id"]), list(CURVE_METRICS), tracking_uri)
     curves = curves_frame(histories, trials)
-    epochs_run = curves.groupby("run_id")["epoch"].max() + 1
+    epochs_run = curves.groupby("run_id")["epoch"].max()
     trials["epochs_run"] = trials["run_id"].map(epochs_run).fillna(0).astype(int)
     return StudyResults(
         record=record,

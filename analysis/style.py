@@ -103,3 +103,72 @@ def plain_log_axis(axis: Any) -> None:
     axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     axis.set_minor_formatter(NullFormatter())
+
+
+# --- what sets an axis's range --------------------------------------------------------------------
+
+#: Values spanning more than this ratio (all positive) go on a log axis.
+LOG_RATIO = 10.0
+
+
+def value_range(values: Any, log: bool = False, pad: float = 0.08) -> tuple[float, float] | None:
+    """Axis limits that hold every finite value of ``values`` with a margin of ``pad`` of their
+    span (a ratio on a log axis); None if there is none. One value gets a span of its own: 1%
+    of it (or 0.01 at zero). Non-negative values never get a negative lower limit."""
+    import numpy as np
+
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    if log:
+        finite = finite[finite > 0]
+    if finite.size == 0:
+        return None
+    low, high = float(finite.min()), float(finite.max())
+    if log:
+        ratio = max(high / low, 1.02) ** pad
+        return low / ratio, high * ratio
+    span = high - low
+    if span <= 1e-12 * max(abs(high), 1.0):
+        span = 0.01 * abs(high) or 0.01
+        low, high = low - span / 2, high + span / 2
+    margin = pad * span
+    bottom = low - margin
+    if bottom < 0 <= low:
+        bottom = 0.0
+    return bottom, high + margin
+
+
+def epochs_text(epochs: Any) -> str:
+    """``after 2 epochs`` or ``after 1–3 epochs`` for the epochs some trials ran (1-based
+    counts); "" when none are known."""
+    import numpy as np
+
+    known = np.asarray(epochs, dtype=float)
+    known = known[np.isfinite(known) & (known > 0)]
+    if known.size == 0:
+        return ""
+    low, high = int(known.min()), int(known.max())
+    plural = "" if high == 1 else "s"
+    return f"after {low} epoch{plural}" if low == high else f"after {low}–{high} epochs"
+
+
+def pruned_label(trials: Any) -> str:
+    """The legend entry of pruned trials drawn apart from the completed ones: a trial stopped
+    after an epoch or two has no value comparable with a finished one, so it is marked along
+    the bottom edge, off the value axis."""
+    stopped = epochs_text(trials["epochs_run"]) if "epochs_run" in trials.columns else ""
+    return f"pruned{' ' + stopped if stopped else ''}\n(bottom edge; value not comparable)"
+
+
+def mark_along_bottom(ax: Any, x: Any, **style: Any) -> Any:
+    """Markers at data positions ``x`` on the bottom edge of ``ax`` (outside the value axis),
+    for trials that have no value comparable with the others."""
+    import numpy as np
+
+    return ax.scatter(
+        x,
+        np.zeros(len(x)),
+        transform=ax.get_xaxis_transform(),
+        clip_on=False,
+        **style,
+    )

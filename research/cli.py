@@ -85,6 +85,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from research.experiment import train as training
+    from research.experiment.tracking.models import log_model
     from research.experiment.tracking.runs import start_training_run
     from research.experiment.tracking.stores import TrackingError
 
@@ -190,11 +191,13 @@ def _run_train(args: argparse.Namespace) -> int:
         try:
             run.log_metrics(summary, step=last.epoch)
             run.save_outputs(result.history, f"run {run.run_id[:8]}", result.params, spec)
+            model = log_model(run, result.params, config, data.test.images, step=last.epoch)
         except TrackingError as error:
             run.end("FAIL", "FAILED", str(error))
             raise UserError(str(error)) from None
         run.end("COMPLETE", "FINISHED")
         print(f"MLflow run {run.run_id} in experiment '{experiment}'")
+        print(f"its MLflow model: {model} (load and serve it: docs/models.md)")
         print(f"browse it: {run.ui_hint}")
     return 0
 

@@ -21,14 +21,15 @@ from analysis.style import BEST, EmptyDataError, new_figure, save_png
 
 
 def hand_made_curves() -> pd.DataFrame:
-    """Trial 0 complete (3 epochs), trial 1 pruned after 2, trial 2 complete and best."""
+    """Trial 0 complete (3 epochs), trial 1 pruned after 2, trial 2 complete and best; epochs
+    count from 1, as the store gives them."""
     rows = []
     for trial, state, losses, accuracies in (
         (0, "COMPLETE", [1.0, 0.5, 0.3], [0.80, 0.85, 0.88]),
         (1, "PRUNED", [2.0, 1.9], [0.30, 0.32]),
         (2, "COMPLETE", [0.9, 0.2, 0.04], [0.85, 0.93, 0.97]),
     ):
-        for epoch, (loss, accuracy) in enumerate(zip(losses, accuracies)):
+        for epoch, (loss, accuracy) in enumerate(zip(losses, accuracies), start=1):
             rows.append((f"run{trial}", trial, state, epoch, loss, loss * 1.1, accuracy))
     return pd.DataFrame(rows, columns=["run_id", "trial", "state", "epoch", "train/loss",
                                        "val/loss", "val/accuracy"])  # fmt: skip
@@ -66,15 +67,15 @@ def test_loss_curves_draw_each_trial_once_and_the_best_on_top():
     # trial 2 (best): one thick line in the best-trial color, drawn last.
     assert len(lines) == 4
     complete, pruned, cross, best = lines
-    assert complete.get_linestyle() == "-" and list(complete.get_xdata()) == [0, 1, 2]
+    assert complete.get_linestyle() == "-" and list(complete.get_xdata()) == [1, 2, 3]
     assert pruned.get_linestyle() == "--" and pruned.get_alpha() < 0.5
-    assert list(cross.get_xdata()) == [1] and cross.get_marker() == "x"
+    assert list(cross.get_xdata()) == [2] and cross.get_marker() == "x"
     assert best.get_color() == BEST and best.get_linewidth() > complete.get_linewidth()
     assert best.get_zorder() > complete.get_zorder()
-    assert ax.get_yscale() == "log"  # 2.2 down to 0.044: a ratio of 50
-    # Colors come from the final validation accuracy, from its 5th percentile (so that one
-    # far-off trial does not squeeze the others into one color) to the best.
-    assert mappable.norm.vmin == pytest.approx(np.percentile([0.88, 0.32, 0.97], 5))
+    assert ax.get_yscale() == "log"  # the completed trials: 1.1 down to 0.044, a ratio of 25
+    # Colors come from the completed trials' final validation accuracy, from its 5th percentile
+    # (so that one far-off trial does not squeeze the others into one color) to the best.
+    assert mappable.norm.vmin == pytest.approx(np.percentile([0.88, 0.97], 5))
     assert mappable.norm.vmax == pytest.approx(0.97)
     assert [text.get_text() for text in ax.get_legend().get_texts()][-1] == "best (trial 2)"
 
@@ -117,10 +118,11 @@ def test_objective_against_a_log_parameter():
     assert ax.get_xscale() == "log"
     assert ax.get_xlabel() == "learning_rate (log scale)"
     labels = ax.get_legend_handles_labels()[1]
-    assert labels == ["pruned (value when stopped)", "complete", "best (trial 2)",
-                      "1 failed (not shown)"]  # fmt: skip
+    assert labels == ["pruned\n(bottom edge; value not comparable)", "complete",
+                      "best (trial 2)", "1 failed (not shown)"]  # fmt: skip
     pruned, complete, best, _ = ax.collections
-    assert pruned.get_offsets().tolist() == [[0.1, 0.32]]
+    # The pruned trial at its learning rate, on the bottom edge: its 0.32 is not drawn.
+    assert pruned.get_offsets().tolist() == [[0.1, 0.0]]
     assert sorted(complete.get_offsets()[:, 0]) == [0.01, 0.05]
     assert best.get_offsets().tolist() == [[0.05, 0.97]]
 
@@ -167,8 +169,8 @@ def test_the_optimization_history_marks_every_trial():
     _figure, ax = new_figure(6, 4)
     history.plot_optimization_history(hand_made_trials(), ax)
     labels = ax.get_legend_handles_labels()[1]
-    assert labels == ["complete", "pruned (value when stopped)", "failed (1; no value)",
-                      "best so far"]  # fmt: skip
+    assert labels == ["complete", "pruned\n(bottom edge; value not comparable)",
+                      "failed (1; no value)", "best so far"]  # fmt: skip
     failed = ax.collections[2].get_offsets()
     assert failed[:, 0].tolist() == [3]
     low, high = ax.get_xlim()
@@ -183,6 +185,9 @@ def test_importances_are_sorted_bars():
     history.plot_importances(frame, ax)
     assert [t.get_text() for t in ax.get_yticklabels()] == ["batch_size", "learning_rate"]
     assert [p.get_width() for p in ax.patches] == [0.2, 0.8]
+    assert ax.get_xlabel() == "importance (share of the objective's variance, fANOVA, seed 0)"
+    figure = history.importances_figure(frame)
+    assert figure.axes[0].get_title() == "parameter importances (fANOVA, seed 0)"
     with pytest.raises(EmptyDataError, match="parameter importances: there are no rows"):
         history.plot_importances(frame.iloc[0:0], ax)
 
@@ -251,15 +256,17 @@ def test_the_confusion_matrix_writes_every_non_zero_count():
         evaluation.plot_confusion_matrix(np.zeros((10, 10)), ax)
 
 
-def test_per_class_accuracy_bars_with_their_intervals():
+def test_per_class_accuracy_points_with_their_intervals():
     outputs = np.eye(10)[[0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9]]
     labels = np.array([0, 1, 2, 2, 3, 4, 5, 6, 7, 8, 9, 0])
     result = evaluation.evaluate_outputs(outputs, labels)
     _figure, ax = new_figure(6, 3)
     evaluation.plot_per_class_accuracy(result.per_class, ax, result.accuracy)
-    bars = [p.get_height() for p in ax.patches]
-    assert bars == pytest.approx([0.5, 1, 0.5, 1, 1, 1, 1, 1, 1, 1])
-    assert ax.get_legend().get_texts()[0].get_text() == "overall 83.33%"
+    assert not ax.patches  # points, not bars
+    (points,) = [line for line in ax.get_lines() if line.get_marker() == "o"]
+    assert list(points.get_ydata()) == pytest.approx([0.5, 1, 0.5, 1, 1, 1, 1, 1, 1, 1])
+    texts = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert "overall 83.33%" in texts
 
 
 def test_the_misclassified_grid_hides_spare_panels():
@@ -333,7 +340,7 @@ def test_metric_histories_become_long_curves():
     )
     trials = pd.DataFrame({"run_id": ["a"], "trial": [4], "state": ["PRUNED"]})
     frame = curves_frame(histories, trials)
-    assert frame["epoch"].tolist() == [0, 1]
+    assert frame["epoch"].tolist() == [1, 2]  # MLflow's steps 0 and 1: epochs 1 and 2
     assert frame["val/loss"].tolist() == [1.0, 0.5]
     assert frame["train/loss"].iloc[0] == 2.0 and math.isnan(frame["train/loss"].iloc[1])
     assert frame["trial"].tolist() == [4, 4] and frame["state"].tolist() == ["PRUNED"] * 2

@@ -57,7 +57,7 @@ def test_train_logs_params_metrics_and_artifacts(tmp_path, store, capsys):
     assert 0.5 < history[-1].value <= 1
     assert {"train/loss", "val/loss", "test_accuracy", "wall_seconds"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert artifacts == {"loss_curves.png", "weights.npz"}
+    assert artifacts == {"loss_curves.png", "weights.npz", "weights.txt"}
     folder = client.download_artifacts(run.info.run_id, "", str(tmp_path / "download"))
     with open(f"{folder}/loss_curves.png", "rb") as png:
         assert png.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -151,6 +151,8 @@ def test_each_heavy_library_lives_in_the_rooms_that_use_it():
         "research.experiment.tracking.stores",
         "research.experiment.tracking.runs",
         "research.experiment.tracking.results",
+        "research.experiment.tracking.models",
+        "research.experiment.tracking.mlp_pyfunc",
     }
     assert third_party_imports("optuna") == {
         "research.experiment.storage",

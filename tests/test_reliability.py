@@ -517,6 +517,7 @@ def test_a_file_size_limit_while_saving_weights_fails_the_trial_not_completes_it
     assert {a.path for a in mlflow_client(uri).list_artifacts(runs[1].info.run_id)} == {
         "loss_curves.png",
         "weights.npz",
+        "weights.txt",
     }
 
 

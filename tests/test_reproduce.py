@@ -223,7 +223,7 @@ def test_reproduce_quick_logs_one_run_per_row_under_a_parent(tmp_path, capsys):
         assert entry["errors"] == round(entry["error"] * 100)
         assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 2
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert artifacts == {"loss_curves.png", "weights.npz"}
+        assert artifacts == {"loss_curves.png", "weights.npz", "weights.txt"}
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {
         "reproduce.md",
         "reproduce.json",

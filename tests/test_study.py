@@ -301,6 +301,15 @@ def test_tiny_study_records_every_trial_in_optuna_and_mlflow(tiny):
         assert tags["research.seed"] == str(config.fixed["seed"]), where
         assert COMMIT.fullmatch(tags["research.git_commit"]), tags["research.git_commit"]
         assert run.info.status == "FINISHED", where
+        # MLflow's own tags: who, what and which commit made it, and how it ended
+        assert tags["mlflow.source.name"] == "python -m research study", where
+        assert tags["mlflow.source.type"] == "LOCAL", where
+        assert tags["research.git_commit"].startswith(tags["mlflow.source.git.commit"]), where
+        assert tags["mlflow.user"] == run.info.user_id != "unknown", where
+        assert tags["mlflow.note.content"].startswith(trial.state.name), where
+        # the Optuna trial names its run (optuna-dashboard shows it)
+        assert trial.user_attrs["mlflow_run_id"] == run_id, where
+        assert trial.user_attrs["mlflow_experiment_id"] == run.info.experiment_id, where
 
         # params: the Optuna param name is the MLflow param key, with the same value
         params = run.data.params
@@ -321,6 +330,8 @@ def test_tiny_study_records_every_trial_in_optuna_and_mlflow(tiny):
         assert dict(accuracy) == trial.intermediate_values, where
         if trial.state.name == "COMPLETE":
             assert trial.value == accuracy[-1][1], where
+            note = f"COMPLETE: val/accuracy {100 * trial.value:.2f}% after 2 epochs"
+            assert tags["mlflow.note.content"] == note, where
         assert all(0 < value <= 1 for _, value in accuracy), where
         assert all(np.isfinite(v) and v > 0 for _, v in history(tiny.uri, run_id, "val/loss"))
 
@@ -330,10 +341,20 @@ def test_tiny_study_records_every_trial_in_optuna_and_mlflow(tiny):
         if trial.state.name == "PRUNED":
             assert artifact_paths(tiny.uri, run_id) == {"loss_curves.png"}, where
             continue
-        assert artifact_paths(tiny.uri, run_id) == {"loss_curves.png", "weights.npz"}, where
+        assert artifact_paths(tiny.uri, run_id) == {
+            "loss_curves.png",
+            "weights.npz",
+            "weights.txt",  # the arrays' shapes and how to load them
+        }, where
         spec, weights = load_weights(folder / "weights.npz")
         assert spec.sizes == (784, trial.params["hidden_size"], 10), where
         assert all(np.isfinite(layer["W"]).all() for layer in weights), where
+        about = (folder / "weights.txt").read_text()
+        assert f"W0  {(784, trial.params['hidden_size'])}" in about, where
+        assert 'load_weights("weights.npz")' in about, where
+
+    # the study names its objective for Optuna's tools (optuna-dashboard), not "Objective 0"
+    assert study.metric_names == ["val/accuracy"]
 
     # the parent: study file, figures, best value, test accuracy
     assert parent.info.status == "FINISHED"
@@ -535,11 +556,16 @@ def test_pruned_and_failed_trials_are_recorded_and_the_study_goes_on(tmp_path):
     assert dict(history(uri, run.info.run_id, "val/accuracy")) == pruned.intermediate_values
     assert artifact_paths(uri, run.info.run_id) == {"loss_curves.png"}
     assert "research.error" not in run.data.tags
+    # its description tells it from a COMPLETE run (the UI shows both as Finished)
+    assert run.data.tags["mlflow.note.content"] == (
+        f"PRUNED at epoch 2 of 3: val/accuracy {100 * pruned.intermediate_values[1]:.2f}%"
+    )
 
     run = runs[5]  # FAIL: the divergence named, the epochs before it, no artifacts
     assert run.data.tags["research.error"] == failed.user_attrs["error"]
     assert run.data.tags["research.diverged_epoch"] == str(epochs_done)
     assert run.data.tags["research.diverged_step"] == diverged[2]
+    assert run.data.tags["mlflow.note.content"] == f"FAIL: {failed.user_attrs['error']}"
     for key in EPOCH_METRICS:
         steps = [step for step, _ in history(uri, run.info.run_id, key)]
         assert steps == list(range(epochs_done)), key
@@ -547,7 +573,7 @@ def test_pruned_and_failed_trials_are_recorded_and_the_study_goes_on(tmp_path):
 
     run = runs[6]  # the study went on after the failure
     assert [step for step, _ in history(uri, run.info.run_id, "val/loss")] == [0, 1, 2]
-    assert artifact_paths(uri, run.info.run_id) == {"loss_curves.png", "weights.npz"}
+    assert artifact_paths(uri, run.info.run_id) == {"loss_curves.png", "weights.npz", "weights.txt"}
     assert "trial 4 PRUNED after 2 epochs" in out
     assert f"trial 5 FAIL: {failed.user_attrs['error']}" in out
 
@@ -770,10 +796,17 @@ def test_ui_binds_loopback_answers_and_stops_with_its_server(tiny, tmp_path):
     ):
         try:
             wait_for_http(f"http://127.0.0.1:{port}/health", ui)
-            # `ui` prints its URL once its own probe has an answer too, a moment after ours
+            # `ui` prints its URL once its own probe has an answer too, a moment after ours,
+            # then the links to the study's runs (table and charts)
             deadline = time.monotonic() + SERVER_WAIT
-            while "MLflow UI on" not in out.read_text() and time.monotonic() < deadline:
+            while "charts:" not in out.read_text() and time.monotonic() < deadline:
                 time.sleep(0.1)
+            links = re.findall(r"^  (?:runs|charts): +(\S+)$", out.read_text(), re.M)
+            assert len(links) == 2, out.read_text()
+            for link in links:
+                assert link.startswith(f"http://127.0.0.1:{port}/#/experiments/"), link
+                with urllib.request.urlopen(link, timeout=10) as response:
+                    assert response.status == 200, link
             server_groups = {os.getpgid(pid) for pid in child_pids(ui.pid)}
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
                 assert response.status == 200
@@ -793,7 +826,9 @@ def test_ui_binds_loopback_answers_and_stops_with_its_server(tiny, tmp_path):
     assert out.read_text().splitlines()[0] == (
         f"MLflow UI on http://127.0.0.1:{port} over {tiny.uri} (Ctrl-C stops it)"
     )
+    assert out.read_text().splitlines()[1].startswith(f"study {STUDY} (experiment ")
     assert "no authentication" not in err.read_text()
+    assert "Traceback" not in err.read_text()  # the server's, when it is stopped
 
 
 def test_ui_on_all_interfaces_warns_that_there_is_no_authentication(tmp_path):

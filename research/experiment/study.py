@@ -14,11 +14,9 @@ import os
 import re
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -444,7 +442,7 @@ def _run_and_finish(
     """The trials (here or in worker processes), the summary and the refit; the exit code."""
     import multiprocessing
 
-    from research.experiment.tracking.weights import save_weights
+    from research.experiment.tracking.models import log_champion
 
     config, storage_url, workers = request.config, request.storage_url, request.workers
     uri = request.tracking_uri
@@ -529,33 +527,35 @@ def _run_and_finish(
         }
     )
     if final:
-        with tempfile.TemporaryDirectory() as folder:
-            x_full = np.concatenate([x_train, data.validation.images])
-            labels_full = np.concatenate([labels_train, data.validation.labels])
-            try:
-                best_config, test_accuracy, params = final_fit(
-                    study, config, x_full, labels_full, data.test.x, data.test.labels, say
-                )
-            except DivergenceError as error:
-                reason = f"the refit of trial {best.number} on train+validation failed: {error}"
-                parent.end("FAIL", "FAILED", reason, refit_trial=best.number)
-                say_error(
-                    f"{reason}. The trials are kept; run the study with --no-final to skip the "
-                    "refit, or narrow the learning_rate range and continue it"
-                )
-                return 1
-            say(f"test_accuracy of the retrained best configuration: {100 * test_accuracy:.2f}%")
-            parent.log_metrics({"test_accuracy": test_accuracy}, step=len(study.trials))
-            n_train = len(x_train)  # (a --subset's first rows, then all validation rows)
-            rows = f"train[0:{n_train}]" + ("" if n_train == N_TRAIN else "+train[50000:60000]")
-            rows = rows.replace(f"train[0:{N_TRAIN}]", "train[0:60000]")
-            parent.log_data(
-                best_config.dataset,
-                {"training": (rows, len(x_full)), "test": ("test[0:10000]", len(data.test))},
+        x_full = np.concatenate([x_train, data.validation.images])
+        labels_full = np.concatenate([labels_train, data.validation.labels])
+        try:
+            best_config, test_accuracy, params = final_fit(
+                study, config, x_full, labels_full, data.test.x, data.test.labels, say
             )
-            weights = Path(folder) / "best_weights.npz"
-            save_weights(weights, params, best_config.spec())
-            parent.log_artifact(weights)
+        except DivergenceError as error:
+            reason = f"the refit of trial {best.number} on train+validation failed: {error}"
+            parent.end("FAIL", "FAILED", reason, refit_trial=best.number)
+            say_error(
+                f"{reason}. The trials are kept; run the study with --no-final to skip the "
+                "refit, or narrow the learning_rate range and continue it"
+            )
+            return 1
+        say(f"test_accuracy of the retrained best configuration: {100 * test_accuracy:.2f}%")
+        parent.log_metrics({"test_accuracy": test_accuracy}, step=len(study.trials))
+        n_train = len(x_train)  # (a --subset's first rows, then all validation rows)
+        rows = f"train[0:{n_train}]" + ("" if n_train == N_TRAIN else "+train[50000:60000]")
+        rows = rows.replace(f"train[0:{N_TRAIN}]", "train[0:60000]")
+        parent.log_data(
+            best_config.dataset,
+            {"training": (rows, len(x_full)), "test": ("test[0:10000]", len(data.test))},
+        )
+        parent.log_weights(params, best_config.spec(), "best_weights.npz")  # and its .txt
+        tags = {"refit_trial": best.number, "test_accuracy": test_accuracy}
+        champion = log_champion(
+            parent, config.name, params, best_config, data.test.images, len(study.trials), tags
+        )
+        say(f"the refit best as an MLflow model: {champion}")
         # which trial best_weights.npz and test_accuracy belong to: best_trial moves with every
         # invocation, --no-final ones included
         parent.set_tags({"refit_trial": str(best.number)})

@@ -10,6 +10,10 @@ One trial is asked, trained and told by :func:`run_next_trial`, an ask/tell loop
 that is not a result (Ctrl-C, SIGTERM, a full disk) is given back, and one failed by another
 worker while this one was stopped is dropped. Stale trials and heartbeats: :mod:`.workers`.
 
+Each trial names its MLflow run in its user attributes (``mlflow_run_id``,
+``mlflow_experiment_id``), and the study names its objective (``study.metric_names``): what
+optuna-dashboard shows over the journal (docs/studies.md).
+
 Budget. A study runs until it holds ``n_trials`` finished trials (COMPLETE, PRUNED, or FAIL for a
 real failure such as divergence; trials that failed because their worker died do not count), or
 until its deadline (no new trial starts after). With K workers, each checks the budget before it
@@ -49,6 +53,10 @@ from research.experiment.workers import (
     heartbeat,
     worker_identity,
 )
+
+#: A trial's user attributes naming its MLflow run (optuna-dashboard shows them with the trial).
+ATTR_MLFLOW_RUN = "mlflow_run_id"
+ATTR_MLFLOW_EXPERIMENT = "mlflow_experiment_id"
 
 
 def make_sampler(config: StudyConfig, n_existing: int = 0, worker: int = 0):
@@ -127,7 +135,19 @@ def open_study(config: StudyConfig, storage_url: str, worker: int = 0) -> tuple[
             f"{config.objective}; use another --study-name"
         )
     study.sampler = make_sampler(config, len(study.get_trials(deepcopy=False)), worker)
+    name_objective(study, config.objective)
     return study, created
+
+
+def name_objective(study: Any, objective: str) -> None:
+    """Names the study's objective (``val/accuracy``) where Optuna shows it (optuna-dashboard,
+    ``trials_dataframe``) instead of "Objective 0"; a study that has the name is not written."""
+    import optuna
+
+    with warnings.catch_warnings():  # (metric names are "experimental" in Optuna)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if study.metric_names != [objective]:
+            study.set_metric_names([objective])
 
 
 def study_exists(name: str, storage_url: str) -> bool:
@@ -280,6 +300,8 @@ def _run_and_tell(study: Any, trial: Any, context: TrialContext) -> None:
         suggested = {param.name: suggest(trial, param) for param in config.search}
         train_config = config.train_config(suggested)
         run = context.tracker.start_trial_run(config.name, trial.number)
+        trial.set_user_attr(ATTR_MLFLOW_RUN, run.run_id)
+        trial.set_user_attr(ATTR_MLFLOW_EXPERIMENT, run.experiment_id)
         run.log_config(train_config, len(context.x_train), blas_threads=context.blas_threads)
         shown = ", ".join(f"{name}={short(value)}" for name, value in suggested.items())
         context.say(f"{label} started: {shown}")

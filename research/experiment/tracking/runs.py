@@ -7,7 +7,14 @@ under their own names, plus ``sizes``, ``n_train_rows`` and ``blas_kernels``),
 and weights when it completed), and one ending, :meth:`TrainingRun.end` or
 :meth:`TrainingRun.diverged`. The ending sets the tag ``research.state`` (``COMPLETE``,
 ``PRUNED`` or ``FAIL``) and, for a failure, ``research.error`` with the reason: a divergence reads
-``training diverged at epoch E, step S: ...``. :func:`read_run` reads it all back (``rerun``).
+``training diverged at epoch E, step S: ...``; and the run's description (MLflow's
+``mlflow.note.content``, the one place the UI shows it), e.g. ``PRUNED at epoch 2 of 8:
+val/accuracy 96.13%``. :func:`read_run` reads it all back (``rerun``).
+
+Every run also carries MLflow's own tags for who and what made it: ``mlflow.user``,
+``mlflow.source.name`` (``python -m research train``), ``mlflow.source.type`` (``LOCAL``) and
+``mlflow.source.git.commit`` (the commit, as ``research.git_commit`` has it with ``-dirty`` for a
+tree with changes); and ``weights.npz`` comes with ``weights.txt``, its arrays and how to load it.
 
 Studies have one parent run (:class:`StudyTracker`) with one child run per trial.
 """
@@ -15,6 +22,7 @@ Studies have one parent run (:class:`StudyTracker`) with one child run per trial
 from __future__ import annotations
 
 import functools
+import math
 import tempfile
 import time
 from collections.abc import Sequence
@@ -47,6 +55,11 @@ TAG_SEED = "research.seed"
 TAG_COMMIT = "research.git_commit"
 TAG_ERROR = "research.error"  # why a run failed; a divergence starts "training diverged"
 TAG_PARENT = "mlflow.parentRunId"  # MLflow's own tag: the UI nests children under it
+TAG_NOTE = "mlflow.note.content"  # MLflow's own: the run's description in the UI
+TAG_USER = "mlflow.user"
+TAG_SOURCE_NAME = "mlflow.source.name"
+TAG_SOURCE_TYPE = "mlflow.source.type"
+TAG_GIT_COMMIT = "mlflow.source.git.commit"
 # Written by `train` before runs had one divergence tag; still read by read_run.
 LEGACY_DIVERGED_TAG = "diverged"
 #: A study's search space as data, on its parent run (a list of SearchParam.as_dict()).
@@ -61,6 +74,10 @@ class TrainingRun:
     run_id: str
     experiment_id: str
     tracking_uri: str
+    #: The epochs it was to train (from :meth:`log_config`) and the last it logged: its
+    #: description says how far it got.
+    planned_epochs: int | None = None
+    last_epoch: EpochMetrics | None = None
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -144,6 +161,7 @@ class TrainingRun:
             "blas_kernels": loaded_kernels(),
             **extra,
         }
+        self.planned_epochs = config.epochs
         tags = {TAG_SEED: config.seed, TAG_COMMIT: git_commit(), TAG_STATE: "RUNNING"}
         with store_writes(self.tracking_uri):
             self.client.log_batch(
@@ -167,6 +185,7 @@ class TrainingRun:
     def log_epoch(self, metrics: EpochMetrics) -> None:
         """One epoch's metrics, at its step (the epoch, from 0)."""
         self.log_metrics(metrics.as_metrics(), step=metrics.epoch)
+        self.last_epoch = metrics
 
     def save_outputs(
         self,
@@ -176,19 +195,37 @@ class TrainingRun:
         spec: MLPSpec | None = None,
     ) -> None:
         """The artifacts of a training: ``loss_curves.png`` (if an epoch ended) and, given
-        params, ``weights.npz``. TrackingError (naming the file) if they cannot be written."""
+        params, ``weights.npz`` with ``weights.txt``. TrackingError (naming the file) if they
+        cannot be written."""
         from research.experiment.figures import save_loss_curves
-        from research.experiment.tracking.weights import save_weights
 
         try:
             with tempfile.TemporaryDirectory() as folder:
                 if history:
                     curves = Path(folder) / "loss_curves.png"
                     self.log_artifact(save_loss_curves(history, curves, title=title))
-                if params is not None and spec is not None:
-                    weights = Path(folder) / "weights.npz"
-                    save_weights(weights, params, spec)
-                    self.log_artifact(weights)
+        except OSError as error:
+            raise TrackingError(
+                f"cannot write {error.filename or 'a temporary file'}: {error.strerror or error}; "
+                "free some space (or lift the limit), then run the same command again"
+            ) from None
+        if params is not None and spec is not None:
+            self.log_weights(params, spec)
+
+    def log_weights(self, params: Params, spec: MLPSpec, name: str = "weights.npz") -> None:
+        """Logs the network as ``name`` (:func:`~.weights.save_weights`) and, beside it, the
+        same name in ``.txt``: its arrays' shapes and how to load it. TrackingError (naming the
+        file) if they cannot be written."""
+        from research.experiment.tracking.weights import describe_weights, save_weights
+
+        try:
+            with tempfile.TemporaryDirectory() as folder:
+                weights = Path(folder) / name
+                save_weights(weights, params, spec)
+                about = weights.with_suffix(".txt")
+                about.write_text(describe_weights(params, spec, name))
+                self.log_artifact(weights)
+                self.log_artifact(about)
         except OSError as error:
             raise TrackingError(
                 f"cannot write {error.filename or 'a temporary file'}: {error.strerror or error}; "
@@ -197,10 +234,34 @@ class TrainingRun:
 
     def end(self, state: str, status: str, error: str | None = None, **tags: Any) -> None:
         """Ends the run: ``research.state`` (COMPLETE, PRUNED, FAIL), the ``research.error``
-        if any, other tags, then MLflow's status (FINISHED, FAILED, KILLED)."""
-        tags = {TAG_STATE: state, **({TAG_ERROR: error} if error is not None else {}), **tags}
+        if any, its description (:meth:`describe`), other tags, then MLflow's status (FINISHED,
+        FAILED, KILLED)."""
+        note = self.describe(state, error)
+        tags = {
+            TAG_STATE: state,
+            **({TAG_ERROR: error} if error is not None else {}),
+            **({TAG_NOTE: note} if note else {}),
+            **tags,
+        }
         self.set_tags(tags)
         self.finish(status)
+
+    def describe(self, state: str, error: str | None = None) -> str | None:
+        """How the run ended, in a line: ``COMPLETE: val/accuracy 97.91% after 8 epochs``,
+        ``PRUNED at epoch 2 of 8: val/accuracy 96.13%``, ``FAIL: <reason>``; None for a run
+        that logged no epoch and gives no reason (a study's parent)."""
+        if error:
+            return f"{state}: {error}"
+        last = self.last_epoch
+        if last is None:
+            return None
+        done = last.epoch + 1
+        of = f" of {self.planned_epochs}" if self.planned_epochs not in (None, done) else ""
+        accuracy = last.val_accuracy
+        score = f"val/accuracy {100 * accuracy:.2f}%" if math.isfinite(accuracy) else ""
+        if state == "PRUNED":
+            return f"PRUNED at epoch {done}{of}" + (f": {score}" if score else "")
+        return f"{state}{': ' + score if score else ''} after {done}{of} epochs"
 
     def diverged(self, error: DivergenceError) -> None:
         """Ends a run whose training diverged: FAIL, with the epoch and step."""
@@ -253,11 +314,13 @@ def start_training_run(
 ) -> TrainingRun:
     """Opens a new run in ``experiment`` (created if needed) and returns it."""
     uri = resolve_tracking_uri(tracking_uri)
+    tags = tags or {}
+    tags = {**source_tags(tags.get("command", "")), **tags}
     try:
         with store_lock(uri):
             client = mlflow_client(uri)
             experiment_id = get_or_create_experiment(client, experiment, uri)
-        run = client.create_run(experiment_id, run_name=run_name, tags=tags or {})
+        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     except TrackingError:
         raise
     except Exception as error:  # MLflow raises many kinds; the user needs the URI and the cause.
@@ -324,6 +387,27 @@ def git_commit() -> str:
     return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
 
 
+def source_tags(command: str) -> dict[str, str]:
+    """MLflow's own tags for who and what makes a run (the UI's User, Source and Version
+    columns): the user, ``python -m research <command>`` as a local source, the git commit
+    (without ``-dirty``: :data:`TAG_COMMIT` keeps that)."""
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container), and no $USER
+        user = "unknown"
+    tags = {
+        TAG_USER: user,
+        TAG_SOURCE_NAME: f"python -m research {command}".strip(),
+        TAG_SOURCE_TYPE: "LOCAL",
+    }
+    commit = git_commit().removesuffix("-dirty")
+    if commit != "unknown":
+        tags[TAG_GIT_COMMIT] = commit
+    return tags
+
+
 @dataclass
 class StudyTracker:
     """The MLflow side of a study: its experiment, its parent run, and one child run per trial."""
@@ -379,7 +463,12 @@ class StudyTracker:
             run = self.client.create_run(
                 self.experiment_id,
                 run_name=f"study-{self.study_name}",
-                tags={TAG_ROLE: "study", TAG_STUDY: self.study_name, TAG_COMMIT: git_commit()},
+                tags={
+                    **source_tags("study"),
+                    TAG_ROLE: "study",
+                    TAG_STUDY: self.study_name,
+                    TAG_COMMIT: git_commit(),
+                },
             )
         return run.info.run_id
 
@@ -417,6 +506,7 @@ class StudyTracker:
                 self.experiment_id,
                 run_name=f"trial-{trial_number:04d}",
                 tags={
+                    **source_tags("study"),
                     TAG_PARENT: self.parent_run_id,
                     TAG_ROLE: "trial",
                     TAG_STUDY: study_name,

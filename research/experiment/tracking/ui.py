@@ -3,6 +3,21 @@
 The port is checked first (something else listening there would be browsed instead), and the
 URL is printed only once the server answers HTTP on it; a server that exits or does not answer
 in time is an error, not a URL.
+
+Then come links that open the UI where a user wants to be. MLflow 3.17 opens in its GenAI mode,
+its runs table has no metric columns, and its charts overlay the 10 most recent runs; so for
+each study in the store (an experiment with a study parent run) and each experiment of
+``train`` runs, ``ui`` prints a link to its runs best first, as a table and as charts. The links
+open the *Model training* mode (``workflowType=machine_learning``) and a saved view of the
+experiment (``viewStateShareKey``; MLflow keeps it as the experiment tag
+``mlflow.sharedViewState.<key>`` and lists it in its *Views* menu) that sorts the runs by the
+objective and shows the state, the metrics and the searched params as columns. Where that view
+cannot be written, the links carry the sort alone (``orderByKey``, ``orderByAsc``). Each link is
+printed once the server answers 200 on it.
+
+The server's output is held back while it starts (its last line is the reason of a start that
+fails) and passed on to our stderr once it answers, without its access log or Python warnings,
+until we stop it: its shutdown prints a CancelledError traceback that is not the user's concern.
 """
 
 from __future__ import annotations
@@ -10,7 +25,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,11 +37,30 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from typing import IO
+from dataclasses import dataclass
+from typing import IO, Any
+from urllib.parse import quote, urlencode
+
+from research.experiment.tracking.runs import TAG_ROLE, TAG_STATE, TAG_STUDY
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 #: Seconds the server may take to answer (it takes 6 to 10 s on 2 cores).
 START_SECONDS = 120.0
+#: Seconds one call to the server's REST API may take (listing the store for the links).
+API_SECONDS = 30.0
+#: The saved view ``ui`` gives each experiment it links to (MLflow's *Views* menu).
+VIEW_KEY = "research-best-first"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+#: The metric columns of the view, after the objective.
+VIEW_METRICS = ("val/accuracy", "val/loss", "train/loss")
+#: The param columns of a view of ``train`` runs (a study's view shows its searched fields).
+TRAIN_PARAMS = (
+    "dataset", "hidden_size", "n_hidden_layers", "activation", "optimizer", "learning_rate",
+    "batch_size", "epochs",
+)  # fmt: skip
+#: A Python warning in the server's output (``file.py:12: SomeWarning: ...``), followed by an
+#: indented line of source: start-up noise, never the user's concern.
+WARNING_LINE = re.compile(r"^\S.*:\d+: \w*Warning: ")
 
 
 class UIError(Exception):
@@ -58,13 +94,19 @@ def check_port(host: str, port: int) -> None:
             ) from None
 
 
-def _probe_url(host: str, port: int) -> str:
-    """Where to ask whether the server answers: loopback for a wildcard address."""
+def _base_url(host: str, port: int) -> str:
+    """``http://host:port`` as this machine reaches the server: loopback for a wildcard
+    address, an IPv6 address in brackets."""
     if host in ("0.0.0.0", ""):
         host = "127.0.0.1"
     elif host == "::":
         host = "::1"
-    return f"http://[{host}]:{port}/health" if ":" in host else f"http://{host}:{port}/health"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _probe_url(host: str, port: int) -> str:
+    """Where to ask whether the server answers."""
+    return f"{_base_url(host, port)}/health"
 
 
 def _answers(url: str) -> bool:
@@ -90,8 +132,13 @@ class _Output:
         self.thread.start()
 
     def _read(self, stream: IO[bytes]) -> None:
+        warning = False  # the line before was a Python warning: its source line follows
         for raw in stream:
             line = raw.decode("utf-8", "replace")
+            if WARNING_LINE.match(line) or (warning and line.startswith((" ", "\t"))):
+                warning = True
+                continue
+            warning = False
             if self.passing.is_set():
                 sys.stderr.write(line)
                 sys.stderr.flush()
@@ -123,7 +170,8 @@ def serve_ui(
 ) -> int:
     """Runs ``mlflow ui`` over the store ``uri`` on ``host:port`` until it exits, Ctrl-C or
     SIGTERM; returns its exit code (0 when stopped by us). Warns on stderr when ``host`` is not
-    a loopback address: the UI has no authentication. Says the URL once the server answers.
+    a loopback address: the UI has no authentication. Says the URL once the server answers,
+    then the links to its studies and train runs (:func:`say_links`).
 
     Raises:
         UIError: the port is taken or cannot be bound, or the server exits or does not answer
@@ -141,6 +189,8 @@ def serve_ui(
         "--backend-store-uri", uri, "--host", host, "--port", str(port),
         # One web worker is plenty for one researcher and starts fastest on 2 cores.
         "--workers", "1",
+        # A line per request (some 50 per page) would bury anything worth reading.
+        "--uvicorn-opts", "--no-access-log",
     ]  # fmt: skip
 
     def stop(signum, frame):
@@ -182,8 +232,11 @@ def serve_ui(
             time.sleep(0.1)
         output.passing.set()
         say(f"MLflow UI on http://{host}:{port} over {uri} (Ctrl-C stops it)")
+        say_links(_base_url(host, port), say)
         return server.wait()
     except KeyboardInterrupt:
+        if output is not None:
+            output.passing.clear()  # what a server says while we stop it is not news
         if server is not None:
             _stop(server)
         return 0
@@ -193,3 +246,176 @@ def serve_ui(
             if output is not None:
                 output.thread.join(timeout=5)
             server.stdout.close()
+
+
+# --- links to where a user wants to be ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Linked:
+    """An experiment ``ui`` links to: a study's, or one holding ``train`` runs."""
+
+    experiment_id: str
+    title: str  # "study mnist_mlp (experiment 1)"
+    objective: str  # the metric its runs are sorted by
+    ascending: bool  # True when smaller is better (a loss)
+    params: tuple[str, ...]  # the param columns of its view
+    tags: dict[str, str]  # the experiment's tags as listed
+
+    def view_state(self) -> dict[str, Any]:
+        """The view as MLflow 3.17 saves it: search facets (the sort) and the runs table's
+        columns (MLflow's column keys: ``metrics.`val/accuracy```, ``params.`...```)."""
+        metrics = [self.objective, *(m for m in VIEW_METRICS if m != self.objective)]
+        return {
+            "orderByKey": f"metrics.`{self.objective}`",
+            "orderByAsc": self.ascending,
+            "selectedColumns": [
+                f"tags.`{TAG_STATE}`",
+                *(f"metrics.`{name}`" for name in metrics),
+                *(f"params.`{name}`" for name in self.params),
+            ],
+        }
+
+
+def _api(base: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One call to the MLflow REST API of the server at ``base`` (a GET without ``body``)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        f"{base}/api/2.0/mlflow/{path}",
+        data=data,
+        headers={} if data is None else {"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=API_SECONDS) as response:
+        return json.loads(response.read() or b"{}")
+
+
+def _pairs(entries: list[dict[str, str]] | None) -> dict[str, str]:
+    """REST ``[{"key": k, "value": v}, ...]`` (tags, params) as a dict."""
+    return {entry["key"]: entry.get("value", "") for entry in entries or []}
+
+
+def _search_runs(base: str, ids: list[str], where: str, limit: int) -> list[dict[str, Any]]:
+    body = {"experiment_ids": ids, "filter": where, "max_results": limit}
+    return _api(base, "runs/search", body).get("runs", [])
+
+
+def linked_experiments(base: str) -> list[Linked]:
+    """The store's studies (by name), then its experiments of ``train`` runs (by name), as the
+    server at ``base`` lists them."""
+    experiments: list[dict[str, Any]] = []
+    token = None
+    while True:
+        body = {"max_results": 1000, **({"page_token": token} if token else {})}
+        page = _api(base, "experiments/search", body)
+        experiments += page.get("experiments", [])
+        token = page.get("next_page_token")
+        if not token:
+            break
+    by_id = {experiment["experiment_id"]: experiment for experiment in experiments}
+    parents: dict[str, dict[str, Any]] = {}  # experiment id -> its earliest study parent run
+    if by_id:
+        found = _search_runs(base, list(by_id), f"tags.`{TAG_ROLE}` = 'study'", 1000)
+        for run in sorted(found, key=lambda run: int(run["info"].get("start_time") or 0)):
+            parents.setdefault(run["info"]["experiment_id"], run)
+    studies, trains = [], []
+    for experiment_id, experiment in by_id.items():
+        tags = _pairs(experiment.get("tags"))
+        if experiment_id in parents:
+            data = parents[experiment_id]["data"]
+            params = _pairs(data.get("params"))
+            objective = params.get("objective") or "val/accuracy"
+            direction = params.get("direction") or (
+                "minimize" if objective.endswith("loss") else "maximize"
+            )
+            name = _pairs(data.get("tags")).get(TAG_STUDY) or experiment["name"]
+            searched = sorted(
+                key.removeprefix("search.") for key in params if key.startswith("search.")
+            )
+            title = f"study {name} (experiment {experiment_id})"
+            linked = Linked(
+                experiment_id, title, objective, direction == "minimize", tuple(searched), tags
+            )
+            studies.append((name, linked))
+        elif _search_runs(base, [experiment_id], "tags.command = 'train'", 1):
+            name = experiment["name"]
+            title = f"train runs in {name!r} (experiment {experiment_id})"
+            trains.append(
+                (name, Linked(experiment_id, title, "val/accuracy", False, TRAIN_PARAMS, tags))
+            )
+    by_name = sorted(studies, key=lambda pair: pair[0]) + sorted(trains, key=lambda pair: pair[0])
+    return [linked for _, linked in by_name]
+
+
+def ensure_view(base: str, linked: Linked) -> bool:
+    """Whether the experiment has the saved view :data:`VIEW_KEY`, writing it if it has none
+    (one that exists is kept: the user may have changed it in the UI). False if it cannot be
+    written (a read-only store)."""
+    if VIEW_TAG in linked.tags:
+        return True
+    now = int(time.time() * 1000)
+    envelope = {  # MLflow 3.17's saved view: its name, times, and the state as JSON text
+        "name": f"best {linked.objective} first",
+        "createdAt": now,
+        "updatedAt": now,
+        "state": json.dumps(linked.view_state()),
+    }
+    body = {"experiment_id": linked.experiment_id, "key": VIEW_TAG, "value": json.dumps(envelope)}
+    try:
+        _api(base, "experiments/set-experiment-tag", body)
+    except (OSError, ValueError):  # (urllib's HTTPError and URLError are OSErrors)
+        return False
+    return True
+
+
+def runs_link(base: str, linked: Linked, view: bool, chart: bool = False) -> str:
+    """The link to an experiment's runs, best first: through its saved view (the sort and the
+    columns), else with the sort alone in the URL (a URL with a sort ignores a view)."""
+    query = {"workflowType": "machine_learning"}
+    if view:
+        query["viewStateShareKey"] = VIEW_KEY
+    else:
+        query["orderByKey"] = f"metrics.`{linked.objective}`"
+        query["orderByAsc"] = "true" if linked.ascending else "false"
+    if chart:
+        query["compareRunsMode"] = "CHART"
+    text = urlencode(query, quote_via=quote, safe="/")
+    return f"{base}/#/experiments/{linked.experiment_id}/runs?{text}"
+
+
+def answers_200(url: str) -> bool:
+    """Whether the server answers 200 with a page on ``url`` (its ``#/...`` part is the page's
+    own: not sent)."""
+    try:
+        with urllib.request.urlopen(url, timeout=API_SECONDS) as response:
+            return response.status == 200 and bool(response.read(64))
+    except (OSError, ValueError):
+        return False
+
+
+def say_links(base: str, say: Callable[[str], None]) -> None:
+    """Says, for each study and experiment of ``train`` runs, the links to its runs best first
+    (table and charts), each once it answers 200; a store it cannot list is a note on stderr."""
+    try:
+        linked = linked_experiments(base)
+    except (OSError, ValueError, KeyError) as error:
+        print(f"note: cannot list the store's experiments for links: {error}", file=sys.stderr)
+        return
+    if not linked:
+        say("no study or train runs in this store yet")
+        return
+    columns = True
+    for experiment in linked:
+        view = ensure_view(base, experiment)
+        columns = columns and view
+        links = {
+            "runs": runs_link(base, experiment, view),
+            "charts": runs_link(base, experiment, view, chart=True),
+        }
+        if not all(answers_200(link) for link in links.values()):
+            print(f"note: the MLflow UI does not answer {links['runs']}", file=sys.stderr)
+            continue
+        say(f"{experiment.title}, best {experiment.objective} first:")
+        for kind, link in links.items():
+            say(f"  {kind + ':':<7} {link}")
+    if not columns:
+        say("(to see the metrics, add their columns with Columns: see docs/tracking.md)")

@@ -1,7 +1,8 @@
 """The weights file format: a network's parameters and spec in one ``.npz``, never pickled.
 
 Nothing here talks to MLflow: runs carry these files as artifacts (``weights.npz``,
-``best_weights.npz``), and the report reads them back.
+``best_weights.npz``), each with a few lines of text beside it (:func:`describe_weights`), and
+the report reads them back.
 """
 
 from __future__ import annotations
@@ -51,6 +52,35 @@ def save_weights(path: Path, params: Params, spec: MLPSpec) -> None:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         raise OSError(error.errno, error.strerror or str(error), str(path)) from None
+
+
+def describe_weights(params: Params, spec: MLPSpec, name: str = "weights.npz") -> str:
+    """The text that goes beside a weights file ``name``: the network, its arrays' shapes and
+    dtype, and how to load them (with this project, or with numpy alone)."""
+    sizes = " -> ".join(str(size) for size in spec.sizes)
+    dtype = params[0]["W"].dtype if params else "float32"
+    rows = []
+    for i, layer in enumerate(params):
+        rows.append(f"  W{i}  {tuple(layer['W'].shape)!s:<14}layer {i + 1}: inputs x outputs")
+        rows.append(f"  b{i}  {tuple(layer['b'].shape)!s:<14}layer {i + 1}: biases")
+    return "\n".join(
+        [
+            f"{name}: the network's parameters as numpy arrays ({dtype}); nothing is pickled.",
+            "",
+            f"network: {sizes} ({spec.activation} hidden layers, {spec.output} output, "
+            f"{spec.loss} loss, l2 {spec.l2})",
+            "arrays:",
+            *rows,
+            "  spec  the network above as JSON text",
+            "",
+            "load it with this project:",
+            "  from research.experiment.tracking.weights import load_weights",
+            f'  spec, params = load_weights("{name}")  # params[i]["W"], params[i]["b"]',
+            "or with numpy alone:",
+            f'  arrays = numpy.load("{name}", allow_pickle=False)  # arrays["W0"], ...',
+            "",
+        ]
+    )
 
 
 def load_weights(path: Path) -> tuple[MLPSpec, Params]:

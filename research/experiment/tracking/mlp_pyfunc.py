@@ -1,0 +1,78 @@
+"""The MLflow model of a trained network, as code (MLflow's *models from code*): no pickle.
+
+MLflow copies this file into every logged model (``mlp_pyfunc.py`` beside ``MLmodel``) and runs
+it, as a top-level module of its own, when the model is loaded: the last lines hand it the model
+object (:func:`mlflow.models.set_model`). Imported as part of the package instead, it defines
+:func:`mlp_model` and imports nothing heavy (``import research`` stays light).
+
+The network is the model's ``weights`` artifact, the run's ``weights.npz``, read with numpy and
+never unpickled (:func:`research.experiment.tracking.weights.load_weights`), and predictions are
+the project's engine (:mod:`research.engine.mlp`): the model needs the ``research`` package
+importable where it is loaded or served (``--env-manager local`` from the project's environment).
+
+Inputs: a float32 batch (B, 784) of pixels scaled to [0, 1] (pixel / 255), whatever the run
+trained on: a run with ``raw_inputs`` (the origin's 0..255 pixels) has ``input_scale`` 255 in its
+model config and the model multiplies by it, in float32, which gives back the byte values the
+network trained on exactly. Outputs: ``class``, (B,) the engine's ``predict``, and
+``probabilities``, (B, 10) its ``forward`` in the weights' dtype (class probabilities for a
+softmax output; per-class sigmoid scores, which need not sum to 1, for the origin's sigmoid
+output). Logged by :mod:`.models`; see docs/models.md.
+"""
+
+# (no ``from __future__ import annotations``: MLflow reads predict's type hint as an object)
+from typing import Any
+
+
+def mlp_model() -> Any:
+    """A new MLflow ``PythonModel`` of this project's networks (its ``load_context`` reads the
+    ``weights`` artifact and the model config's ``input_scale``)."""
+    from pathlib import Path
+
+    import numpy as np
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc import PythonModel
+
+    from research.engine.mlp import forward, predict
+    from research.experiment.tracking.weights import load_weights
+
+    class MLPModel(PythonModel):
+        """One network of this project: its ``weights`` artifact, predicted with the engine."""
+
+        def load_context(self, context):
+            self.spec, self.params = load_weights(Path(context.artifacts["weights"]))
+            config = context.model_config or {}
+            self.input_scale = np.float32(config.get("input_scale", 1.0))
+
+        # np.ndarray: a type hint MLflow derives no signature from and checks nothing against
+        # (no hint is a UserWarning); the signature logged with the model is the contract.
+        def predict(self, context, model_input: np.ndarray, params=None):
+            """``{"class": (B,) int64, "probabilities": (B, 10)}`` for a (B, 784) batch of
+            pixels in [0, 1]: the class is the engine's ``predict`` (argmax of the logits:
+            saturated sigmoid outputs can tie where the logits do not), the probabilities its
+            ``forward``."""
+            x = np.asarray(model_input, dtype=np.float32)
+            n_inputs = self.spec.sizes[0]
+            if x.ndim != 2 or x.shape[1] != n_inputs:
+                raise MlflowException.invalid_parameter_value(
+                    f"inputs of shape {x.shape}: the model takes a batch (B, {n_inputs}) of "
+                    "pixels scaled to [0, 1], one image per row"
+                )
+            if x.size and not (np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
+                raise MlflowException.invalid_parameter_value(
+                    f"inputs range from {x.min():g} to {x.max():g}: the model takes pixels "
+                    "scaled to [0, 1] (pixel / 255), whatever scale the network trained on"
+                )
+            if self.input_scale != 1:
+                x = x * self.input_scale  # float32: k/255 * 255 gives back k exactly
+            return {
+                "class": predict(self.params, x, self.spec),
+                "probabilities": forward(self.params, x, self.spec),
+            }
+
+    return MLPModel()
+
+
+if not __package__:  # run by MLflow as the model's code (a module of its own, in no package)
+    from mlflow.models import set_model
+
+    set_model(mlp_model())

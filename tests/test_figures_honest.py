@@ -1,0 +1,386 @@
+"""Figures that do not mislead, checked on the data behind each figure: what sets each axis's range
+(the completed trials), where pruned trials go (apart from the values they cannot be compared
+with), one importance method named in the title, epochs counted from 1, points with intervals
+for the per-class accuracy, and n/a for a comparison row the store does not hold. Small
+hand-made and generated DataFrames; no training."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import study_results
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from matplotlib.container import BarContainer, ErrorbarContainer
+
+from analysis import curves, evaluation, history, hyperparams
+from analysis.render import Report, comparison_table, sections
+from analysis.store import SearchDimension, curves_frame
+from analysis.style import new_figure, value_range
+
+LOSSES = ("train/loss", "val/loss")
+LEARNING_RATE = SearchDimension("learning_rate", "float", log=True)
+PRUNED_LABEL = "(bottom edge; value not comparable)"
+
+
+def panels(figure) -> list:
+    return [ax for ax in figure.axes if ax.get_label() != "<colorbar>" and ax.get_visible()]
+
+
+def on_bottom_edge(ax, collection) -> bool:
+    """Whether ``collection`` is drawn along the bottom edge of ``ax`` (x in data, y in axes
+    coordinates, at 0) rather than on the value axis."""
+    offsets = collection.get_offsets()
+    return collection.get_offset_transform() is ax.get_xaxis_transform() and bool(
+        (offsets[:, 1] == 0).all()
+    )
+
+
+def on_value_axis(ax) -> list:
+    """The collections of points drawn on the value axis (legend-only entries left out)."""
+    return [
+        c
+        for c in ax.collections
+        if c.get_offset_transform() is ax.transData and len(c.get_offsets())
+    ]
+
+
+# --- loss curves: one scale for both panels, set by the completed trials --------------------------
+
+
+def curves_of(runs: list[tuple[str, list[float], list[float]]]) -> pd.DataFrame:
+    """One run per ``(state, train losses, val losses)``, epochs from 1 as the store gives."""
+    rows = []
+    for number, (state, train, val) in enumerate(runs):
+        for epoch, (t, v) in enumerate(zip(train, val), start=1):
+            rows.append((f"run{number}", number, state, epoch, t, v, 0.9 + 0.001 * number))
+    return pd.DataFrame(
+        rows, columns=["run_id", "trial", "state", "epoch", *LOSSES, "val/accuracy"]
+    )
+
+
+def test_both_loss_panels_share_one_scale_though_only_train_loss_spans_a_decade():
+    """The user's study: train loss from 0.5 down to 0.01 (log by itself), validation loss
+    between 0.06 and 0.09 (linear by itself), and a pruned trial at 40 flattening the rest."""
+    frame = curves_of(
+        [
+            ("COMPLETE", [0.5, 0.1, 0.03, 0.01], [0.09, 0.065, 0.07, 0.08]),  # val loss rises
+            ("COMPLETE", [0.6, 0.2, 0.08, 0.04], [0.09, 0.075, 0.07, 0.068]),
+            ("PRUNED", [40.0, 35.0], [38.0, 36.0]),
+        ]
+    )
+    figure = curves.loss_curves_figure(frame, best_run="run0")
+    train, val = panels(figure)
+    assert (train.get_title(), val.get_title()) == LOSSES
+    assert train.get_yscale() == val.get_yscale() == "log"
+    assert train.get_ylim() == val.get_ylim()
+    low, high = train.get_ylim()
+    assert low < 0.01 and 0.6 < high < 1.0  # the completed trials, not the pruned one at 40
+    # The pruned trial does not vanish without a word.
+    for ax in (train, val):
+        assert [text.get_text() for text in ax.texts] == ["1 trial partly off this range"]
+    # One panel alone would take the scale of its own completed values: not both the same.
+    _, ax = new_figure(4, 3)
+    curves.plot_loss_curves(frame, ax, "val/loss")
+    assert ax.get_yscale() == "linear" and ax.get_ylim()[1] < 0.1
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    complete=st.lists(
+        st.lists(st.floats(1e-3, 3.0), min_size=2, max_size=6), min_size=1, max_size=4
+    ),
+    outliers=st.lists(st.floats(10.0, 1e6), min_size=1, max_size=3),
+)
+def test_the_loss_range_is_the_completed_trials(complete, outliers):
+    runs = [("COMPLETE", losses, [v * 1.2 for v in losses[::-1]]) for losses in complete]
+    runs += [(state, [value], [value]) for state, value in zip(("PRUNED", "FAIL") * 2, outliers)]
+    frame = curves_of(runs)
+    figure = curves.loss_curves_figure(frame, best_run="run0")
+    train, val = panels(figure)
+    assert train.get_yscale() == val.get_yscale()
+    assert train.get_ylim() == val.get_ylim()
+    done = frame[frame["state"] == "COMPLETE"]
+    scale, low, high = curves.loss_axis(done)
+    assert train.get_yscale() == scale
+    assert train.get_ylim() == pytest.approx((low, high))
+    values = done[list(LOSSES)].to_numpy().ravel()
+    assert low <= values.min() and values.max() <= high
+    assert min(outliers) > high  # the pruned and failed trials run off the panel
+    n = len(outliers)
+    said = f"{n} trial{'s' if n > 1 else ''} partly off this range"
+    assert [text.get_text() for text in train.texts] == [said]
+    assert scale == ("log" if values.max() / values.min() > 10 else "linear")
+    # Epochs count from 1 in every line drawn, crosses included.
+    for ax in (train, val):
+        assert min(line.get_xdata()[0] for line in ax.get_lines()) == 1
+
+
+def test_epochs_count_from_1_from_the_store_to_the_figure():
+    histories = pd.DataFrame(
+        [("a", key, step, 1.0 / (step + 1)) for key in LOSSES for step in range(3)],
+        columns=["run_id", "key", "step", "value"],
+    )
+    trials = pd.DataFrame({"run_id": ["a"], "trial": [0], "state": ["COMPLETE"]})
+    frame = curves_frame(histories, trials)
+    assert frame["epoch"].tolist() == [1, 2, 3]  # MLflow's steps 0..2, as "epoch 1/3".."3/3"
+    figure = curves.loss_curves_figure(frame, best_run="a")
+    for ax in panels(figure):
+        (line,) = ax.get_lines()
+        assert list(line.get_xdata()) == [1, 2, 3]
+    with pytest.raises(ValueError, match="epochs count from 1"):
+        curves.plot_loss_curves(frame.assign(epoch=frame["epoch"] - 1), new_figure(4, 3)[1])
+
+
+# --- validation accuracy against a parameter, and the history: pruned trials apart --------------
+
+
+def trials_of(complete: list[float], pruned: list[float]) -> pd.DataFrame:
+    """Completed trials (8 epochs) with the accuracies ``complete``, pruned ones (after 1 or 2
+    epochs) with ``pruned``, and one failed trial; learning rates from 0.01 up."""
+    states = ["COMPLETE"] * len(complete) + ["PRUNED"] * len(pruned) + ["FAIL"]
+    n = len(states)
+    return pd.DataFrame(
+        {
+            "run_id": [f"run{i}" for i in range(n)],
+            "trial": range(n),
+            "state": states,
+            "learning_rate": [0.01 * 1.3**i for i in range(n)],
+            "val/accuracy": [*complete, *pruned, np.nan],
+            "epochs_run": [8] * len(complete) + [1 + i % 2 for i in range(len(pruned))] + [1],
+        }
+    )
+
+
+accuracies = st.floats(0.5, 1.0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    complete=st.lists(st.floats(0.95, 0.99), min_size=1, max_size=8),
+    pruned=st.lists(accuracies, min_size=1, max_size=6),
+)
+def test_pruned_trials_are_marked_apart_and_leave_the_range_to_the_completed(complete, pruned):
+    trials = trials_of(complete, pruned)
+    is_pruned = trials["state"] == "PRUNED"
+    expected = value_range(complete)
+
+    _, ax = new_figure(4, 3)
+    hyperparams.plot_metric_vs_param(trials, ax, LEARNING_RATE, best_run="run0")
+    _, history_ax = new_figure(6, 4)
+    history.plot_optimization_history(trials, history_ax)
+    for axes, x in ((ax, trials["learning_rate"]), (history_ax, trials["trial"])):
+        assert axes.get_ylim() == pytest.approx(expected)
+        # On the value axis: the completed trials' values and nothing else.
+        drawn = np.concatenate([c.get_offsets()[:, 1] for c in on_value_axis(axes)])
+        assert set(drawn) <= set(complete)
+        assert sorted(on_value_axis(axes)[0].get_offsets()[:, 1]) == sorted(complete)
+        # The pruned trials along the bottom edge, at their parameter (or number), labelled
+        # with how long they ran.
+        (apart,) = [
+            c for c in axes.collections if on_bottom_edge(axes, c) and PRUNED_LABEL in c.get_label()
+        ]
+        assert sorted(apart.get_offsets()[:, 0]) == pytest.approx(sorted(x[is_pruned]))
+        label = apart.get_label()
+        assert label.startswith("pruned after 1 epoch" if len(pruned) == 1 else "pruned after 1–2")
+        labels = axes.get_legend_handles_labels()[1]
+        assert "complete (8 epochs)" in labels
+
+
+def test_the_users_study_keeps_its_cluster_readable():
+    """A pruned trial at 85% after 2 epochs no longer sets the range of a 97.5-98.2% cluster."""
+    trials = trials_of([0.975, 0.978, 0.980, 0.982], [0.85, 0.97])
+    figure = hyperparams.metric_vs_params_figure(trials, [LEARNING_RATE], "val/accuracy", "run3")
+    (ax,) = panels(figure)
+    low, high = ax.get_ylim()
+    assert 0.97 < low < 0.975 and 0.982 < high < 0.985
+    figure = history.optimization_history_figure(trials, "val/accuracy", "maximize")
+    low, high = figure.axes[0].get_ylim()
+    assert 0.97 < low < 0.975 and 0.982 < high < 0.985
+
+
+def test_a_study_of_pruned_trials_only_still_draws_them_apart():
+    trials = trials_of([], [0.6, 0.7])
+    _, ax = new_figure(4, 3)
+    hyperparams.plot_metric_vs_param(trials, ax, LEARNING_RATE)
+    assert on_value_axis(ax) == []
+    assert any(on_bottom_edge(ax, c) for c in ax.collections)
+    _, ax = new_figure(6, 4)
+    history.plot_optimization_history(trials, ax)
+    assert on_value_axis(ax) == [] and not ax.get_lines()  # no best so far
+
+
+# --- importances: one method, named --------------------------------------------------------------
+
+
+def test_the_importances_name_their_one_method():
+    frame = pd.DataFrame({"param": ["batch_size", "learning_rate"], "importance": [0.39, 0.11]})
+    figure = history.importances_figure(frame)
+    (ax,) = figure.axes
+    assert ax.get_title() == "parameter importances (fANOVA, seed 0)"
+    assert "fANOVA, seed 0" in ax.get_xlabel()
+    caveat = history.importances_caveat(20)  # the caption says why Optuna's default differs
+    assert "PED-ANOVA" in caveat and "about 2 of the 20 here" in caveat
+
+
+def test_the_report_and_the_study_figures_compute_importances_by_that_method(tmp_path):
+    """``_importances`` (the report's and log_study_figures' one source) gives Optuna's fANOVA
+    with the named seed, not Optuna's default evaluator."""
+    import optuna
+
+    from analysis.report import _importances
+    from research.experiment.storage import open_storage
+
+    journal = tmp_path / "optuna.journal"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name="s", storage=open_storage(str(journal)), direction="maximize"
+    )
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        trial = study.ask()
+        lr = trial.suggest_float("learning_rate", 1e-3, 1.0, log=True)
+        batch = trial.suggest_categorical("batch_size", [64, 128, 256])
+        study.tell(trial, 0.9 + 0.05 * math.log10(lr) / 3 + 1e-4 * batch + rng.normal(0, 0.003))
+    trials = pd.DataFrame({"run_id": ["a", "b"], "trial": [0, 1], "state": ["COMPLETE"] * 2})
+    frame, note = _importances(study_results(trials, "s"), str(journal))
+    assert note == ""
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=history.IMPORTANCES_SEED)
+    expected = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    assert dict(zip(frame["param"], frame["importance"])) == pytest.approx(expected)
+
+
+# --- per-class accuracy: points with their Wilson intervals --------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_per_class_accuracy_is_points_with_their_intervals(data):
+    n = data.draw(st.lists(st.integers(1, 2_000), min_size=10, max_size=10))
+    correct = [data.draw(st.integers(0, k)) for k in n]
+    rows = []
+    for label, (k, c) in enumerate(zip(n, correct)):
+        low, high = evaluation.wilson_interval(c, k)
+        rows.append((label, str(label), k, c, c / k, low, high))
+    frame = pd.DataFrame(
+        rows, columns=["label", "class", "n", "correct", "accuracy", "ci_low", "ci_high"]
+    )
+    overall = sum(correct) / sum(n)
+    _, ax = new_figure(7, 3.8)
+    evaluation.plot_per_class_accuracy(frame, ax, overall, (overall - 0.01, overall + 0.01))
+    # No bars, whose length a cut-off axis would distort: one errorbar of points.
+    (container,) = ax.containers
+    assert isinstance(container, ErrorbarContainer)
+    points, _caps, (whiskers,) = container.lines
+    assert list(points.get_ydata()) == pytest.approx(frame["accuracy"].tolist())
+    segments = whiskers.get_segments()
+    assert [segment[0][1] for segment in segments] == pytest.approx(frame["ci_low"].tolist())
+    assert [segment[1][1] for segment in segments] == pytest.approx(frame["ci_high"].tolist())
+    low, high = ax.get_ylim()
+    assert low <= frame["ci_low"].min() and frame["ci_high"].max() <= high
+    assert low >= 0
+
+
+def test_the_users_per_class_figure_no_longer_starts_at_95_percent():
+    """Classes at 97.56% and 99.38% of about 1,000 rows: on bars from 95% one looks half as good
+    as the other; as points, the axis spans their intervals and nothing is a bar's length."""
+    counts = [(980, 974), (1135, 1128), (1032, 1015), (1010, 996), (982, 958)]
+    counts += [(892, 880), (958, 945), (1028, 1012), (974, 951), (1009, 990)]
+    rows = []
+    for label, (k, c) in enumerate(counts):
+        rows.append((label, str(label), c / k, *evaluation.wilson_interval(c, k)))
+    frame = pd.DataFrame(rows, columns=["label", "class", "accuracy", "ci_low", "ci_high"])
+    _, ax = new_figure(7, 3.8)
+    evaluation.plot_per_class_accuracy(frame, ax, 0.9835)
+    assert not ax.patches and not [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert ax.get_ylabel() == "test accuracy (axis not from 0)"
+
+
+# --- the comparison: a row not in the store is n/a throughout ------------------------------------
+
+
+def test_a_comparison_row_not_in_the_store_is_na_throughout():
+    frame = pd.DataFrame(
+        [
+            {"configuration": "origin preset", "source": "not in this store; run it"},
+            {"configuration": "origin network, tuned", "source": "not in this store; run it"},
+            {
+                "configuration": "tuned best (s)",
+                "source": "study s, trial 1",
+                "val/accuracy": 0.9817,
+                "test_accuracy": 0.9835,
+                "epochs": 8,
+                "wall_seconds": 8.3,
+                "n_params": 670_990,
+            },
+        ]
+    )
+    table = comparison_table(frame)
+    numbers = ["val/accuracy", "test_accuracy", "epochs", "wall (s)", "parameters"]
+    for row in (0, 1):
+        assert table.loc[row, numbers].tolist() == ["n/a"] * 5
+    assert table.loc[2, numbers].tolist() == ["98.17%", "98.35%", "8", "8.3", "670,990"]
+
+
+def test_the_comparison_of_an_empty_store_holds_no_made_up_numbers(tmp_path):
+    """No origin train run and no origin_baseline study: their rows are the configuration and
+    how to get it; nothing else, not the preset's 23,860 parameters or 200 epochs."""
+    from test_study import sqlite_uri
+
+    from analysis.comparison import COLUMNS, comparison
+    from research.experiment.tracking.runs import StudyTracker
+
+    uri = sqlite_uri(tmp_path)
+    StudyTracker.open("s", uri)
+    trials = pd.DataFrame(
+        {
+            "run_id": ["a"],
+            "trial": [0],
+            "state": ["COMPLETE"],
+            "val/accuracy": [0.98],
+            "epochs_run": [3],
+            "wall_seconds": [4.0],
+            "n_params": [50_890],
+        }
+    )
+    report = Report(study_results(trials, "s"), uri, "2026-12-01 10:00")
+    frame = comparison(report, uri, lambda _: None)
+    assert list(frame.columns) == list(COLUMNS)
+    origin, tuned_origin, best = (row for _, row in frame.iterrows())
+    for row in (origin, tuned_origin):
+        assert row["source"].startswith("not in this store")
+        assert row[list(COLUMNS[2:])].isna().all(), row
+    assert best["n_params"] == 50_890 and best["epochs"] == 3
+    report.comparison = frame
+    (section,) = [s for s in sections(report) if s["title"].startswith("The origin's")]
+    (table,) = section["tables"]
+    assert (table.iloc[:2].drop(columns=["configuration", "source"]) == "n/a").all().all()
+    assert "23,860" not in table.to_string()
+
+
+def test_the_report_names_the_method_and_how_a_divergence_counts_its_epochs(tmp_path):
+    import json
+
+    from analysis.render import write_json
+
+    trials = pd.DataFrame(
+        {
+            "run_id": ["a", "b"],
+            "trial": [0, 1],
+            "state": ["COMPLETE", "FAIL"],
+            "val/accuracy": [0.98, np.nan],
+            "epochs_run": [3, 1],
+            "wall_seconds": [4.0, 0.5],
+            "error": ["", "training diverged at epoch 0, step 12: the batch loss is inf"],
+        }
+    )
+    report = Report(study_results(trials, "s"), "sqlite:///x/mlflow.db", "2026-12-01 10:00")
+    report.importances = pd.DataFrame({"param": ["learning_rate"], "importance": [1.0]})
+    write_json(report, tmp_path / "report.json")
+    summary = json.loads((tmp_path / "report.json").read_text())
+    assert summary["importances_method"] == "fANOVA, seed 0"
+    overview = sections(report)[0]["paragraphs"]
+    assert any("count from 0 (epoch 0 is the first epoch" in text for text in overview)
