@@ -94,13 +94,6 @@ def sections(report: Report) -> list[dict[str, Any]]:
     tables = []
     if len(failed):
         tables.append(pd.DataFrame({"trial": failed["trial"], "why it failed": failed["error"]}))
-        if failed["error"].astype(str).str.contains("diverged at epoch").any():
-            # research/experiment/train.py's DivergenceError counts from 0, unlike the rest.
-            overview.append(
-                "Failed trials below, with the reason their run logged: a divergence's epoch "
-                "and step there count from 0 (epoch 0 is the first epoch, shown as epoch 1 in "
-                "the figures)."
-            )
     out.append({"title": "Overview", "paragraphs": overview, "tables": tables, "figures": []})
 
     if best is not None:

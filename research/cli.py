@@ -71,7 +71,7 @@ def _load_data(args: argparse.Namespace, config: TrainConfig):
 
 def _epoch_row(metrics: EpochMetrics) -> str:
     return (
-        f"{metrics.epoch:>5}  {metrics.train_loss:>10.4f}  {metrics.val_loss:>10.4f}  "
+        f"{metrics.epoch + 1:>5}  {metrics.train_loss:>10.4f}  {metrics.val_loss:>10.4f}  "
         f"{100 * metrics.val_accuracy:>11.2f}%  {metrics.seconds:>7.2f}s"
     )
 
@@ -177,7 +177,8 @@ def _run_train(args: argparse.Namespace) -> int:
     best = max(result.history, key=lambda m: m.val_accuracy)
     print(
         f"done in {wall:.1f} s: val/accuracy {100 * last.val_accuracy:.2f}% after "
-        f"{len(result.history)} epochs (best {100 * best.val_accuracy:.2f}% at epoch {best.epoch})"
+        f"{len(result.history)} epochs (best {100 * best.val_accuracy:.2f}% at epoch "
+        f"{best.epoch + 1})"
     )
     summary = {"wall_seconds": wall, "n_params": float(spec.n_params)}
     if args.evaluate_test:
@@ -312,7 +313,7 @@ def _run_rerun(args: argparse.Namespace) -> int:
             f"{'-' if old is None else repr(old):>18}  {new!r:>18}{'' if same else ' *'}"
             for old, new, same in cells
         ]
-        print(f"{epoch:>5}  " + "  ".join(shown))
+        print(f"{epoch + 1:>5}  " + "  ".join(shown))
     if result.logged_epochs != len(result.history):
         print(
             f"the run logged {result.logged_epochs} epochs, the rerun trained {len(result.history)}"

@@ -98,13 +98,13 @@ def test_train_divergence_exits_1_and_marks_run_failed(store, capsys):
     )
     err = capsys.readouterr().err
     assert code == 1, err
-    assert "diverged at epoch 0, step" in err
+    assert "diverged at epoch 1, step" in err
     client = MlflowClient(tracking_uri=store)
     (run,) = client.search_runs([client.get_experiment_by_name("train").experiment_id])
     assert run.info.status == "FAILED"
     # the one divergence tag, as a study's trials have it
     assert run.data.tags["research.state"] == "FAIL"
-    assert run.data.tags["research.error"].startswith("training diverged at epoch 0, step ")
+    assert run.data.tags["research.error"].startswith("training diverged at epoch 1, step ")
     assert run.data.tags["research.diverged_epoch"] == "0"
 
 

@@ -266,7 +266,7 @@ def test_failed_single_and_running_trials(tmp_path):
     for path in reports.glob("*.png"):
         assert_png(path)
     markdown = (reports / "report.md").read_text()
-    diverged = r"\| 0 \| training diverged at epoch 0, step \d+: the batch loss is inf"
+    diverged = r"\| 0 \| training diverged at epoch 1, step \d+: the batch loss is inf"
     assert re.search(diverged, markdown)
     assert "1 FAIL" in markdown
 

@@ -241,7 +241,7 @@ def test_a_diverging_row_is_reported_and_the_others_still_run(tmp_path, capsys):
     code = main(["reproduce", str(write(tmp_path, text)), "--quiet", "--tracking-uri", store])
     printed = capsys.readouterr().out
     assert code == 1
-    assert "| small relu |" in printed and "diverged: training diverged at epoch 0" in printed
+    assert "| small relu |" in printed and "diverged: training diverged at epoch 1" in printed
     client = MlflowClient(tracking_uri=store)
     experiment = client.get_experiment_by_name("tiny_paper")
     statuses = {

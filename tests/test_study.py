@@ -534,10 +534,10 @@ def test_pruned_and_failed_trials_are_recorded_and_the_study_goes_on(tmp_path):
         failed.user_attrs["error"],
     )
     assert diverged, failed.user_attrs["error"]
-    epochs_done = int(diverged[1])  # 0 here: within the first of 8 steps per epoch
-    # where it diverged, as numbers too (Optuna user attrs, MLflow tags below)
+    epochs_done = int(diverged[1]) - 1  # 0 here: within the first of 8 steps per epoch
+    # where it diverged, as numbers too (Optuna user attrs, MLflow tags below: from 0)
     assert failed.user_attrs["diverged_epoch"] == epochs_done
-    assert failed.user_attrs["diverged_step"] == int(diverged[2])
+    assert failed.user_attrs["diverged_step"] == int(diverged[2]) - 1
     assert sorted(failed.intermediate_values) == list(range(epochs_done))
     assert trials[6].intermediate_values == trials[0].intermediate_values
 
@@ -564,7 +564,7 @@ def test_pruned_and_failed_trials_are_recorded_and_the_study_goes_on(tmp_path):
     run = runs[5]  # FAIL: the divergence named, the epochs before it, no artifacts
     assert run.data.tags["research.error"] == failed.user_attrs["error"]
     assert run.data.tags["research.diverged_epoch"] == str(epochs_done)
-    assert run.data.tags["research.diverged_step"] == diverged[2]
+    assert run.data.tags["research.diverged_step"] == str(int(diverged[2]) - 1)  # (from 0)
     assert run.data.tags["mlflow.note.content"] == f"FAIL: {failed.user_attrs['error']}"
     for key in EPOCH_METRICS:
         steps = [step for step, _ in history(uri, run.info.run_id, key)]

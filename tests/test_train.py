@@ -101,7 +101,8 @@ def test_divergence_names_epoch_and_step():
     with pytest.raises(DivergenceError) as error:
         train(config, x[:500] * 100, labels[:500], x[500:], labels[500:])
     assert error.value.epoch == 0 and error.value.step >= 0
-    assert f"epoch {error.value.epoch}, step {error.value.step}" in str(error.value)
+    # counted from 0 as numbers, from 1 in the message (as the commands print epochs)
+    assert f"epoch {error.value.epoch + 1}, step {error.value.step + 1}" in str(error.value)
 
 
 def test_config_validation_names_the_field():

@@ -151,12 +151,15 @@ def interruption(error: BaseException) -> str:
 
 
 class DivergenceError(RuntimeError):
-    """Training produced a non-finite loss or parameter (epoch and step count from 0)."""
+    """Training produced a non-finite loss or parameter. ``epoch`` and ``step`` count from 0
+    (the epochs finished before it, as MLflow's steps); the message counts from 1, as the
+    commands print epochs ("epoch 1/8")."""
 
     def __init__(self, epoch: int, step: int, what: str):
         self.epoch, self.step, self.what = epoch, step, what
         super().__init__(
-            f"training diverged at epoch {epoch}, step {step}: {what}; try a smaller learning_rate"
+            f"training diverged at epoch {epoch + 1}, step {step + 1}: {what}; try a smaller "
+            "learning_rate"
         )
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from research.data import N_TRAIN, N_VALIDATION
+from research.experiment.tracking.inputs import dataset_inputs, duplicate_key
 from research.experiment.tracking.stores import (
     TrackingError,
     get_or_create_experiment,
@@ -179,8 +180,17 @@ class TrainingRun:
     def log_data(self, dataset: str, splits: dict[str, tuple[str, int]]) -> None:
         """Logs the run's data as MLflow dataset inputs (the UI's Dataset column), one per
         ``context: (rows, number of rows)``, e.g. ``"training": ("train[0:50000]", 50000)``."""
-        with store_writes(self.tracking_uri):
-            self.client.log_inputs(self.run_id, datasets=dataset_inputs(dataset, splits))
+        inputs = dataset_inputs(dataset, splits)
+        # MLflow creates an experiment's dataset record check-then-insert: workers logging the
+        # same data at once would race on its unique key. The store's lock orders them; a
+        # server (no lock here) that lost the race has the record now, so a second try links it.
+        with store_writes(self.tracking_uri), store_lock(self.tracking_uri):
+            try:
+                self.client.log_inputs(self.run_id, datasets=inputs)
+            except Exception as error:
+                if not duplicate_key(error):
+                    raise
+                self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_epoch(self, metrics: EpochMetrics) -> None:
         """One epoch's metrics, at its step (the epoch, from 0)."""
@@ -275,35 +285,6 @@ class TrainingRun:
             f"python -m research ui --tracking-uri {self.tracking_uri}  "
             f"(experiment id {self.experiment_id}, run id {self.run_id})"
         )
-
-
-def dataset_inputs(dataset: str, splits: dict[str, tuple[str, int]]) -> list[Any]:
-    """MLflow dataset inputs, one per ``context: (rows, number of rows)`` (rows of the official
-    sets, as ``train[0:50000]``). Each is named after the dataset, with a digest of its files'
-    digests and the rows: the same rows of the same data have the same digest."""
-    import hashlib
-    import json
-
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
-
-    from research.data import dataset_info
-
-    info = dataset_info(dataset)
-    files = "".join(f"{name}:{digest}" for name, digest in sorted(info.digests.items()))
-    inputs = []
-    for context, (rows, n_rows) in splits.items():
-        digest = hashlib.sha256(f"{files}/{rows}".encode()).hexdigest()[:16]
-        profile = {"split": rows, "num_rows": n_rows, "inputs": "28x28 uint8 pixels"}
-        dataset = Dataset(
-            name=info.name,
-            digest=digest,
-            source_type="http",
-            source=json.dumps({"url": info.url}),
-            profile=json.dumps(profile),
-        )
-        inputs.append(DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
-    return inputs
 
 
 def start_training_run(
