@@ -326,6 +326,24 @@ def _importances(results: StudyResults, storage: str) -> tuple[pd.DataFrame | No
     return frame, ""
 
 
+def evaluation_summary(result: Any, info: Any, source: str) -> dict[str, Any]:
+    """What the report keeps of a test evaluation (``evaluation.evaluate_outputs``'s result) on
+    dataset ``info``: counts, accuracy with its interval, the confusion matrix, per class, and
+    where it stands against the dataset's published baselines."""
+    return {
+        "dataset": info.name,
+        "source": source,
+        "n": result.n,
+        "correct": result.correct,
+        "accuracy": result.accuracy,
+        "ci_low": result.ci_low,
+        "ci_high": result.ci_high,
+        "confusion_matrix": result.confusion.tolist(),
+        "per_class": result.per_class.to_dict(orient="records"),
+        "baselines": baselines.against_baselines(result.correct, result.n, info.baselines),
+    }
+
+
 def _evaluate_best(
     report: Report, best: pd.Series, mnist_dir: str | None, data_dir: str | None, say: Callable
 ) -> dict[str, tuple[Any, str]]:
@@ -390,17 +408,8 @@ def _evaluate_best(
     result = evaluation.evaluate_outputs(outputs, labels, info.class_names)
     logged = results.parent_metrics.get("test_accuracy") if refitted else None
     report.test = {
-        "dataset": info.name,
-        "source": source,
-        "n": result.n,
-        "correct": result.correct,
-        "accuracy": result.accuracy,
-        "ci_low": result.ci_low,
-        "ci_high": result.ci_high,
+        **evaluation_summary(result, info, source),
         "logged_test_accuracy": logged,
-        "confusion_matrix": result.confusion.tolist(),
-        "per_class": result.per_class.to_dict(orient="records"),
-        "baselines": baselines.against_baselines(result.correct, result.n, info.baselines),
         "spec": {
             "sizes": list(spec.sizes),
             "activation": spec.activation,

@@ -17,7 +17,7 @@ from analysis import baselines, evaluation
 from analysis.baselines import against_baselines, baselines_table, place
 from analysis.comparison import logged_config, logged_dataset
 from analysis.render import Report, sections, write_markdown
-from analysis.report import ReportError, best_dataset
+from analysis.report import ReportError, best_dataset, evaluation_summary
 from analysis.store import StudyResults, trials_frame
 from analysis.style import new_figure
 from research.data import DATASETS
@@ -224,17 +224,8 @@ def fashion_report(tmp_path) -> tuple[Report, str]:
     outputs, labels = fashion_outputs(10_000)
     result = evaluation.evaluate_outputs(outputs, labels, FASHION.class_names)
     report = Report(results_of("fashion_mnist"), "sqlite:///x/mlflow.db", "2026-12-01 10:00")
-    report.test = {
-        "dataset": "fashion_mnist",
-        "source": "the best configuration retrained on train+validation (the study's final fit)",
-        "n": result.n,
-        "correct": result.correct,
-        "accuracy": result.accuracy,
-        "ci_low": result.ci_low,
-        "ci_high": result.ci_high,
-        "per_class": result.per_class.to_dict(orient="records"),
-        "baselines": against_baselines(result.correct, result.n, FASHION.baselines),
-    }
+    source = "the best configuration retrained on train+validation (the study's final fit)"
+    report.test = evaluation_summary(result, FASHION, source)
     report.figures = {"confusion_matrix.png": "Fashion-MNIST test confusion matrix."}
     write_markdown(report, tmp_path / "report.md")
     return report, (tmp_path / "report.md").read_text()
@@ -269,16 +260,7 @@ def test_an_mnist_report_keeps_its_digits_and_its_baseline(tmp_path):
     outputs[np.arange(10_000), labels] += 0.3  # about 98%
     result = evaluation.evaluate_outputs(outputs, labels, MNIST.class_names)
     report = Report(results_of(None), "sqlite:///x/mlflow.db", "2026-12-01 10:00")
-    report.test = {
-        "source": "trial 0's weights",
-        "n": result.n,
-        "correct": result.correct,
-        "accuracy": result.accuracy,
-        "ci_low": result.ci_low,
-        "ci_high": result.ci_high,
-        "per_class": result.per_class.to_dict(orient="records"),
-        "baselines": against_baselines(result.correct, result.n, MNIST.baselines),
-    }
+    report.test = evaluation_summary(result, MNIST, "trial 0's weights")
     by_title = {section["title"]: section for section in sections(report)}
     assert by_title["Overview"]["paragraphs"][0] == "Dataset: MNIST."
     (per_class,) = by_title["Best model on the test split"]["tables"]
