@@ -110,3 +110,25 @@ def test_evaluation_uses_no_dropout():
     result = training.train(config, x, labels, x[:50], labels[:50])
     loss, accuracy = training.evaluate(result.params, x[:50], labels[:50], config.spec())
     assert (loss, accuracy) == (result.history[-1].val_loss, result.history[-1].val_accuracy)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_units_at_max_norm_counts_the_units_the_projection_holds(dtype):
+    """After a projection, exactly the hidden units whose incoming weights were longer than the
+    radius sit on it; the output layer's columns never count."""
+    from research.engine.optim import max_norm, units_at_max_norm
+
+    rng = np.random.default_rng(0)
+    scale = np.array([0.5, 1.0, 3.0, 4.0], dtype=dtype)  # column norms before: 0.5 ... 4
+    columns = rng.standard_normal((20, 4))
+    W0 = (columns / np.linalg.norm(columns, axis=0) * scale).astype(dtype)
+    params = [
+        {"W": W0, "b": np.zeros(4, dtype)},
+        {"W": np.full((4, 3), 100.0, dtype), "b": np.zeros(3, dtype)},  # the output layer
+    ]
+    assert units_at_max_norm(params, 0.0) == 0.0  # off
+    assert units_at_max_norm(params, 10.0) == 0.0  # nothing reaches it
+    projected = max_norm(params, 2.0)
+    assert units_at_max_norm(projected, 2.0) == 0.5  # the norms 3 and 4, now 2
+    assert units_at_max_norm(projected, 1.0) == 0.75  # 1, 2 and 2 reach 1
+    assert units_at_max_norm(max_norm(params, 0.1), 0.1) == 1.0

@@ -135,6 +135,26 @@ def test_budget_stops_training_after_an_epoch_and_still_tests(tmp_path, mnist):
     assert not within.stopped_by_budget and within.epochs == 2
 
 
+def test_a_max_norm_row_says_whether_the_constraint_bound(tmp_path, mnist):
+    """Per epoch, the fraction of hidden units at the radius: all of them at a tiny radius, none
+    at a huge one, and the line printed under the row says so."""
+    from dataclasses import replace
+
+    from research.experiment.reproduce import max_norm_line
+
+    row = load_paper(write(tmp_path, TINY)).rows[1]
+    tight = replace(row, config=replace(row.config, max_norm=0.01))
+    held = train_row(tight, _splits(mnist, 500), budget_seconds=3600.0)
+    assert held.units_at_max_norm == [1.0, 1.0]
+    assert max_norm_line(held).startswith("max-norm 0.01: 100.0% of hidden units at the radius")
+    loose = replace(row, config=replace(row.config, max_norm=1e6))
+    free = train_row(loose, _splits(mnist, 500), budget_seconds=3600.0)
+    assert free.units_at_max_norm == [0.0, 0.0]
+    assert max_norm_line(free) == "max-norm 1e+06 never bound: no hidden unit reached it"
+    plain = train_row(load_paper(write(tmp_path, TINY)).rows[0], _splits(mnist, 500), 3600.0)
+    assert plain.units_at_max_norm == []
+
+
 def test_a_row_trains_as_train_does(tmp_path, mnist):
     """The row's weights are the ones `train` gives for its fields: nothing is added."""
     from research.experiment.train import evaluate, train
@@ -218,10 +238,14 @@ def test_reproduce_quick_logs_one_run_per_row_under_a_parent(tmp_path, capsys):
     by_name = {r.info.run_name: r for r in rows}
     for entry in summary["rows"]:
         run = by_name[entry["name"]]
+        assert entry["run_id"] == run.info.run_id
         assert run.data.metrics["test_error"] == pytest.approx(entry["error"])
         assert run.data.params["epochs"] == "2" and run.data.params["n_train_rows"] == "2000"
         assert entry["errors"] == round(entry["error"] * 100)
         assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 2
+        held = client.get_metric_history(run.info.run_id, "units_at_max_norm")
+        assert len(held) == (2 if entry["fields"]["max_norm"] else 0)
+        assert (entry["units_at_max_norm"] is None) == (not held)
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert artifacts == {"loss_curves.png", "weights.npz", "weights.txt"}
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {

@@ -278,6 +278,22 @@ def max_norm(params: Params, radius: float) -> Params:
     return projected
 
 
+def units_at_max_norm(params: Params, radius: float, rtol: float = 1e-5) -> float:
+    """The fraction of hidden units whose incoming weight vector (a column of a hidden layer's
+    W, shape (n_in,)) lies on the max-norm ball's surface, its norm within ``rtol`` of
+    ``radius``: the units the constraint holds back. Read right after an update (and its
+    projection), it says whether max-norm binds at all; 0.0 when ``radius`` is 0 (off)."""
+    if radius == 0:
+        return 0.0
+    at_radius = total = 0
+    for layer in params[:-1]:
+        W = np.asarray(layer["W"], dtype=np.float64)
+        norms = np.sqrt(np.einsum("ij,ij->j", W, W))
+        at_radius += int(np.count_nonzero(norms >= radius * (1 - rtol)))
+        total += norms.size
+    return at_radius / total if total else 0.0
+
+
 def max_norm_in_place(params: Params, radius: float, scratch: list[np.ndarray]) -> None:
     """:func:`max_norm`, overwriting ``params``; ``scratch`` holds one (n_out,) array per hidden
     layer, in the parameters' dtype."""

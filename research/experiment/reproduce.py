@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from research.engine.optim import units_at_max_norm
 from research.experiment.config_text import check_keys, load_toml, table_of
 from research.experiment.fields import (
     FIELDS,
@@ -123,6 +124,8 @@ class RowResult:
     stopped_by_budget: bool = False
     run_id: str = ""
     history: list[EpochMetrics] = field(default_factory=list)
+    # With max-norm: per epoch, the fraction of hidden units held at the radius (at its end).
+    units_at_max_norm: list[float] = field(default_factory=list)
 
     @property
     def error(self) -> float:
@@ -256,6 +259,18 @@ def results_table(paper: Paper, results: Sequence[RowResult], quick: bool = Fals
     return "\n".join(lines) + "\n"
 
 
+def max_norm_line(result: RowResult) -> str:
+    """Whether a max-norm row's constraint bound: the hidden units at the radius."""
+    held = result.units_at_max_norm
+    most = max(held)
+    if most == 0:
+        return f"max-norm {result.row.config.max_norm:g} never bound: no hidden unit reached it"
+    return (
+        f"max-norm {result.row.config.max_norm:g}: {100 * held[-1]:.1f}% of hidden units at the "
+        f"radius after the last epoch (most {100 * most:.1f}%, epoch {held.index(most) + 1})"
+    )
+
+
 def results_json(paper: Paper, results: Sequence[RowResult], quick: bool) -> dict[str, Any]:
     """The table as data (``reproduce.json``)."""
     rows = []
@@ -276,6 +291,8 @@ def results_json(paper: Paper, results: Sequence[RowResult], quick: bool) -> dic
                 "stopped_by_budget": result.stopped_by_budget,
                 "seconds": result.seconds,
                 "diverged": result.diverged or None,
+                "units_at_max_norm": (result.units_at_max_norm or [None])[-1],
+                "units_at_max_norm_most": max(result.units_at_max_norm, default=None),
                 "run_id": result.run_id,
                 "fields": result.row.config.as_params(),
             }
@@ -375,7 +392,7 @@ def train_row(
     """Trains one row, then evaluates it once on the test split. Logs epochs to ``run`` (a
     TrainingRun) if given. A divergence is recorded in the result, not raised."""
     config = row.config
-    result = RowResult(row, epochs_planned=config.epochs)
+    result = RowResult(row, epochs_planned=config.epochs, run_id=run.run_id if run is not None else "")
     latest: dict[str, Any] = {}
     started = time.perf_counter()
 
@@ -385,6 +402,12 @@ def train_row(
         result.epochs = metrics.epoch + 1
         if run is not None:
             run.log_epoch(metrics)
+        if config.max_norm:
+            # Whether the constraint binds at all is the point of a max-norm row: say it.
+            held = units_at_max_norm(params, config.max_norm)
+            result.units_at_max_norm.append(held)
+            if run is not None:
+                run.log_metrics({"units_at_max_norm": held}, step=metrics.epoch)
         if on_epoch is not None:
             on_epoch(metrics)
         elapsed = time.perf_counter() - started
@@ -496,6 +519,8 @@ def run_paper(
                     f"    test error {result.error:.2f}% (95% CI {low:.2f}–{high:.2f}), paper "
                     f"{row.paper_error:.2f}%: {result.epochs} epochs, {_minutes(result.seconds)}"
                 )
+            if result.units_at_max_norm:
+                say(f"    {max_norm_line(result)}")
     except KeyboardInterrupt:
         if parent is not None:
             parent.end("FAIL", "KILLED", "interrupted")
