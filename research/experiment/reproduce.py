@@ -392,7 +392,9 @@ def train_row(
     """Trains one row, then evaluates it once on the test split. Logs epochs to ``run`` (a
     TrainingRun) if given. A divergence is recorded in the result, not raised."""
     config = row.config
-    result = RowResult(row, epochs_planned=config.epochs, run_id=run.run_id if run is not None else "")
+    result = RowResult(
+        row, epochs_planned=config.epochs, run_id=run.run_id if run is not None else ""
+    )
     latest: dict[str, Any] = {}
     started = time.perf_counter()
 
