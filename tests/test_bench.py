@@ -114,7 +114,7 @@ def test_w3_is_timed_with_its_plain_step_and_differs_from_it_only_in_regularizat
         ["w1-epoch"], ["w1-eval"], ["w2-b256"], ["w2-b1024"], ["w3-b256", "w3-plain"],
     ]  # fmt: skip
     assert w3.spec.sizes == (784, 1024, 1024, 1024, 10) and w3.baseline == "w3-plain"
-    assert (w3.input_dropout, w3.dropout, w3.max_norm) == (0.2, 0.5, 3.5)
+    assert (w3.input_dropout, w3.dropout, w3.max_norm) == (0.2, 0.5, 1.5)
     assert (w3.optimizer, w3.beta, w3.batch_size) == ("momentum", 0.95, 256)
     assert (plain.input_dropout, plain.dropout, plain.max_norm, plain.baseline) == (0, 0, 0, "")
     same = ("spec", "init", "batch_size", "learning_rate", "steps", "quick_steps", "optimizer")

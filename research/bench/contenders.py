@@ -76,7 +76,9 @@ LARGE_SPEC = MLPSpec((784, 1024, 1024, 10), "relu", "softmax", "cross_entropy")
 DEEP_SPEC = MLPSpec((784, 1024, 1024, 1024, 10), "relu", "softmax", "cross_entropy")
 # The dropout paper's MNIST recipe (Srivastava et al., 2014): what w3 trains.
 W3_SETTINGS = {"optimizer": "momentum", "beta": 0.95}
-W3_REGULARIZATION = {"input_dropout": 0.2, "dropout": 0.5, "max_norm": 3.5}
+# Radius 1.5 (reproduce row 4's) binds in each of the 40 timed steps, so the projection's
+# scaling pass is timed too; at 3.5 no unit reached it and only the norms were.
+W3_REGULARIZATION = {"input_dropout": 0.2, "dropout": 0.5, "max_norm": 1.5}
 WORKLOADS = (
     Workload(
         "w1-epoch",
@@ -102,7 +104,7 @@ WORKLOADS = (
     Workload(
         "w3-b256",
         "[784,1024,1024,1024,10] relu/softmax cross-entropy, input dropout 0.2, hidden dropout "
-        "0.5, max-norm 3.5, Nesterov momentum 0.95, lr 0.01, batch 256 (time per step)",
+        "0.5, max-norm 1.5, Nesterov momentum 0.95, lr 0.01, batch 256 (time per step)",
         DEEP_SPEC, "he", 256, 0.01, 40, 4, "step", ("engine-f32", "jax-f32", "torch-f32"),
         **W3_SETTINGS, **W3_REGULARIZATION, baseline="w3-plain",
     ),
