@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 
 from research.cli import main
 from research.experiment.fields import ConfigError
+from research.experiment.paper_file import load_paper
 from research.experiment.reproduce import (
     RowResult,
     Splits,
-    load_paper,
     results_table,
     train_row,
 )

@@ -1,8 +1,8 @@
 """Reproducing a published table: ``python -m research reproduce experiments/<paper>.toml``.
 
-A paper file (TOML) names a paper and the rows of one of its tables. Each row is a published
-result, its test error, and the training fields that reproduce it (``[rows.fixed]`` over a
-preset). The command:
+A paper file (TOML, read by :mod:`research.experiment.paper_file`) names a paper and the rows
+of one of its tables: each a published test error and the training fields that reproduce it.
+The command:
 
 - trains each row on all 60,000 training images (the train and validation splits together, as
   the paper's final models were; ``--holdout`` trains on the 50,000 and logs validation curves
@@ -33,81 +33,16 @@ from typing import Any
 import numpy as np
 
 from research.engine.optim import units_at_max_norm
-from research.experiment.config_text import check_keys, load_toml, table_of
 from research.experiment.fields import (
-    FIELDS,
-    PRESETS,
     ConfigError,
-    Field,
     TrainConfig,
-    configure,
-    preset_name,
     show,
 )
 from research.experiment.figures import save_rows_figure
+from research.experiment.paper_file import Paper, Row, load_paper, select_rows
 from research.experiment.stats import wilson_interval
-from research.experiment.study_config import NAME_ALLOWED, NAME_PATTERN
 from research.experiment.tracking.runs import TAG_PARENT, TAG_ROLE
 from research.experiment.train import DivergenceError, EpochMetrics, evaluate, train
-
-#: The ``[paper]`` table, declared like the training fields.
-PAPER_FIELDS: dict[str, Field] = {
-    f.name: f
-    for f in (
-        Field(
-            "name", str, None, "the MLflow experiment", pattern=NAME_PATTERN,
-            allowed_text=NAME_ALLOWED,
-        ),
-        Field("title", str, None, "the paper and the table, as cited"),
-        Field("budget_minutes", float, 30.0, "wall time per row", gt=0, le=7 * 24 * 60),
-        Field("tolerance", float, 0.15, "points above the paper's error a row may land", ge=0),
-        Field("preset", str, "default", "the preset rows start from", choices=tuple(PRESETS)),
-    )
-}  # fmt: skip
-ROW_FIELDS: dict[str, Field] = {
-    f.name: f
-    for f in (
-        Field("name", str, None, "the row as the paper names it", pattern=r".{1,100}",
-              allowed_text="a string of 1 to 100 characters"),
-        Field("paper_error", float, None, "the paper's test error, in percent", gt=0, lt=100),
-        Field("note", str, "", "where the settings come from"),
-    )
-}  # fmt: skip
-QUICK_FIELDS: dict[str, Field] = {
-    f.name: f
-    for f in (
-        Field("epochs", int, 2, "epochs per row with --quick", ge=1, le=1000),
-        Field("subset", int, 2000, "training rows per row with --quick", ge=1, le=60_000),
-    )
-}
-
-
-@dataclass(frozen=True)
-class Row:
-    """One row of the table: the published error and the fields that reproduce it."""
-
-    name: str
-    paper_error: float  # percent
-    config: TrainConfig
-    note: str = ""
-
-
-@dataclass(frozen=True)
-class Paper:
-    """A paper file, validated."""
-
-    path: Path
-    name: str
-    title: str
-    budget_minutes: float
-    tolerance: float
-    rows: tuple[Row, ...]
-    quick_epochs: int
-    quick_subset: int
-
-    def target(self, row: Row) -> float:
-        """The error (percent) a row must reach: the paper's plus the tolerance."""
-        return round(row.paper_error + self.tolerance, 6)
 
 
 @dataclass
@@ -139,75 +74,6 @@ class RowResult:
             return math.nan, math.nan
         low, high = wilson_interval(self.errors, self.n_test)
         return 100 * low, 100 * high
-
-
-# --- the paper file ----------------------------------------------------------------------------
-
-
-def load_paper(path: str | Path) -> Paper:
-    """Reads and validates a paper file; ConfigError names the file, the key and what is
-    allowed."""
-    return load_toml(Path(path), "paper file", _parse)
-
-
-def _settings(table: dict[str, Any], prefix: str, fields: dict[str, Field]) -> dict[str, Any]:
-    check_keys(table, prefix, tuple(fields), [n for n, f in fields.items() if f.default is None])
-    values = {name: f.default for name, f in fields.items()} | table
-    return {name: fields[name].check(values[name], f"{prefix}{name}") for name in fields}
-
-
-def _parse(path: Path, raw: dict[str, Any]) -> Paper:
-    check_keys(raw, "", ("paper", "quick", "rows"), required=("paper", "rows"))
-    paper = _settings(table_of(raw["paper"], "paper", "a [paper] table"), "paper.", PAPER_FIELDS)
-    quick = _settings(
-        table_of(raw.get("quick", {}), "quick", "a [quick] table"), "quick.", QUICK_FIELDS
-    )
-    tables = raw["rows"]
-    if not isinstance(tables, list) or not tables:
-        raise ConfigError("rows", "not a list of [[rows]] tables", allowed="one [[rows]] per row")
-    base = PRESETS[preset_name(paper["preset"])]
-    rows = []
-    for i, table in enumerate(tables):
-        prefix = f"rows[{i}]."
-        table = table_of(table, f"rows[{i}]", "a [[rows]] table")
-        fixed = table_of(table.pop("fixed", {}), f"{prefix}fixed", "a table of training fields")
-        settings = _settings(table, prefix, ROW_FIELDS)
-        check_keys(fixed, f"{prefix}fixed.", tuple(FIELDS))
-        values = {name: FIELDS[name].check(v, f"{prefix}fixed.{name}") for name, v in fixed.items()}
-        try:
-            config = configure(base, **values)
-        except ConfigError as error:
-            raise error.but(key=f"{prefix}fixed.{error.key}") from None
-        except ValueError as error:  # a combination, e.g. cross-entropy without softmax
-            raise ConfigError(f"{prefix}fixed", str(error)) from None
-        rows.append(Row(settings["name"], settings["paper_error"], config, settings["note"]))
-    names = [row.name for row in rows]
-    for name in names:
-        if names.count(name) > 1:
-            raise ConfigError("rows", f"two rows are named {show(name)}", allowed="unique names")
-    return Paper(
-        path=path,
-        name=paper["name"],
-        title=paper["title"],
-        budget_minutes=paper["budget_minutes"],
-        tolerance=paper["tolerance"],
-        rows=tuple(rows),
-        quick_epochs=quick["epochs"],
-        quick_subset=quick["subset"],
-    )
-
-
-def select_rows(paper: Paper, numbers: Sequence[int] | None) -> list[int]:
-    """Row indexes (from 0) for row numbers counted from 1 (all rows for None); ConfigError for
-    a number the file does not have."""
-    if not numbers:
-        return list(range(len(paper.rows)))
-    for number in numbers:
-        if not 1 <= number <= len(paper.rows):
-            raise ConfigError(
-                "--rows", "no such row", value=number, allowed=f"1 to {len(paper.rows)}"
-            )
-    return sorted({number - 1 for number in numbers})
 
 
 def describe(config: TrainConfig) -> str:
