@@ -47,7 +47,7 @@ def refit_trial(results: StudyResults) -> str | None:
 def comparison(report: Report, uri: str, say: Callable[[str], None]) -> pd.DataFrame:
     """The origin's configuration beside the tuned best: accuracy, epochs, wall time, size."""
     from research.data import N_TRAIN
-    from research.experiment.fields import PRESET_ALIASES, PRESETS
+    from research.experiment.config.fields import PRESET_ALIASES, PRESETS
 
     results = report.results
     dataset = results.dataset
@@ -140,7 +140,7 @@ def logged_dataset(run: pd.Series) -> str:
 def logged_config(run: pd.Series) -> Any:
     """The TrainConfig a run's ``params.<field>`` columns give, or None if they give none. The
     dataset is left at its default: :func:`logged_dataset` checks it on its own."""
-    from research.experiment.fields import FIELDS, TrainConfig
+    from research.experiment.config.fields import FIELDS, TrainConfig
 
     params = {
         name: run[f"params.{name}"]

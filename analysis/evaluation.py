@@ -24,7 +24,7 @@ from analysis.style import (
     require_rows,
     value_range,
 )
-from research.experiment.stats import wilson_interval as wilson_interval
+from research.experiment.training.stats import wilson_interval as wilson_interval
 
 N_CLASSES = 10
 DIGITS = tuple(str(digit) for digit in range(N_CLASSES))

@@ -29,8 +29,8 @@ from analysis.render import Report, write_html, write_json, write_markdown
 from analysis.store import StudyResults, load_study_results
 from analysis.style import light_style, save_png
 from research.data.datasets import DATASETS, DatasetInfo, UnknownDataset, dataset_info
-from research.experiment.fields import show
-from research.experiment.storage import default_storage_url
+from research.experiment.config.fields import show
+from research.experiment.studies.storage import default_storage_url
 from research.experiment.tracking import results as tracking
 from research.experiment.tracking.stores import local_store_folder, redact, resolve_tracking_uri
 from research.experiment.tracking.weights import WeightsError, load_weights
@@ -286,7 +286,7 @@ def _importances(results: StudyResults, storage: str) -> tuple[pd.DataFrame | No
 
     import optuna
 
-    from research.experiment.storage import StudyError, open_storage
+    from research.experiment.studies.storage import StudyError, open_storage
 
     complete = results.trials[results.trials["state"] == "COMPLETE"]
     if len(complete) < 2:

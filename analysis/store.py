@@ -3,7 +3,7 @@
 Everything MLflow-specific goes through tracking's readers
 (:mod:`research.experiment.tracking.results`); this module only reshapes what they return, so every
 figure can be drawn (and tested) from DataFrames alone. Logged params are read back through the
-field table (:mod:`research.experiment.fields`), the search space from the study's
+field table (:mod:`research.experiment.config.fields`), the search space from the study's
 ``search_space.json``.
 
 ``trials`` has one row per finished trial run: ``trial`` (the Optuna trial number), ``run_id``,
@@ -30,7 +30,7 @@ import pandas as pd
 
 from research.data import DEFAULT_DATASET
 from research.engine.mlp import count_params
-from research.experiment.fields import FIELDS, ConfigError
+from research.experiment.config.fields import FIELDS, ConfigError
 from research.experiment.tracking import results as tracking
 from research.experiment.tracking.runs import TAG_ERROR, TAG_STATE, TAG_TRIAL
 

@@ -1,14 +1,14 @@
 """The command line's arguments: ``python -m research`` and its commands' flags (the training
-fields' flags come from the field table, :mod:`research.experiment.flags`)."""
+fields' flags come from the field table, :mod:`research.experiment.config.flags`)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from research.experiment.fields import PRESETS, preset_name
-from research.experiment.flags import add_field_flags
-from research.experiment.reproduce import add_reproduce_arguments
+from research.experiment.config.fields import PRESETS, preset_name
+from research.experiment.config.flags import add_field_flags
+from research.experiment.reproduction.reproduce import add_reproduce_arguments
 
 
 def add_data_flags(parser: argparse.ArgumentParser) -> None:

@@ -14,15 +14,15 @@ import warnings
 from dataclasses import replace
 
 from research.arguments import build_parser
-from research.experiment.fields import (
+from research.experiment.config.fields import (
     PRESETS,
     ConfigError,
     DeprecatedName,
     TrainConfig,
     configure,
 )
-from research.experiment.reproduce import reproduce_command
-from research.experiment.train import (
+from research.experiment.reproduction.reproduce import reproduce_command
+from research.experiment.training.train import (
     DivergenceError,
     EpochMetrics,
     Terminated,
@@ -51,7 +51,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def _check_memory(config: TrainConfig, n_train_rows: int) -> None:
     """UserError if training ``config`` cannot fit in the memory available now."""
-    from research.experiment.resources import check_memory
+    from research.experiment.config.resources import check_memory
 
     try:
         check_memory(config, n_train_rows)
@@ -84,10 +84,10 @@ EPOCH_HEADER = (
 def _run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from research.experiment import train as training
     from research.experiment.tracking.models import log_model
     from research.experiment.tracking.runs import start_training_run
     from research.experiment.tracking.stores import TrackingError
+    from research.experiment.training import train as training
 
     config = _config_from_args(args)
     if config.optimizer != "momentum" and args.nesterov:
@@ -246,13 +246,13 @@ def _run_gradcheck(args: argparse.Namespace) -> int:
 def _run_study(args: argparse.Namespace) -> int:
     from analysis.report import ReportError, log_study_figures
     from research.data import DataError
-    from research.experiment.storage import StudyError, locked_database
-    from research.experiment.study import run_study
-    from research.experiment.study_config import (
+    from research.experiment.config.study_config import (
         StudyConfigError,
         load_study_config,
         with_overrides,
     )
+    from research.experiment.studies.storage import StudyError, locked_database
+    from research.experiment.studies.study import run_study
     from research.experiment.tracking.stores import TrackingError
 
     try:
@@ -300,7 +300,7 @@ def _run_ui(args: argparse.Namespace) -> int:
 
 def _run_rerun(args: argparse.Namespace) -> int:
     from research.data import DataError
-    from research.experiment.rerun import METRICS, RerunError, rerun
+    from research.experiment.reproduction.rerun import METRICS, RerunError, rerun
     from research.experiment.tracking.stores import TrackingError
 
     try:

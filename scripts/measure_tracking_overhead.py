@@ -22,11 +22,11 @@ choose_openblas_kernels()  # before numpy loads, as `python -m research` does
 
 import numpy as np  # noqa: E402
 
-import research.experiment.trials as trials_module  # noqa: E402
+import research.experiment.studies.trials as trials_module  # noqa: E402
 from research.data import load_mnist  # noqa: E402
-from research.experiment.study_config import load_study_config, with_overrides  # noqa: E402
+from research.experiment.config.study_config import load_study_config, with_overrides  # noqa: E402
+from research.experiment.studies.trials import TrialContext, load_study, run_next_trial  # noqa: E402
 from research.experiment.tracking.runs import StudyTracker  # noqa: E402
-from research.experiment.trials import TrialContext, load_study, run_next_trial  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = {"hidden_size": 256, "learning_rate": 0.1, "batch_size": 128, "l2": 0.0}

@@ -31,7 +31,7 @@ from research.data import load_mnist, pixel_values  # noqa: E402
 from research.engine.inplace import InPlaceTrainingStep  # noqa: E402
 from research.engine.mlp import init_params  # noqa: E402
 from research.engine.optim import sgd  # noqa: E402
-from research.experiment.train import train_epoch  # noqa: E402
+from research.experiment.training.train import train_epoch  # noqa: E402
 
 BATCH, STEPS, LEARNING_RATE = 256, 195, 0.01
 

@@ -285,7 +285,7 @@ def test_the_misclassified_grid_hides_spare_panels():
 def test_the_search_space_is_read_back_as_data():
     """The study logs its search space as data (SearchParam.as_dict, or the study file's own
     [search] tables for studies logged before); the report reads it in the study's order."""
-    from research.experiment.search_space import SearchParam
+    from research.experiment.config.search_space import SearchParam
 
     logged = [
         SearchParam("hidden_size", "int", low=64, high=1024, log=True).as_dict(),

@@ -122,7 +122,7 @@ def test_the_command_chooses_the_kernels_for_this_cpu():
 
 def test_importing_the_library_chooses_nothing():
     # numpy loads with OpenBLAS's own choice, and the environment is left as it was
-    found = probe("import research, research.engine.mlp, research.experiment.fields")
+    found = probe("import research, research.engine.mlp, research.experiment.config.fields")
     assert found["variable"] is None
     assert found["kernels"] == probe("import numpy")["kernels"]
 

@@ -245,7 +245,7 @@ def test_the_flags_are_the_field_table():
     import argparse
 
     from research.arguments import build_parser
-    from research.experiment.fields import FIELDS
+    from research.experiment.config.fields import FIELDS
 
     (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
 

@@ -21,7 +21,7 @@ from test_study import artifact_paths, mlflow_client, run_cli, sqlite_uri, study
 from research.data import DATASETS, DataError, dataset_info, load_dataset, load_named
 from research.data import idx as data
 from research.data.datasets import FASHION_MNIST_INFO, IDX_FILES, MNIST_INFO, identify
-from research.experiment.fields import FIELDS, ConfigError, TrainConfig
+from research.experiment.config.fields import FIELDS, ConfigError, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION_MLP = REPO / "experiments" / "fashion_mlp.toml"

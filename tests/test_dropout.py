@@ -12,9 +12,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-import research.experiment.train as training
+import research.experiment.training.train as training
 from research.engine.mlp import dropout_masks
-from research.experiment.fields import PRESETS
+from research.experiment.config.fields import PRESETS
 
 #: z of a two-sided 99.9% normal interval
 Z_999 = 3.2905

@@ -35,8 +35,8 @@ from test_study import (
     study_runs,
 )
 
-from research.experiment.trials import counted_trials
-from research.experiment.workers import ATTR_INTERRUPTED, ATTR_RETRY_OF
+from research.experiment.studies.liveness import ATTR_INTERRUPTED, ATTR_RETRY_OF
+from research.experiment.studies.trials import counted_trials
 
 TRACEBACK = "Traceback (most recent call last)"
 
@@ -93,7 +93,7 @@ def finished(study) -> dict[int, tuple]:
 def journal_study(path: Path, name: str = STUDY):
     import optuna
 
-    from research.experiment.storage import open_storage
+    from research.experiment.studies.storage import open_storage
 
     return optuna.load_study(study_name=name, storage=open_storage(str(path)))
 
@@ -128,7 +128,7 @@ def test_a_cut_short_last_record_is_dropped_before_the_next_append(tmp_path):
     last line; the next append must not glue its record to it."""
     import optuna
 
-    from research.experiment.storage import open_storage
+    from research.experiment.studies.storage import open_storage
 
     path = tmp_path / "optuna.journal"
     study = optuna.create_study(study_name="cut", storage=open_storage(str(path)))
@@ -148,7 +148,7 @@ def test_a_journal_damaged_by_an_older_version_is_one_line_saying_how_to_repair_
     """Before the fix, a full disk left a record cut short and the next one glued to it."""
     import optuna
 
-    from research.experiment.storage import open_storage
+    from research.experiment.studies.storage import open_storage
 
     journal = tmp_path / "mlruns" / "optuna.journal"
     journal.parent.mkdir()
@@ -171,7 +171,7 @@ def test_a_stopped_journal_writer_is_waited_for_not_overwritten(tmp_path):
 
     import optuna
 
-    from research.experiment.storage import open_storage
+    from research.experiment.studies.storage import open_storage
 
     path = tmp_path / "optuna.journal"
     study = optuna.create_study(study_name="wait", storage=open_storage(str(path)))
@@ -344,7 +344,7 @@ def test_a_database_study_sweeps_another_hosts_dead_trial_when_it_starts(tmp_pat
     queues it again, before starting anything."""
     import optuna
 
-    from research.experiment.storage import open_storage
+    from research.experiment.studies.storage import open_storage
 
     uri = sqlite_uri(tmp_path)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -401,7 +401,7 @@ def test_a_database_locked_by_a_stopped_writer_is_one_line(tmp_path, monkeypatch
 
     import optuna
 
-    from research.experiment import storage as storage_module
+    from research.experiment.studies import storage as storage_module
 
     database = tmp_path / "optuna.db"
     storage = f"sqlite:///{database}"
@@ -428,7 +428,7 @@ def test_a_worker_stopped_past_its_heartbeat_says_so_and_goes_on(tmp_path):
     crash ("Cannot tell a FAIL trial"): one line, its run closed, and on to the next trial."""
     import optuna
 
-    from research.experiment.storage import open_storage
+    from research.experiment.studies.storage import open_storage
 
     uri = sqlite_uri(tmp_path)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -550,9 +550,9 @@ def study_with_a_completed_trial(folder: Path, params: dict) -> list[str]:
     the command goes straight to the refit of those parameters."""
     import optuna
 
-    from research.experiment.storage import open_storage
-    from research.experiment.study_config import load_study_config
-    from research.experiment.trials import distribution
+    from research.experiment.config.study_config import load_study_config
+    from research.experiment.studies.storage import open_storage
+    from research.experiment.studies.trials import distribution
 
     config = load_study_config(MNIST_MLP)
     storage = open_storage(str(folder / "mlruns" / "optuna.journal"))
@@ -618,8 +618,8 @@ def test_ctrl_c_during_the_refit_closes_the_parent_run(tmp_path):
 def test_a_loss_that_explodes_but_stays_finite_is_divergence(mnist, learning_rate):
     """Learning rates of 100 to 1000 on softmax cross-entropy drive the loss to 1e9..1e15 with
     finite weights; every epoch used to complete at chance accuracy."""
-    from research.experiment.fields import TrainConfig
-    from research.experiment.train import DivergenceError, train
+    from research.experiment.config.fields import TrainConfig
+    from research.experiment.training.train import DivergenceError, train
 
     config = TrainConfig(
         learning_rate=learning_rate, output="softmax", loss="cross_entropy", epochs=2
@@ -632,8 +632,8 @@ def test_a_loss_that_explodes_but_stays_finite_is_divergence(mnist, learning_rat
 def test_a_run_that_learns_stays_under_the_explosion_limit(mnist):
     """Including one whose first steps spike to twenty times chance and recover (Adam at 0.1:
     batch losses 2.3, 20, 28, 44, 43, 31, 14, 4.9 in its first epoch of 8 batches)."""
-    from research.experiment.fields import TrainConfig
-    from research.experiment.train import loss_limit, train
+    from research.experiment.config.fields import TrainConfig
+    from research.experiment.training.train import loss_limit, train
 
     x, labels = mnist.train.x[:2000], mnist.train.labels[:2000]
     for config, accuracy in (
@@ -671,7 +671,7 @@ def test_the_optuna_internals_we_rely_on_are_still_there(tmp_path):
         check_distribution_compatibility,
     )
 
-    from research.experiment.storage import open_storage
+    from research.experiment.studies.storage import open_storage
 
     storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
     study = optuna.create_study(study_name="pins", storage=storage)
@@ -738,7 +738,7 @@ def test_a_new_journal_beside_an_existing_studys_runs_is_refused(tmp_path):
 def test_commands_started_together_name_one_parent_run_through_the_storage(tmp_path):
     """The parent run is chosen by whoever created the study (atomic), and named in the study:
     no clock is compared and no run deleted."""
-    from research.experiment.study import ATTR_PARENT_RUN
+    from research.experiment.studies.study import ATTR_PARENT_RUN
 
     uri = sqlite_uri(tmp_path)
     code, out, err = run_cli(study_argv(uri, n_trials=1, epochs=1, subset=300))
@@ -753,8 +753,8 @@ def test_a_trial_orphaned_before_its_worker_recorded_itself_is_recovered(tmp_pat
     is RUNNING with no worker: after a minute it is failed and retried like any other."""
     import optuna
 
-    import research.experiment.workers as workers
-    from research.experiment.storage import open_storage
+    import research.experiment.studies.liveness as workers
+    from research.experiment.studies.storage import open_storage
 
     journal = tmp_path / "mlruns" / "optuna.journal"
     journal.parent.mkdir()

@@ -232,7 +232,7 @@ def test_the_report_and_the_study_figures_compute_importances_by_that_method(tmp
     import optuna
 
     from analysis.report import _importances
-    from research.experiment.storage import open_storage
+    from research.experiment.studies.storage import open_storage
 
     journal = tmp_path / "optuna.journal"
     optuna.logging.set_verbosity(optuna.logging.WARNING)

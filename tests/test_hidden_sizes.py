@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from research.arguments import build_parser
 from research.cli import main
-from research.experiment.fields import (
+from research.experiment.config.fields import (
     FIELDS,
     MAX_HIDDEN_LAYERS,
     MAX_HIDDEN_SIZE,
@@ -28,8 +28,8 @@ from research.experiment.fields import (
     configure,
     preset,
 )
-from research.experiment.search_space import SearchParam
-from research.experiment.study_config import StudyConfigError, load_study_config
+from research.experiment.config.search_space import SearchParam
+from research.experiment.config.study_config import StudyConfigError, load_study_config
 
 FIELD = FIELDS["hidden_sizes"]
 ALLOWED = "a list of 1 to 32 integers, each from 1 to 65536"
@@ -338,7 +338,7 @@ def test_a_bad_study_is_one_line(tmp_path, fixed, search, start, also):
 
 
 def test_the_memory_check_takes_the_list_that_needs_the_most(tmp_path):
-    from research.experiment.resources import check_memory, check_study_memory, worst_case
+    from research.experiment.config.resources import check_memory, check_study_memory, worst_case
 
     wide = {"type": "categorical", "choices": [[64, 64, 64], [4096, 16], [512]]}
     config = load_study_config(study_file(tmp_path, {}, {"hidden_sizes": wide}))
@@ -356,7 +356,7 @@ def test_the_memory_check_takes_the_list_that_needs_the_most(tmp_path):
 def test_optuna_suggests_the_lists_as_text(tmp_path):
     import optuna
 
-    from research.experiment.trials import distribution, suggest
+    from research.experiment.studies.trials import distribution, suggest
 
     config = load_study_config(study_file(tmp_path, {}, SEARCHED))
     (param,) = config.search

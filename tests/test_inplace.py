@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from research.engine import mlp, optim
 from research.engine.blas import gemm_update
 from research.engine.inplace import InPlaceTrainingStep
-from research.experiment.fields import PRESETS
-from research.experiment.train import train
+from research.experiment.config.fields import PRESETS
+from research.experiment.training.train import train
 from research.verify.compare import tolerance
 
 SAME = tolerance("same_operations", np.float64)

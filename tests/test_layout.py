@@ -11,26 +11,33 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 # Each package of the library and its floor: a module may import from its own floor and the
-# floors below it, never from above.
+# floors below it, never from above. research/experiment/ has floors of its own (config, then
+# training, then tracking, then studies and reproduction side by side), numbered 2.x.
 FLOORS = {
     "research.engine": 0,
     "research.data": 0,
     "research.verify": 1,
-    "research.experiment": 2,
+    "research.experiment.config": 2.0,
+    "research.experiment.training": 2.1,
+    "research.experiment.tracking": 2.2,
+    "research.experiment.studies": 2.3,
+    "research.experiment.reproduction": 2.3,
     "analysis": 3,
     "research.bench": 4,
     "research.arguments": 4,
     "research.cli": 4,
     "research.__main__": 4,
 }
+# What each folder of research/experiment/ holds: a new module must find its floor.
+EXPERIMENT_FOLDERS = {"config", "training", "tracking", "studies", "reproduction"}
 # What analysis/ may read: results, the field table, the engine and the data; never the
 # training loop, the study runner or the command line.
 ANALYSIS_MAY_IMPORT = (
     "research.engine.",
     "research.data",
-    "research.experiment.fields",
-    "research.experiment.stats",
-    "research.experiment.storage",
+    "research.experiment.config.fields",
+    "research.experiment.training.stats",
+    "research.experiment.studies.storage",
     "research.experiment.tracking",
 )
 
@@ -66,11 +73,11 @@ def imports_of(path: Path) -> set[str]:
 GRAPH = {name: imports_of(path) for name, path in MODULES.items()}
 
 
-def floor(module: str) -> int | None:
+def floor(module: str) -> float | None:
     for package, level in FLOORS.items():
         if module == package or module.startswith(package + "."):
             return level
-    return None  # the `research` package itself: a docstring
+    return None  # the `research` and `research.experiment` packages themselves: docstrings
 
 
 def test_the_folders_show_the_floors():
@@ -80,8 +87,12 @@ def test_the_folders_show_the_floors():
         "__init__.py", "__main__.py", "cli.py", "arguments.py", "bench",
         "engine", "data", "verify", "experiment",
     }  # fmt: skip
+    experiment = REPO / "research" / "experiment"
+    inside = {path.name for path in experiment.iterdir() if not path.name.startswith((".", "_"))}
+    assert inside == EXPERIMENT_FOLDERS, "research/experiment/ holds only its floors' folders"
     for module in MODULES:
-        assert module in ("research", "analysis") or floor(module) is not None, module
+        top_level = ("research", "analysis", "research.experiment")
+        assert module in top_level or floor(module) is not None, module
 
 
 def test_no_import_runs_up_a_floor():
@@ -94,6 +105,16 @@ def test_no_import_runs_up_a_floor():
         and floor(imported) > floor(module)  # type: ignore[operator]
     ]
     assert upward == []
+    # floors side by side do not import each other: studies and reproduction are apart
+    apart = ("research.experiment.studies", "research.experiment.reproduction")
+    across = [
+        (module, imported)
+        for module, imported_modules in GRAPH.items()
+        for imported in imported_modules
+        for here, there in (apart, apart[::-1])
+        if module.startswith(here) and imported.startswith(there)
+    ]
+    assert across == []
     # the ground floors import nothing of the project outside themselves
     for module, imported_modules in GRAPH.items():
         if module.startswith("research.engine"):
@@ -156,10 +177,10 @@ def test_each_heavy_library_lives_in_the_rooms_that_use_it():
         "research.experiment.tracking.mlp_pyfunc",
     }
     assert third_party_imports("optuna") == {
-        "research.experiment.storage",
-        "research.experiment.trials",
-        "research.experiment.workers",
-        "research.experiment.study",
+        "research.experiment.studies.storage",
+        "research.experiment.studies.trials",
+        "research.experiment.studies.liveness",
+        "research.experiment.studies.study",
         "analysis.report",
     }
     assert third_party_imports("tensorflow_datasets") == {"research.data.idx"}
@@ -188,9 +209,10 @@ def test_importing_the_library_is_light_and_changes_nothing():
     # importing every module (the reference included) loads jax; nothing else heavy at import
     assert heavy & {name.split(".")[0] for name in modules} == {"jax"}
     modules, _ = imported_after(
-        "import research, research.engine.mlp, research.engine.optim, research.experiment.train, "
-        "research.data, research.experiment.tracking.runs, research.verify.gradcheck, "
-        "research.verify.origin, research.experiment.study_config, research.cli"
+        "import research, research.engine.mlp, research.engine.optim, research.data, "
+        "research.experiment.training.train, research.experiment.tracking.runs, "
+        "research.verify.gradcheck, research.verify.origin, "
+        "research.experiment.config.study_config, research.cli"
     )
     heavy.add("matplotlib")
     assert not heavy & {name.split(".")[0] for name in modules}

@@ -36,7 +36,7 @@ from test_study import (
 
 from research.data import load_mnist, to_inputs
 from research.engine.mlp import forward, predict
-from research.experiment.fields import TrainConfig
+from research.experiment.config.fields import TrainConfig
 from research.experiment.tracking.models import CHAMPION, MODEL_NAME, load_model, log_model
 from research.experiment.tracking.runs import start_training_run
 from research.experiment.tracking.stores import TrackingError

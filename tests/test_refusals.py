@@ -445,8 +445,8 @@ def test_the_harness_tries_many_distinct_bad_inputs():
 
 
 def test_memory_is_estimated_per_part_and_compared_with_what_is_available():
-    from research.experiment.fields import ConfigError, TrainConfig
-    from research.experiment.resources import (
+    from research.experiment.config.fields import ConfigError, TrainConfig
+    from research.experiment.config.resources import (
         DATA_BYTES,
         PROCESS_BYTES,
         available_memory,
@@ -485,8 +485,8 @@ def test_memory_is_estimated_per_part_and_compared_with_what_is_available():
 
 
 def test_workers_are_bounded_by_the_cores():
-    from research.experiment.fields import ConfigError
-    from research.experiment.resources import WORKERS_PER_CORE, check_workers, usable_cores
+    from research.experiment.config.fields import ConfigError
+    from research.experiment.config.resources import WORKERS_PER_CORE, check_workers, usable_cores
 
     for workers in (1, usable_cores(), WORKERS_PER_CORE * usable_cores()):
         check_workers(workers)
@@ -499,9 +499,9 @@ def test_workers_are_bounded_by_the_cores():
 
 
 def test_a_study_is_checked_at_its_largest_trial(tmp_path):
-    from research.experiment.fields import ConfigError
-    from research.experiment.resources import check_study_memory, worst_case
-    from research.experiment.study_config import load_study_config
+    from research.experiment.config.fields import ConfigError
+    from research.experiment.config.resources import check_study_memory, worst_case
+    from research.experiment.config.study_config import load_study_config
 
     config = load_study_config(MNIST_MLP)
     worst = worst_case(config)

@@ -40,10 +40,10 @@ from test_study import (
 )
 
 from research.cli import main
+from research.experiment.studies.liveness import ATTR_INTERRUPTED, ATTR_RETRY_OF
+from research.experiment.studies.trials import counted_trials
 from research.experiment.tracking.stores import sqlalchemy_url
 from research.experiment.tracking.weights import WeightsError, load_weights, save_weights
-from research.experiment.trials import counted_trials
-from research.experiment.workers import ATTR_INTERRUPTED, ATTR_RETRY_OF
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}

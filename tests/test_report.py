@@ -181,7 +181,7 @@ def test_the_comparison_takes_the_origin_from_a_train_run_of_the_exact_preset(
     from dataclasses import replace
 
     from research.data import N_TRAIN
-    from research.experiment.fields import PRESETS
+    from research.experiment.config.fields import PRESETS
     from research.experiment.tracking.runs import start_training_run
 
     uri = tiny_report[1]
@@ -345,7 +345,7 @@ def test_a_study_logged_before_the_search_space_was_reads_it_from_its_study_file
     """Older parent runs have the study file but no study/search_space.json: the report reads the
     file's [search] tables, normalized as the study normalized them (int choices of a float
     field become floats), and keeps a table the field table no longer knows as it is."""
-    from research.experiment.study_config import load_study_config
+    from research.experiment.config.study_config import load_study_config
     from research.experiment.tracking.results import _as_searched, find_study, search_space
     from research.experiment.tracking.runs import StudyTracker
 

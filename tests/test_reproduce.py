@@ -14,15 +14,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from research.cli import main
-from research.experiment.fields import ConfigError
-from research.experiment.paper_file import load_paper
-from research.experiment.reproduce import (
+from research.experiment.config.fields import ConfigError
+from research.experiment.config.paper_file import load_paper
+from research.experiment.reproduction.reproduce import (
     RowResult,
     Splits,
     results_table,
     train_row,
 )
-from research.experiment.stats import wilson_interval
+from research.experiment.training.stats import wilson_interval
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "experiments" / "dropout_paper.toml"
@@ -140,7 +140,7 @@ def test_a_max_norm_row_says_whether_the_constraint_bound(tmp_path, mnist):
     at a huge one, and the line printed under the row says so."""
     from dataclasses import replace
 
-    from research.experiment.reproduce import max_norm_line
+    from research.experiment.reproduction.reproduce import max_norm_line
 
     row = load_paper(write(tmp_path, TINY)).rows[1]
     tight = replace(row, config=replace(row.config, max_norm=0.01))
@@ -157,7 +157,7 @@ def test_a_max_norm_row_says_whether_the_constraint_bound(tmp_path, mnist):
 
 def test_a_row_trains_as_train_does(tmp_path, mnist):
     """The row's weights are the ones `train` gives for its fields: nothing is added."""
-    from research.experiment.train import evaluate, train
+    from research.experiment.training.train import evaluate, train
 
     paper = load_paper(write(tmp_path, TINY))
     row = paper.rows[1]
@@ -279,7 +279,7 @@ def test_a_diverging_row_is_reported_and_the_others_still_run(tmp_path, capsys):
 
 
 def test_holdout_keeps_validation_apart(mnist):
-    from research.experiment.reproduce import splits
+    from research.experiment.reproduction.reproduce import splits
 
     full = splits(mnist, holdout=False, subset=None)
     held = splits(mnist, holdout=True, subset=None)

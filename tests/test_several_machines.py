@@ -15,8 +15,8 @@ At the end the study holds the requested number of counted trials, one parent ru
 MLflow run per trial under it, and artifacts the server serves back.
 
 The heartbeat is shortened through ``RESEARCH_HEARTBEAT_INTERVAL`` / ``RESEARCH_HEARTBEAT_GRACE``
-(read by research/experiment/storage.py); the pause lasts as long as the grace period the library
-actually uses, so without those knobs the test still works, in about a minute more.
+(read by research/experiment/studies/storage.py); the pause lasts as long as the grace period
+the library actually uses, so without those knobs the test still works, in about a minute more.
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ from test_study import (
     wait_for_http,
 )
 
+from research.experiment.studies.liveness import ATTR_INTERRUPTED, ATTR_RETRY_OF
+from research.experiment.studies.trials import counted_trials
 from research.experiment.tracking.stores import sqlalchemy_url
-from research.experiment.trials import counted_trials
-from research.experiment.workers import ATTR_INTERRUPTED, ATTR_RETRY_OF
 
 N_TRIALS = 8
 EPOCHS = 3
@@ -186,7 +186,7 @@ class Machine:
 def effective_heartbeat(storage_url: str, monkeypatch) -> tuple[int, int]:
     """(interval, grace) of the storage the commands will open with our environment: asked of
     the library itself, on a throwaway database (the study's must start empty)."""
-    from research.experiment.storage import open_storage
+    from research.experiment.studies.storage import open_storage
 
     for name, value in HEARTBEAT.items():
         monkeypatch.setenv(name, value)

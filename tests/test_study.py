@@ -30,8 +30,8 @@ from helpers import copy_run
 
 from research.cli import main
 from research.engine.blas_kernels import loaded_kernels
-from research.experiment.fields import FIELDS, TrainConfig
-from research.experiment.study_config import load_study_config
+from research.experiment.config.fields import FIELDS, TrainConfig
+from research.experiment.config.study_config import load_study_config
 from research.experiment.tracking.weights import load_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -913,8 +913,8 @@ def test_a_trial_left_running_by_a_dead_worker_is_failed_and_queued_again(tmp_pa
     import optuna
     from optuna.trial import TrialState
 
+    from research.experiment.studies.liveness import ATTR_INTERRUPTED, ATTR_RETRY_OF, ATTR_WORKER
     from research.experiment.tracking.runs import StudyTracker
-    from research.experiment.workers import ATTR_INTERRUPTED, ATTR_RETRY_OF, ATTR_WORKER
 
     uri = sqlite_uri(tmp_path)
     code, _, err = run_cli([*tiny_study_argv(uri, 1), "--no-final"])
@@ -966,8 +966,8 @@ def test_ctrl_c_records_the_trial_as_interrupted_and_resuming_runs_it_again(tmp_
     then completes the study with the requested number of counted trials."""
     from optuna.trial import TrialState
 
-    import research.experiment.trials as trials_module
-    from research.experiment.workers import ATTR_INTERRUPTED, ATTR_RETRY_OF
+    import research.experiment.studies.trials as trials_module
+    from research.experiment.studies.liveness import ATTR_INTERRUPTED, ATTR_RETRY_OF
 
     real_train = trials_module.train
 

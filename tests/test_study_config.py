@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 
 from research.engine.mlp import ACTIVATIONS, INIT_SCHEMES, LOSSES, OUTPUTS
 from research.engine.optim import OPTIMIZERS
-from research.experiment.fields import FIELDS, PRESETS, DeprecatedName, TrainConfig
-from research.experiment.search_space import KINDS, SEARCHABLE, SearchParam
-from research.experiment.study_config import (
+from research.experiment.config.fields import FIELDS, PRESETS, DeprecatedName, TrainConfig
+from research.experiment.config.search_space import KINDS, SEARCHABLE, SearchParam
+from research.experiment.config.study_config import (
     MAX_COMBINATIONS,
     StudyConfig,
     StudyConfigError,
@@ -134,7 +134,7 @@ def test_the_shipped_files_comment_every_setting(path):
 
 
 def test_the_format_example_in_the_module_docstring_loads(tmp_path):
-    import research.experiment.study_config as module
+    import research.experiment.config.study_config as module
 
     example = module.__doc__.split("::\n\n", 1)[1].split("\n\nEvery key", 1)[0]
     config = load_study_config(write(tmp_path, textwrap.dedent(example)))
@@ -159,7 +159,9 @@ def test_the_study_rules_are_the_field_table():
 
 
 def test_the_module_imports_neither_optuna_nor_mlflow():
-    probe = "import sys, research.experiment.study_config; print(' '.join(sorted(sys.modules)))"
+    probe = (
+        "import sys, research.experiment.config.study_config; print(' '.join(sorted(sys.modules)))"
+    )
     result = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
     )

@@ -7,8 +7,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from research.experiment.fields import PRESETS, TrainConfig, preset
-from research.experiment.train import DivergenceError, evaluate, train
+from research.experiment.config.fields import PRESETS, TrainConfig, preset
+from research.experiment.training.train import DivergenceError, evaluate, train
 
 
 def small_data(n=600, seed=0):

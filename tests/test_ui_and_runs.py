@@ -39,8 +39,9 @@ from test_study import (
     study_runs,
 )
 
-from research.experiment.fields import TrainConfig
-from research.experiment.study_config import load_study_config
+from research.experiment.config.fields import TrainConfig
+from research.experiment.config.study_config import load_study_config
+from research.experiment.studies.trials import ATTR_MLFLOW_EXPERIMENT, ATTR_MLFLOW_RUN
 from research.experiment.tracking.runs import start_training_run
 from research.experiment.tracking.ui import (
     VIEW_KEY,
@@ -52,8 +53,7 @@ from research.experiment.tracking.ui import (
     runs_link,
 )
 from research.experiment.tracking.weights import load_weights
-from research.experiment.train import DivergenceError, EpochMetrics
-from research.experiment.trials import ATTR_MLFLOW_EXPERIMENT, ATTR_MLFLOW_RUN
+from research.experiment.training.train import DivergenceError, EpochMetrics
 
 NOTE = "mlflow.note.content"
 LINK = re.compile(r"^  (runs|charts): +(http://\S+)$")

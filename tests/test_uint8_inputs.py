@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 from research.data import Split, pixel_values, to_inputs
 from research.engine import inplace, mlp, optim
 from research.engine.inplace import InPlaceTrainingStep, byte_conversion
-from research.experiment.fields import PRESETS
-from research.experiment.train import evaluate, train
+from research.experiment.config.fields import PRESETS
+from research.experiment.training.train import evaluate, train
 
 DTYPES = (np.float32, np.float64)
 ROWS = 3_000  # training rows for the train() comparisons; 1,000 validation rows

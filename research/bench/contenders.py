@@ -220,7 +220,7 @@ class _Engine(_Contender):
         from research.engine.inplace import InPlaceTrainingStep
         from research.engine.mlp import dropout_masks
         from research.engine.optim import momentum, sgd
-        from research.experiment.train import evaluate, train_epoch
+        from research.experiment.training.train import evaluate, train_epoch
 
         spec, dtype = workload.spec, self.dtype
         images = self.data.images
@@ -289,7 +289,7 @@ class _Engine(_Contender):
         from research.data import pixel_values
         from research.engine.inplace import InPlaceTrainingStep
         from research.engine.optim import sgd
-        from research.experiment.train import train_epoch
+        from research.experiment.training.train import train_epoch
 
         images = self.data.images
         targets = self.data.targets.astype(self.dtype)

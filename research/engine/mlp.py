@@ -25,7 +25,7 @@ import numpy as np
 Params = list[dict[str, np.ndarray]]
 
 # The names each choice allows, declared once: the spec's annotations, its checks and the field
-# table of training runs (research.experiment.fields) all read them from here.
+# table of training runs (research.experiment.config.fields) all read them from here.
 Activation = Literal["sigmoid", "tanh", "relu"]
 Output = Literal["sigmoid", "softmax", "identity"]
 Loss = Literal["mse", "cross_entropy", "bce"]

@@ -1,6 +1,12 @@
-"""Experiments: the field table (:mod:`.fields`), the training loop (:mod:`.train`, which knows
-nothing of Optuna or MLflow), tracking (:mod:`.tracking`, the only code that talks to MLflow),
-a run's loss curves (:mod:`.figures`), study files (:mod:`.study_config`, with what a study
-may search in :mod:`.search_space`), what a run needs from the machine (:mod:`.resources`:
-memory, worker processes), Optuna studies (:mod:`.storage`, :mod:`.trials`,
-:mod:`.workers`, :mod:`.study`) and reruns (:mod:`.rerun`)."""
+"""Experiments, in floors (each imports only from the ones before it):
+
+- :mod:`.config`: the field table (:mod:`.config.fields`), its flags and TOML text, study files
+  and their search space, paper files, and what a run needs of the machine (memory, workers);
+- :mod:`.training`: the training loop (:mod:`.training.train`, which knows nothing of Optuna or
+  MLflow), a run's loss curves and the Wilson interval;
+- :mod:`.tracking`: the only code that talks to MLflow: stores, the run lifecycle, models,
+  reading results back, the UI;
+- :mod:`.studies`: Optuna studies: orchestration, trials, worker processes, liveness (stale
+  trials, heartbeats), the storage, and Optuna's private contracts fenced in one module;
+- :mod:`.reproduction`: ``rerun`` (one logged run again) and ``reproduce`` (a paper's table).
+"""

@@ -39,7 +39,7 @@ from research.experiment.tracking.stores import (
 
 if TYPE_CHECKING:
     from research.engine.mlp import MLPSpec, Params
-    from research.experiment.fields import TrainConfig
+    from research.experiment.config.fields import TrainConfig
     from research.experiment.tracking.runs import TrainingRun
 
 #: The name of the LoggedModel on its run.

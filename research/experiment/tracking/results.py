@@ -255,8 +255,8 @@ def search_space(record: StudyRecord, tracking_uri: str | None = None) -> list[d
 def _as_searched(name: str, table: dict[str, Any]) -> dict[str, Any]:
     """A ``[search.<name>]`` table as SearchParam.as_dict() gives it; as it is, if the field
     table no longer accepts it (a field since removed, say)."""
-    from research.experiment.fields import ConfigError
-    from research.experiment.search_space import SearchParam
+    from research.experiment.config.fields import ConfigError
+    from research.experiment.config.search_space import SearchParam
 
     try:
         options = {key: value for key, value in table.items() if key != "type"}

@@ -1,7 +1,8 @@
 """Writing runs to MLflow, and reading one back: one path for ``train``, studies and ``rerun``.
 
 A training run (of ``train``, or one trial of a study) is logged the same way whoever runs it:
-:meth:`TrainingRun.log_config` (the fields of its :class:`~research.experiment.fields.TrainConfig`
+:meth:`TrainingRun.log_config` (the fields of its
+:class:`~research.experiment.config.fields.TrainConfig`
 under their own names, plus ``sizes``, ``n_train_rows`` and ``blas_kernels``),
 :meth:`TrainingRun.log_epoch` after every epoch, :meth:`TrainingRun.save_outputs` (loss curves,
 and weights when it completed), and one ending, :meth:`TrainingRun.end` or
@@ -45,8 +46,8 @@ from research.experiment.tracking.stores import (
 
 if TYPE_CHECKING:
     from research.engine.mlp import MLPSpec, Params
-    from research.experiment.fields import TrainConfig
-    from research.experiment.train import DivergenceError, EpochMetrics
+    from research.experiment.config.fields import TrainConfig
+    from research.experiment.training.train import DivergenceError, EpochMetrics
 
 TAG_ROLE = "research.role"
 TAG_STUDY = "research.study"
@@ -207,7 +208,7 @@ class TrainingRun:
         """The artifacts of a training: ``loss_curves.png`` (if an epoch ended) and, given
         params, ``weights.npz`` with ``weights.txt``. TrackingError (naming the file) if they
         cannot be written."""
-        from research.experiment.figures import save_loss_curves
+        from research.experiment.training.figures import save_loss_curves
 
         try:
             with tempfile.TemporaryDirectory() as folder:

@@ -1,6 +1,6 @@
 """Reproducing a published table: ``python -m research reproduce experiments/<paper>.toml``.
 
-A paper file (TOML, read by :mod:`research.experiment.paper_file`) names a paper and the rows
+A paper file (TOML, read by :mod:`research.experiment.config.paper_file`) names a paper and the rows
 of one of its tables: each a published test error and the training fields that reproduce it.
 The command:
 
@@ -33,16 +33,16 @@ from typing import Any
 import numpy as np
 
 from research.engine.optim import units_at_max_norm
-from research.experiment.fields import (
+from research.experiment.config.fields import (
     ConfigError,
     TrainConfig,
     show,
 )
-from research.experiment.figures import save_rows_figure
-from research.experiment.paper_file import Paper, Row, load_paper, select_rows
-from research.experiment.stats import wilson_interval
+from research.experiment.config.paper_file import Paper, Row, load_paper, select_rows
 from research.experiment.tracking.runs import TAG_PARENT, TAG_ROLE
-from research.experiment.train import DivergenceError, EpochMetrics, evaluate, train
+from research.experiment.training.figures import save_rows_figure
+from research.experiment.training.stats import wilson_interval
+from research.experiment.training.train import DivergenceError, EpochMetrics, evaluate, train
 
 
 @dataclass
@@ -340,7 +340,7 @@ def run_paper(
     Raises:
         ConfigError: a row cannot run here (batch larger than the rows, not enough memory).
     """
-    from research.experiment.resources import check_memory
+    from research.experiment.config.resources import check_memory
 
     chosen = [paper.rows[i] for i in select_rows(paper, rows)]
     if quick:

@@ -1,7 +1,7 @@
 """What a study may search: one searched training field and its Optuna distribution.
 
 A :class:`SearchParam` is one ``[search.<field>]`` table of a study file, validated against the
-field table (:mod:`research.experiment.fields`): only fields it marks searchable, range ends and
+field table (:mod:`.fields`): only fields it marks searchable, range ends and
 choices checked as the field's values are, and the rules Optuna itself has for ranges, so that
 Optuna neither raises nor warns later. Its :meth:`SearchParam.as_dict` is how a study records its
 search space as data.
@@ -18,7 +18,7 @@ import decimal
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from research.experiment.fields import (
+from research.experiment.config.fields import (
     FIELDS,
     ConfigError,
     Field,

@@ -1,14 +1,14 @@
 """The Optuna side of a study: the study object, its sampler and pruner, one trial, the budget.
 
-Wires :mod:`research.experiment.train` (which knows nothing of Optuna or MLflow) to Optuna and to
-tracking (the only code that talks to MLflow) through the ``on_epoch`` callback: every epoch logs
-its metrics to the trial's MLflow run and reports the objective to Optuna, which may prune the
-trial there and then.
+Wires :mod:`research.experiment.training.train` (which knows nothing of Optuna or MLflow) to
+Optuna and to tracking (the only code that talks to MLflow) through the ``on_epoch`` callback:
+every epoch logs its metrics to the trial's MLflow run and reports the objective to Optuna, which
+may prune the trial there and then.
 
 One trial is asked, trained and told by :func:`run_next_trial`, an ask/tell loop rather than
 ``study.optimize``: Optuna is told how the trial ended before its MLflow run is closed, a trial
 that is not a result (Ctrl-C, SIGTERM, a full disk) is given back, and one failed by another
-worker while this one was stopped is dropped. Stale trials and heartbeats: :mod:`.workers`.
+worker while this one was stopped is dropped. Stale trials and heartbeats: :mod:`.liveness`.
 
 Each trial names its MLflow run in its user attributes (``mlflow_run_id``,
 ``mlflow_experiment_id``), and the study names its objective (``study.metric_names``): what
@@ -33,25 +33,25 @@ from typing import Any
 
 import numpy as np
 
-from research.experiment.search_space import SearchParam
-from research.experiment.storage import StudyError, damaged_journal, open_storage
-from research.experiment.study_config import StudyConfig
-from research.experiment.tracking.stores import redact
-from research.experiment.train import (
-    DivergenceError,
-    EpochMetrics,
-    interruption,
-    raise_pending_interrupt,
-    signals_deferred,
-    train,
-)
-from research.experiment.workers import (
+from research.experiment.config.search_space import SearchParam
+from research.experiment.config.study_config import StudyConfig
+from research.experiment.studies.liveness import (
     ATTR_INTERRUPTED,
     ATTR_RETRY_OF,
     ATTR_WORKER,
     fail_stale_trials,
     heartbeat,
     worker_identity,
+)
+from research.experiment.studies.storage import StudyError, damaged_journal, open_storage
+from research.experiment.tracking.stores import redact
+from research.experiment.training.train import (
+    DivergenceError,
+    EpochMetrics,
+    interruption,
+    raise_pending_interrupt,
+    signals_deferred,
+    train,
 )
 
 #: A trial's user attributes naming its MLflow run (optuna-dashboard shows them with the trial).

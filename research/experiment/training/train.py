@@ -44,7 +44,7 @@ from research.engine.mlp import (
     l2_penalty,
 )
 from research.engine.optim import learning_rate_schedule, linear_ramp, make_optimizer
-from research.experiment.fields import TrainConfig
+from research.experiment.config.fields import TrainConfig
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from research.experiment.config_text import show
-from research.experiment.fields import FIELDS, PRESETS
+from research.experiment.config.config_text import show
+from research.experiment.config.fields import FIELDS, PRESETS
 
 
 def add_field_flags(parser: Any, group: str, preset: str) -> None:

@@ -22,20 +22,11 @@ from typing import Any
 import numpy as np
 
 from research.data import N_TRAIN
-from research.experiment.fields import FIELDS, TrainConfig
-from research.experiment.storage import StudyError, check_storage, default_storage_url
-from research.experiment.study_config import StudyConfig
-from research.experiment.tracking.stores import redact
-from research.experiment.train import (
-    DivergenceError,
-    Terminated,
-    evaluate,
-    interruption,
-    raise_pending_interrupt,
-    stop_on_sigterm,
-    train,
-)
-from research.experiment.trials import (
+from research.experiment.config.fields import FIELDS, TrainConfig
+from research.experiment.config.study_config import StudyConfig
+from research.experiment.studies.liveness import close_ended_runs, recover_stale_trials
+from research.experiment.studies.storage import StudyError, check_storage, default_storage_url
+from research.experiment.studies.trials import (
     TrialContext,
     check_search_space,
     counted_trials,
@@ -48,7 +39,16 @@ from research.experiment.trials import (
     short,
     study_exists,
 )
-from research.experiment.workers import close_ended_runs, recover_stale_trials
+from research.experiment.tracking.stores import redact
+from research.experiment.training.train import (
+    DivergenceError,
+    Terminated,
+    evaluate,
+    interruption,
+    raise_pending_interrupt,
+    stop_on_sigterm,
+    train,
+)
 
 # --- the study as a whole ----------------------------------------------------------------------
 
@@ -317,8 +317,8 @@ def run_study(
     Raises StudyError, StudyConfigError, DataError or TrackingError for user mistakes.
     """
     from research.data import DataError
-    from research.experiment.resources import check_study_memory, check_workers
-    from research.experiment.study_config import check_batch_size
+    from research.experiment.config.resources import check_study_memory, check_workers
+    from research.experiment.config.study_config import check_batch_size
     from research.experiment.tracking.runs import SEARCH_SPACE, StudyTracker
     from research.experiment.tracking.stores import TrackingError, resolve_tracking_uri
 

@@ -45,13 +45,13 @@ from research.engine.optim import OptimizerName, ScheduleName
 
 # The one-line errors and their wording live in config_text; the field table's users take
 # them from here too.
-from research.experiment.config_text import NO_VALUE as NO_VALUE
-from research.experiment.config_text import ConfigError as ConfigError
-from research.experiment.config_text import did_you_mean as did_you_mean
-from research.experiment.config_text import quoted as quoted
-from research.experiment.config_text import show as show
-from research.experiment.config_text import toml_key as toml_key
-from research.experiment.config_text import type_name as type_name
+from research.experiment.config.config_text import NO_VALUE as NO_VALUE
+from research.experiment.config.config_text import ConfigError as ConfigError
+from research.experiment.config.config_text import did_you_mean as did_you_mean
+from research.experiment.config.config_text import quoted as quoted
+from research.experiment.config.config_text import show as show
+from research.experiment.config.config_text import toml_key as toml_key
+from research.experiment.config.config_text import type_name as type_name
 
 #: The datasets' names, from their descriptions (research/data/datasets.py).
 DatasetName = Literal[tuple(DATASETS)]  # type: ignore[valid-type]

@@ -1,9 +1,10 @@
 """Rerun: train a logged run again from its params and seed, and compare it epoch by epoch.
 
 A run (a study's trial or a ``train`` run) logged every field of its
-:class:`~research.experiment.fields.TrainConfig` as an MLflow param; :func:`rerun` reads them back
-through the field table, trains on the same rows with the same BLAS threads, and compares
-``train/loss``, ``val/loss`` and ``val/accuracy`` at every epoch for exact equality. A pruned
+:class:`~research.experiment.config.fields.TrainConfig` as an MLflow param;
+:func:`rerun` reads them back through the field table, trains on the same rows with the same
+BLAS threads, and compares ``train/loss``, ``val/loss`` and ``val/accuracy`` at every epoch for
+exact equality. A pruned
 trial is retrained for the epochs it ran; a run that diverged must diverge again at the same
 step.
 """
@@ -15,12 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from research.data import N_TRAIN
-from research.experiment.fields import FIELDS, ConfigError, Field, TrainConfig
-from research.experiment.resources import check_memory
+from research.experiment.config.fields import FIELDS, ConfigError, Field, TrainConfig
+from research.experiment.config.resources import check_memory
 from research.experiment.tracking.results import check_store_exists
 from research.experiment.tracking.runs import LoggedRun, read_run
 from research.experiment.tracking.stores import resolve_tracking_uri
-from research.experiment.train import DivergenceError, EpochMetrics, train
+from research.experiment.training.train import DivergenceError, EpochMetrics, train
 
 METRICS = ("train/loss", "val/loss", "val/accuracy")
 #: The params a run logs beside the training fields that a rerun reads, checked as fields are.

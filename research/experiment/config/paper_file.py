@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from research.experiment.config_text import check_keys, load_toml, table_of
-from research.experiment.fields import (
+from research.experiment.config.config_text import check_keys, load_toml, table_of
+from research.experiment.config.fields import (
     FIELDS,
     PRESETS,
     ConfigError,
@@ -25,7 +25,7 @@ from research.experiment.fields import (
     preset_name,
     show,
 )
-from research.experiment.study_config import NAME_ALLOWED, NAME_PATTERN
+from research.experiment.config.study_config import NAME_ALLOWED, NAME_PATTERN
 
 #: The ``[paper]`` table, declared like the training fields.
 PAPER_FIELDS: dict[str, Field] = {

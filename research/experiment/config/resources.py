@@ -3,7 +3,7 @@
 Pure functions over configurations; the only things they read are how much memory is available
 (:func:`available_memory`: ``/proc/meminfo``'s MemAvailable, lowered to a cgroup's limit) and
 how many cores this process may use. A configuration that cannot fit raises
-:class:`~research.experiment.fields.ConfigError`: one line with the estimate, what is available
+:class:`~.fields.ConfigError`: one line with the estimate, what is available
 and what to change. The estimate (:func:`estimate_memory`) counts, per process: the interpreter
 with its libraries, the dataset's splits (uint8 images), the training targets in the run's
 dtype, three copies of the parameters (the stepper's, the last epoch's and the one being made),
@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from research.data import N_CLASSES, N_PIXELS, N_TEST, N_TRAIN, N_VALIDATION
-from research.experiment.fields import FIELDS, ConfigError, TrainConfig
-from research.experiment.study_config import StudyConfig
+from research.experiment.config.fields import FIELDS, ConfigError, TrainConfig
+from research.experiment.config.study_config import StudyConfig
 
 #: Worker processes allowed per core: more than one per core only time-share it.
 WORKERS_PER_CORE = 4
@@ -32,7 +32,7 @@ PROCESS_BYTES = 200 * 2**20
 #: The splits each process loads (uint8 images and int64 labels), and the validation inputs
 #: as float32 (evaluated every epoch; the training rows become floats one batch at a time).
 DATA_BYTES = (N_TRAIN + N_VALIDATION + N_TEST) * (N_PIXELS + 8) + N_VALIDATION * N_PIXELS * 4
-#: Rows :func:`research.experiment.train.evaluate` runs through the network at once.
+#: Rows :func:`research.experiment.training.train.evaluate` runs through the network at once.
 EVALUATION_ROWS = min(10_000, N_VALIDATION)
 #: Arrays of optimizer state per parameter array.
 OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2}

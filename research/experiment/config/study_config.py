@@ -2,7 +2,7 @@
 
 This module is pure configuration: it imports neither Optuna nor MLflow. The study runner maps a
 :class:`StudyConfig` to an Optuna study (sampler, pruner, one ``suggest_*`` call per
-:class:`SearchParam`) and builds every trial's :class:`~research.experiment.fields.TrainConfig`
+:class:`SearchParam`) and builds every trial's :class:`~.fields.TrainConfig`
 with :meth:`StudyConfig.train_config`. Everything that can be checked without data is checked
 when the file is loaded, before any trial starts; a mistake raises :class:`StudyConfigError` with
 one message naming the file, the dotted key (``search.learning_rate.low``), the bad value and what
@@ -42,7 +42,7 @@ The format (``experiments/mnist_mlp.toml`` is a complete, commented example)::
     choices = [64, 128, 256]
 
 Every key under ``[fixed]`` and ``[search]`` is a training field of the field table
-(:mod:`research.experiment.fields`), as are the Optuna parameter names and MLflow params. The
+(:mod:`research.experiment.config.fields`), as are the Optuna parameter names and MLflow params. The
 values of a trial are: the preset, then ``[fixed]``, then the searched values (a field is either
 fixed or searched, never both).
 
@@ -86,8 +86,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from research.experiment.config_text import check_keys, load_toml, table_of
-from research.experiment.fields import (
+from research.experiment.config.config_text import check_keys, load_toml, table_of
+from research.experiment.config.fields import (
     FIELDS,
     PRESETS,
     SHORTHAND,
@@ -103,7 +103,7 @@ from research.experiment.fields import (
     type_name,
     widths_conflict,
 )
-from research.experiment.search_space import (
+from research.experiment.config.search_space import (
     KINDS,
     PARAM_KEYS,
     SEARCHABLE,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from research.experiment.train import EpochMetrics
+from research.experiment.training.train import EpochMetrics
 
 
 def plot_loss_curves(history: Sequence[EpochMetrics], ax) -> None:

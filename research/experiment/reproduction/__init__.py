@@ -1,0 +1,2 @@
+"""Training again what was logged or published: ``rerun`` (:mod:`.rerun`, one MLflow run,
+compared epoch by epoch) and ``reproduce`` (:mod:`.reproduce`, a paper's table)."""
