@@ -16,8 +16,6 @@ import pandas as pd
 
 from analysis.evaluation import wilson_interval
 
-PLACES = ("above", "within", "below")
-
 
 def place(baseline_percent: float, low: float, high: float) -> str:
     """Where a result with the 95% interval ``[low, high]`` (fractions) stands against a

@@ -46,12 +46,26 @@ def refit_trial(results: StudyResults) -> str | None:
 
 def comparison(report: Report, uri: str, say: Callable[[str], None]) -> pd.DataFrame:
     """The origin's configuration beside the tuned best: accuracy, epochs, wall time, size."""
+    results = report.results
+    rows = [_origin_row(results.dataset, uri)]
+    if results.name not in BASELINE_STUDIES:
+        rows.append(_baseline_row(results.dataset, uri))
+    test = report.test["accuracy"] if report.test else None
+    rows.append(study_row(results, f"tuned best ({results.name})", test))
+    frame = pd.DataFrame(rows).reindex(columns=list(COLUMNS))
+    say(
+        "comparison: "
+        + "; ".join(f"{row['configuration']}: test {pct(row.get('test_accuracy'))}" for row in rows)
+    )
+    return frame
+
+
+def _origin_row(dataset: str, uri: str) -> dict[str, Any]:
+    """The origin preset's row: its latest train run on ``dataset`` that is the preset exactly,
+    or how to make one."""
     from research.data import N_TRAIN
     from research.experiment.config.fields import PRESET_ALIASES, PRESETS
 
-    results = report.results
-    dataset = results.dataset
-    rows = []
     origin_preset = PRESETS["origin"]
     # train runs of the origin preset, under its name or the one it had before ("seed"), in the
     # experiment the train command logs this dataset's runs to
@@ -93,42 +107,34 @@ def comparison(report: Report, uri: str, say: Callable[[str], None]) -> pd.DataF
                 "n_params": origin_preset.spec().n_params,  # the run is of this preset exactly
             },
         )
-    rows.append(origin)
-    if results.name not in BASELINE_STUDIES:
-        baseline = None
-        for name in BASELINE_STUDIES:
-            try:
-                baseline = load_study_results(name, uri)
-                break
-            except TrackingError:
-                continue
-        label = "origin network, tuned (experiments/origin_baseline.toml)"
-        if baseline is None:
-            how = (
-                "run `python -m research study experiments/origin_baseline.toml`"
-                if dataset == DEFAULT_DATASET
-                else f"experiments/origin_baseline.toml tunes it on MNIST, not {title_of(dataset)}"
-            )
-            rows.append({"configuration": label, "source": f"not in this store; {how}"})
-        elif baseline.dataset != dataset:
-            rows.append(
-                {
-                    "configuration": label,
-                    "source": f"study {baseline.name} is of {title_of(baseline.dataset)}, "
-                    f"not {title_of(dataset)}",
-                }
-            )
-        else:
-            label = f"origin network, tuned ({baseline.name} best)"
-            rows.append(study_row(baseline, label, None))
-    test = report.test["accuracy"] if report.test else None
-    rows.append(study_row(results, f"tuned best ({results.name})", test))
-    frame = pd.DataFrame(rows).reindex(columns=list(COLUMNS))
-    say(
-        "comparison: "
-        + "; ".join(f"{row['configuration']}: test {pct(row.get('test_accuracy'))}" for row in rows)
-    )
-    return frame
+    return origin
+
+
+def _baseline_row(dataset: str, uri: str) -> dict[str, Any]:
+    """The origin network tuned: the best of the first baseline study in the store, or why there
+    is none for ``dataset``."""
+    baseline = None
+    for name in BASELINE_STUDIES:
+        try:
+            baseline = load_study_results(name, uri)
+            break
+        except TrackingError:
+            continue
+    label = "origin network, tuned (experiments/origin_baseline.toml)"
+    if baseline is None:
+        how = (
+            "run `python -m research study experiments/origin_baseline.toml`"
+            if dataset == DEFAULT_DATASET
+            else f"experiments/origin_baseline.toml tunes it on MNIST, not {title_of(dataset)}"
+        )
+        return {"configuration": label, "source": f"not in this store; {how}"}
+    if baseline.dataset != dataset:
+        return {
+            "configuration": label,
+            "source": f"study {baseline.name} is of {title_of(baseline.dataset)}, "
+            f"not {title_of(dataset)}",
+        }
+    return study_row(baseline, f"origin network, tuned ({baseline.name} best)", None)
 
 
 def logged_dataset(run: pd.Series) -> str:

@@ -44,6 +44,30 @@ def plot_metric_vs_param(
     name = dimension.name
     require_rows(trials, f"{metric} against {name}", ("run_id", "trial", "state", metric, name))
     values = trials[metric].astype(float)
+    x = _parameter_axis(trials, ax, dimension)
+    complete = (trials["state"] == "COMPLETE") & np.isfinite(values) & np.isfinite(x)
+    pruned = (trials["state"] == "PRUNED") & np.isfinite(x)
+    _draw_trials(trials, ax, x, values, complete, pruned, best_run)
+    limits = value_range(values[complete])
+    if limits is not None:
+        ax.set_ylim(*limits)
+    if dimension.kind != "categorical":
+        # The pruned trials' markers do not widen the axes by themselves.
+        drawn = x[complete | pruned].to_numpy()
+        span = value_range(drawn, log=dimension.log, pad=0.06)
+        if span is not None:
+            ax.set_xlim(*span)
+    ax.set_xlabel(f"{name}{' (log scale)' if dimension.log else ''}")
+    ax.set_ylabel(metric)
+    if "accuracy" in metric:
+        ax.yaxis.set_major_formatter(percent_formatter())
+
+
+def _parameter_axis(trials: pd.DataFrame, ax: Any, dimension: SearchDimension) -> pd.Series:
+    """Each trial's position on the x axis of ``ax`` (NaN without a usable value), one per row of
+    ``trials``; sets up that axis: the choices as ticks (categorical), a log scale, or integer
+    ticks."""
+    name = dimension.name
     if dimension.kind == "categorical":
         order = list(dimension.choices)
         known = {_key(choice) for choice in order}
@@ -62,8 +86,21 @@ def plot_metric_vs_param(
             plain_log_axis(ax.xaxis)
         elif dimension.kind == "int":
             ax.xaxis.get_major_locator().set_params(integer=True)
-    complete = (trials["state"] == "COMPLETE") & np.isfinite(values) & np.isfinite(x)
-    pruned = (trials["state"] == "PRUNED") & np.isfinite(x)
+    return x
+
+
+def _draw_trials(
+    trials: pd.DataFrame,
+    ax: Any,
+    x: pd.Series,
+    values: pd.Series,
+    complete: pd.Series,
+    pruned: pd.Series,
+    best_run: str | None,
+) -> None:
+    """The trials' markers, at positions ``x`` and heights ``values`` (one per row of
+    ``trials``): pruned ones (the ``pruned`` mask) along the bottom edge, completed ones
+    (``complete``) as dots, the best run as a star; the rest counted in the legend only."""
     if pruned.any():
         mark_along_bottom(
             ax,
@@ -104,19 +141,6 @@ def plot_metric_vs_param(
         ax.scatter(
             [], [], marker="x", color=STATE_COLORS["FAIL"], label=f"{hidden} {what} (not shown)"
         )
-    limits = value_range(values[complete])
-    if limits is not None:
-        ax.set_ylim(*limits)
-    if dimension.kind != "categorical":
-        # The pruned trials' markers do not widen the axes by themselves.
-        drawn = x[complete | pruned].to_numpy()
-        span = value_range(drawn, log=dimension.log, pad=0.06)
-        if span is not None:
-            ax.set_xlim(*span)
-    ax.set_xlabel(f"{name}{' (log scale)' if dimension.log else ''}")
-    ax.set_ylabel(metric)
-    if "accuracy" in metric:
-        ax.yaxis.set_major_formatter(percent_formatter())
 
 
 def _complete_label(rows: pd.DataFrame) -> str:

@@ -74,11 +74,34 @@ def sections(report: Report) -> list[dict[str, Any]]:
     """The report's content in order: each section has a ``title``, ``paragraphs`` (text),
     ``tables`` (DataFrames of text) and ``figures`` (file names)."""
     results = report.results
+    out = [_overview_section(report)]
+    if results.best is not None:
+        out.append(_best_trial_section(results, results.best))
+    if report.test:
+        dataset = report.test.get("dataset", results.dataset)
+        out += _test_sections(report.test, dataset, report.figures)
+    if report.comparison is not None and len(report.comparison):
+        out.append(_comparison_section(report.comparison))
+    search_figures = [
+        name
+        for name in (
+            "loss_curves.png",
+            "val_accuracy_vs_params.png",
+            "optimization_history.png",
+            "param_importances.png",
+        )
+        if name in report.figures
+    ]
+    out.append({"title": "The search", "paragraphs": [], "tables": [], "figures": search_figures})
+    return out
+
+
+def _overview_section(report: Report) -> dict[str, Any]:
+    """The dataset, objective, sampler, pruner, trial counts, store and notes; the failed
+    trials and why, as a table."""
+    results = report.results
     trials = results.trials
     counts = trials["state"].value_counts().to_dict()
-    best = results.best
-    out: list[dict[str, Any]] = []
-
     overview = [
         f"Dataset: {title_of(results.dataset)}.",
         f"Objective: {results.objective} ({results.direction}). Sampler "
@@ -94,64 +117,46 @@ def sections(report: Report) -> list[dict[str, Any]]:
     tables = []
     if len(failed):
         tables.append(pd.DataFrame({"trial": failed["trial"], "why it failed": failed["error"]}))
-    out.append({"title": "Overview", "paragraphs": overview, "tables": tables, "figures": []})
+    return {"title": "Overview", "paragraphs": overview, "tables": tables, "figures": []}
 
-    if best is not None:
-        params = {d.name: best[d.name] for d in results.search}
-        text = [
-            f"Trial {int(best['trial'])}: {results.objective} "
-            + (
-                pct(best[results.objective])
-                if "accuracy" in results.objective
-                else f"{best[results.objective]:.4g}"
-            )
-            + f" after {int(best['epochs_run'])} epochs in {seconds(best['wall_seconds'])}; "
-            + ", ".join(f"{k} = {_cell(v)}" for k, v in params.items())
-            + "."
-        ]
-        ranked = trials[trials["state"] == "COMPLETE"].sort_values(
-            results.objective, ascending=results.direction != "maximize"
-        )
-        top = ranked.head(TOP_TRIALS)
-        table = pd.DataFrame(
-            {
-                "trial": top["trial"],
-                **{d.name: top[d.name].map(_cell) for d in results.search},
-                results.objective: top[results.objective].map(
-                    pct if "accuracy" in results.objective else _cell
-                ),
-                "epochs": top["epochs_run"],
-                "wall (s)": top["wall_seconds"].map(lambda v: "n/a" if pd.isna(v) else f"{v:.1f}"),
-            }
-        )
-        out.append(
-            {
-                "title": "Best trial",
-                "paragraphs": [*text, f"The top {len(top)} completed trials:"],
-                "tables": [table],
-                "figures": [],
-            }
-        )
 
-    if report.test:
-        dataset = report.test.get("dataset", results.dataset)
-        out += _test_sections(report.test, dataset, report.figures)
-
-    if report.comparison is not None and len(report.comparison):
-        out.append(_comparison_section(report.comparison))
-
-    search_figures = [
-        name
-        for name in (
-            "loss_curves.png",
-            "val_accuracy_vs_params.png",
-            "optimization_history.png",
-            "param_importances.png",
+def _best_trial_section(results: StudyResults, best: pd.Series) -> dict[str, Any]:
+    """The best trial (its objective, epochs, time and searched values) and a table of the
+    top :data:`TOP_TRIALS` completed trials."""
+    trials = results.trials
+    params = {d.name: best[d.name] for d in results.search}
+    text = [
+        f"Trial {int(best['trial'])}: {results.objective} "
+        + (
+            pct(best[results.objective])
+            if "accuracy" in results.objective
+            else f"{best[results.objective]:.4g}"
         )
-        if name in report.figures
+        + f" after {int(best['epochs_run'])} epochs in {seconds(best['wall_seconds'])}; "
+        + ", ".join(f"{k} = {_cell(v)}" for k, v in params.items())
+        + "."
     ]
-    out.append({"title": "The search", "paragraphs": [], "tables": [], "figures": search_figures})
-    return out
+    ranked = trials[trials["state"] == "COMPLETE"].sort_values(
+        results.objective, ascending=results.direction != "maximize"
+    )
+    top = ranked.head(TOP_TRIALS)
+    table = pd.DataFrame(
+        {
+            "trial": top["trial"],
+            **{d.name: top[d.name].map(_cell) for d in results.search},
+            results.objective: top[results.objective].map(
+                pct if "accuracy" in results.objective else _cell
+            ),
+            "epochs": top["epochs_run"],
+            "wall (s)": top["wall_seconds"].map(lambda v: "n/a" if pd.isna(v) else f"{v:.1f}"),
+        }
+    )
+    return {
+        "title": "Best trial",
+        "paragraphs": [*text, f"The top {len(top)} completed trials:"],
+        "tables": [table],
+        "figures": [],
+    }
 
 
 def na(show: Any) -> Any:

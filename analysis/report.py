@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,40 +23,25 @@ import pandas as pd
 
 from analysis import baselines, curves, evaluation, history, hyperparams
 from analysis.comparison import comparison, refit_trial
-from analysis.render import Report, write_html, write_json, write_markdown
+from analysis.render import Report
+from analysis.report_folder import (
+    ReportError,
+    check_out_dir,
+    default_out_dir,
+    is_folder_name,
+    not_a_folder,
+    write_report_folder,
+)
 from analysis.store import StudyResults, load_study_results
 from analysis.style import light_style, save_png
 from research.data.datasets import DATASETS, DatasetInfo, UnknownDataset, dataset_info
 from research.experiment.config.fields import show
 from research.experiment.studies.storage import default_storage_url
 from research.experiment.tracking import results as tracking
-from research.experiment.tracking.stores import local_store_folder, redact, resolve_tracking_uri
+from research.experiment.tracking.stores import redact, resolve_tracking_uri
 from research.experiment.tracking.weights import WeightsError, load_weights
 
 MISTAKES_SHOWN = 24
-
-
-class ReportError(Exception):
-    """The report cannot be made as asked; the message says why and how to fix it."""
-
-
-def is_folder_name(name: str) -> bool:
-    """Whether ``name`` names one folder inside another: not empty, not ``.`` or ``..``, no
-    ``/``, ``\\`` or NUL. Every name a study file may have is one, and so are older study
-    names that study files no longer allow (``-x``)."""
-    return name not in ("", ".", "..") and not any(character in name for character in "/\\\0")
-
-
-def _not_a_folder(name: str) -> str:
-    return f'study name {show(name)} is not a plain folder name (not empty, "." or "..", no "/")'
-
-
-def default_out_dir(tracking_uri: str, study: str) -> Path:
-    """``<store folder>/reports/<study>`` for a local SQLite store, else ``mlruns/reports/``;
-    ReportError (asking for ``--out``) if ``study`` cannot name a folder."""
-    if not is_folder_name(study):
-        raise ReportError(f"{_not_a_folder(study)}; pass --out to write its report elsewhere")
-    return local_store_folder(tracking_uri) / "reports" / study
 
 
 def build_report(
@@ -67,7 +50,7 @@ def build_report(
     tracking_uri: str | None = None,
     out: Path | None = None,
     storage: str | None = None,
-    mnist_dir: str | None = None,
+    source_dir: str | None = None,
     data_dir: str | None = None,
     log_to_mlflow: bool = True,
     say: Callable[[str], None] = print,
@@ -79,7 +62,7 @@ def build_report(
     """
     started = time.perf_counter()
     if study is not None and not is_folder_name(study):
-        raise ReportError(f"{_not_a_folder(study)}; pass the name of a study in the store")
+        raise ReportError(f"{not_a_folder(study)}; pass the name of a study in the store")
     uri = resolve_tracking_uri(tracking_uri)
     results = load_study_results(study, uri)
     out = check_out_dir(Path(out) if out else default_out_dir(uri, results.name))
@@ -90,75 +73,69 @@ def build_report(
         f"({', '.join(f'{n} {s}' for s, n in sorted(states.items())) or 'none'}) "
         f"in {redact(uri)}"
     )
-    if results.skipped_running:
-        report.notes.append(
-            f"{len(results.skipped_running)} trial(s) still running were left out: "
-            + ", ".join(map(str, results.skipped_running))
-            + " (if their worker died instead, running the study command again recovers them)"
-        )
-        say("note: " + report.notes[-1])
-    if results.repeated_trials:
-        report.notes.append(
-            "trial numbers "
-            + ", ".join(map(str, results.repeated_trials))
-            + " each have several runs: studies kept in different Optuna storages log to this "
-            "experiment; every run is shown, and the importances come from one storage only"
-        )
-        say("note: " + report.notes[-1])
-    if results.trials.empty:
-        raise ReportError(
-            f"study {results.name!r} has no finished trial yet; run the study first "
-            f"(or wait for its running trials)"
-        )
-    if not results.search:
-        report.notes.append(
-            "the study's search space is not in the store (no study/search_space.json or study "
-            "file on its parent run), so validation accuracy against each hyperparameter is "
-            "left out"
-        )
-        say("note: " + report.notes[-1])
+    _note_what_the_store_lacks(report, say)
 
     best = results.best
     with light_style():
         storage = storage or default_storage_url(uri)
         figures, report.importances, note = search_figures(results, storage)
         if note:
-            report.notes.append(f"parameter importances: {note}")
-            say("note: " + report.notes[-1])
+            _note(report, say, f"parameter importances: {note}")
 
         if best is None:
-            report.notes.append("no trial completed, so there is no best model to evaluate")
-            say("note: " + report.notes[-1])
+            _note(report, say, "no trial completed, so there is no best model to evaluate")
         else:
-            test_figures = _evaluate_best(report, best, mnist_dir, data_dir, say)
+            test_figures = _evaluate_best(report, best, source_dir, data_dir, say)
             figures.update(test_figures)
         report.comparison = comparison(report, uri, say)
-
-        staging = None
-        try:
-            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-            for name, (figure, caption) in figures.items():
-                save_png(figure, staging / name)
-                report.figures[name] = caption
-            report.seconds = time.perf_counter() - started
-            write_markdown(report, staging / "report.md")
-            write_html(report, staging / "report.html", staging)
-            write_json(report, staging / "report.json")
-            _replace_folder(staging, out)
-        except BaseException as error:
-            if staging is not None:
-                shutil.rmtree(staging, ignore_errors=True)
-            if isinstance(error, OSError):
-                raise ReportError(
-                    f"cannot write the report into {out}: "
-                    f"{error.strerror or error} ({error.filename or out}); pass --out"
-                ) from None
-            raise
+        write_report_folder(report, figures, out, started)
     if log_to_mlflow:
         tracking.log_artifacts(results.record.parent_run_id, out, "report", uri)
         say(f"logged to MLflow: run {results.record.parent_run_id}, artifacts report/")
     say(f"report written in {time.perf_counter() - started:.1f} s: {out / 'report.html'}")
     return report, out
+
+
+def _note(report: Report, say: Callable[[str], None], text: str, prefix: str = "note") -> None:
+    """Adds ``text`` to the report's notes and says it (``note: ...``, or ``warning: ...``)."""
+    report.notes.append(text)
+    say(f"{prefix}: " + report.notes[-1])
+
+
+def _note_what_the_store_lacks(report: Report, say: Callable[[str], None]) -> None:
+    """Notes on what the report leaves out: running trials, trial numbers logged more than once
+    and the search space; ReportError if no trial has finished."""
+    results = report.results
+    if results.skipped_running:
+        _note(
+            report,
+            say,
+            f"{len(results.skipped_running)} trial(s) still running were left out: "
+            + ", ".join(map(str, results.skipped_running))
+            + " (if their worker died instead, running the study command again recovers them)",
+        )
+    if results.repeated_trials:
+        _note(
+            report,
+            say,
+            "trial numbers "
+            + ", ".join(map(str, results.repeated_trials))
+            + " each have several runs: studies kept in different Optuna storages log to this "
+            "experiment; every run is shown, and the importances come from one storage only",
+        )
+    if results.trials.empty:
+        raise ReportError(
+            f"study {results.name!r} has no finished trial yet; run the study first "
+            f"(or wait for its running trials)"
+        )
+    if not results.search:
+        _note(
+            report,
+            say,
+            "the study's search space is not in the store (no study/search_space.json or study "
+            "file on its parent run), so validation accuracy against each hyperparameter is "
+            "left out",
+        )
 
 
 def search_figures(
@@ -225,57 +202,6 @@ def log_study_figures(
             save_png(figure, Path(folder) / name)
         tracking.log_artifacts(results.record.parent_run_id, Path(folder), "figures", uri)
     return sorted(figures)
-
-
-REPORT_FILES = ("report.json", "report.md", "report.html")
-
-
-def check_out_dir(out: Path) -> Path:
-    """The absolute output folder, checked before any work: its parent can be written, and it
-    is new, empty or an earlier report (which is replaced whole). Any other folder is refused,
-    never emptied."""
-    out = out.expanduser().resolve()
-    if out.parent == out:
-        raise ReportError(f"--out {out} is not a folder the report can replace; pass another")
-    if out.exists() and not out.is_dir():
-        raise ReportError(f"--out {out} is a file; pass a folder for the report")
-    if out.is_dir():
-        names = {path.name for path in out.iterdir()}
-        earlier = "report.json" in names and all(
-            name in REPORT_FILES or name.endswith(".png") for name in names
-        )
-        if names and not earlier:
-            raise ReportError(
-                f"--out {out} holds files that are not a report ({', '.join(sorted(names)[:3])}"
-                f"{', ...' if len(names) > 3 else ''}); the report replaces its folder whole, so "
-                "pass a new or empty folder"
-            )
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.TemporaryFile(dir=out.parent)
-    except OSError as error:
-        raise ReportError(
-            f"cannot write the report folder {out}: {error.strerror}; pass --out"
-        ) from None
-    probe.close()
-    return out
-
-
-def _replace_folder(staging: Path, out: Path) -> None:
-    """Puts the finished report in place of any older one; never leaves a half-written one."""
-    # Temporary files and folders are private (0600/0700); a report is for sharing.
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in staging.iterdir():
-        path.chmod(0o666 & ~umask)
-    staging.chmod(0o777 & ~umask)
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}-old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _importances(results: StudyResults, storage: str) -> tuple[pd.DataFrame | None, str]:
@@ -345,7 +271,7 @@ def evaluation_summary(result: Any, info: Any, source: str) -> dict[str, Any]:
 
 
 def _evaluate_best(
-    report: Report, best: pd.Series, mnist_dir: str | None, data_dir: str | None, say: Callable
+    report: Report, best: pd.Series, source_dir: str | None, data_dir: str | None, say: Callable
 ) -> dict[str, tuple[Any, str]]:
     """Evaluates the best model once on the test split of the dataset it trained on; fills
     ``report.test``."""
@@ -353,55 +279,21 @@ def _evaluate_best(
     from research.engine.mlp import forward
 
     results = report.results
-    uri = report.tracking_uri
     info = best_dataset(best)
     with tempfile.TemporaryDirectory() as folder:
-        weights = None
-        refit = refit_trial(results)
-        best_trial = str(int(best["trial"]))
-        if refit is None:
-            pass  # no final fit (--no-final): the trial's own weights, below
-        elif results.repeated_trials:
-            report.notes.append(
-                f"with trial numbers repeated (above), the final fit of trial {refit} "
-                "cannot be matched to a run, so the test evaluation uses the best trial's own "
-                "weights"
-            )
-            say("note: " + report.notes[-1])
-        elif refit == best_trial:
-            weights = tracking.download_artifact(
-                results.record.parent_run_id, "best_weights.npz", Path(folder), uri
-            )
-        else:
-            report.notes.append(
-                f"the study's final fit retrained trial {refit}, not the best trial "
-                f"{best_trial} shown here, so the test evaluation uses the best trial's own "
-                "weights; run the study command again (without --no-final) to refit it"
-            )
-            say("note: " + report.notes[-1])
-        refitted = weights is not None
-        source = "the best configuration retrained on train+validation (the study's final fit)"
-        artifact = f"best_weights.npz of the study's parent run {results.record.parent_run_id}"
-        if weights is None:
-            weights = tracking.download_artifact(best["run_id"], "weights.npz", Path(folder), uri)
-            source = f"trial {int(best['trial'])}'s weights (trained on the training split only)"
-            artifact = f"weights.npz of run {best['run_id']}"
-        if weights is None:
-            report.notes.append(
-                f"no weights were found on the parent run or on trial {int(best['trial'])}, "
-                "so there is no test evaluation"
-            )
-            say("note: " + report.notes[-1])
+        found = _best_weights(report, best, Path(folder), say)
+        if found is None:
             return {}
+        weights, source, artifact, refitted = found
         try:
             spec, params = load_weights(weights)
         except WeightsError as error:
             reason = str(error).removeprefix(f"{weights}: ")
             message = f"cannot evaluate {source}: the artifact {artifact}: {reason}"
             raise ReportError(message) from None
-    data = load_named(info.name, mnist_dir, data_dir, raw=bool(best["raw_inputs"]))
+    data = load_named(info.name, source_dir, data_dir, raw=bool(best["raw_inputs"]))
     x_test = data.test.x.astype(params[0]["W"].dtype, copy=False)
-    item, kind = evaluation.words(info.class_names)
+    item, _ = evaluation.words(info.class_names)
     say(f"evaluating {source} once on the {len(x_test):,} {info.title} test {item}s")
     outputs = np.asarray(forward(params, x_test, spec), dtype=np.float64)
     labels = data.test.labels
@@ -422,12 +314,13 @@ def _evaluate_best(
         f"{result.ci_high:.2%}, {result.n - result.correct} mistakes)"
     )
     if logged is not None and not math.isclose(logged, result.accuracy, abs_tol=0.5 / result.n):
-        report.notes.append(
+        _note(
+            report,
+            say,
             f"the study logged test_accuracy {logged:.4%} but this evaluation gives "
-            f"{result.accuracy:.4%}: the data or the code changed since"
+            f"{result.accuracy:.4%}: the data or the code changed since",
+            prefix="warning",
         )
-        say("warning: " + report.notes[-1])
-    score = "p" if spec.output == "softmax" else "output"
     if report.test["baselines"]:
         say(
             f"against published {info.title} results: ours is "
@@ -436,8 +329,75 @@ def _evaluate_best(
                 for row in report.test["baselines"]
             )
         )
+    score = "p" if spec.output == "softmax" else "output"
+    return _test_figures(result, data.test.x, labels, outputs, score, info)
+
+
+def _best_weights(
+    report: Report, best: pd.Series, folder: Path, say: Callable
+) -> tuple[Path, str, str, bool] | None:
+    """The best model's weights file, downloaded into ``folder``: the study's final fit if it
+    retrained the best trial, else the trial's own (with a note saying why). Returns it with
+    what it is (for the report), the artifact it came from (for errors) and whether it is the
+    final fit; None (with a note) if neither run has weights."""
+    results, uri = report.results, report.tracking_uri
+    weights = None
+    refit = refit_trial(results)
+    best_trial = str(int(best["trial"]))
+    if refit is None:
+        pass  # no final fit (--no-final): the trial's own weights, below
+    elif results.repeated_trials:
+        _note(
+            report,
+            say,
+            f"with trial numbers repeated (above), the final fit of trial {refit} "
+            "cannot be matched to a run, so the test evaluation uses the best trial's own "
+            "weights",
+        )
+    elif refit == best_trial:
+        weights = tracking.download_artifact(
+            results.record.parent_run_id, "best_weights.npz", folder, uri
+        )
+    else:
+        _note(
+            report,
+            say,
+            f"the study's final fit retrained trial {refit}, not the best trial "
+            f"{best_trial} shown here, so the test evaluation uses the best trial's own "
+            "weights; run the study command again (without --no-final) to refit it",
+        )
+    if weights is not None:
+        source = "the best configuration retrained on train+validation (the study's final fit)"
+        artifact = f"best_weights.npz of the study's parent run {results.record.parent_run_id}"
+        return weights, source, artifact, True
+    weights = tracking.download_artifact(best["run_id"], "weights.npz", folder, uri)
+    if weights is None:
+        _note(
+            report,
+            say,
+            f"no weights were found on the parent run or on trial {int(best['trial'])}, "
+            "so there is no test evaluation",
+        )
+        return None
+    source = f"trial {int(best['trial'])}'s weights (trained on the training split only)"
+    return weights, source, f"weights.npz of run {best['run_id']}", False
+
+
+def _test_figures(
+    result: evaluation.TestEvaluation,
+    images: np.ndarray,
+    labels: np.ndarray,
+    outputs: np.ndarray,
+    score: str,
+    info: DatasetInfo,
+) -> dict[str, tuple[Any, str]]:
+    """The test evaluation's figures with their captions: the confusion matrix, accuracy per
+    class and the worst mistakes, from ``evaluation.evaluate_outputs``'s ``result``, the test
+    images (N, 784), labels (N,) and the model's outputs (N, n_classes), whose values are
+    called ``score``."""
+    item, kind = evaluation.words(info.class_names)
     figures = evaluation.evaluation_figures(
-        result, data.test.x, outputs, labels, score, MISTAKES_SHOWN, info.class_names, info.title
+        result, images, outputs, labels, score, MISTAKES_SHOWN, info.class_names, info.title
     )
     captions = {
         "confusion_matrix.png": f"{info.title} test confusion matrix of the best model: counts, "

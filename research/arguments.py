@@ -13,10 +13,12 @@ from research.experiment.reproduction.reproduce import add_reproduce_arguments
 
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--mnist-dir",
-        help="folder holding the four MNIST IDX files (.gz or raw), for offline use; "
-        "default $RESEARCH_MNIST_DIR, else download through tensorflow-datasets (other "
-        "datasets: $RESEARCH_<NAME>_DIR, e.g. RESEARCH_FASHION_MNIST_DIR)",
+        "--source-dir",
+        "--mnist-dir",  # its old name, from when it served MNIST only
+        dest="source_dir",
+        help="folder holding the dataset's four IDX files (.gz or raw), for offline use; "
+        "default $RESEARCH_<NAME>_DIR (RESEARCH_MNIST_DIR, RESEARCH_FASHION_MNIST_DIR), else "
+        "download through tensorflow-datasets. --mnist-dir is its old name",
     )
     parser.add_argument(
         "--data-dir",
@@ -50,13 +52,30 @@ def port(text: str) -> int:
     return port
 
 
+#: The subcommands' parsers as ``build_parser`` makes them (``commands.add_parser``).
+Commands = argparse._SubParsersAction
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m research",
         description="A numpy MLP with handwritten backprop, verified against JAX.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # The order here is the order `python -m research --help` lists them in.
+    _add_train_command(commands)
+    _add_gradcheck_command(commands)
+    _add_study_command(commands)
+    _add_ui_command(commands)
+    _add_rerun_command(commands)
+    _add_report_command(commands)
+    _add_reproduce_command(commands)
+    _add_bench_command(commands)
+    return parser
 
+
+def _add_train_command(commands: Commands) -> None:
+    """``train``: one network, every training field a flag, logged to MLflow."""
     train = commands.add_parser(
         "train",
         help="train one network (MNIST, or --dataset fashion_mnist) and log it to MLflow",
@@ -89,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     add_data_flags(train)
 
+
+def _add_gradcheck_command(commands: Commands) -> None:
+    """``gradcheck``: the model fields as flags, plus the batch and the tolerances."""
     check = commands.add_parser(
         "gradcheck",
         help="compare numpy's handwritten gradients with JAX autodiff, per layer",
@@ -116,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
     add_data_flags(check)
 
+
+def _add_study_command(commands: Commands) -> None:
+    """``study FILE``: the study file's values, overridden by these flags."""
     study = commands.add_parser(
         "study",
         help="run (or continue) an Optuna study; every trial is an MLflow run",
@@ -143,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     add_data_flags(study)
 
+
+def _add_ui_command(commands: Commands) -> None:
+    """``ui``: the MLflow UI's address and store."""
     ui = commands.add_parser("ui", help="start the MLflow UI over the tracking store")
     ui.add_argument("--port", type=port, default=5000, help="port to listen on (default 5000)")
     ui.add_argument(
@@ -152,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_store_flag(ui)
 
+
+def _add_rerun_command(commands: Commands) -> None:
+    """``rerun RUN_ID``: a logged run trained again."""
     rerun = commands.add_parser(
         "rerun",
         help="retrain a logged run from its params and seed; check its metrics are reproduced",
@@ -160,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_store_flag(rerun)
     add_data_flags(rerun)
 
+
+def _add_report_command(commands: Commands) -> None:
+    """``report [STUDY]``: where the report goes and whether it is logged."""
     report = commands.add_parser(
         "report",
         help="figures and a self-contained report of a study (never trains)",
@@ -180,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_data_flags(report)
 
+
+def _add_reproduce_command(commands: Commands) -> None:
+    """``reproduce FILE``: its own arguments come from the reproduce module."""
     reproduce = commands.add_parser(
         "reproduce", help="train a published table's rows, side by side"
     )
@@ -187,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_store_flag(reproduce)
     add_data_flags(reproduce)
 
+
+def _add_bench_command(commands: Commands) -> None:
+    """``bench``: rounds, output and where the table is logged."""
     bench = commands.add_parser(
         "bench",
         help="time the numpy engine against the origin, JAX and PyTorch (interleaved rounds)",
@@ -202,4 +242,3 @@ def build_parser() -> argparse.ArgumentParser:
     add_store_flag(bench)
     bench.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     add_data_flags(bench)
-    return parser

@@ -64,7 +64,7 @@ def _load_data(args: argparse.Namespace, config: TrainConfig):
     from research.data import DataError, load_named
 
     try:
-        return load_named(config.dataset, args.mnist_dir, args.data_dir, raw=config.raw_inputs)
+        return load_named(config.dataset, args.source_dir, args.data_dir, raw=config.raw_inputs)
     except DataError as error:
         raise UserError(str(error)) from None
 
@@ -81,17 +81,10 @@ EPOCH_HEADER = (
 )
 
 
-def _run_train(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from research.experiment.tracking.models import log_model
-    from research.experiment.tracking.runs import start_training_run
-    from research.experiment.tracking.stores import TrackingError
-    from research.experiment.training import train as training
-
-    config = _config_from_args(args)
-    if config.optimizer != "momentum" and args.nesterov:
-        raise UserError("--nesterov applies only to --optimizer momentum")
+def _train_rows(args: argparse.Namespace, config: TrainConfig):
+    """The dataset of ``config`` and its training rows (the first ``--subset`` of them), checked
+    against the batch size and the memory available: (data, x_train (N, 784) uint8 or float,
+    labels_train (N,))."""
     data = _load_data(args, config)
     x_train, labels_train = data.train.images, data.train.labels  # (uint8: floats per batch)
     if args.subset is not None:
@@ -103,6 +96,39 @@ def _run_train(args: argparse.Namespace) -> int:
             f"--batch-size {config.batch_size} is larger than the {len(x_train)} training rows"
         )
     _check_memory(config, len(x_train))
+    return data, x_train, labels_train
+
+
+def _start_train_run(args: argparse.Namespace, config: TrainConfig):
+    """The ``train`` run's MLflow run; None with ``--no-track``."""
+    from research.experiment.tracking.runs import start_run
+    from research.experiment.tracking.stores import TrackingError
+
+    if args.no_track:
+        return None
+    try:
+        return start_run(
+            _train_experiment(args, config),
+            tags={"preset": args.preset, "command": "train"},
+            tracking_uri=args.tracking_uri,
+        )
+    except TrackingError as error:
+        raise UserError(str(error)) from None
+
+
+def _train_experiment(args: argparse.Namespace, config: TrainConfig) -> str:
+    return args.experiment or ("train" if config.dataset == "mnist" else f"train_{config.dataset}")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from research.experiment.tracking.runs import Outputs, run_lifecycle
+    from research.experiment.tracking.stores import TrackingError
+    from research.experiment.training import train as training
+
+    config = _config_from_args(args)
+    if config.optimizer != "momentum" and args.nesterov:
+        raise UserError("--nesterov applies only to --optimizer momentum")
+    data, x_train, labels_train = _train_rows(args, config)
     spec = config.spec()
     print(
         f"training {'x'.join(map(str, spec.sizes))} {config.activation}/{config.output}/"
@@ -110,68 +136,78 @@ def _run_train(args: argparse.Namespace) -> int:
         f"batch_size={config.batch_size}, {config.epochs} epochs, {config.dtype} "
         f"(preset {args.preset}; {spec.n_params:,} parameters) on {data.info.title}"
     )
-
-    run = None
-    experiment = args.experiment or (
-        "train" if config.dataset == "mnist" else f"train_{config.dataset}"
-    )
-    if not args.no_track:
-        try:
-            run = start_training_run(
-                experiment,
-                tags={"preset": args.preset, "command": "train"},
-                tracking_uri=args.tracking_uri,
-            )
-            run.log_config(config, len(x_train))
-        except TrackingError as error:
-            raise UserError(str(error)) from None
-
-    progress = tqdm(
-        total=config.epochs, unit="epoch", disable=args.quiet, leave=False, dynamic_ncols=True
-    )
-    tqdm.write(EPOCH_HEADER)
-
-    def on_step(epoch: int, step: int, steps: int) -> None:
-        if step % 20 == 0 or step == steps - 1:
-            progress.set_postfix_str(f"step {step + 1}/{steps}", refresh=False)
-            progress.update(0)
-
-    def on_epoch(metrics: EpochMetrics, params) -> None:
-        progress.update(1)
-        tqdm.write(_epoch_row(metrics))
-        if run is not None:
-            run.log_epoch(metrics)
-
+    run = _start_train_run(args, config)
     started = time.perf_counter()
     try:
-        result = training.train(
-            config,
-            x_train,
-            labels_train,
-            data.validation.x,
-            data.validation.labels,
-            on_epoch=on_epoch,
-            on_step=None if args.quiet else on_step,
-        )
+        with run_lifecycle(run), _EpochProgress(config.epochs, args.quiet) as progress:
+            if run is not None:
+                run.log_config(config, len(x_train))
+            result = training.train(
+                config, x_train, labels_train, data.validation.x, data.validation.labels,
+                on_epoch=lambda metrics, params: progress.epoch(metrics, run),
+                on_step=None if args.quiet else progress.step,
+            )  # fmt: skip
+            progress.close()
+            wall = time.perf_counter() - started
+            summary = _train_summary(args, result, data, spec, wall)
+            if run is not None:
+                run.log_metrics(summary, step=result.history[-1].epoch)
+                title = f"run {run.run_id[:8]}"
+                images = data.test.images
+                run.save_on_success(
+                    Outputs(result.history, title, result.params, spec, config, images)
+                )
     except DivergenceError as error:
-        progress.close()
-        if run is not None:
-            run.diverged(error)
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as error:
-        progress.close()
-        if run is not None:
-            run.end("FAIL", "KILLED", interruption(error))
         print(f"{interruption(error)}; the MLflow run is marked KILLED", file=sys.stderr)
         return 143 if isinstance(error, Terminated) else 130
-    except BaseException as error:
-        progress.close()
+    except TrackingError as error:
+        raise UserError(str(error)) from None
+    if run is not None:
+        print(f"MLflow run {run.run_id} in experiment '{_train_experiment(args, config)}'")
+        print(f"its MLflow model: {run.model_uri} (load and serve it: docs/models.md)")
+        print(f"browse it: {run.ui_hint}")
+    return 0
+
+
+class _EpochProgress:
+    """``train``'s progress: a tqdm bar over the epochs, a table row per epoch, and each
+    epoch logged to the run (if tracked)."""
+
+    def __init__(self, epochs: int, quiet: bool) -> None:
+        from tqdm import tqdm
+
+        self.tqdm = tqdm
+        self.bar = tqdm(total=epochs, unit="epoch", disable=quiet, leave=False, dynamic_ncols=True)
+        tqdm.write(EPOCH_HEADER)
+
+    def __enter__(self) -> _EpochProgress:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def step(self, epoch: int, step: int, steps: int) -> None:
+        if step % 20 == 0 or step == steps - 1:
+            self.bar.set_postfix_str(f"step {step + 1}/{steps}", refresh=False)
+            self.bar.update(0)
+
+    def epoch(self, metrics: EpochMetrics, run) -> None:
+        self.bar.update(1)
+        self.tqdm.write(_epoch_row(metrics))
         if run is not None:
-            run.end("FAIL", "FAILED", repr(error))
-        raise
-    progress.close()
-    wall = time.perf_counter() - started
+            run.log_epoch(metrics)
+
+
+def _train_summary(args: argparse.Namespace, result, data, spec, wall: float) -> dict:
+    """Prints how the training went (and the test accuracy, with ``--evaluate-test``); returns
+    the run's summary metrics."""
+    from research.experiment.training import train as training
 
     last = result.history[-1]
     best = max(result.history, key=lambda m: m.val_accuracy)
@@ -187,20 +223,7 @@ def _run_train(args: argparse.Namespace) -> int:
         )
         print(f"test accuracy (evaluated once, at the end): {100 * test_accuracy:.2f}%")
         summary.update({"test_accuracy": test_accuracy, "test_loss": test_loss})
-
-    if run is not None:
-        try:
-            run.log_metrics(summary, step=last.epoch)
-            run.save_outputs(result.history, f"run {run.run_id[:8]}", result.params, spec)
-            model = log_model(run, result.params, config, data.test.images, step=last.epoch)
-        except TrackingError as error:
-            run.end("FAIL", "FAILED", str(error))
-            raise UserError(str(error)) from None
-        run.end("COMPLETE", "FINISHED")
-        print(f"MLflow run {run.run_id} in experiment '{experiment}'")
-        print(f"its MLflow model: {model} (load and serve it: docs/models.md)")
-        print(f"browse it: {run.ui_hint}")
-    return 0
+    return summary
 
 
 def _run_gradcheck(args: argparse.Namespace) -> int:
@@ -269,7 +292,7 @@ def _run_study(args: argparse.Namespace) -> int:
             tracking_uri=args.tracking_uri,
             workers=args.workers,
             subset=args.subset,
-            mnist_dir=args.mnist_dir,
+            source_dir=args.source_dir,
             data_dir=args.data_dir,
             quiet=args.quiet,
             final=not args.no_final,
@@ -304,7 +327,7 @@ def _run_rerun(args: argparse.Namespace) -> int:
     from research.experiment.tracking.stores import TrackingError
 
     try:
-        result = rerun(args.run_id, args.tracking_uri, args.mnist_dir, args.data_dir)
+        result = rerun(args.run_id, args.tracking_uri, args.source_dir, args.data_dir)
     except (TrackingError, RerunError, DataError) as error:
         raise UserError(str(error)) from None
     print(f"{'epoch':>5}  " + "  ".join(f"{k + ' logged':>18}  {'rerun':>18}" for k in METRICS))
@@ -342,7 +365,7 @@ def _run_report(args: argparse.Namespace) -> int:
             tracking_uri=args.tracking_uri,
             out=args.out,
             storage=args.storage,
-            mnist_dir=args.mnist_dir,
+            source_dir=args.source_dir,
             data_dir=args.data_dir,
             log_to_mlflow=not args.no_log,
         )
@@ -372,7 +395,7 @@ def _run_bench(args: argparse.Namespace) -> int:
             json_file=args.json,
             experiment=None if args.no_track else args.experiment,
             tracking_uri=args.tracking_uri,
-            mnist_dir=args.mnist_dir,
+            source_dir=args.source_dir,
             data_dir=args.data_dir,
         )
     except (BenchError, DataError, TrackingError) as error:

@@ -4,9 +4,9 @@ from ``run_study`` through the project's own functions.
 
     python scripts/measure_structure.py [--long]
 
-The walk: from ``run_study``, every call to a project function (resolved through the module's
-imports and its own definitions) is followed once, depth first. A *move* is one call followed; a
-*climb back up* is a call into another module (the reader must come back to where they were).
+The walk follows ``run_study``'s ``config`` through the code: every call that passes it (or
+something made from it) to a project function is a *move* into that function, followed once;
+a move into another module is a *climb back up* (the reader must come back to where they were).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ FOLDERS = ("research", "analysis")
 # Calls that start or end an MLflow run (the client's, and the project's own wrappers of them).
 RUN_EDGES = re.compile(
     r"\.(create_run|set_terminated|end|finish|diverged|create_parent|start_trial_run)\(|"
-    r"\b(start_training_run|mlflow\.start_run|mlflow\.end_run)\("
+    r"\b(start_run|mlflow\.start_run|mlflow\.end_run)\("
 )
 # Private attributes of Optuna objects used by the project.
 PRIVATE = re.compile(
@@ -87,42 +87,85 @@ def imported_names(module: str) -> dict[str, tuple[str, str]]:
     return found
 
 
-def walk(start_module: str, start: str) -> tuple[int, int]:
+def _passes(node: ast.AST, names: set[str], variable: str = "config") -> bool:
+    """Whether ``node`` is a tracked name, or the variable held by one (``request.config``)."""
+    if isinstance(node, ast.Attribute) and node.attr == variable:
+        node = node.value
+    return isinstance(node, ast.Name) and node.id in names
+
+
+def _callee(func: ast.AST, module: str, defs, imports) -> tuple[str, str] | None:
+    """The project function a call's ``func`` names: a function of the module or one it
+    imports, or a method (by its bare name) of the module or of a module it imports."""
+    if isinstance(func, ast.Name):
+        if func.id in defs[module]:
+            return module, func.id
+        if func.id in imports and imports[func.id][1] in defs.get(imports[func.id][0], {}):
+            return imports[func.id]
+        return None
+    if isinstance(func, ast.Attribute):
+        if func.attr in defs[module]:
+            return module, func.attr
+        for owner, _ in imports.values():
+            if func.attr in defs.get(owner, {}):
+                return owner, func.attr
+    return None
+
+
+def walk(start_module: str, start: str, variable: str = "config") -> tuple[int, int]:
+    """Follows ``variable`` from ``start``: every call that passes it (or an expression made
+    from it) to a project function is a move into that function, where the parameter that
+    received it is followed in turn; a move into another module is a climb back up."""
     defs = definitions()
-    seen = {(start_module, start)}
+    seen: set[tuple[str, str]] = set()
+    queued: set[tuple[str, str]] = set()
     moves = climbs = 0
-    stack = [(start_module, start)]
+    stack = [(start_module, start, {variable})]
     while stack:
-        module, name = stack.pop()
+        module, name, tracked = stack.pop()
+        if (module, name) in seen:
+            continue
+        seen.add((module, name))
         node = defs.get(module, {}).get(name)
         if node is None:
             continue
         imports = imported_names(module)
+        # aliases and holders of a tracked name are tracked too: ``config = request.config``,
+        # ``request = StudyRequest(config, ...)`` (a class: a capitalised name)
+        for statement in ast.walk(node):
+            if not isinstance(statement, ast.Assign):
+                continue
+            value = statement.value
+            holder = isinstance(value, ast.Call) and isinstance(value.func, ast.Name)
+            holder = holder and value.func.id[:1].isupper()
+            if (_passes(value, tracked) or holder) and any(
+                _passes(arg, tracked) for arg in getattr(value, "args", [value])
+            ):
+                for target in statement.targets:
+                    tracked |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
         for call in ast.walk(node):
             if not isinstance(call, ast.Call):
                 continue
-            func = call.func
-            target = None
-            if isinstance(func, ast.Name):
-                if func.id in defs[module]:
-                    target = (module, func.id)
-                elif func.id in imports and imports[func.id][0] in defs:
-                    target = imports[func.id]
-            elif isinstance(func, ast.Attribute):
-                if func.attr in defs[module]:
-                    target = (module, func.attr)
-                else:  # a method of an imported class: the first module that defines it
-                    owners = [m for m, _ in imports.values() if func.attr in defs.get(m, {})]
-                    if owners:
-                        target = (owners[0], func.attr)
-            if target is None or target not in {(m, n) for m in defs for n in defs[m]}:
+            target = _callee(call.func, module, defs, imports)
+            if target is None:
                 continue
-            if target in seen:
+            callee = defs[target[0]][target[1]]
+            params = [a.arg for a in callee.args.args if a.arg not in ("self", "cls")]
+            params += [a.arg for a in callee.args.kwonlyargs]
+            received = {
+                params[i]
+                for i, arg in enumerate(call.args)
+                if i < len(params) and _passes(arg, tracked)
+            }
+            received |= {k.arg for k in call.keywords if k.arg and _passes(k.value, tracked)}
+            if isinstance(call.func, ast.Attribute) and _passes(call.func.value, tracked):
+                received.add("self")  # a method of the tracked object
+            if not received or target in seen or target in queued:
                 continue
-            seen.add(target)
+            queued.add(target)
             moves += 1
             climbs += target[0] != module
-            stack.append(target)
+            stack.append((target[0], target[1], received))
     return moves, climbs
 
 
@@ -152,7 +195,7 @@ def main() -> None:
         for i, line in enumerate(p.read_text().splitlines(), 1)
         if PRIVATE.search(line) and not line.lstrip().startswith("#")
     ]
-    compat = [s for s in private if ".compat" in s]
+    compat = [s for s in private if s.split(":")[0].endswith("compat")]
     study_module = next(m for m in definitions() if "run_study" in definitions()[m])
     moves, climbs = walk(study_module, "run_study")
     print(f"non-test lines (research/, analysis/): {lines}")

@@ -25,8 +25,9 @@ import numpy as np  # noqa: E402
 import research.experiment.studies.trials as trials_module  # noqa: E402
 from research.data import load_mnist  # noqa: E402
 from research.experiment.config.study_config import load_study_config, with_overrides  # noqa: E402
-from research.experiment.studies.trials import TrialContext, load_study, run_next_trial  # noqa: E402
-from research.experiment.tracking.runs import StudyTracker  # noqa: E402
+from research.experiment.studies.optuna_study import load_study  # noqa: E402
+from research.experiment.studies.trials import TrialContext, run_next_trial  # noqa: E402
+from research.experiment.tracking.study_runs import StudyTracker  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = {"hidden_size": 256, "learning_rate": 0.1, "batch_size": 128, "l2": 0.0}

@@ -1,46 +1,107 @@
-"""Test helpers: one comparison for parameter-shaped trees (lists of {"W", "b"} dicts).
+"""Test helpers: the one comparison of the tests, and shared test data.
 
-Import it as ``from helpers import assert_trees_close``: pytest puts this folder on ``sys.path``
+Import them as ``from helpers import assert_close``: pytest puts this folder on ``sys.path``
 (rootdir-based insertion for a tests folder without ``__init__.py``). The comparison itself, and
-the tolerance table, are the library's (:mod:`research.verify.compare`), shared with gradcheck.
+the tolerance table, are the library's (:mod:`research.verify.compare`), shared with gradcheck:
+no test writes a tolerance of its own.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 
-from research.verify.compare import Tree, compare_trees
+from research.verify.compare import (
+    ArrayCheck,
+    Tolerance,
+    Tree,
+    compare_arrays,
+    compare_trees,
+    tolerance,
+)
+
+#: the tolerance of :func:`assert_close` that asks for the same bits
+EXACT = "exact"
 
 
-def assert_trees_close(
-    actual: Tree,
-    expected: Tree,
-    rtol: float,
-    atol: float,
-    what: str = "grads",
+def assert_close(
+    actual: Any,
+    expected: Any,
+    tol: str | Tolerance,
+    what: str = "values",
     *,
     check_dtype: bool = True,
 ) -> None:
-    """Asserts two parameter-shaped trees match in structure, shape, dtype and values.
+    """Asserts two values match in structure, shape, dtype and values: the tests' one comparison.
 
-    Values must satisfy ``|actual − expected| <= atol + rtol·|expected|`` elementwise (NaN never
-    matches). Every mismatching array is listed in the failure message as e.g.
-    ``grads: layer 1 W (3, 4): max abs err 2.1e-09, max rel err 3.4e-07; worst at ...``.
+    The values are parameter-shaped trees (lists with one ``{"W": ..., "b": ...}`` per layer), or
+    arrays, or numbers; arrays may be numpy or anything ``np.asarray`` accepts (e.g. JAX arrays).
+    Every mismatching array is listed in the failure message, e.g. ``grads: layer 1 W (3, 4): max
+    abs err 2.1e-09, max rel err 3.4e-07; worst at ...``.
 
     Args:
-        actual, expected: lists with one ``{"W": ..., "b": ...}`` per layer; arrays may be numpy
-            or anything ``np.asarray`` accepts (e.g. JAX arrays).
-        rtol, atol: relative and absolute tolerance.
-        what: names the tree in messages ("grads", "params after step 3", ...).
-        check_dtype: also require equal dtypes.
+        actual, expected: two trees, two arrays or two numbers.
+        tol: how closely they must agree. ``"exact"`` (:data:`EXACT`): the same bits (NaN equals
+            the same NaN, −0.0 differs from 0.0). A key of
+            :data:`research.verify.compare.TOLERANCES`: its entry for the dtype of ``expected``,
+            ``|actual − expected| <= atol + rtol·|expected|`` elementwise (NaN never matches). Or
+            a :class:`~research.verify.compare.Tolerance` (one of the table's, e.g. widened for
+            an ill-conditioned network).
+        what: names the values in messages ("grads", "params after step 3", ...).
+        check_dtype: also require equal dtypes (always, for ``"exact"``).
     """
-    failed = [
-        check.describe()
-        for check in compare_trees(actual, expected, rtol, atol, check_dtype)
-        if not check.passed
-    ]
+    if _is_tree(expected):
+        arrays = _tree_arrays(actual, expected)
+        tree = expected
+
+        def compare(rtol: float, atol: float, dtype: bool) -> list[ArrayCheck]:
+            return compare_trees(actual, expected, rtol, atol, dtype)
+
+    else:
+        arrays = {what: (np.asarray(actual), np.asarray(expected))}
+        tree = [{"values": expected}]
+
+        def compare(rtol: float, atol: float, dtype: bool) -> list[ArrayCheck]:
+            return [compare_arrays(what, *arrays[what], rtol, atol, dtype)]
+
+    if tol == EXACT:
+        # equal values in other bits fail (-0.0 and 0.0); a NaN against the same NaN passes
+        failed = [
+            check.describe() if not check.passed else f"{check.name}: equal values, other bits"
+            for check in compare(0.0, 0.0, True)
+            if check.problem or not _same_bits(*arrays[check.name])
+        ]
+    else:
+        if isinstance(tol, str):
+            first = next(iter(arrays.values()), (None, np.zeros(0)))[1]
+            tol = tolerance(tol, first.dtype)
+        failed = [c.describe() for c in compare(*tol.for_tree(tree), check_dtype) if not c.passed]
     if failed:
         raise AssertionError(f"{what} differ:\n  " + "\n  ".join(failed))
+
+
+def _is_tree(value: Any) -> bool:
+    return isinstance(value, list | tuple) and all(isinstance(layer, Mapping) for layer in value)
+
+
+def _tree_arrays(actual: Tree, expected: Tree) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The arrays of two trees by the names :func:`compare_trees` gives them (``layer 0 W``)."""
+    return {
+        f"layer {i} {key}": (np.asarray(layer_a[key]), np.asarray(layer_e[key]))
+        for i, (layer_a, layer_e) in enumerate(zip(actual, expected))
+        for key in layer_e
+        if key in layer_a
+    }
+
+
+def _same_bits(a: np.ndarray, e: np.ndarray) -> bool:
+    """Equal dtypes, shapes and bits."""
+    if a.dtype != e.dtype or a.shape != e.shape:
+        return False
+    a, e = np.ascontiguousarray(a), np.ascontiguousarray(e)
+    return bool(np.array_equal(a.view(np.uint8), e.view(np.uint8)))
 
 
 def copy_run(client, source, experiment_id: str, drop=(), change=None) -> str:

@@ -1,5 +1,6 @@
 """research.engine.blas_kernels: which OpenBLAS kernels numpy runs, chosen before numpy loads it
-(by ``python -m research`` at its entry; importing the library changes nothing)."""
+(by ``python -m research`` at its entry; that importing the library chooses nothing is a rule of
+tests/test_layout.py)."""
 
 from __future__ import annotations
 
@@ -118,13 +119,6 @@ def test_the_command_chooses_the_kernels_for_this_cpu():
         assert found["kernels"] in {"Haswell", "Zen"}
     else:
         assert found["variable"] is None
-
-
-def test_importing_the_library_chooses_nothing():
-    # numpy loads with OpenBLAS's own choice, and the environment is left as it was
-    found = probe("import research, research.engine.mlp, research.experiment.config.fields")
-    assert found["variable"] is None
-    assert found["kernels"] == probe("import numpy")["kernels"]
 
 
 def test_numpy_loaded_first_pins_its_kernels_for_worker_processes():

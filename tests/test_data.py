@@ -18,8 +18,6 @@ import os
 import shutil
 import socket
 import struct
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,18 +31,7 @@ from research.data import MNIST_DIGESTS, DataError, load_mnist, one_hot
 from research.data import idx as data
 from research.data.datasets import MNIST_INFO
 
-REPO = Path(__file__).resolve().parents[1]
 NAMES = sorted(MNIST_DIGESTS)
-
-
-def _mnist_dir() -> Path:
-    """$RESEARCH_MNIST_DIR, else ../shared/data/mnist beside the repo (as in CI)."""
-    folder = Path(os.environ.get("RESEARCH_MNIST_DIR") or REPO.parent / "shared" / "data" / "mnist")
-    if not folder.is_dir():
-        pytest.fail(
-            f"MNIST folder {folder} not found: set RESEARCH_MNIST_DIR (tests never download)"
-        )
-    return folder
 
 
 def _source(folder: Path, name: str) -> Path:
@@ -69,11 +56,6 @@ def _parse_idx(raw: bytes) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def mnist_folder() -> Path:
-    return _mnist_dir()
-
-
-@pytest.fixture(scope="session")
 def idx(mnist_folder: Path) -> dict[str, np.ndarray]:
     """The four IDX files parsed directly: images (N, 28, 28) uint8, labels (N,) uint8."""
     return {name: _parse_idx(_decompressed(mnist_folder, name)) for name in NAMES}
@@ -93,7 +75,7 @@ class FirstRun:
 def first_run(tmp_path_factory: pytest.TempPathFactory, mnist_folder: Path) -> FirstRun:
     """A data dir prepared once for the session, right after a failed attempt in the same dir.
 
-    The failed attempt gets no ``mnist_dir``, so the builder takes its files from tfds' default
+    The failed attempt gets no ``source_dir``, so the builder takes its files from tfds' default
     manual dir (where one is corrupt): the verification then fails inside download_and_prepare,
     after tfds created its incomplete.* dir. Recording it here, instead of in a test of its own,
     saves a second cold preparation (~10 s); ``test_failure_inside_tfds_...`` checks it.
@@ -138,7 +120,6 @@ def test_splits_shapes_dtypes_ranges(prepared: Path) -> None:
         assert split.labels.shape == (n,) and split.labels.dtype == np.int64
         assert split.x.min() == 0.0 and split.x.max() == 1.0
         assert set(np.unique(split.labels)) == set(range(10))
-    assert "tensorflow" not in sys.modules  # tfds works without TensorFlow, never imports it
 
 
 def test_canonical_order(prepared: Path, idx: dict[str, np.ndarray]) -> None:
@@ -190,18 +171,6 @@ def test_warm_load_uses_the_cache(prepared: Path, monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(data, "_arrays_from_tfds", must_not_prepare)
     assert load_mnist(data_dir=prepared).train.labels[:5].tolist() == [5, 0, 4, 1, 9]
-
-
-def test_import_and_warm_load_do_not_import_tfds(prepared: Path) -> None:
-    code = (
-        "import sys\n"
-        "import research.data as d\n"
-        "assert 'tensorflow_datasets' not in sys.modules, 'import research.data imported tfds'\n"
-        f"d.load_mnist(data_dir={str(prepared)!r})\n"
-        "assert 'tensorflow_datasets' not in sys.modules, 'a warm load imported tfds'\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=env, timeout=60)
 
 
 def _rewrite_cache(path: Path, **changes: object) -> None:
@@ -319,7 +288,7 @@ def test_bad_source_file_raises_before_writing_anything(
     message = str(excinfo.value)
     assert str(bad) in message
     assert MNIST_DIGESTS[name] in message
-    assert "RESEARCH_MNIST_DIR" in message and "--mnist-dir" in message
+    assert "RESEARCH_MNIST_DIR" in message and "--source-dir" in message
     if how in ("wrong_digest", "short_raw"):
         assert f"is {hashlib.sha256(_decompressed_file(bad)).hexdigest()}" in message
     # The folder is checked before tfds runs: not even the data dir is created.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import fashion_mnist_dir, mnist_dir
+from conftest import fashion_mnist_dir, mnist_source_dir
 from test_study import artifact_paths, mlflow_client, run_cli, sqlite_uri, study_runs
 
 from research.data import DATASETS, DataError, dataset_info, load_dataset, load_named
@@ -67,7 +67,10 @@ def test_each_dataset_is_described_once_with_its_files_classes_and_sources():
 
 
 def test_the_digests_are_those_of_the_shared_folders_and_the_tfds_registry():
-    for info, folder in ((MNIST_INFO, mnist_dir()), (FASHION_MNIST_INFO, fashion_mnist_dir())):
+    for info, folder in (
+        (MNIST_INFO, mnist_source_dir()),
+        (FASHION_MNIST_INFO, fashion_mnist_dir()),
+    ):
         sums = dict(
             reversed(line.split()) for line in (folder / "SHA256SUMS.raw").read_text().splitlines()
         )
@@ -169,7 +172,7 @@ def test_another_datasets_files_are_refused_naming_them(tmp_path: Path, mix: str
     shutil.copytree(fashion_mnist_dir(), folder)
     swapped = NAMES if mix == "all" else ("train-labels-idx1-ubyte",)
     for name in swapped:
-        shutil.copy(mnist_dir() / f"{name}.gz", folder / f"{name}.gz")
+        shutil.copy(mnist_source_dir() / f"{name}.gz", folder / f"{name}.gz")
     data_dir = tmp_path / "data"
     with pytest.raises(DataError) as excinfo:
         load_dataset("fashion_mnist", folder, data_dir)
@@ -196,10 +199,20 @@ def test_a_corrupt_fashion_file_is_named_with_its_digest(tmp_path: Path):
     assert FASHION_MNIST_INFO.digests["t10k-labels-idx1-ubyte"] in message
 
 
-def test_mnist_dir_is_mnists_folder_only(fashion_data_dir: Path):
-    """``--mnist-dir`` keeps its meaning: given with another dataset it is not read."""
-    fashion = load_named("fashion_mnist", "/nonexistent/mnist", fashion_data_dir)
-    assert fashion.info.name == "fashion_mnist"
+def test_the_source_folder_serves_whichever_dataset_is_asked_for(tmp_path: Path):
+    """``--source-dir`` (old name ``--mnist-dir``) is the folder of the run's dataset, MNIST or
+    not: a Fashion-MNIST run reads it (and names it when the files are not there)."""
+    with pytest.raises(DataError, match="/nonexistent/source"):
+        load_named("fashion_mnist", "/nonexistent/source", tmp_path / "fresh")
+
+
+def test_mnist_dir_is_the_old_name_of_source_dir():
+    from research.arguments import build_parser
+
+    parser = build_parser()
+    for flag in ("--source-dir", "--mnist-dir"):
+        args = parser.parse_args(["train", flag, "/some/folder"])
+        assert args.source_dir == "/some/folder"
 
 
 # --- the training field -------------------------------------------------------------------------

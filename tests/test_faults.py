@@ -4,7 +4,7 @@ study run as process 1 of a new PID namespace, as in a container), a worker on "
 (a UTS namespace with its own hostname) killed with SIGKILL, a worker stopped with SIGSTOP past
 its heartbeat, a search space changed under an existing study, SIGTERM to a study with two
 workers, a final refit that diverges or is interrupted, and a loss that explodes yet stays
-finite. The Optuna internals the study runner relies on are pinned at the end.
+finite. The Optuna internals the study runner relies on are pinned in test_optuna_compat.py.
 
 Mounting a tmpfs and entering namespaces needs root (CI runs as root); elsewhere these tests fail
 with a clear message unless ``RESEARCH_NO_ROOT=1`` is set, which skips them (the skips show).
@@ -204,7 +204,6 @@ def test_a_full_disk_under_the_journal_loses_nothing_and_the_study_resumes(tmp_p
         assert records[-1] == b"" and all(json.loads(record) for record in records[:-1])
         before = finished(journal_study(journal))
         assert before, "the disk filled before any trial finished: make the tmpfs larger"
-        print(f"journal full after {len(before)} finished trials ({journal.stat().st_size} B)")
 
         grow(small, "1m")
         for _ in range(2):
@@ -251,7 +250,6 @@ def test_a_full_tracking_store_stops_with_one_line_and_the_trial_is_queued_again
         assert code == 2, out + err
         line = one_error_line(err)
         assert str(store) in line and re.search("free (some )?space", line), line
-        print(f"{size}: {line}")
         study = journal_study(journal)
         failed = [t for t in study.get_trials() if t.state.name == "FAIL"]
         assert all(ATTR_INTERRUPTED in t.system_attrs for t in failed)  # (none if it stopped
@@ -551,8 +549,8 @@ def study_with_a_completed_trial(folder: Path, params: dict) -> list[str]:
     import optuna
 
     from research.experiment.config.study_config import load_study_config
+    from research.experiment.studies.optuna_study import distribution
     from research.experiment.studies.storage import open_storage
-    from research.experiment.studies.trials import distribution
 
     config = load_study_config(MNIST_MLP)
     storage = open_storage(str(folder / "mlruns" / "optuna.journal"))
@@ -656,35 +654,6 @@ def test_a_run_that_learns_stays_under_the_explosion_limit(mnist):
     assert loss_limit(5.0) == 50.0
 
 
-# --- Optuna internals the study runner relies on --------------------------------------------------
-
-
-def test_the_optuna_internals_we_rely_on_are_still_there(tmp_path):
-    """Public Optuna has no API for these; if an upgrade changes them, this fails first:
-    ``Study._storage`` and ``Trial._trial_id`` (to record a trial's worker and beat its heart),
-    the storage's ``record_heartbeat``/``get_heartbeat_interval`` (the heartbeat thread of
-    ``trials.heartbeat``), and ``check_distribution_compatibility`` (the search-space check)."""
-    import optuna
-    from optuna.distributions import (
-        CategoricalDistribution,
-        IntDistribution,
-        check_distribution_compatibility,
-    )
-
-    from research.experiment.studies.storage import open_storage
-
-    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
-    study = optuna.create_study(study_name="pins", storage=storage)
-    with pytest.warns(UserWarning, match="Heartbeat of storage is supposed to be used"):
-        trial = study.ask()  # (run_next_trial silences exactly this warning)
-    assert isinstance(trial._trial_id, int)
-    assert study._storage.get_trial(trial._trial_id).number == trial.number
-    assert study._storage.get_heartbeat_interval() == 20
-    study._storage.record_heartbeat(trial._trial_id)
-    with pytest.raises(ValueError, match="different distribution kind"):
-        check_distribution_compatibility(IntDistribution(16, 32), CategoricalDistribution([16, 32]))
-
-
 # --- stores that must be refused -----------------------------------------------------------------
 
 
@@ -738,7 +707,7 @@ def test_a_new_journal_beside_an_existing_studys_runs_is_refused(tmp_path):
 def test_commands_started_together_name_one_parent_run_through_the_storage(tmp_path):
     """The parent run is chosen by whoever created the study (atomic), and named in the study:
     no clock is compared and no run deleted."""
-    from research.experiment.studies.study import ATTR_PARENT_RUN
+    from research.experiment.tracking.study_runs import ATTR_PARENT_RUN
 
     uri = sqlite_uri(tmp_path)
     code, out, err = run_cli(study_argv(uri, n_trials=1, epochs=1, subset=300))

@@ -331,7 +331,7 @@ def test_the_comparison_of_an_empty_store_holds_no_made_up_numbers(tmp_path):
     from test_study import sqlite_uri
 
     from analysis.comparison import COLUMNS, comparison
-    from research.experiment.tracking.runs import StudyTracker
+    from research.experiment.tracking.study_runs import StudyTracker
 
     uri = sqlite_uri(tmp_path)
     StudyTracker.open("s", uri)

@@ -3,7 +3,8 @@
 Every activation × (output, loss) pairing, 1–4 hidden layers, batch 1 and more, with and without
 l2, in float64 and float32: loss values, every gradient array and the forward pass must agree.
 
-Tolerances (the ``gradients`` and ``loss`` rows of research/verify/compare.py's table):
+Tolerances (the ``gradients``, ``loss`` and ``forward`` rows of research/verify/compare.py's
+table):
 
 - float64: loss rtol 1e-12, gradients rtol 1e-10 / atol 1e-12. The two implementations only
   differ in summation order and in how nonlinearities are evaluated, i.e. by a few ulp (~1e-16)
@@ -20,6 +21,9 @@ Tolerances (the ``gradients`` and ``loss`` rows of research/verify/compare.py's 
   stability test may meet large pre-activations and gradients, where rounding grows with them:
   there the float64 atol is also relative to the largest gradient entry, and hypothesis cases
   multiply every tolerance by ``conditioning`` = max(1, max|z| / 10) (1 for ordinary networks).
+- The forward pass alone (float64): rtol 1e-12, atol 1e-15, with no backward pass to grow the
+  rounding; for hypothesis networks the atol is relative to the largest output, and both are
+  multiplied by the conditioning.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import warnings
 
 import numpy as np
 import pytest
-from helpers import ACTIVATIONS, OUTPUT_LOSSES, assert_trees_close, make_targets
+from helpers import ACTIVATIONS, EXACT, OUTPUT_LOSSES, assert_close, make_targets
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -38,13 +42,9 @@ from hypothesis.extra import numpy as hnp
 from research.engine import mlp
 from research.engine.mlp import MLPSpec
 from research.verify import reference
-from research.verify.compare import tolerance
+from research.verify.compare import Tolerance, tolerance
 
 Params = list[dict[str, np.ndarray]]
-
-
-def _largest(tree: Params) -> float:
-    return max(float(np.max(np.abs(a))) for layer in tree for a in layer.values())
 
 
 def largest_preactivation(params: Params, x: np.ndarray, spec: MLPSpec) -> float:
@@ -88,17 +88,22 @@ def check_against_reference(
     value, grads = mlp.loss_and_grads(params, x, y, spec, masks)
     ref_value, ref_grads = reference.loss_and_grads(params, x, y, spec, masks)
     assert isinstance(value, float) and math.isfinite(value), value
-    loss_rtol, loss_atol = loss_tol.rtol * cond, loss_tol.atol * cond
-    assert value == pytest.approx(ref_value, rel=loss_rtol, abs=loss_atol)
+    loss_tol = widened(loss_tol, cond)
+    assert_close(value, ref_value, loss_tol, "loss against JAX's", check_dtype=False)
     if masks is None:  # the numpy loss() must be the same objective as loss_and_grads'
-        assert mlp.loss(params, x, y, spec) == pytest.approx(value, rel=loss_rtol, abs=loss_atol)
-    scaled = tol.scale_atol or scale_atol
-    atol = tol.atol * cond * (max(1.0, _largest(ref_grads)) if scaled else 1.0)
+        assert_close(mlp.loss(params, x, y, spec), value, loss_tol, "loss() against loss_and_grads")
     for layer in grads:
         for a in layer.values():
             assert a.dtype == dtype and np.all(np.isfinite(a))
-    assert_trees_close(grads, ref_grads, rtol=tol.rtol * cond, atol=atol, what=f"grads ({spec})")
+    tol = widened(tol, cond, scale_atol=tol.scale_atol or scale_atol)
+    assert_close(grads, ref_grads, tol, what=f"grads ({spec})")
     return value, grads
+
+
+def widened(tol: Tolerance, cond: float, scale_atol: bool = False) -> Tolerance:
+    """``tol`` with rtol and atol multiplied by ``cond`` and, with ``scale_atol``, the atol made
+    relative to the largest |entry| of the tree compared."""
+    return Tolerance(tol.rtol * cond, tol.atol * cond, tol.scale_atol or scale_atol)
 
 
 def spec_for(activation: str, output: str, loss: str, depth: int, l2: float = 0.0) -> MLPSpec:
@@ -143,11 +148,10 @@ def test_dropout_grid_float64(activation: str, output: str, loss_name: str, dept
     # a mask that drops nothing changes nothing; one that drops a whole layer cuts every
     # gradient below it (but the biases of the layers above)
     ones = [np.ones((6, n)) for n in spec.sizes[:-1]]
-    assert_trees_close(
+    assert_close(
         mlp.loss_and_grads(params, x, y, spec, ones)[1],
         mlp.loss_and_grads(params, x, y, spec)[1],
-        rtol=0,
-        atol=0,
+        EXACT,
     )
     zeros = [None] * (spec.n_layers - 1) + [np.zeros((6, spec.sizes[-2]))]
     no_l2 = spec_for(activation, output, loss_name, depth)
@@ -182,7 +186,7 @@ def test_forward_agrees(activation: str, output: str, depth: int) -> None:
     params, x, _ = problem(spec, batch=7, seed=3)
     out = mlp.forward(params, x, spec)
     assert out.shape == (7, 3) and out.dtype == np.float64
-    np.testing.assert_allclose(out, reference.forward(params, x, spec), rtol=1e-12, atol=1e-15)
+    assert_close(out, reference.forward(params, x, spec), "forward", "forward pass")
 
 
 # --- random networks, batches and parameters (hypothesis) ---------------------------------------
@@ -257,8 +261,8 @@ def test_random_forward(case) -> None:
     out = mlp.forward(params, x, spec)
     expected = reference.forward(params, x, spec)
     cond = conditioning(params, x, spec)
-    atol = 1e-13 * cond * max(1.0, float(np.max(np.abs(expected))))
-    np.testing.assert_allclose(out, expected, rtol=1e-12 * cond, atol=atol)
+    tol = widened(tolerance("forward", np.float64), cond, scale_atol=True)
+    assert_close(out, expected, tol, "forward pass")
 
 
 # --- numerical stability -------------------------------------------------------------------------
@@ -302,14 +306,14 @@ def test_huge_logits_are_finite_and_agree(
 # --- the comparison itself -----------------------------------------------------------------------
 
 
-def test_assert_trees_close_names_layer_array_and_error() -> None:
+def test_assert_close_names_layer_array_and_error() -> None:
     """The helper fails on values, shapes, dtypes, keys and NaN, naming the layer and array."""
     tree = [{"W": np.ones((2, 3)), "b": np.zeros(3)}, {"W": np.ones((3, 1)), "b": np.zeros(1)}]
-    assert_trees_close(tree, [dict(layer) for layer in tree], rtol=0, atol=0)
+    assert_close(tree, [dict(layer) for layer in tree], EXACT)
 
-    def fails(actual, match: str) -> None:
+    def fails(actual, match: str, tol: str = "gradients") -> None:
         with pytest.raises(AssertionError, match=match):
-            assert_trees_close(actual, tree, rtol=1e-10, atol=1e-12, what="grads")
+            assert_close(actual, tree, tol, what="grads")
 
     off = [dict(layer) for layer in tree]
     off[1] = {"W": np.array([[1.0], [1.0 + 1e-6], [1.0]]), "b": np.zeros(1)}
@@ -325,3 +329,33 @@ def test_assert_trees_close_names_layer_array_and_error() -> None:
     fails([tree[0], {"W": np.ones((3, 1), np.float32), "b": np.zeros(1)}], r"layer 1 W: dtype")
     fails([tree[0], {"W": np.ones((3, 1))}], r"layer 1: keys \['W'\], expected \['W', 'b'\]")
     fails(tree[:1], "1 layers, expected 2")
+    # "exact": the same bits, not merely equal values; a NaN equals the same NaN
+    one_ulp = [dict(layer) for layer in tree]
+    one_ulp[0] = {"W": np.ones((2, 3)), "b": np.array([0.0, 0.0, 5e-324])}
+    assert_close(one_ulp, tree, "gradients")
+    fails(one_ulp, r"layer 0 b \(3,\): max abs err 4\.941e-324", EXACT)
+    negative_zero = [dict(layer) for layer in tree]
+    negative_zero[0] = {"W": np.ones((2, 3)), "b": np.array([0.0, -0.0, 0.0])}
+    fails(negative_zero, r"grads differ:\n  layer 0 b: equal values, other bits$", EXACT)
+    fails(
+        [tree[0], {"W": np.ones((3, 1), np.float32), "b": np.zeros(1)}], r"layer 1 W: dtype", EXACT
+    )
+    assert_close(nan, [dict(layer) for layer in nan], EXACT)
+
+
+def test_assert_close_compares_arrays_and_numbers_as_it_compares_trees() -> None:
+    assert_close(np.float64(0.1) + 0.2, 0.3, "same_operations", "a sum")
+    with pytest.raises(
+        AssertionError, match=r"a sum differ:\n  a sum \(\): max abs err 5\.551e-17"
+    ):
+        assert_close(0.1 + 0.2, 0.3, EXACT, "a sum")
+    x = np.linspace(0.0, 1.0, 5)
+    assert_close(x, x.copy(), EXACT, "x")
+    with pytest.raises(AssertionError, match=r"x: shape \(4,\), expected \(5,\)"):
+        assert_close(x[:4], x, "forward", "x")
+    with pytest.raises(AssertionError, match=r"x: dtype float32, expected float64"):
+        assert_close(x.astype(np.float32), x, "forward", "x")
+    assert_close(x.astype(np.float32), x, "loss", "x", check_dtype=False)  # the float64 row
+    # the row of the table is the expected value's dtype's; a kind without it is refused
+    with pytest.raises(ValueError, match="no trajectory tolerance for float32"):
+        assert_close(x.astype(np.float32), x.astype(np.float32), "trajectory", "x")

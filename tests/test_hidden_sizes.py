@@ -356,7 +356,7 @@ def test_the_memory_check_takes_the_list_that_needs_the_most(tmp_path):
 def test_optuna_suggests_the_lists_as_text(tmp_path):
     import optuna
 
-    from research.experiment.studies.trials import distribution, suggest
+    from research.experiment.studies.optuna_study import distribution, suggest
 
     config = load_study_config(study_file(tmp_path, {}, SEARCHED))
     (param,) = config.search

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from helpers import ACTIVATIONS, OUTPUT_LOSSES, assert_trees_close, make_targets
+from helpers import ACTIVATIONS, EXACT, OUTPUT_LOSSES, assert_close, make_targets
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,8 +24,6 @@ from research.engine.inplace import InPlaceTrainingStep
 from research.experiment.config.fields import PRESETS
 from research.experiment.training.train import train
 from research.verify.compare import tolerance
-
-SAME = tolerance("same_operations", np.float64)
 
 OPTIMIZERS = {
     "sgd": lambda: optim.sgd(0.3),
@@ -82,11 +80,9 @@ def test_in_place_step_equals_loss_and_grads_then_update(
             loss_value = stepper.step(x[rows], y[rows], masks=masks)
         else:
             loss_value = stepper.step(x, y, rows, masks)
-        assert loss_value == pytest.approx(expected_loss, rel=1e-12, abs=1e-14)
-        assert_trees_close(
-            stepper.params, params, SAME.rtol, SAME.atol, what=f"params after step {step + 1}"
-        )
-    assert_trees_close(start, untouched, rtol=0, atol=0, what="the caller's parameters")
+        assert_close(loss_value, expected_loss, "same_operations", f"loss of step {step + 1}")
+        assert_close(stepper.params, params, "same_operations", f"params after step {step + 1}")
+    assert_close(start, untouched, EXACT, what="the caller's parameters")
 
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
@@ -104,7 +100,7 @@ def test_update_in_place_is_update_exactly(optimizer):
         ]
         pure_params, pure_state = pure.update(pure_params, grads, pure_state)
         fast.update_in_place(fast_params, copy_params(grads), fast_state)
-        assert_trees_close(fast_params, pure_params, rtol=0, atol=0, what="params")
+        assert_close(fast_params, pure_params, EXACT, what="params")
     if optimizer == "adam":
         assert fast_state["count"] == pure_state["count"] == 5
 
@@ -121,8 +117,7 @@ def test_blas_gemm_update_accumulates_into_its_output(dtype):
     c = rng.standard_normal((6, 4)).astype(dtype)
     expected = 0.75 * c.astype(np.float64) - 0.3 * (a.T.astype(np.float64) @ b)
     update(c, a, b, -0.3, 0.75)
-    tolerance = 1e-5 if dtype == np.float32 else 1e-13
-    np.testing.assert_allclose(c, expected, rtol=tolerance, atol=tolerance)
+    assert_close(c, expected, tolerance("gemm", dtype), "c", check_dtype=False)
     with pytest.raises(ValueError, match="shapes do not fit"):
         update(c, b, a, 1.0, 1.0)
 
@@ -209,5 +204,6 @@ def test_train_trajectory_equals_the_pure_loop(overrides):
     )
     result = train(config, x, labels, x[:20], labels[:20])
     params, losses = pure_train(config, x, labels, x[:20], labels[:20])
-    assert_trees_close(result.params, params, rtol=1e-12, atol=1e-13, what="final params")
-    np.testing.assert_allclose([m.train_loss for m in result.history], losses, rtol=1e-12)
+    assert_close(result.params, params, "same_operations", what="final params")
+    history = np.array([m.train_loss for m in result.history])
+    assert_close(history, np.array(losses), "same_operations", "train losses")

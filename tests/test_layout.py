@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from test_blas_kernels import probe
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Each package of the library and its floor: a module may import from its own floor and the
@@ -181,6 +183,8 @@ def test_each_heavy_library_lives_in_the_rooms_that_use_it():
         "research.experiment.studies.trials",
         "research.experiment.studies.liveness",
         "research.experiment.studies.study",
+        "research.experiment.studies.optuna_compat",
+        "research.experiment.studies.optuna_study",
         "analysis.report",
     }
     assert third_party_imports("tensorflow_datasets") == {"research.data.idx"}
@@ -218,14 +222,26 @@ def test_importing_the_library_is_light_and_changes_nothing():
     assert not heavy & {name.split(".")[0] for name in modules}
 
 
-def test_loading_mnist_never_imports_tensorflow(tmp_path):
-    modules, _ = imported_after(
+def test_loading_mnist_never_imports_tensorflow_and_a_warm_load_not_even_tfds(
+    tmp_path, mnist_folder
+):
+    load = (
         "from research.data import load_mnist\n"
-        f"load_mnist(data_dir={str(tmp_path)!r})\n"
-        "import tensorflow_datasets"
+        f"load_mnist({str(mnist_folder)!r}, data_dir={str(tmp_path)!r})\n"
     )
+    modules, _ = imported_after(load + "import tensorflow_datasets")  # tfds prepares the cache
     assert "tensorflow_datasets" in modules
     assert "tensorflow" not in modules
+    modules, _ = imported_after(load)  # the prepared cache is read without tfds
+    assert "tensorflow_datasets" not in modules
+
+
+def test_importing_the_library_leaves_numpy_its_own_blas_kernels():
+    """``python -m research`` chooses numpy's OpenBLAS kernels at its entry (before numpy loads:
+    research.engine.blas_kernels); an import of the library chooses nothing."""
+    found = probe("import research, research.engine.mlp, research.experiment.config.fields")
+    assert found["variable"] is None
+    assert found["kernels"] == probe("import numpy")["kernels"]
 
 
 def test_importing_the_analysis_stays_light():

@@ -6,9 +6,15 @@ import copy
 
 import numpy as np
 import pytest
+from helpers import assert_close
 
-from research.engine.mlp import MLPSpec, forward, init_params, loss_and_grads, origin_spec, predict
+from research.engine.mlp import MLPSpec, forward, init_params, loss_and_grads, predict
 from research.engine.optim import adam, make_optimizer, momentum, sgd
+from research.experiment.config.fields import PRESETS
+
+# The origin program's network ([784, 30, 10], sigmoid everywhere, squared error), as its
+# preset has it.
+ORIGIN = PRESETS["origin"].spec()
 
 
 @pytest.mark.parametrize(
@@ -34,9 +40,9 @@ def test_spec_rejects_bad_values_naming_field_and_value(kwargs, field, value):
 
 
 def test_spec_is_frozen_and_hashable():
-    spec = origin_spec()
+    spec = ORIGIN
     assert spec.sizes == (784, 30, 10)
-    assert hash(spec) == hash(origin_spec())
+    assert hash(spec) == hash(ORIGIN)
     with pytest.raises(AttributeError):
         spec.l2 = 1.0  # type: ignore[misc]
     assert spec.n_params == 784 * 30 + 30 + 30 * 10 + 10
@@ -74,7 +80,7 @@ def test_init_scales():
 def test_no_global_random_state_is_used():
     np.random.seed(0)  # noqa: NPY002 -- checking that nothing touches the legacy global state
     before = np.random.get_state()[1].copy()  # noqa: NPY002
-    init_params(origin_spec(), seed=1)
+    init_params(ORIGIN, seed=1)
     assert np.array_equal(before, np.random.get_state()[1])  # noqa: NPY002
 
 
@@ -100,7 +106,7 @@ def test_forward_shapes_and_predict():
     x = np.random.default_rng(1).random((7, 6))
     out = forward(params, x, spec)
     assert out.shape == (7, 3) and out.dtype == np.float32
-    np.testing.assert_allclose(out.sum(axis=1), 1, rtol=1e-6)
+    assert_close(out.sum(axis=1), np.ones(7, np.float32), "sums_to_one", "row sums")
     assert np.array_equal(predict(params, x, spec), out.argmax(axis=1))
 
 

@@ -38,7 +38,7 @@ from research.data import load_mnist, to_inputs
 from research.engine.mlp import forward, predict
 from research.experiment.config.fields import TrainConfig
 from research.experiment.tracking.models import CHAMPION, MODEL_NAME, load_model, log_model
-from research.experiment.tracking.runs import start_training_run
+from research.experiment.tracking.runs import RunEnd, start_run
 from research.experiment.tracking.stores import TrackingError
 from research.experiment.tracking.weights import load_weights
 
@@ -74,9 +74,9 @@ def use_store(uri: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def test_images() -> np.ndarray:
-    """The first 1,000 test images (uint8, (1000, 784))."""
-    return load_mnist().test.images[:1000]
+def mnist_test_images(mnist_folder) -> np.ndarray:
+    """The first 1,000 images of MNIST's test split (uint8, (1000, 784))."""
+    return load_mnist(mnist_folder).test.images[:1000]
 
 
 # --- a train run's model ------------------------------------------------------------------------
@@ -108,7 +108,7 @@ def train_store(tmp_path_factory) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", TRAIN_RUNS)
 def test_a_train_runs_model_predicts_exactly_what_the_engine_does(
-    name, train_store, test_images, tmp_path
+    name, train_store, mnist_test_images, tmp_path
 ):
     import mlflow
 
@@ -119,14 +119,15 @@ def test_a_train_runs_model_predicts_exactly_what_the_engine_does(
     use_store(uri)
     model = mlflow.pyfunc.load_model(f"models:/{model_id_of(run)}")
 
-    out = model.predict(to_inputs(test_images))  # pixels in [0, 1], whatever the run trained on
-    trained_on = to_inputs(test_images, raw=raw, dtype=dtype)  # what the network saw
+    # pixels in [0, 1], whatever the run trained on
+    out = model.predict(to_inputs(mnist_test_images))
+    trained_on = to_inputs(mnist_test_images, raw=raw, dtype=dtype)  # what the network saw
     assert set(out) == {"class", "probabilities"}
     assert out["class"].dtype == np.int64 and out["probabilities"].dtype == dtype
     np.testing.assert_array_equal(out["class"], predict(params, trained_on, spec))
     np.testing.assert_array_equal(out["probabilities"], forward(params, trained_on, spec))
     if not raw:  # one epoch on 1,000 rows is far above chance (the origin's raw pixels are not)
-        labels = load_mnist().test.labels[: len(test_images)]
+        labels = load_mnist().test.labels[: len(mnist_test_images)]
         assert np.mean(out["class"] == labels) > 0.6
 
     # the model's contract, as logged
@@ -186,22 +187,22 @@ def test_the_model_is_code_and_numpy_arrays_never_a_pickle(train_store, tmp_path
 
 
 @pytest.mark.slow
-def test_inputs_outside_the_contract_are_refused_with_the_reason(train_store, test_images):
+def test_inputs_outside_the_contract_are_refused_with_the_reason(train_store, mnist_test_images):
     from mlflow.exceptions import MlflowException
 
     model = load_model(f"models:/{model_id_of(only_run(train_store, 'default'))}", train_store)
     with pytest.raises(MlflowException, match=r"range from 0 to 255: .* pixels scaled to \[0, 1\]"):
-        model.predict(test_images[:3].astype(np.float32))  # raw pixels, not scaled
+        model.predict(mnist_test_images[:3].astype(np.float32))  # raw pixels, not scaled
     with pytest.raises(MlflowException, match="dtype of input float64 does not match"):
-        model.predict(to_inputs(test_images[:3]).astype(np.float64))
+        model.predict(to_inputs(mnist_test_images[:3]).astype(np.float64))
     with pytest.raises(MlflowException, match=r"Shape of input \(3, 28, 28\) does not match"):
-        model.predict(to_inputs(test_images[:3]).reshape(3, 28, 28))
+        model.predict(to_inputs(mnist_test_images[:3]).reshape(3, 28, 28))
     with pytest.raises(TrackingError, match=f"cannot load the MLflow model models:/{STUDY}@"):
         load_model(f"models:/{STUDY}@{CHAMPION}", train_store)  # no such registered model
 
 
 @pytest.mark.slow
-def test_logging_a_model_adds_well_under_two_seconds(tmp_path, test_images):
+def test_logging_a_model_adds_well_under_two_seconds(tmp_path, mnist_test_images):
     """Measured ~0.4 s on 2 cores (docs/models.md); 5 s leaves room for a busy machine, while
     MLflow's requirement inference (what log_model does without explicit requirements) alone
     takes longer."""
@@ -209,15 +210,14 @@ def test_logging_a_model_adds_well_under_two_seconds(tmp_path, test_images):
     from research.engine.mlp import init_params
 
     params = init_params(config.spec(), 0, np.float32, "he")
-    run = start_training_run("timing", tracking_uri=sqlite_uri(tmp_path))
+    run = start_run("timing", tracking_uri=sqlite_uri(tmp_path))
     seconds = []
     for _ in range(2):  # the first call also imports MLflow's model modules
         started_at = time.perf_counter()
-        log_model(run, params, config, test_images)
+        log_model(run, params, config, mnist_test_images)
         seconds.append(time.perf_counter() - started_at)
-    print(f"log_model: {', '.join(f'{s:.2f} s' for s in seconds)}")
     assert max(seconds) < 5, seconds
-    run.finish()
+    run.end(RunEnd.COMPLETE)
 
 
 @pytest.mark.slow
@@ -258,7 +258,9 @@ def champion_store(tmp_path_factory) -> tuple[Path, str]:
 
 
 @pytest.mark.slow
-def test_a_study_registers_its_refit_best_as_the_champion(champion_store, test_images, tmp_path):
+def test_a_study_registers_its_refit_best_as_the_champion(
+    champion_store, mnist_test_images, tmp_path
+):
     import mlflow
 
     _, uri = champion_store
@@ -284,7 +286,7 @@ def test_a_study_registers_its_refit_best_as_the_champion(champion_store, test_i
     use_store(uri)
     model = mlflow.pyfunc.load_model(f"models:/{STUDY}@{CHAMPION}")
     spec, params = run_weights(uri, parent.info.run_id, "best_weights.npz", tmp_path)
-    x = to_inputs(test_images)
+    x = to_inputs(mnist_test_images)
     out = model.predict(x)
     np.testing.assert_array_equal(out["class"], predict(params, x, spec))
     np.testing.assert_array_equal(out["probabilities"], forward(params, x, spec))
@@ -295,7 +297,7 @@ def test_a_study_registers_its_refit_best_as_the_champion(champion_store, test_i
 
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_for_the_champion_over_rest(
-    champion_store, test_images, tmp_path
+    champion_store, mnist_test_images, tmp_path
 ):
     """``mlflow models serve -m models:/mnist_mlp@champion --env-manager local`` on a free
     loopback port: 5 test images posted as JSON, their classes and probabilities back, equal to
@@ -319,10 +321,10 @@ def test_mlflow_models_serve_answers_for_the_champion_over_rest(
     with started(command, folder, env=environment, stdout=log, stderr=subprocess.STDOUT) as server:
         try:
             wait_for_http(f"http://127.0.0.1:{port}/ping", server, SERVE_WAIT)
-        except BaseException:
-            print((tmp_path / "serve.log").read_text()[-3000:])
+        except BaseException as error:
+            error.add_note("serve.log ends with:\n" + (tmp_path / "serve.log").read_text()[-3000:])
             raise
-        x = to_inputs(test_images[:5])
+        x = to_inputs(mnist_test_images[:5])
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations",
             data=json.dumps({"inputs": x.tolist()}).encode(),

@@ -4,31 +4,34 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import assert_trees_close
+from helpers import assert_close
 
 from research.data import one_hot
-from research.engine.mlp import init_params, loss_and_grads, origin_spec
+from research.engine.mlp import init_params, loss_and_grads
 from research.engine.optim import sgd
-from research.verify.compare import tolerance
+from research.experiment.config.fields import PRESETS
 from research.verify.origin import origin_batch_gradient, origin_update_mini_batch
+
+# The origin program's network ([784, 30, 10], sigmoid everywhere, squared error), as its
+# preset has it.
+ORIGIN = PRESETS["origin"].spec()
 
 
 @pytest.mark.parametrize("raw", [False, True], ids=["scaled", "raw-pixels"])
 def test_origin_per_sample_gradient_equals_vectorized(mnist, raw):
-    spec = origin_spec()
+    spec = ORIGIN
     params = init_params(spec, seed=0)
     x = mnist.train.x[:64].astype(np.float64) * (255 if raw else 1)
     y = one_hot(mnist.train.labels[:64])
     origin_grads, printed = origin_batch_gradient(params, x, y)
     loss, grads = loss_and_grads(params, x, y, spec)
-    tol = tolerance("gradients", np.float64)
-    assert_trees_close(grads, origin_grads, tol.rtol, tol.atol)
+    assert_close(grads, origin_grads, "gradients", "grads")
     # The origin prints Σ(a−y)² per row averaged: twice the ½-squared-error it descends.
-    assert printed == pytest.approx(2 * loss, rel=1e-12)
+    assert_close(printed, 2 * loss, "same_operations", "printed cost", check_dtype=False)
 
 
 def test_origin_update_equals_engine_sgd_step(mnist):
-    spec = origin_spec()
+    spec = ORIGIN
     params = init_params(spec, seed=1)
     x = mnist.train.x[:32].astype(np.float64)
     y = one_hot(mnist.train.labels[:32])
@@ -36,5 +39,4 @@ def test_origin_update_equals_engine_sgd_step(mnist):
     optimizer = sgd(0.01)
     _, grads = loss_and_grads(params, x, y, spec)
     engine_params, _ = optimizer.update(params, grads, optimizer.init(params))
-    tol = tolerance("same_operations", np.float64)
-    assert_trees_close(engine_params, origin_params, tol.rtol, tol.atol)
+    assert_close(engine_params, origin_params, "same_operations", "params after the update")

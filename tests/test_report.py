@@ -11,6 +11,7 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pytest
+from helpers import assert_close
 from test_study import (
     PNG_MAGIC,
     PRUNE_FAIL_STUDY,
@@ -113,7 +114,7 @@ def test_the_report_of_a_tiny_study_has_every_figure_and_consistent_numbers(tiny
     per_class = test["per_class"]
     assert [row["n"] for row in per_class] == list(confusion.sum(axis=1))
     weighted = sum(row["accuracy"] * row["n"] for row in per_class) / N_TEST
-    assert weighted == pytest.approx(test["accuracy"], abs=1e-12)
+    assert_close(weighted, test["accuracy"], "closed_form", "the weighted per-class accuracy")
     assert test["accuracy"] == parent.data.metrics["test_accuracy"]
     # And independently: the refit's weights through the JAX reference forward pass.
     from research.data import load_mnist
@@ -182,7 +183,7 @@ def test_the_comparison_takes_the_origin_from_a_train_run_of_the_exact_preset(
 
     from research.data import N_TRAIN
     from research.experiment.config.fields import PRESETS
-    from research.experiment.tracking.runs import start_training_run
+    from research.experiment.tracking.runs import RunEnd, start_run
 
     uri = tiny_report[1]
     origin = PRESETS["origin"]
@@ -190,14 +191,14 @@ def test_the_comparison_takes_the_origin_from_a_train_run_of_the_exact_preset(
     # then a shorter run, newer but not the origin's configuration, which the comparison must
     # not take.
     for name, epochs, test_accuracy in (("seed", 200, 0.448), ("origin", 5, 0.113)):
-        run = start_training_run("train", tags={"preset": name}, tracking_uri=uri)
+        run = start_run("train", tags={"preset": name}, tracking_uri=uri)
         config = replace(origin, epochs=epochs)
         run.log_params(
             {**config.as_texts(), "sizes": list(config.spec().sizes), "n_train_rows": N_TRAIN}
         )
         run.log_metrics({"val/accuracy": test_accuracy - 0.01}, step=epochs - 1)
         run.log_metrics({"test_accuracy": test_accuracy, "wall_seconds": 61.5}, step=epochs - 1)
-        run.finish()
+        run.end(RunEnd.COMPLETE)
     out_dir = tmp_path / "report"
     code, out, err = run_cli(
         ["report", "mnist_mlp", "--tracking-uri", uri, "--no-log", "--out", str(out_dir)]
@@ -224,7 +225,7 @@ def test_failed_single_and_running_trials(tmp_path):
     still running is left out and named."""
     import optuna
 
-    from research.experiment.tracking.runs import StudyTracker
+    from research.experiment.tracking.study_runs import StudyTracker
 
     # test_study's float32 network with linear outputs and momentum: quick trials, and a
     # learning rate that surely diverges. Two trials, so its median pruner never prunes.
@@ -306,7 +307,7 @@ def test_failed_single_and_running_trials(tmp_path):
 
 
 def test_an_unknown_study_lists_the_studies_that_exist(tmp_path):
-    from research.experiment.tracking.runs import StudyTracker
+    from research.experiment.tracking.study_runs import StudyTracker
 
     uri = sqlite_uri(tmp_path)
     for name in ("mnist_mlp", "origin_baseline"):
@@ -331,10 +332,10 @@ def test_a_mistyped_store_is_an_error_and_creates_nothing(tmp_path):
 
 
 def test_a_store_without_studies_says_how_to_make_one(tmp_path):
-    from research.experiment.tracking.runs import start_training_run
+    from research.experiment.tracking.runs import RunEnd, start_run
 
     uri = sqlite_uri(tmp_path)
-    start_training_run("train", tracking_uri=uri).finish()  # a store with a train run only
+    start_run("train", tracking_uri=uri).end(RunEnd.COMPLETE)  # a store with a train run only
     code, _out, err = run_cli(["report", "--tracking-uri", uri])
     assert code == 2
     assert err.startswith(f"error: there is no study in the tracking store {uri}; run one with")
@@ -347,7 +348,7 @@ def test_a_study_logged_before_the_search_space_was_reads_it_from_its_study_file
     field become floats), and keeps a table the field table no longer knows as it is."""
     from research.experiment.config.study_config import load_study_config
     from research.experiment.tracking.results import _as_searched, find_study, search_space
-    from research.experiment.tracking.runs import StudyTracker
+    from research.experiment.tracking.study_runs import StudyTracker
 
     uri = sqlite_uri(tmp_path)
     study_file = tmp_path / "old_study.toml"

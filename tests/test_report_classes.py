@@ -13,7 +13,7 @@ from helpers import study_results
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analysis import baselines, evaluation
+from analysis import evaluation
 from analysis.baselines import against_baselines, baselines_table, place
 from analysis.comparison import logged_config, logged_dataset
 from analysis.render import Report, sections, write_markdown
@@ -194,7 +194,6 @@ def test_the_baselines_table_of_fashion_mnist():
         "below",
     ]
     assert baselines_table([], 0.88, low, high).empty
-    assert baselines.PLACES == ("above", "within", "below")
 
 
 # --- the report's text ---------------------------------------------------------------------------
@@ -316,14 +315,15 @@ def test_an_unknown_dataset_through_the_report_command(tmp_path):
     says so in one line and writes nothing."""
     from test_study import run_cli, sqlite_uri
 
-    from research.experiment.tracking.runs import StudyTracker
+    from research.experiment.tracking.runs import RunEnd
+    from research.experiment.tracking.study_runs import StudyTracker
 
     uri = sqlite_uri(tmp_path)
     tracker = StudyTracker.open("later", uri)
     run = tracker.start_trial_run("later", 0)
     run.log_params({"dataset": "cifar10", "sizes": [3072, 30, 10], "epochs": 1})
     run.log_metrics({"val/accuracy": 0.41, "val/loss": 1.7, "train/loss": 1.6}, step=0)
-    run.end("COMPLETE", "FINISHED")
+    run.end(RunEnd.COMPLETE)
     out_dir = tmp_path / "report"
     code, out, err = run_cli(
         ["report", "later", "--tracking-uri", uri, "--no-log", "--out", str(out_dir)]

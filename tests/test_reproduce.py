@@ -10,18 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from research.cli import main
 from research.experiment.config.fields import ConfigError
 from research.experiment.config.paper_file import load_paper
-from research.experiment.reproduction.reproduce import (
-    RowResult,
-    Splits,
-    results_table,
-    train_row,
-)
+from research.experiment.reproduction.paper_table import RowResult, results_table
+from research.experiment.reproduction.reproduce import Splits, train_row
 from research.experiment.training.stats import wilson_interval
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,22 +76,21 @@ def test_the_dropout_paper_file_holds_the_four_rows_of_table_2():
 
 
 def _wilson_by_hand(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """The Wilson score interval from its closed form (Wilson 1927), in percent."""
+    """The Wilson score interval from its closed form (Wilson 1927), as fractions."""
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return 100 * (centre - half), 100 * (centre + half)
+    return centre - half, centre + half
 
 
 @settings(deadline=None)  # scipy's first import
 @given(st.integers(1, 10_000), st.data())
 def test_wilson_interval_matches_its_closed_form(n, data):
     k = data.draw(st.integers(0, n))
-    low, high = (100 * end for end in wilson_interval(k, n))
-    expected = _wilson_by_hand(k, n)
-    assert low == pytest.approx(expected[0], abs=1e-9)
-    assert high == pytest.approx(expected[1], abs=1e-9)
-    assert low <= 100 * k / n <= high
+    low, high = wilson_interval(k, n)
+    expected = np.array(_wilson_by_hand(k, n))
+    assert_close(np.array([low, high]), expected, "closed_form", f"the interval of {k} of {n}")
+    assert 100 * low <= 100 * k / n <= 100 * high  # in percent, as the table shows it
 
 
 def test_wilson_interval_of_the_papers_best_row():
@@ -140,7 +136,7 @@ def test_a_max_norm_row_says_whether_the_constraint_bound(tmp_path, mnist):
     at a huge one, and the line printed under the row says so."""
     from dataclasses import replace
 
-    from research.experiment.reproduction.reproduce import max_norm_line
+    from research.experiment.reproduction.paper_table import max_norm_line
 
     row = load_paper(write(tmp_path, TINY)).rows[1]
     tight = replace(row, config=replace(row.config, max_norm=0.01))
@@ -272,7 +268,7 @@ def test_a_diverging_row_is_reported_and_the_others_still_run(tmp_path, capsys):
         r.info.run_name: r.info.status for r in client.search_runs([experiment.experiment_id])
     }
     assert statuses == {
-        "reproduce": "FINISHED",
+        "reproduce": "FAILED",  # one end state: a row diverged, so the table is a failure
         "small relu": "FAILED",
         "small sigmoid with dropout": "FINISHED",
     }

@@ -230,13 +230,12 @@ def retries_of(trials: list[Any], number: int) -> list[Any]:
 
 
 class Checks:
-    """Every property is checked and printed, so one run shows all that is wrong at once."""
+    """Every property is checked, so one failure message shows all that is wrong at once."""
 
     def __init__(self) -> None:
         self.failed: list[str] = []
 
     def __call__(self, ok: bool, what: str, detail: Any = "") -> None:
-        print(f"  {'ok  ' if ok else 'FAIL'} {what}" + ("" if ok else f": {detail}"))
         if not ok:
             self.failed.append(f"{what}: {detail}")
 
@@ -279,6 +278,7 @@ class Outcome:
     killed: int
     stopped: int
     state_at_continue: str
+    story: list[str]  # what happened, for the failure message
 
 
 def run_machines(argv: list[str], folder: Path, storage: str, grace: int, hostnames: bool):
@@ -287,6 +287,7 @@ def run_machines(argv: list[str], folder: Path, storage: str, grace: int, hostna
     trials); machine-2 continued; all waited for."""
     env = {**ENV, **HEARTBEAT}
     machines: list[Machine] = []
+    story: list[str] = []
 
     def machine(name: str, cwd: str) -> Machine:
         machines.append(Machine(name, argv, folder / cwd, env, hostnames))
@@ -301,10 +302,14 @@ def run_machines(argv: list[str], folder: Path, storage: str, grace: int, hostna
         stopped = int(two.wait_for(MID_TRIAL)[1])
         two.process.send_signal(signal.SIGSTOP)
         stopped_at = time.monotonic()
-        print(f"machine-1 killed in trial {killed}; machine-2 stopped in trial {stopped}")
+        story.append(f"machine-1 killed in trial {killed}; machine-2 stopped in trial {stopped}")
         # the signals landed mid-trial: nobody has closed those trials
-        assert trial_state(storage, killed) == "RUNNING", "machine-1 was not killed mid-trial"
-        assert trial_state(storage, stopped) == "RUNNING", "machine-2 was not stopped mid-trial"
+        assert trial_state(storage, killed) == "RUNNING", (
+            f"machine-1 was not killed mid-trial {killed}"
+        )
+        assert trial_state(storage, stopped) == "RUNNING", (
+            f"machine-2 was not stopped mid-trial {stopped}"
+        )
 
         # past the grace period of the stopped trial's last heartbeat (the killed one's is older)
         time.sleep(max(0.0, stopped_at + grace + 2 - time.monotonic()))
@@ -312,7 +317,7 @@ def run_machines(argv: list[str], folder: Path, storage: str, grace: int, hostna
         restart.wait_for(STARTED)  # printed once its start has swept the stale trials
         state_at_continue = trial_state(storage, stopped)
         two.process.send_signal(signal.SIGCONT)
-        print(
+        story.append(
             f"machine-2 continued after {time.monotonic() - stopped_at:.1f} s stopped; "
             f"its trial was {state_at_continue} by then"
         )
@@ -321,7 +326,7 @@ def run_machines(argv: list[str], folder: Path, storage: str, grace: int, hostna
         for m in machines:
             if m.process.poll() is None:
                 m.kill_group()
-    return Outcome(machines, codes, killed, stopped, state_at_continue)
+    return Outcome(machines, codes, killed, stopped, state_at_continue, story)
 
 
 @pytest.mark.slow
@@ -336,25 +341,26 @@ def test_three_machines_with_a_killed_and_a_stopped_one_share_one_study(
     backend = sqlalchemy_url(new_database(postgres, "research_machines_mlflow"))
     artifacts = tmp_path / "server-artifacts"
     hostnames = hostnames_work()
-    print(
-        f"\nheartbeat: every {interval} s, stale after {grace} s"
+    story = [
+        f"heartbeat: every {interval} s, stale after {grace} s"
         + (" (the library ignores the test's knobs)" if (interval, grace) == (20, 60) else "")
         + f"; a hostname per machine: {'yes' if hostnames else 'no (unshare -u unavailable)'}"
-    )
+    ]
     with mlflow_server(backend, artifacts, tmp_path) as tracking:
-        print(f"MLflow server up after {time.monotonic() - began:.1f} s")
+        story.append(f"MLflow server up after {time.monotonic() - began:.1f} s")
         argv = [*study_argv(tracking, N_TRIALS, EPOCHS, SUBSET), "--storage", storage]
         outcome = run_machines(argv, tmp_path, storage, grace, hostnames)
-        print(f"machines done after {time.monotonic() - began:.0f} s")
-        failed = check_study(outcome, storage, tracking, artifacts, tmp_path / "download")
-    print(f"wall time {time.monotonic() - began:.0f} s")
-    assert not failed, "\n".join(failed)
+        story += [*outcome.story, f"machines done after {time.monotonic() - began:.0f} s"]
+        failed = check_study(outcome, storage, tracking, artifacts, tmp_path / "download", story)
+    story.append(f"wall time {time.monotonic() - began:.0f} s")
+    assert not failed, "\n".join([*failed, "", "what happened:", *story])
 
 
 def check_study(
-    outcome: Outcome, storage: str, tracking: str, artifacts: Path, download: Path
+    outcome: Outcome, storage: str, tracking: str, artifacts: Path, download: Path, story: list[str]
 ) -> list[str]:
-    """Prints what the study holds and checks it; returns what is wrong."""
+    """Checks what the study holds; returns what is wrong, and adds what it holds to ``story``
+    (for the failure message)."""
     machines, codes, killed, stopped = (
         outcome.machines,
         outcome.codes,
@@ -372,15 +378,12 @@ def check_study(
     for trial in trials:
         host, pid = worker_host_and_pid(trial)
         ran.setdefault(f"{by_pid.get(pid, 'unknown')} [host {host}]", []).append(trial.number)
-    print(f"exit codes: {codes}")
-    print(f"trials per state: {states}; counted toward n_trials: {counted}")
-    for name, numbers in sorted(ran.items()):
-        print(f"  {name} ran trials {numbers}")
-    for m in machines:
-        if m.err:
-            print(m.describe(last=8))
+    story.append(f"exit codes: {codes}")
+    story.append(f"trials per state: {states}; counted toward n_trials: {counted}")
+    story += [f"  {name} ran trials {numbers}" for name, numbers in sorted(ran.items())]
+    story += [m.describe(last=8) for m in machines if m.err]
     mine = re.compile(rf"\btrial {stopped}\b")
-    print(
+    story.append(
         "machine-2 on its stopped trial:\n"
         + "".join(f"  | {line}" for line in machines[1].out if mine.search(line))
     )

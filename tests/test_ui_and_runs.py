@@ -2,21 +2,26 @@
 
 A tiny study and a ``train`` run through the real command, real MLflow SQLite and Optuna journal
 stores in a temporary folder, a real ``python -m research ui`` answering over HTTP; no mocks.
+Only the saved view's version gate (another MLflow version than the installed one) runs against
+a stub of MLflow's REST API.
 """
 
 from __future__ import annotations
 
 import getpass
+import http.server
 import json
 import os
 import re
 import signal
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from test_study import (
@@ -39,11 +44,13 @@ from test_study import (
     study_runs,
 )
 
-from research.experiment.config.fields import TrainConfig
+from research.experiment.config.fields import FIELDS, TrainConfig
 from research.experiment.config.study_config import load_study_config
 from research.experiment.studies.trials import ATTR_MLFLOW_EXPERIMENT, ATTR_MLFLOW_RUN
-from research.experiment.tracking.runs import start_training_run
+from research.experiment.tracking import ui
+from research.experiment.tracking.runs import RunEnd, start_run
 from research.experiment.tracking.ui import (
+    TRAIN_PARAMS,
     VIEW_KEY,
     VIEW_TAG,
     Linked,
@@ -51,6 +58,8 @@ from research.experiment.tracking.ui import (
     ensure_view,
     linked_experiments,
     runs_link,
+    say_links,
+    view_state,
 )
 from research.experiment.tracking.weights import load_weights
 from research.experiment.training.train import DivergenceError, EpochMetrics
@@ -146,26 +155,26 @@ def test_a_pruned_or_failed_run_says_so_in_its_description(tmp_path):
     uri = sqlite_uri(tmp_path)
     config = TrainConfig(epochs=8)
 
-    pruned = start_training_run("described", "pruned", {"command": "study"}, uri)
+    pruned = start_run("described", "pruned", {"command": "study"}, uri)
     pruned.log_config(config, 2000)
     for number, accuracy in enumerate((0.9502, 0.9613)):
         pruned.log_epoch(epoch(number, accuracy))
-    pruned.end("PRUNED", "FINISHED")
+    pruned.end(RunEnd.PRUNED)
 
-    diverged = start_training_run("described", "diverged", {"command": "study"}, uri)
+    diverged = start_run("described", "diverged", {"command": "study"}, uri)
     diverged.log_config(config, 2000)
     diverged.log_epoch(epoch(0, 0.5))
     error = DivergenceError(1, 17, "the loss is nan")
     diverged.diverged(error)
 
-    killed = start_training_run("described", "killed", {"command": "train"}, uri)
+    killed = start_run("described", "killed", {"command": "train"}, uri)
     killed.log_config(config, 2000)
-    killed.end("FAIL", "KILLED", "interrupted (Ctrl-C)")
+    killed.end(RunEnd.KILLED, "interrupted (Ctrl-C)")
 
-    cut = start_training_run("described", "cut", {"command": "reproduce"}, uri)
+    cut = start_run("described", "cut", {"command": "reproduce"}, uri)
     cut.log_config(config, 2000, validation=False)
     cut.log_epoch(epoch(2, float("nan")))  # no validation split: no accuracy to tell
-    cut.end("COMPLETE", "FINISHED")
+    cut.end(RunEnd.COMPLETE)
 
     client = mlflow_client(uri)
     tags = {
@@ -267,9 +276,11 @@ def test_ui_prints_links_to_the_best_runs_that_answer_and_stops_quietly(store, t
                 assert urllib.parse.parse_qs(query) == expected, link
 
             # the saved view: sorted by val/accuracy, best first, with the metric columns, the
-            # state and the searched params (the train runs': their main fields)
+            # state and the searched params (the train runs': the fields declared as columns)
             searched = load_study_config(MNIST_MLP).search_names
-            for experiment_id, params in ((study_id, searched), (train_id, ("learning_rate",))):
+            columns_of_train = tuple(name for name, field in FIELDS.items() if field.column)
+            assert {"hidden_size", "learning_rate", "dataset"} <= set(columns_of_train)
+            for experiment_id, params in ((study_id, searched), (train_id, columns_of_train)):
                 answer = http_json(
                     f"{base}/api/2.0/mlflow/experiments/get?experiment_id={experiment_id}"
                 )
@@ -326,12 +337,92 @@ def test_links_without_a_saved_view_carry_the_sort_in_the_url():
         "http://[::1]:5000/#/experiments/4/runs?workflowType=machine_learning"
         "&orderByKey=metrics.%60val/loss%60&orderByAsc=true&compareRunsMode=CHART"
     )
-    assert losses.view_state()["selectedColumns"][:4] == [
+    assert view_state(losses)["selectedColumns"][:4] == [
         "tags.`research.state`",
         "metrics.`val/loss`",
         "metrics.`val/accuracy`",
         "metrics.`train/loss`",
     ]
+
+
+def test_a_train_runs_view_shows_every_field_of_the_table():
+    assert TRAIN_PARAMS == tuple(FIELDS)
+    assert {"dataset", "hidden_size", "optimizer", "learning_rate", "epochs"} <= set(TRAIN_PARAMS)
+
+
+class StubMLflow(http.server.BaseHTTPRequestHandler):
+    """Just enough of MLflow's REST API for ``say_links``: a study (experiment 1) and ``train``
+    runs (experiment 2); every page answers 200; set-experiment-tag calls are kept."""
+
+    tags_written: ClassVar[list[dict]] = []
+
+    def do_GET(self):
+        self.answer(b"<html></html>", "text/html")
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        path = self.path.removeprefix("/api/2.0/mlflow/")
+        if path == "experiments/search":
+            experiments = [{"experiment_id": i, "name": n} for i, n in (("1", "s"), ("2", "t"))]
+            answer = {"experiments": experiments}
+        elif path == "runs/search" and "research.role" in body["filter"]:
+            params = [{"key": "objective", "value": "val/loss"}, {"key": "search.l2", "value": ""}]
+            run = {"info": {"experiment_id": "1"}, "data": {"params": params}}
+            answer = {"runs": [run]}
+        elif path == "runs/search":
+            answer = {"runs": [{}] if body["experiment_ids"] == ["2"] else []}
+        else:
+            assert path == "experiments/set-experiment-tag", path
+            StubMLflow.tags_written.append(body)
+            answer = {}
+        self.answer(json.dumps(answer).encode(), "application/json")
+
+    def answer(self, content: bytes, kind: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(content)))
+        self.end_headers()
+        self.wfile.write(content)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def stub_mlflow():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StubMLflow)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    StubMLflow.tags_written = []
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("version", ["3.17.2", "3.17.0", "3.18.0", "4.0.1", "3.2.0"])
+def test_the_saved_view_is_written_only_for_an_mlflow_whose_format_is_known(
+    stub_mlflow, monkeypatch, capsys, version
+):
+    """MLflow's saved view is undocumented: for another version than 3.17 ``ui`` writes none,
+    says so once, and its links carry the sort (which every version's URLs take)."""
+    monkeypatch.setattr(ui, "mlflow_version", lambda: version)
+    said: list[str] = []
+    say_links(stub_mlflow, said.append)
+    err = capsys.readouterr().err
+    links = [line.split()[-1] for line in said if line.startswith("  ")]
+    assert len(links) == 4  # runs and charts, of the study and of the train runs
+    if version.startswith("3.17."):
+        assert [body["key"] for body in StubMLflow.tags_written] == [VIEW_TAG, VIEW_TAG]
+        assert all(f"viewStateShareKey={VIEW_KEY}" in link for link in links)
+        assert err == ""
+    else:
+        assert StubMLflow.tags_written == []
+        assert not any("viewStateShareKey" in link for link in links)
+        assert all("orderByKey=metrics.%60val/" in link for link in links)
+        assert err.count("note:") == 1 and f"MLflow {version} may save views differently" in err
+        assert said[-1].startswith("(to see the metrics, add their columns")
 
 
 def test_the_servers_warnings_are_dropped_and_nothing_passes_once_it_is_stopped(capfd):

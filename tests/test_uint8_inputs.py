@@ -19,6 +19,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from helpers import EXACT, assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,22 +31,6 @@ from research.experiment.training.train import evaluate, train
 
 DTYPES = (np.float32, np.float64)
 ROWS = 3_000  # training rows for the train() comparisons; 1,000 validation rows
-
-
-def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    """Equal dtypes, shapes and bits (NaN equals the same NaN, −0.0 differs from 0.0)."""
-    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
-    return (
-        a.dtype == b.dtype
-        and a.shape == b.shape
-        and np.array_equal(a.view(np.uint8), b.view(np.uint8))
-    )
-
-
-def assert_same_params(actual: mlp.Params, expected: mlp.Params, what: str) -> None:
-    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
-        for key in ("W", "b"):
-            assert same_bits(a[key], e[key]), f"{what}: layer {i} {key} differs"
 
 
 def float_inputs(images: np.ndarray, raw: bool, dtype) -> np.ndarray:
@@ -64,7 +49,8 @@ def test_byte_conversion_is_the_pixel_values_table_and_not_a_look_up(raw, dtype)
     convert = byte_conversion(values)
     out = np.empty((2, 256), dtype)
     convert(np.arange(512).reshape(2, 256).astype(np.uint8), out)  # (and 2-D batches)
-    assert same_bits(out[0], values) and same_bits(out[1], values)
+    assert_close(out[0], values, EXACT, "row 0")
+    assert_close(out[1], values, EXACT, "row 1")
     # the table look-up is several times slower: each standard table has a division or cast
     assert convert.__name__ != "look_up"
 
@@ -75,8 +61,8 @@ def test_byte_conversion_of_a_real_split_is_split_x(mnist, dtype):
     for raw in (False, True):
         out = np.empty(images.shape, dtype)
         byte_conversion(pixel_values(raw, dtype))(images, out)
-        assert same_bits(out, float_inputs(images, raw, dtype))
-        assert same_bits(out, to_inputs(images, raw, dtype))
+        assert_close(out, float_inputs(images, raw, dtype), EXACT, "against Split.x")
+        assert_close(out, to_inputs(images, raw, dtype), EXACT, "against to_inputs")
 
 
 def test_byte_conversion_falls_back_to_the_table_and_refuses_bad_tables():
@@ -85,7 +71,7 @@ def test_byte_conversion_falls_back_to_the_table_and_refuses_bad_tables():
     images = np.random.default_rng(0).integers(0, 256, (7, 9), dtype=np.uint8)
     out = np.empty(images.shape, np.float64)
     convert(images, out)
-    assert same_bits(out, values[images])
+    assert_close(out, values[images], EXACT, "the table's values")
     with pytest.raises(ValueError, match=r"pixel_values must be a \(256,\) float32 or float64"):
         byte_conversion(np.arange(255, dtype=np.float32))
     with pytest.raises(ValueError, match="pixel_values must be a"):
@@ -150,8 +136,8 @@ def test_uint8_steps_are_the_float_steps_bit_for_bit(
             else:
                 expected = from_floats.step(floats, targets, rows, masks)
                 loss = from_bytes.step(images, targets, rows, masks)
-            assert same_bits(np.float64(loss), np.float64(expected)), f"loss at step {step}"
-            assert_same_params(from_bytes.params, from_floats.params, f"after step {step}")
+            assert_close(np.float64(loss), np.float64(expected), EXACT, f"loss at step {step}")
+            assert_close(from_bytes.params, from_floats.params, EXACT, f"after step {step}")
     assert all(layer["W"].dtype == dtype for layer in from_bytes.params)
 
 
@@ -232,8 +218,8 @@ def test_train_on_images_is_train_on_the_float_inputs(mnist, name):
     )
     assert len(seen["bytes"]) == len(seen["floats"]) == config.epochs
     for epoch, (a, b) in enumerate(zip(seen["bytes"], seen["floats"])):
-        assert_same_params(a, b, f"{name} after epoch {epoch}")
-    assert_same_params(from_bytes.params, from_floats.params, name)
+        assert_close(a, b, EXACT, f"{name} after epoch {epoch}")
+    assert_close(from_bytes.params, from_floats.params, EXACT, name)
     assert all(layer["W"].dtype == dtype for layer in from_bytes.params)
     for a, b in zip(from_bytes.history, from_floats.history, strict=True):
         assert (a.train_loss, a.val_loss, a.val_accuracy, a.learning_rate) == (
@@ -243,7 +229,7 @@ def test_train_on_images_is_train_on_the_float_inputs(mnist, name):
             b.learning_rate,
         )
     # (the parameters moved: not two runs that are equal because nothing happened)
-    assert not same_bits(seen["bytes"][0][0]["W"], seen["bytes"][-1][0]["W"])
+    assert not np.array_equal(seen["bytes"][0][0]["W"], seen["bytes"][-1][0]["W"])
 
 
 def test_train_on_images_never_holds_the_training_set_as_floats(mnist):

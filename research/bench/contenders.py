@@ -125,10 +125,10 @@ class _Data:
     PyTorch); the validation rows float32 (``x_val``, for ``w1-eval``); one-hot float32
     ``targets``."""
 
-    def __init__(self, mnist_dir: str | None, data_dir: str | None) -> None:
+    def __init__(self, source_dir: str | None, data_dir: str | None) -> None:
         from research.data import load_mnist
 
-        data = load_mnist(mnist_dir, data_dir)
+        data = load_mnist(source_dir, data_dir)
         self.images = np.ascontiguousarray(data.train.images[:TRAIN_ROWS])
         self.labels = data.train.labels[:TRAIN_ROWS]
         self.x_val = np.ascontiguousarray(data.validation.x, dtype=np.float32)
@@ -432,10 +432,10 @@ def _make_contender(name: str, data: _Data) -> _Contender:
     return _Torch(data)
 
 
-def worker(connection: Any, name: str, mnist_dir: str | None, data_dir: str | None) -> None:
+def worker(connection: Any, name: str, source_dir: str | None, data_dir: str | None) -> None:
     """A contender's process: answers (command, *args) messages until told to stop."""
     try:
-        contender = _make_contender(name, _Data(mnist_dir, data_dir))
+        contender = _make_contender(name, _Data(source_dir, data_dir))
         connection.send(("ok", contender.info()))
     except BaseException:
         connection.send(("error", traceback.format_exc()))

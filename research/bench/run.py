@@ -47,14 +47,14 @@ class BenchError(Exception):
 class _Workers:
     """One worker process per contender, driven one at a time."""
 
-    def __init__(self, names: list[str], mnist_dir: str | None, data_dir: str | None) -> None:
+    def __init__(self, names: list[str], source_dir: str | None, data_dir: str | None) -> None:
         context = multiprocessing.get_context("spawn")
         self.connections: dict[str, Any] = {}
         self.processes: dict[str, Any] = {}
         for name in names:
             parent, child = context.Pipe()
             process = context.Process(
-                target=worker, args=(child, name, mnist_dir, data_dir), daemon=True
+                target=worker, args=(child, name, source_dir, data_dir), daemon=True
             )
             process.start()
             self.connections[name], self.processes[name] = parent, process
@@ -123,7 +123,7 @@ def machine_facts() -> dict[str, str]:
 def run_benchmark(
     quick: bool = False,
     rounds: int | None = None,
-    mnist_dir: str | None = None,
+    source_dir: str | None = None,
     data_dir: str | None = None,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -132,14 +132,14 @@ def run_benchmark(
     Args:
         quick: fewer steps per run and 2 rounds (under a minute; figures are rougher).
         rounds: rounds per workload (default 5, or 2 with ``quick``).
-        mnist_dir, data_dir: where MNIST is (as for ``load_mnist``).
+        source_dir, data_dir: where MNIST is (as for ``load_mnist``).
         say: receives one progress line at a time.
     """
     from research.data import load_mnist
 
     rounds = rounds or (2 if quick else 5)
     load_before = _load_average()
-    load_mnist(mnist_dir, data_dir)  # prepares the cache once, before the workers read it
+    load_mnist(source_dir, data_dir)  # prepares the cache once, before the workers read it
     names = [name for name in CONTENDERS if name != "torch-f32" or torch_available()]
     notes = []
     if "torch-f32" not in names:
@@ -147,7 +147,7 @@ def run_benchmark(
         say(f"note: {notes[-1]}")
     say(f"starting {len(names)} worker processes ({', '.join(names)})...")
     started = time.perf_counter()
-    workers = _Workers(names, mnist_dir, data_dir)
+    workers = _Workers(names, source_dir, data_dir)
     try:
         size, repeats = (2048, 3) if quick else (4096, 5)
         say(f"measuring the {size}x{size} matrix-product peak...")
@@ -381,7 +381,7 @@ def bench_command(
     json_file: str | None,
     experiment: str | None,
     tracking_uri: str | None,
-    mnist_dir: str | None,
+    source_dir: str | None,
     data_dir: str | None,
 ) -> int:
     """``python -m research bench``: runs the benchmark (progress on stderr), prints its table,
@@ -401,7 +401,7 @@ def bench_command(
         results = run_benchmark(
             quick=quick,
             rounds=rounds,
-            mnist_dir=mnist_dir,
+            source_dir=source_dir,
             data_dir=data_dir,
             say=lambda line: print(line, file=sys.stderr, flush=True),
         )

@@ -86,7 +86,7 @@ class DatasetInfo:
     def how_to_supply(self) -> str:
         """The sentence every missing-data error ends with."""
         names = ", ".join(f"{name}.gz" for name in self.digests)
-        flag = " or pass --mnist-dir" if self.name == "mnist" else ""
+        flag = " or pass --source-dir"
         system = "".join(f", or install them under {folder}" for folder in self.system_dirs)
         return (
             f"To supply {self.title}, set {self.env_var}{flag} to a folder holding the four files "

@@ -152,24 +152,25 @@ def load_dataset(
 
 def load_named(
     name: str,
-    mnist_dir: str | os.PathLike[str] | None = None,
+    source_dir: str | os.PathLike[str] | None = None,
     data_dir: str | os.PathLike[str] | None = None,
     *,
     raw: bool = False,
 ) -> Dataset:
-    """``load_dataset`` as the commands call it: ``mnist_dir`` (``--mnist-dir``) is MNIST's
-    folder only; the other datasets find theirs through ``RESEARCH_<NAME>_DIR``."""
-    return load_dataset(name, mnist_dir if name == "mnist" else None, data_dir, raw=raw)
+    """``load_dataset`` as the commands call it: ``source_dir`` (``--source-dir``, or its old
+    name ``--mnist-dir``) is the folder of whichever dataset ``name`` is; without it each
+    dataset finds its files through ``RESEARCH_<NAME>_DIR``."""
+    return load_dataset(name, source_dir, data_dir, raw=raw)
 
 
 def load_mnist(
-    mnist_dir: str | os.PathLike[str] | None = None,
+    source_dir: str | os.PathLike[str] | None = None,
     data_dir: str | os.PathLike[str] | None = None,
     *,
     raw: bool = False,
 ) -> Dataset:
-    """``load_dataset("mnist", mnist_dir, data_dir, raw=raw)``."""
-    return load_dataset("mnist", mnist_dir, data_dir, raw=raw)
+    """``load_dataset("mnist", source_dir, data_dir, raw=raw)``."""
+    return load_dataset("mnist", source_dir, data_dir, raw=raw)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -239,6 +239,32 @@ class InPlaceTrainingStep:
             ValueError: the batch is empty or larger than ``batch_size``, or x is neither in the
                 step's dtype nor uint8 (with ``pixel_values``).
         """
+        xb, yb = self._gather(x, y, rows)
+        spec, params = self.spec, self.params
+        masks = masks if masks is not None else (None,) * len(params)
+        if masks[0] is not None:
+            xb *= masks[0]  # (the gathered copy: x itself is never written)
+        inputs, logits = self._forward(xb, masks)
+        value, delta = output_delta(logits, yb, spec)
+        total = float(value) + l2_penalty(params, spec.l2)
+        rate = self.optimizer.rate_at(self.state)  # (a schedule's value at this step)
+        if self._gemm_update is not None:
+            delta *= self.dtype.type(rate)
+        self._backward_and_update(inputs, delta, masks, rate)
+        if self._gemm_update is None:
+            self.optimizer.update_in_place(params, self.grads, self.state)
+        else:
+            self.state["count"] += 1  # the update was done above, inside the products
+        if self.max_norm:
+            max_norm_in_place(params, self.max_norm, self._norms)
+        return total
+
+    def _gather(
+        self, x: np.ndarray, y: np.ndarray, rows: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The batch's inputs xb (B, sizes[0]) and targets yb (B, sizes[-1]), views of the
+        step's buffers, gathered from x (N, sizes[0]) and y (N, sizes[-1]) at ``rows`` (all of
+        them if None); uint8 images are converted as they are gathered."""
         n = len(x) if rows is None else len(rows)
         if not 1 <= n <= self.batch_size:
             raise ValueError(f"a batch of {n} rows does not fit batch_size={self.batch_size}")
@@ -256,45 +282,61 @@ class InPlaceTrainingStep:
             np.copyto(yb, y)
         else:
             np.take(y, rows, axis=0, out=yb, mode="clip")
-        spec, params, dtype = self.spec, self.params, self.dtype.type
-        last = len(params) - 1
-        masks = masks if masks is not None else (None,) * len(params)
-        if masks[0] is not None:
-            xb *= masks[0]  # (the gathered copy: x itself is never written)
+        return xb, yb
 
-        # forward: inputs[i] is what layer i reads
+    def _forward(self, xb: np.ndarray, masks: Masks) -> tuple[list[np.ndarray], np.ndarray]:
+        """The forward pass over the batch xb (B, sizes[0]), in the step's output buffers; keeps
+        what the backward pass needs of σ' (relu: the mask z > 0, or mask · relu' with dropout;
+        tanh and sigmoid with dropout: σ' itself, computed before the mask).
+
+        Returns:
+            inputs: what each layer i reads, (B, sizes[i]): xb, then each hidden layer's
+                activations (after its dropout mask), which the backward pass reuses.
+            logits: the output layer's pre-activations (B, sizes[-1]).
+        """
+        activation, n = self.spec.activation, len(xb)
+        last = len(self.params) - 1
         inputs = [xb]
-        for i, layer in enumerate(params):
+        for i, layer in enumerate(self.params):
             out = np.matmul(inputs[-1], layer["W"], out=self._outputs[i][:n])
             out += layer["b"]
             if i < last:
-                if spec.activation == "relu" and masks[i + 1] is not None:
+                mask = masks[i + 1]
+                if activation == "relu" and mask is not None:
                     # relu and dropout as one product, z ← z·(mask·(z > 0)), the factor kept
                     # for the backward pass: the same values as z·(z > 0), then ·mask (every
                     # factor is 0, 1 or the mask's 1/keep, so no rounding differs)
                     derivative = self._derivatives[i][:n]
                     np.greater(out, 0, out=derivative)
-                    out *= np.multiply(masks[i + 1], derivative, out=self._relu_mask(i)[:n])
-                elif spec.activation == "relu":
+                    out *= np.multiply(mask, derivative, out=self._relu_mask(i)[:n])
+                elif activation == "relu":
                     _relu_in_place(out, self._derivatives[i][:n])
                 else:
-                    if spec.activation == "tanh":
+                    if activation == "tanh":
                         np.tanh(out, out=out)
                     else:
                         _sigmoid_in_place(out)
-                    if masks[i + 1] is not None:
+                    if mask is not None:
                         # σ' from the activation before the mask: kept now, used backward
                         self._derivative_of(out, self._derivatives[i][:n])
-                        out *= masks[i + 1]
+                        out *= mask
                 inputs.append(out)
-        value, delta = output_delta(out, yb, spec)
-        total = float(value) + l2_penalty(params, spec.l2)
-        rate = self.optimizer.rate_at(self.state)  # (a schedule's value at this step)
-        if self._gemm_update is not None:
-            delta *= dtype(rate)
+        return inputs, out
 
-        # backward, updating each layer once its weights have been used for the delta below it
-        for i in range(last, -1, -1):
+    def _backward_and_update(
+        self,
+        inputs: list[np.ndarray],
+        delta: np.ndarray,
+        masks: Masks,
+        rate: float,
+    ) -> None:
+        """The backward pass from the output delta (B, sizes[-1]) (already times the rate for
+        the fused SGD update), updating each layer once its weights have been used for the delta
+        below it: fused SGD updates W and b here; otherwise ``self.grads`` is filled for the
+        optimizer. ``inputs`` as :meth:`_forward` returns them."""
+        spec, params, dtype = self.spec, self.params, self.dtype.type
+        n = len(delta)
+        for i in range(len(params) - 1, -1, -1):
             W, b, grad = params[i]["W"], params[i]["b"], self.grads[i]
             if i > 0:  # from the weights before their update
                 below = np.matmul(delta, W.T, out=self._deltas[i - 1][:n])
@@ -310,6 +352,7 @@ class InPlaceTrainingStep:
                 if spec.l2:
                     grad["W"] += dtype(spec.l2) * W
             if i > 0:
+                # ∂loss/∂(pre-activation of hidden layer i − 1), from the layer's output and mask
                 derivative = self._derivatives[i - 1][:n]
                 if masks[i] is not None and spec.activation == "relu":
                     below *= self._relu_masks[i - 1][:n]  # mask · relu', made forward
@@ -320,13 +363,6 @@ class InPlaceTrainingStep:
                     if masks[i] is not None:
                         below *= masks[i]
                 delta = below
-        if self._gemm_update is None:
-            self.optimizer.update_in_place(params, self.grads, self.state)
-        else:
-            self.state["count"] += 1  # the update was done above, inside the products
-        if self.max_norm:
-            max_norm_in_place(params, self.max_norm, self._norms)
-        return total
 
     def _convert_bytes(self, images: np.ndarray, rows: np.ndarray | None, xb: np.ndarray) -> None:
         """xb (B, n_in) ← the inputs of uint8 ``images`` (N, n_in) at ``rows`` (all if None).

@@ -112,11 +112,6 @@ def count_params(sizes: Sequence[int]) -> int:
     return sum((n_in + 1) * n_out for n_in, n_out in itertools.pairwise(sizes))
 
 
-def origin_spec() -> MLPSpec:
-    """The origin program's network: [784, 30, 10], sigmoid everywhere, squared error."""
-    return MLPSpec(sizes=(784, 30, 10), activation="sigmoid", output="sigmoid", loss="mse")
-
-
 def init_params(
     spec: MLPSpec,
     seed: int | np.random.Generator = 0,

@@ -66,6 +66,33 @@ TOLERANCES: dict[str, dict[str, Tolerance]] = {
     "trajectory": {"float64": Tolerance(rtol=1e-8, atol=1e-10)},
     # the in-place fast path and the origin's per-sample loop against the pure functions
     "same_operations": {"float64": Tolerance(rtol=1e-12, atol=1e-14)},
+    # --- what only the tests compare (tests/) ---
+    # the forward pass against JAX's: no backward pass to grow the rounding
+    "forward": {"float64": Tolerance(rtol=1e-12, atol=1e-15)},
+    # a few roundings apart: values worked out by hand (log k, 27.875, ...) against both
+    # implementations, one JAX function compiled twice
+    "few_roundings": {"float64": Tolerance(rtol=5e-16, atol=1e-16)},
+    # JAX's gradients against central differences (step 1e-6) of its own loss: the differences
+    # carry ~1e-12 truncation and ~1e-10 rounding error
+    "finite_differences": {"float64": Tolerance(rtol=1e-6, atol=1e-8)},
+    # learning-rate schedules and ramps against optax's and their formulas
+    "schedules": {"float64": Tolerance(rtol=1e-12, atol=1e-15)},
+    # softmax rows against 1: the roundings of a sum of a few probabilities (8 eps)
+    "sums_to_one": {
+        "float64": Tolerance(rtol=0.0, atol=8 * 2.0**-52),
+        "float32": Tolerance(rtol=0.0, atol=8 * 2.0**-23),
+    },
+    # a JAX epoch on uint8 images against the same epoch on float inputs, which differ in the
+    # last bit (XLA multiplies by 1/255): float32 steps amplify that over an epoch
+    "inputs_last_bit": {"float32": Tolerance(rtol=1e-5, atol=1e-6)},
+    # a BLAS ?gemm accumulating into its output against the float64 product: one rounding per
+    # term in the output's dtype
+    "gemm": {
+        "float64": Tolerance(rtol=1e-13, atol=1e-13),
+        "float32": Tolerance(rtol=1e-5, atol=1e-5),
+    },
+    # statistics (the Wilson interval, a weighted accuracy) against their closed forms
+    "closed_form": {"float64": Tolerance(rtol=0.0, atol=1e-12)},
 }
 
 

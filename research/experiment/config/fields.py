@@ -78,6 +78,7 @@ def knob(
     not_searchable: str = "",
     flags: tuple[str, ...] = (),
     max_items: int | None = None,
+    column: bool = False,
 ) -> Any:
     """Declares one field of :class:`TrainConfig` (a dataclass field carrying its description).
 
@@ -90,6 +91,8 @@ def knob(
         not_searchable: why a study may not search it ("" if it may).
         flags: extra command-line spellings beside ``--<name-with-dashes>``.
         max_items: the most items of a list field (annotated ``tuple[int, ...]``).
+        column: a column of the ``train`` runs' table in the MLflow UI (``ui``'s saved view): the
+            few fields that tell such runs apart at a glance.
     """
     description = {
         "help": help,
@@ -98,6 +101,7 @@ def knob(
         "not_searchable": not_searchable,
         "flags": flags,
         "max_items": max_items,
+        "column": column,
     }
     return dataclasses.field(default=default, metadata={"knob": description})
 
@@ -116,16 +120,21 @@ class TrainConfig:
 
     hidden_size: int = knob(
         256, "units in each hidden layer (with hidden_sizes: its widest layer)", "model",
-        ge=1, le=MAX_HIDDEN_SIZE, flags=("--hidden",),
+        ge=1, le=MAX_HIDDEN_SIZE, flags=("--hidden",), column=True,
     )  # fmt: skip
     n_hidden_layers: int = knob(
-        1, "hidden layers (with hidden_sizes: its length)", "model", ge=1, le=MAX_HIDDEN_LAYERS
+        1,
+        "hidden layers (with hidden_sizes: its length)",
+        "model",
+        ge=1,
+        le=MAX_HIDDEN_LAYERS,
+        column=True,
     )
     hidden_sizes: tuple[int, ...] = knob(
         (), "the width of each hidden layer, in order ([]: n_hidden_layers of hidden_size)",
         "model", ge=1, le=MAX_HIDDEN_SIZE, max_items=MAX_HIDDEN_LAYERS,
     )  # fmt: skip
-    activation: Activation = knob("relu", "nonlinearity of the hidden layers", "model")
+    activation: Activation = knob("relu", "nonlinearity of the hidden layers", "model", column=True)
     output: Output = knob("softmax", "nonlinearity of the output layer", "model")
     loss: Loss = knob("cross_entropy", "mse, cross_entropy (needs softmax), bce (sigmoid)", "model")
     l2: float = knob(0.0, "weight decay: adds (l2/2)·Σ‖W‖² to the loss", "model", ge=0)
@@ -142,8 +151,8 @@ class TrainConfig:
         "optimizer", ge=0,
     )  # fmt: skip
     init: InitScheme = knob("he", "initial weights: the origin's normal, xavier or he", "model")
-    optimizer: OptimizerName = knob("momentum", "the update rule", "optimizer")
-    learning_rate: float = knob(0.1, "step size", "optimizer", gt=0, flags=("--lr",))
+    optimizer: OptimizerName = knob("momentum", "the update rule", "optimizer", column=True)
+    learning_rate: float = knob(0.1, "step size", "optimizer", gt=0, flags=("--lr",), column=True)
     momentum: float = knob(
         0.9, "momentum coefficient (momentum optimizer)", "optimizer", ge=0, lt=1
     )
@@ -172,12 +181,15 @@ class TrainConfig:
         0, "linear warm-up of the learning rate from 0 over this many epochs", "optimizer",
         ge=0, le=MAX_EPOCHS,
     )  # fmt: skip
-    batch_size: int = knob(128, "rows per optimizer step", "training", ge=1, le=MAX_BATCH_SIZE)
+    batch_size: int = knob(
+        128, "rows per optimizer step", "training", ge=1, le=MAX_BATCH_SIZE, column=True
+    )
     epochs: int = knob(
         10,
         "passes over the training rows",
         "training",
         ge=1,
+        column=True,
         le=MAX_EPOCHS,
         not_searchable="the training budget is fixed per study (pruners compare trials epoch by "
         "epoch)",
@@ -207,6 +219,7 @@ class TrainConfig:
         "the images and labels to train and evaluate on",
         "data",
         not_searchable="a study compares models on one dataset",
+        column=True,
     )
     dtype: Literal["float32", "float64"] = knob(
         "float32",
@@ -346,6 +359,7 @@ class Field:
     flags: tuple[str, ...] = ()
     allowed_text: str = ""  # what is allowed, where the derived wording would not do
     max_items: int | None = None  # a list field: the most items
+    column: bool = False  # a column of the train runs' table in the MLflow UI
 
     @property
     def searchable(self) -> bool:
@@ -503,6 +517,7 @@ def _fields_of(cls: type) -> dict[str, Field]:
             not_searchable=description["not_searchable"],
             flags=description["flags"],
             max_items=description["max_items"],
+            column=description["column"],
             **description["bounds"],
         )
     return table

@@ -15,18 +15,19 @@ Each row is one MLflow run, with its curves, test metrics and weights, under one
 holds the table (``reproduce.md``, ``reproduce.json``). A row's training stops early when its
 next epoch would pass the file's ``budget_minutes``; the table then says how many epochs it had.
 ``--quick`` trains every row for a few epochs on a subset (for the tests); its numbers are not
-results.
+results. Every run, rows and parent, ends through
+:func:`~research.experiment.tracking.runs.run_lifecycle`: a crash or Ctrl-C leaves none RUNNING.
+The table's text and data: :mod:`.paper_table`.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,132 +40,24 @@ from research.experiment.config.fields import (
     show,
 )
 from research.experiment.config.paper_file import Paper, Row, load_paper, select_rows
-from research.experiment.tracking.runs import TAG_PARENT, TAG_ROLE
+from research.experiment.reproduction.paper_table import (
+    RowResult,
+    describe,
+    max_norm_line,
+    minutes,
+    results_json,
+    results_table,
+)
+from research.experiment.tracking.runs import (
+    TAG_PARENT,
+    TAG_ROLE,
+    Outputs,
+    RunEnd,
+    run_lifecycle,
+    start_run,
+)
 from research.experiment.training.figures import save_rows_figure
-from research.experiment.training.stats import wilson_interval
 from research.experiment.training.train import DivergenceError, EpochMetrics, evaluate, train
-
-
-@dataclass
-class RowResult:
-    """What training one row gave."""
-
-    row: Row
-    epochs_planned: int
-    epochs: int = 0  # trained
-    seconds: float = 0.0
-    n_test: int = 0
-    errors: int = 0
-    diverged: str = ""  # the reason, if training diverged
-    stopped_by_budget: bool = False
-    run_id: str = ""
-    history: list[EpochMetrics] = field(default_factory=list)
-    # With max-norm: per epoch, the fraction of hidden units held at the radius (at its end).
-    units_at_max_norm: list[float] = field(default_factory=list)
-
-    @property
-    def error(self) -> float:
-        """Test error in percent (NaN if there is none)."""
-        return 100 * self.errors / self.n_test if self.n_test else math.nan
-
-    @property
-    def interval(self) -> tuple[float, float]:
-        """The 95% Wilson interval of the test error, in percent."""
-        if not self.n_test:
-            return math.nan, math.nan
-        low, high = wilson_interval(self.errors, self.n_test)
-        return 100 * low, 100 * high
-
-
-def describe(config: TrainConfig) -> str:
-    """The network and its regularizers in a few words: ``relu 3×1024, dropout 0.2/0.5,
-    max-norm 3.5``."""
-    hidden = config.spec().sizes[1:-1]
-    widths = f"{len(hidden)}×{hidden[0]}" if len(set(hidden)) == 1 else "-".join(map(str, hidden))
-    parts = [f"{'logistic' if config.activation == 'sigmoid' else config.activation} {widths}"]
-    if config.input_dropout or config.dropout:
-        parts.append(f"dropout {config.input_dropout:g}/{config.dropout:g}")
-    if config.max_norm:
-        parts.append(f"max-norm {config.max_norm:g}")
-    if config.l2:
-        parts.append(f"l2 {config.l2:g}")
-    return ", ".join(parts)
-
-
-# --- the table ---------------------------------------------------------------------------------
-
-
-def _minutes(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
-
-
-def results_table(paper: Paper, results: Sequence[RowResult], quick: bool = False) -> str:
-    """The table as Markdown: one line per row trained."""
-    lines = [
-        "| row | network | paper's error | ours (95% CI) | target | met | epochs | wall time |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for result in results:
-        row, target = result.row, paper.target(result.row)
-        if result.n_test:
-            low, high = result.interval
-            ours = f"{result.error:.2f}% ({low:.2f}–{high:.2f})"
-            met = "yes" if result.error <= target + 1e-9 else "no"
-        else:
-            ours, met = f"diverged: {result.diverged}", "no"
-        epochs = f"{result.epochs}" + (
-            f" of {result.epochs_planned} (budget)" if result.stopped_by_budget else ""
-        )
-        lines.append(
-            f"| {row.name} | {describe(row.config)} | {row.paper_error:.2f}% | {ours} | "
-            f"≤ {target:.2f}% | {met} | {epochs} | {_minutes(result.seconds)} |"
-        )
-    if quick:
-        lines.append("")
-        lines.append("`--quick`: a few epochs on a subset, for the tests; these are not results.")
-    return "\n".join(lines) + "\n"
-
-
-def max_norm_line(result: RowResult) -> str:
-    """Whether a max-norm row's constraint bound: the hidden units at the radius."""
-    held = result.units_at_max_norm
-    most = max(held)
-    if most == 0:
-        return f"max-norm {result.row.config.max_norm:g} never bound: no hidden unit reached it"
-    return (
-        f"max-norm {result.row.config.max_norm:g}: {100 * held[-1]:.1f}% of hidden units at the "
-        f"radius after the last epoch (most {100 * most:.1f}%, epoch {held.index(most) + 1})"
-    )
-
-
-def results_json(paper: Paper, results: Sequence[RowResult], quick: bool) -> dict[str, Any]:
-    """The table as data (``reproduce.json``)."""
-    rows = []
-    for result in results:
-        low, high = result.interval
-        rows.append(
-            {
-                "name": result.row.name,
-                "network": describe(result.row.config),
-                "paper_error": result.row.paper_error,
-                "target": paper.target(result.row),
-                "error": None if math.isnan(result.error) else result.error,
-                "ci95": None if math.isnan(low) else [low, high],
-                "errors": result.errors,
-                "n_test": result.n_test,
-                "epochs": result.epochs,
-                "epochs_planned": result.epochs_planned,
-                "stopped_by_budget": result.stopped_by_budget,
-                "seconds": result.seconds,
-                "diverged": result.diverged or None,
-                "units_at_max_norm": (result.units_at_max_norm or [None])[-1],
-                "units_at_max_norm_most": max(result.units_at_max_norm, default=None),
-                "run_id": result.run_id,
-                "fields": result.row.config.as_params(),
-            }
-        )
-    return {"paper": paper.title, "file": str(paper.path), "quick": quick, "rows": rows}
-
 
 # --- the command line -------------------------------------------------------------------------
 
@@ -256,7 +149,8 @@ def train_row(
     on_epoch: Callable[[EpochMetrics], None] | None = None,
 ) -> RowResult:
     """Trains one row, then evaluates it once on the test split. Logs epochs to ``run`` (a
-    TrainingRun) if given. A divergence is recorded in the result, not raised."""
+    TrackedRun, inside its :func:`run_lifecycle`) if given, and its outputs once the block
+    succeeds. A divergence is recorded in the result and ends the run, not raised."""
     config = row.config
     result = RowResult(
         row, epochs_planned=config.epochs, run_id=run.run_id if run is not None else ""
@@ -312,8 +206,7 @@ def train_row(
             },
             step=result.epochs - 1,
         )
-        run.save_outputs(result.history, row.name, latest["params"], config.spec())
-        run.end("COMPLETE", "FINISHED")
+        run.save_on_success(Outputs(result.history, row.name, latest["params"], config.spec()))
     return result
 
 
@@ -340,25 +233,62 @@ def run_paper(
     Raises:
         ConfigError: a row cannot run here (batch larger than the rows, not enough memory).
     """
-    from research.experiment.config.resources import check_memory
-
     chosen = [paper.rows[i] for i in select_rows(paper, rows)]
     if quick:
         chosen = [
             replace(r, config=replace(r.config, epochs=min(r.config.epochs, paper.quick_epochs)))
             for r in chosen
         ]
-    subset = paper.quick_subset if quick else None
+    data = _rows_data(chosen, load_data, holdout, paper.quick_subset if quick else None)
+    note = " (--quick: not results)" if quick else ""
+    say(f"{paper.title}: {len(chosen)} row(s), at most {paper.budget_minutes:g} min each{note}")
+    parent = _start_parent(paper, quick, holdout, tracking_uri) if track else None
+    with run_lifecycle(parent):
+        if parent is not None:
+            _log_settings(parent, paper, quick, holdout)
+        results = [
+            _train_and_say(paper, row, data[_data_key(row.config)], parent, f"[{n}/{len(chosen)}]",
+                           tracking_uri, quiet, say)
+            for n, row in enumerate(chosen, 1)
+        ]  # fmt: skip
+        table = results_table(paper, results, quick)
+        say("")
+        say(table)
+        if out is not None:
+            temporary = out.with_name(out.name + ".tmp")
+            temporary.write_text(table)
+            temporary.replace(out)
+        diverged = [result.row.name for result in results if result.diverged]
+        if parent is not None:
+            _log_table(parent, paper, results, table, quick)
+            if diverged:
+                parent.end(RunEnd.FAIL, f"row(s) diverged: {', '.join(diverged)}")
+    if parent is not None:
+        say(f"MLflow: experiment {show(paper.name)}, parent run {parent.run_id}")
+        say(f"browse it: {parent.ui_hint}")
+    return 1 if diverged else 0
 
-    def key(config: TrainConfig) -> tuple[str, bool]:
-        return config.dataset, config.raw_inputs
+
+def _data_key(config: TrainConfig) -> tuple[str, bool]:
+    return config.dataset, config.raw_inputs
+
+
+def _rows_data(
+    chosen: Sequence[Row],
+    load_data: Callable[[TrainConfig], Any],
+    holdout: bool,
+    subset: int | None,
+) -> dict[tuple[str, bool], Splits]:
+    """The splits of each dataset and input scaling the rows train on (each loaded once), after
+    checking that every row fits: its batch in the rows, its network in the memory."""
+    from research.experiment.config.resources import check_memory
 
     data = {}
-    for row in chosen:  # (each dataset and input scaling once)
-        if key(row.config) not in data:
-            data[key(row.config)] = splits(load_data(row.config), holdout, subset)
     for row in chosen:
-        n_rows = len(data[key(row.config)].x_train)
+        if _data_key(row.config) not in data:
+            data[_data_key(row.config)] = splits(load_data(row.config), holdout, subset)
+    for row in chosen:
+        n_rows = len(data[_data_key(row.config)].x_train)
         if row.config.batch_size > n_rows:
             raise ConfigError(
                 "batch_size",
@@ -366,72 +296,69 @@ def run_paper(
                 value=row.config.batch_size,
             )
         check_memory(row.config, n_rows)
-    note = " (--quick: not results)" if quick else ""
-    say(f"{paper.title}: {len(chosen)} row(s), at most {paper.budget_minutes:g} min each{note}")
-    parent = _start_parent(paper, quick, holdout, tracking_uri) if track else None
-    results: list[RowResult] = []
-    try:
-        for number, row in enumerate(chosen, 1):
-            rows_data = data[key(row.config)]
-            say(
-                f"[{number}/{len(chosen)}] {row.name}: {describe(row.config)}, "
-                f"{row.config.epochs} epochs on {len(rows_data.x_train):,} rows"
-            )
-            result = _train_tracked(paper, row, rows_data, parent, tracking_uri, quiet)
-            results.append(result)
-            if result.diverged:
-                say(f"    diverged: {result.diverged}")
-            else:
-                low, high = result.interval
-                say(
-                    f"    test error {result.error:.2f}% (95% CI {low:.2f}–{high:.2f}), paper "
-                    f"{row.paper_error:.2f}%: {result.epochs} epochs, {_minutes(result.seconds)}"
-                )
-            if result.units_at_max_norm:
-                say(f"    {max_norm_line(result)}")
-    except KeyboardInterrupt:
-        if parent is not None:
-            parent.end("FAIL", "KILLED", "interrupted")
-        raise
-    table = results_table(paper, results, quick)
-    say("")
-    say(table)
-    if out is not None:
-        temporary = out.with_name(out.name + ".tmp")
-        temporary.write_text(table)
-        temporary.replace(out)
-    diverged = any(result.diverged for result in results)
-    if parent is not None:
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "reproduce.md"
-            path.write_text(f"# {paper.title}\n\n{table}")
-            parent.log_artifact(path)
-            trained = [(r.row.name, r.history) for r in results if r.history]
-            if trained:
-                curves = Path(folder) / "rows_train_loss.png"
-                parent.log_artifact(save_rows_figure(trained, curves, paper.title))
-        parent.log_json("reproduce.json", results_json(paper, results, quick))
-        parent.end("FAIL" if diverged else "COMPLETE", "FINISHED")
-        say(f"MLflow: experiment {show(paper.name)}, parent run {parent.run_id}")
-        say(f"browse it: {parent.ui_hint}")
-    return 1 if diverged else 0
+    return data
+
+
+def _train_and_say(
+    paper: Paper,
+    row: Row,
+    data: Splits,
+    parent: Any,
+    number: str,
+    tracking_uri: str | None,
+    quiet: bool,
+    say: Callable[[str], None],
+) -> RowResult:
+    """One row, trained (with its run, under ``parent``), and how it went, said."""
+    say(
+        f"{number} {row.name}: {describe(row.config)}, "
+        f"{row.config.epochs} epochs on {len(data.x_train):,} rows"
+    )
+    result = _train_tracked(paper, row, data, parent, tracking_uri, quiet)
+    if result.diverged:
+        say(f"    diverged: {result.diverged}")
+    else:
+        low, high = result.interval
+        say(
+            f"    test error {result.error:.2f}% (95% CI {low:.2f}–{high:.2f}), paper "
+            f"{row.paper_error:.2f}%: {result.epochs} epochs, {minutes(result.seconds)}"
+        )
+    if result.units_at_max_norm:
+        say(f"    {max_norm_line(result)}")
+    return result
+
+
+def _log_table(
+    parent: Any, paper: Paper, results: Sequence[RowResult], table: str, quick: bool
+) -> None:
+    """The table on the parent run: ``reproduce.md``, the rows' training loss curves and
+    ``reproduce.json``."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "reproduce.md"
+        path.write_text(f"# {paper.title}\n\n{table}")
+        parent.log_artifact(path)
+        trained = [(r.row.name, r.history) for r in results if r.history]
+        if trained:
+            curves = Path(folder) / "rows_train_loss.png"
+            parent.log_artifact(save_rows_figure(trained, curves, paper.title))
+    parent.log_json("reproduce.json", results_json(paper, results, quick))
 
 
 def _start_parent(paper: Paper, quick: bool, holdout: bool, tracking_uri: str | None) -> Any:
-    from research.experiment.tracking.runs import start_training_run
-
-    parent = start_training_run(
+    return start_run(
         paper.name,
         run_name="reproduce" + ("-quick" if quick else ""),
         tags={TAG_ROLE: "reproduce", "command": "reproduce"},
         tracking_uri=tracking_uri,
     )
+
+
+def _log_settings(parent: Any, paper: Paper, quick: bool, holdout: bool) -> None:
     settings = {"budget_minutes": paper.budget_minutes, "tolerance": paper.tolerance}
     parent.log_params(
         {"paper": paper.title, "file": str(paper.path), "quick": quick, "holdout": holdout}
         | settings
     )
-    return parent
 
 
 def _train_tracked(
@@ -445,21 +372,13 @@ def _train_tracked(
     """One row with its MLflow run (under ``parent``, if any) and a progress bar."""
     from tqdm import tqdm
 
-    from research.experiment.tracking.runs import start_training_run
-
     run = None
     if parent is not None:
-        run = start_training_run(
+        run = start_run(
             paper.name,
             run_name=row.name,
             tags={TAG_PARENT: parent.run_id, TAG_ROLE: "row", "command": "reproduce"},
             tracking_uri=tracking_uri,
-        )
-        run.log_config(
-            row.config,
-            len(data.x_train),
-            validation=data.x_val is not None,
-            paper_error=row.paper_error,
         )
     progress = tqdm(
         total=row.config.epochs, unit="epoch", disable=quiet, leave=False, dynamic_ncols=True,
@@ -470,11 +389,8 @@ def _train_tracked(
         progress.set_postfix_str(f"train/loss {metrics.train_loss:.4f}", refresh=False)
         progress.update(1)
 
-    try:
-        return train_row(row, data, 60 * paper.budget_minutes, run, on_epoch)
-    except KeyboardInterrupt:
+    with progress, run_lifecycle(run):
         if run is not None:
-            run.end("FAIL", "KILLED", "interrupted")
-        raise
-    finally:
-        progress.close()
+            validation = data.x_val is not None
+            run.log_config(row.config, len(data.x_train), validation, paper_error=row.paper_error)
+        return train_row(row, data, 60 * paper.budget_minutes, run, on_epoch)

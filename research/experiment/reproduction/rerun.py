@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from research.data import N_TRAIN
 from research.experiment.config.fields import FIELDS, ConfigError, Field, TrainConfig
 from research.experiment.config.resources import check_memory
-from research.experiment.tracking.results import check_store_exists
-from research.experiment.tracking.runs import LoggedRun, read_run
+from research.experiment.tracking.results import LoggedRun, check_store_exists, read_run
 from research.experiment.tracking.stores import resolve_tracking_uri
 from research.experiment.training.train import DivergenceError, EpochMetrics, train
 
@@ -101,7 +100,7 @@ def kernels_note(logged: str | None, current: str) -> str | None:
 def rerun(
     run_id: str,
     tracking_uri: str | None = None,
-    mnist_dir: str | None = None,
+    source_dir: str | None = None,
     data_dir: str | None = None,
     say: Callable[[str], None] = print,
 ) -> Rerun:
@@ -149,7 +148,7 @@ def rerun(
         check_memory(config, n_rows)
     except ConfigError as error:
         raise RerunError(f"run {run_id} cannot be rerun here: {error}") from None
-    data = load_named(config.dataset, mnist_dir, data_dir, raw=config.raw_inputs)
+    data = load_named(config.dataset, source_dir, data_dir, raw=config.raw_inputs)
     result = Rerun(logged, config, n_rows)
     say(f"rerunning {run_id} ({n_rows} training rows, {config.epochs} epochs)")
     if missing:

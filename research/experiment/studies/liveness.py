@@ -20,6 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from research.experiment.studies.optuna_compat import (
+    fail_trial,
+    heartbeat_interval,
+    record_heartbeat,
+    set_system_attr,
+)
 from research.experiment.tracking.runs import TAG_TRIAL
 
 ATTR_WORKER = "research:worker"
@@ -112,8 +118,8 @@ def recover_stale_trials(study: Any, tracker: Any, say: Callable[[str], None]) -
         else:
             continue  # alive, or another machine's: its heartbeat (database storage) tells
         try:
-            study._storage.set_trial_system_attr(trial._trial_id, ATTR_INTERRUPTED, reason)
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            set_system_attr(trial, ATTR_INTERRUPTED, reason, study=study)
+            fail_trial(study, trial)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another command recovered it first
         tracker.close_trial_run(trial.number, "FAIL", reason)
@@ -145,8 +151,7 @@ def heartbeat(study: Any, trial: Any):
     """Beats for ``trial`` while the block runs, on storages with heartbeats (databases), as
     ``study.optimize`` does: a worker that stops beating (killed, stopped, cut off) has its
     trial failed and queued again by the others after the grace period."""
-    storage = study._storage  # pinned by tests/test_reliability.py
-    interval = storage.get_heartbeat_interval() if hasattr(storage, "record_heartbeat") else None
+    interval = heartbeat_interval(study)
     if not interval:
         yield
         return
@@ -156,7 +161,7 @@ def heartbeat(study: Any, trial: Any):
         while True:
             # A beat that fails (the database briefly gone) is retried at the next interval.
             with contextlib.suppress(Exception):
-                storage.record_heartbeat(trial._trial_id)
+                record_heartbeat(study, trial)
             if stop.wait(interval):
                 return
 

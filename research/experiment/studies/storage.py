@@ -6,7 +6,7 @@ so K workers started at once cannot race on creating tables. A ``--storage`` URL
 (``postgresql://...``, ``sqlite:///...``) uses Optuna's RDB storage with heartbeats instead: that
 is how several machines share one study. The study runner and the report open storages here.
 
-A journal survives a failed append (:class:`JournalFile`): a write cut short by a full disk is
+A journal survives a failed append (:func:`append_records`): a write cut short by a full disk is
 rolled back, and a line left unterminated by a process killed mid-write is dropped before the next
 append, so the records before it stay readable (Optuna's own backend appends after the cut line,
 and the journal can no longer be read).
@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from research.experiment.studies.optuna_compat import journal_file
 from research.experiment.tracking.stores import (
     local_store_folder,
     redact,
@@ -154,7 +155,7 @@ def open_storage(url: str):
         raise StudyError(f"the Optuna journal {path} is not a regular file; pass --storage")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        backend = journal_file_class()(path)
+        backend = journal_file(path, functools.partial(append_records, path))
     except OSError as error:
         raise StudyError(
             f"cannot open the Optuna journal {path}: {error.strerror}; pass --storage"
@@ -204,7 +205,7 @@ def locked_database(error: BaseException, url: str) -> StudyError | None:
 
 
 def damaged_journal(path: Path | str, error: Exception) -> StudyError:
-    """A journal record that is not JSON: one cut short by a version before :class:`JournalFile`
+    """A journal record that is not JSON: one cut short by a version before :func:`append_records`
     on a full disk, with the next record written after it on the same line."""
     return StudyError(
         f"the Optuna journal {path} holds a damaged record ({error}): a record cut short, "
@@ -214,82 +215,66 @@ def damaged_journal(path: Path | str, error: Exception) -> StudyError:
     )
 
 
-@functools.cache
-def journal_file_class() -> type:
-    """:class:`JournalFile`, made on first use: optuna is imported only when a study runs."""
-    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+def append_records(path: Path, records: bytes, optuna_lock: Any) -> None:
+    """Appends ``records`` (whole lines) to the journal ``path``, safe against a failed or
+    cut-short append: how the journal of :func:`open_storage` writes (through
+    :func:`~research.experiment.studies.optuna_compat.journal_file`).
 
-    class JournalFile(JournalFileBackend):
-        """Optuna's journal file, made safe against a failed or cut-short append.
+    It holds two locks: an ``flock`` on a sidecar file, which the kernel releases when its
+    holder dies and which no one can steal from a holder that is merely stopped (Optuna's own
+    lock file is broken after 30 s, and a writer resuming after that would write over the
+    records appended meanwhile), and ``optuna_lock``, Optuna's lock file, so that plain Optuna
+    processes on the same journal wait too. Under them it drops an unterminated last line (a
+    writer killed mid-write), appends the records unbuffered with ``O_APPEND``, and if the write
+    fails (``ENOSPC``, ``EFBIG``, ``EIO``) truncates the file back to its size before the append
+    and raises :class:`JournalWriteError`: the journal holds whole records only, and the
+    operation simply did not happen. A record written whole whose ``fsync`` fails stays (readers
+    may have read it already); the error is raised all the same.
+    """
+    import fcntl
 
-        Each append holds two locks: an ``flock`` on a sidecar file, which the kernel releases
-        when its holder dies and which no one can steal from a holder that is merely stopped
-        (Optuna's own lock file is broken after 30 s, and a writer resuming after that would
-        write over the records appended meanwhile), and Optuna's lock file, so that plain Optuna
-        processes on the same journal wait too. Under them it drops an unterminated last line (a
-        writer killed mid-write), appends the record unbuffered with ``O_APPEND``, and if the
-        write fails (``ENOSPC``, ``EFBIG``, ``EIO``) truncates the file back to its size before
-        the append and raises :class:`JournalWriteError`: the journal holds whole records only,
-        and the operation simply did not happen. A record written whole whose ``fsync`` fails
-        stays (readers may have read it already); the error is raised all the same.
-        """
+    try:
+        held = open(path.with_name(path.name + ".flock"), "a")  # closing it releases the flock
+    except OSError as error:
+        raise journal_error(path, error) from None
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            optuna_lock.acquire()
+        except OSError as error:
+            raise journal_error(path, error) from None
+        try:
+            _append(path, records)
+        finally:
+            optuna_lock.release()
+    finally:
+        held.close()
 
-        def __init__(self, path: Path) -> None:
-            self.path = Path(path)
-            self.lock = JournalFileOpenLock(str(self.path))
-            self.kernel_lock = self.path.with_name(self.path.name + ".flock")
-            super().__init__(str(self.path), lock_obj=self.lock)
 
-        def append_logs(self, logs: list[dict[str, Any]]) -> None:
-            import fcntl
-
-            records = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs)
+def _append(path: Path, records: bytes) -> None:
+    with open(path, "r+b", buffering=0) as journal:
+        end = _whole_records_end(journal)
+        if end != journal.seek(0, os.SEEK_END):
             try:
-                held = open(self.kernel_lock, "a")  # closed below, which releases the flock
+                journal.truncate(end)  # a record cut short: never whole, never read
             except OSError as error:
-                raise journal_error(self.path, error) from None
-            try:
-                fcntl.flock(held, fcntl.LOCK_EX)
-                try:
-                    self.lock.acquire()
-                except OSError as error:
-                    raise journal_error(self.path, error) from None
-                try:
-                    self._append(records.encode())
-                finally:
-                    self.lock.release()
-            finally:
-                held.close()
-
-        def _append(self, records: bytes) -> None:
-            with open(self.path, "r+b", buffering=0) as journal:
-                end = _whole_records_end(journal)
-                if end != journal.seek(0, os.SEEK_END):
-                    try:
-                        journal.truncate(end)  # a record cut short: never whole, never read
-                    except OSError as error:
-                        raise journal_error(self.path, error) from None
-            with open(self.path, "ab", buffering=0) as journal:
-                start = os.fstat(journal.fileno()).st_size
-                written = 0
-                try:
-                    view = memoryview(records)
-                    while view:
-                        count = journal.write(view)
-                        written += count
-                        view = view[count:]
-                except OSError as error:
-                    # Shrinking needs no free space: leave the file as it was before this append.
-                    if os.fstat(journal.fileno()).st_size >= start:
-                        with contextlib.suppress(OSError):
-                            journal.truncate(start)
-                    raise journal_error(self.path, error) from None
-                try:
-                    os.fsync(journal.fileno())
-                except OSError as error:
-                    raise journal_error(self.path, error) from None
-
-    return JournalFile
+                raise journal_error(path, error) from None
+    with open(path, "ab", buffering=0) as journal:
+        start = os.fstat(journal.fileno()).st_size
+        try:
+            view = memoryview(records)
+            while view:
+                view = view[journal.write(view) :]
+        except OSError as error:
+            # Shrinking needs no free space: leave the file as it was before this append.
+            if os.fstat(journal.fileno()).st_size >= start:
+                with contextlib.suppress(OSError):
+                    journal.truncate(start)
+            raise journal_error(path, error) from None
+        try:
+            os.fsync(journal.fileno())
+        except OSError as error:
+            raise journal_error(path, error) from None
 
 
 def journal_error(path: Path, error: OSError) -> JournalWriteError:

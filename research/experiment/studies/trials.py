@@ -1,4 +1,5 @@
-"""The Optuna side of a study: the study object, its sampler and pruner, one trial, the budget.
+"""One trial of a study, asked, trained and told; the budget. (The study object, its sampler,
+pruner and search space: :mod:`.optuna_study`.)
 
 Wires :mod:`research.experiment.training.train` (which knows nothing of Optuna or MLflow) to
 Optuna and to tracking (the only code that talks to MLflow) through the ``on_epoch`` callback:
@@ -23,7 +24,6 @@ starts a trial, so the study may end with up to K − 1 trials more than asked.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 import warnings
@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 
-from research.experiment.config.search_space import SearchParam
 from research.experiment.config.study_config import StudyConfig
 from research.experiment.studies.liveness import (
     ATTR_INTERRUPTED,
@@ -43,8 +42,10 @@ from research.experiment.studies.liveness import (
     heartbeat,
     worker_identity,
 )
-from research.experiment.studies.storage import StudyError, damaged_journal, open_storage
-from research.experiment.tracking.stores import redact
+from research.experiment.studies.optuna_compat import HEARTBEAT_ASK_WARNING, set_system_attr
+from research.experiment.studies.optuna_study import suggest
+from research.experiment.studies.storage import StudyError
+from research.experiment.tracking.runs import RunEnd, run_lifecycle
 from research.experiment.training.train import (
     DivergenceError,
     EpochMetrics,
@@ -57,166 +58,6 @@ from research.experiment.training.train import (
 #: A trial's user attributes naming its MLflow run (optuna-dashboard shows them with the trial).
 ATTR_MLFLOW_RUN = "mlflow_run_id"
 ATTR_MLFLOW_EXPERIMENT = "mlflow_experiment_id"
-
-
-def make_sampler(config: StudyConfig, n_existing: int = 0, worker: int = 0):
-    """The study's sampler, seeded from the file's seed, the trials the study already holds and
-    the worker index: a resumed study or a second worker must not replay the same suggestions
-    (a seeded sampler restarted from the same seed would), yet every run stays reproducible."""
-    import optuna
-
-    seed = int(np.random.SeedSequence([config.seed, n_existing, worker]).generate_state(1)[0])
-    if config.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
-
-
-def make_pruner(config: StudyConfig):
-    import optuna
-
-    if config.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=config.fixed["epochs"])
-    if config.pruner == "none":
-        return optuna.pruners.NopPruner()
-    # Let a trial run two epochs before judging it, and judge only once 4 trials have finished.
-    return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
-
-
-def describe_pruner(pruner: Any) -> str:
-    """``MedianPruner(n_startup_trials=4, n_warmup_steps=1)``-style text for the parent run."""
-    keys = ("_n_startup_trials", "_n_warmup_steps", "_min_resource", "_max_resource")
-    shown = [f"{k.lstrip('_')}={getattr(pruner, k)}" for k in keys if hasattr(pruner, k)]
-    return f"{type(pruner).__name__}({', '.join(shown)})"
-
-
-def load_study(config: StudyConfig, storage_url: str, worker: int = 0):
-    """Creates the study, or loads it when it exists (same name, same storage)."""
-    return open_study(config, storage_url, worker)[0]
-
-
-def open_study(config: StudyConfig, storage_url: str, worker: int = 0) -> tuple[Any, bool]:
-    """The study, and whether this call created it. Creation is atomic in every storage (a
-    journal record, a database row with a unique name): of several commands started together,
-    exactly one gets True, so it alone makes the study's MLflow parent run."""
-    import optuna
-
-    # Our own lines say what happens per trial and epoch, failures included; Optuna's would
-    # repeat them (with a full traceback for every diverged trial).
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    storage = open_storage(storage_url)
-    created = True
-    try:
-        try:
-            study = optuna.create_study(
-                storage=storage,
-                study_name=config.name,
-                direction=config.direction,
-                sampler=make_sampler(config),
-                pruner=make_pruner(config),
-            )
-        except optuna.exceptions.DuplicatedStudyError:
-            created = False
-            study = optuna.load_study(
-                study_name=config.name,
-                storage=storage,
-                sampler=make_sampler(config),
-                pruner=make_pruner(config),
-            )
-    except StudyError:
-        raise
-    except json.JSONDecodeError as error:  # read when the study's first record was appended
-        raise damaged_journal(storage_url, error) from None
-    except ValueError as error:  # e.g. an existing study with the other direction
-        raise StudyError(f"study {config.name!r} in {redact(storage_url)}: {error}") from None
-    if study.direction.name.lower() != config.direction:
-        raise StudyError(
-            f"study {config.name!r} in {redact(storage_url)} exists with direction "
-            f"{study.direction.name.lower()}, but the file asks to {config.direction} "
-            f"{config.objective}; use another --study-name"
-        )
-    study.sampler = make_sampler(config, len(study.get_trials(deepcopy=False)), worker)
-    name_objective(study, config.objective)
-    return study, created
-
-
-def name_objective(study: Any, objective: str) -> None:
-    """Names the study's objective (``val/accuracy``) where Optuna shows it (optuna-dashboard,
-    ``trials_dataframe``) instead of "Objective 0"; a study that has the name is not written."""
-    import optuna
-
-    with warnings.catch_warnings():  # (metric names are "experimental" in Optuna)
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if study.metric_names != [objective]:
-            study.set_metric_names([objective])
-
-
-def study_exists(name: str, storage_url: str) -> bool:
-    """Whether the storage holds a study of that name (without creating anything)."""
-    import optuna
-
-    return name in optuna.get_all_study_names(open_storage(storage_url))
-
-
-def distribution(param: SearchParam):
-    """The Optuna distribution :func:`suggest` draws ``param`` from."""
-    from optuna.distributions import (
-        CategoricalDistribution,
-        FloatDistribution,
-        IntDistribution,
-    )
-
-    if param.kind == "int":
-        return IntDistribution(param.low, param.high, log=param.log, step=param.step or 1)
-    if param.kind == "float":
-        return FloatDistribution(param.low, param.high, log=param.log, step=param.step)
-    return CategoricalDistribution(param.optuna_choices())
-
-
-def describe_distribution(found: Any) -> str:
-    """``int [16, 256] log``, ``categorical [16, 64, 256]``: a distribution in a message."""
-    from optuna.distributions import CategoricalDistribution
-
-    if isinstance(found, CategoricalDistribution):
-        return f"categorical {list(found.choices)}"
-    kind = "int" if type(found).__name__.startswith("Int") else "float"
-    return f"{kind} [{found.low}, {found.high}]" + (" log" if found.log else "")
-
-
-def check_search_space(study: Any, config: StudyConfig, storage_url: str) -> None:
-    """Refuses, before any trial starts, a search space that Optuna cannot mix with the study's
-    earlier trials (a field searched as an integer, now as categorical, or other choices).
-    Without this, each attempt adds a FAIL trial with no parameters and uses up the budget."""
-    from optuna.distributions import check_distribution_compatibility
-
-    wanted = {param.name: distribution(param) for param in config.search}
-    for trial in study.get_trials(deepcopy=False):
-        for name, earlier in trial.distributions.items():
-            if name not in wanted:
-                continue  # no longer searched: the file fixes it now, which Optuna allows
-            try:
-                check_distribution_compatibility(earlier, wanted[name])
-            except ValueError:
-                raise StudyError(
-                    f"{config.path.name}: [search] {name} is {describe_distribution(wanted[name])}"
-                    f", but study {config.name!r} in {redact(storage_url)} searched it as "
-                    f"{describe_distribution(earlier)} (trial {trial.number}); Optuna cannot mix "
-                    "the two in one study: give this search space a new --study-name, or change "
-                    f"{name} back"
-                ) from None
-
-
-def suggest(trial: Any, param: SearchParam) -> Any:
-    """One Optuna suggestion for a searched field, named as the field (a list as its text:
-    :meth:`StudyConfig.train_config` reads it back)."""
-    if param.kind == "int":
-        return trial.suggest_int(
-            param.name, param.low, param.high, step=param.step or 1, log=param.log
-        )
-    if param.kind == "float":
-        return trial.suggest_float(
-            param.name, param.low, param.high, step=param.step, log=param.log
-        )
-    return trial.suggest_categorical(param.name, param.optuna_choices())
 
 
 # --- trial budget and stale trials -------------------------------------------------------------
@@ -279,73 +120,54 @@ def run_next_trial(study: Any, context: TrialContext) -> None:
     with warnings.catch_warnings():
         # Optuna warns that heartbeats are meant for study.optimize: :func:`heartbeat` beats
         # for this loop as study.optimize would.
-        warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used")
+        warnings.filterwarnings("ignore", HEARTBEAT_ASK_WARNING)
         trial = study.ask()
     with heartbeat(study, trial):
         _run_and_tell(study, trial, context)
 
 
 def _run_and_tell(study: Any, trial: Any, context: TrialContext) -> None:
+    """One asked trial: its parameters and MLflow run, then (inside the run's lifecycle, which
+    closes it whatever happens) its training and how it ended, told to Optuna first."""
+    from optuna.trial import TrialState
+
+    try:
+        train_config, run = _start_trial(trial, context)
+    except BaseException as error:
+        with signals_deferred():
+            if _not_a_result(error):
+                _give_back(study, trial, None, _reason(error), killed=_killed(error))
+            else:
+                with contextlib.suppress(Exception):
+                    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        raise
+    with run_lifecycle(run):
+        _train_and_tell(study, trial, context, train_config, run)
+
+
+def _start_trial(trial: Any, context: TrialContext) -> tuple[Any, Any]:
+    """Records this worker on the trial, draws its parameters and opens its MLflow run (last,
+    so that no run is left open by a failure here): (its TrainConfig, its TrackedRun)."""
+    set_system_attr(trial, ATTR_WORKER, worker_identity())
+    suggested = {param.name: suggest(trial, param) for param in context.config.search}
+    train_config = context.config.train_config(suggested)
+    return train_config, context.tracker.start_trial_run(context.config.name, trial.number)
+
+
+def _train_and_tell(
+    study: Any, trial: Any, context: TrialContext, train_config: Any, run: Any
+) -> None:
+    """Trains the trial and records how it ended: in Optuna, then on its run (which
+    :func:`run_lifecycle` closes if this does not)."""
     import optuna
     from optuna.trial import TrialState
 
-    from research.experiment.tracking.stores import TrackingError
-
-    config = context.config
     label = f"trial {trial.number}"
-    run = None
     history: list[EpochMetrics] = []
     try:
-        trial.storage.set_trial_system_attr(trial._trial_id, ATTR_WORKER, worker_identity())
-        suggested = {param.name: suggest(trial, param) for param in config.search}
-        train_config = config.train_config(suggested)
-        run = context.tracker.start_trial_run(config.name, trial.number)
-        trial.set_user_attr(ATTR_MLFLOW_RUN, run.run_id)
-        trial.set_user_attr(ATTR_MLFLOW_EXPERIMENT, run.experiment_id)
-        run.log_config(train_config, len(context.x_train), blas_threads=context.blas_threads)
-        shown = ", ".join(f"{name}={short(value)}" for name, value in suggested.items())
-        context.say(f"{label} started: {shown}")
-
-        def on_epoch(metrics: EpochMetrics, params: Any) -> None:
-            history.append(metrics)
-            run.log_epoch(metrics)
-            value = objective_value(config, metrics)
-            trial.report(value, metrics.epoch)
-            context.say(
-                f"{label} epoch {metrics.epoch + 1}/{train_config.epochs}: "
-                f"{config.objective} {format_value(config, value)} ({metrics.seconds:.1f} s)"
-            )
-            # Pruning after the last epoch would only throw away a finished model.
-            if metrics.epoch < train_config.epochs - 1 and trial.should_prune():
-                raise optuna.TrialPruned(f"pruned after epoch {metrics.epoch}")
-
-        started = time.perf_counter()
-        result = train(
-            train_config,
-            context.x_train,
-            context.labels_train,
-            context.x_val,
-            context.labels_val,
-            on_epoch=on_epoch,
-        )
-        value = objective_value(config, result.history[-1])
-        if not math.isfinite(value):
-            raise DivergenceError(len(result.history) - 1, 0, f"objective is {value}")
-        # The curves and weights first: a trial whose artifacts cannot be written (a full
-        # disk) is not reported COMPLETE; TrackingError gives it back below.
-        run.save_outputs(history, label, result.params, train_config.spec())
-        run.log_metrics({"wall_seconds": time.perf_counter() - started}, step=len(history) - 1)
+        value = _train_trial(trial, context, train_config, run, history)
     except optuna.TrialPruned:
-        try:
-            run.save_outputs(history, label)
-        except (KeyboardInterrupt, TrackingError) as error:
-            with signals_deferred():
-                _give_back(study, trial, run, _reason(error), killed=_killed(error))
-            raise
-        with signals_deferred():  # (a signal here is raised once the trial is recorded)
-            if _tell(study, trial, TrialState.PRUNED, run, context):
-                run.end("PRUNED", "FINISHED")
-                context.say(f"{label} PRUNED after {len(history)} epochs")
+        _tell_pruned(study, trial, context, run, history)
         return
     except DivergenceError as error:  # a result: FAIL, counted, and the study goes on
         where = {"error": str(error), "diverged_epoch": error.epoch, "diverged_step": error.step}
@@ -359,24 +181,99 @@ def _run_and_tell(study: Any, trial: Any, context: TrialContext) -> None:
         # failed the trial and queued it again. Drop this attempt and go on with the next.
         _taken_over(trial, run, context)
         return
-    except (KeyboardInterrupt, StudyError, TrackingError) as error:
-        # Not a result (Ctrl-C, SIGTERM, a full disk): queued again, not counted.
+    except BaseException as error:
         with signals_deferred():
-            _give_back(study, trial, run, _reason(error), killed=_killed(error))
-        raise
-    except BaseException as error:  # a crash: FAIL with the reason
-        with signals_deferred():
-            with contextlib.suppress(Exception):
-                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-            if run is not None:
+            if _not_a_result(error):  # Ctrl-C, SIGTERM, a full disk: queued again, not counted
+                _give_back(study, trial, run, _reason(error), killed=_killed(error))
+            else:  # a crash: FAIL in Optuna; its run ends FAIL with the reason
                 with contextlib.suppress(Exception):
-                    run.end("FAIL", "FAILED", repr(error))
+                    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         raise
     # Outside the try: a signal raised once this is recorded must not give the trial back.
     with signals_deferred():
         if _tell(study, trial, TrialState.COMPLETE, run, context, value):
-            run.end("COMPLETE", "FINISHED")
-            context.say(f"{label} COMPLETE: {config.objective} {format_value(config, value)}")
+            run.end(RunEnd.COMPLETE)
+            shown = format_value(context.config, value)
+            context.say(f"{label} COMPLETE: {context.config.objective} {shown}")
+
+
+def _train_trial(
+    trial: Any,
+    context: TrialContext,
+    train_config: Any,
+    run: Any,
+    history: list[EpochMetrics],
+) -> float:
+    """Trains the trial, logging and reporting every epoch (appended to ``history``), then saves
+    its curves and weights; returns the objective's value. Raises TrialPruned,
+    DivergenceError (also for a non-finite objective) or what training raised."""
+    import optuna
+
+    config = context.config
+    label = f"trial {trial.number}"
+    trial.set_user_attr(ATTR_MLFLOW_RUN, run.run_id)
+    trial.set_user_attr(ATTR_MLFLOW_EXPERIMENT, run.experiment_id)
+    run.log_config(train_config, len(context.x_train), blas_threads=context.blas_threads)
+    shown = ", ".join(f"{name}={short(value)}" for name, value in trial.params.items())
+    context.say(f"{label} started: {shown}")
+
+    def on_epoch(metrics: EpochMetrics, params: Any) -> None:
+        history.append(metrics)
+        run.log_epoch(metrics)
+        value = objective_value(config, metrics)
+        trial.report(value, metrics.epoch)
+        context.say(
+            f"{label} epoch {metrics.epoch + 1}/{train_config.epochs}: "
+            f"{config.objective} {format_value(config, value)} ({metrics.seconds:.1f} s)"
+        )
+        # Pruning after the last epoch would only throw away a finished model.
+        if metrics.epoch < train_config.epochs - 1 and trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after epoch {metrics.epoch}")
+
+    started = time.perf_counter()
+    result = train(
+        train_config,
+        context.x_train,
+        context.labels_train,
+        context.x_val,
+        context.labels_val,
+        on_epoch=on_epoch,
+    )
+    value = objective_value(config, result.history[-1])
+    if not math.isfinite(value):
+        raise DivergenceError(len(result.history) - 1, 0, f"objective is {value}")
+    # The curves and weights first: a trial whose artifacts cannot be written (a full
+    # disk) is not reported COMPLETE; TrackingError gives it back.
+    run.save_outputs(history, label, result.params, train_config.spec())
+    run.log_metrics({"wall_seconds": time.perf_counter() - started}, step=len(history) - 1)
+    return value
+
+
+def _tell_pruned(
+    study: Any, trial: Any, context: TrialContext, run: Any, history: list[EpochMetrics]
+) -> None:
+    """A pruned trial: its curves saved, PRUNED told to Optuna, then its run ended PRUNED."""
+    from optuna.trial import TrialState
+
+    from research.experiment.tracking.stores import TrackingError
+
+    try:
+        run.save_outputs(history, f"trial {trial.number}")
+    except (KeyboardInterrupt, TrackingError) as error:
+        with signals_deferred():
+            _give_back(study, trial, run, _reason(error), killed=_killed(error))
+        raise
+    with signals_deferred():  # (a signal here is raised once the trial is recorded)
+        if _tell(study, trial, TrialState.PRUNED, run, context):
+            run.end(RunEnd.PRUNED)
+            context.say(f"trial {trial.number} PRUNED after {len(history)} epochs")
+
+
+def _not_a_result(error: BaseException) -> bool:
+    """Ctrl-C, SIGTERM or a store that cannot be written: the trial is queued again."""
+    from research.experiment.tracking.stores import TrackingError
+
+    return isinstance(error, KeyboardInterrupt | StudyError | TrackingError)
 
 
 def _killed(error: BaseException) -> bool:
@@ -408,7 +305,7 @@ def _tell(
         frozen = None  # failed by another worker between our read and our write
     except StudyError as error:  # the journal cannot be written: the run must not say COMPLETE
         with contextlib.suppress(Exception):
-            run.end("FAIL", "FAILED", str(error))
+            run.end(RunEnd.FAIL, str(error))
         raise
     if frozen is not None and frozen.state == state:
         return True
@@ -423,7 +320,7 @@ def _taken_over(trial: Any, run: Any, context: TrialContext) -> None:
     )
     if run is not None:
         with contextlib.suppress(Exception):
-            run.end("FAIL", "FAILED", reason)
+            run.end(RunEnd.FAIL, reason)
     context.say(reason)
 
 
@@ -433,14 +330,14 @@ def _give_back(study: Any, trial: Any, run: Any, reason: str, killed: bool = Fal
     from optuna.trial import TrialState
 
     with contextlib.suppress(Exception):
-        trial.storage.set_trial_system_attr(trial._trial_id, ATTR_INTERRUPTED, reason)
+        set_system_attr(trial, ATTR_INTERRUPTED, reason)
         if not killed:
             trial.set_user_attr("error", reason)
         study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         study.enqueue_trial(trial.params, user_attrs={ATTR_RETRY_OF: trial.number})
     if run is not None:
         with contextlib.suppress(Exception):
-            run.end("FAIL", "KILLED" if killed else "FAILED", reason)
+            run.end(RunEnd.KILLED if killed else RunEnd.FAIL, reason)
 
 
 def short(value: Any) -> str:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -40,7 +40,6 @@ from research.experiment.tracking.stores import (
 if TYPE_CHECKING:
     from research.engine.mlp import MLPSpec, Params
     from research.experiment.config.fields import TrainConfig
-    from research.experiment.tracking.runs import TrainingRun
 
 #: The name of the LoggedModel on its run.
 MODEL_NAME = "model"
@@ -56,6 +55,16 @@ REGISTERED_DESCRIPTION = (
     "Alias 'champion': the latest refit. Inputs: float32 (B, 784) pixels scaled to [0, 1]; "
     "outputs: class (B,) and probabilities (B, 10). See docs/models.md."
 )
+
+
+class OpenRun(Protocol):
+    """The open run a model is logged to (a :class:`~.runs.TrackedRun`, named by its fields
+    here, as :mod:`.runs` itself logs models through this module)."""
+
+    client: Any
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
 
 
 def _import_pyfunc() -> Any:
@@ -100,7 +109,7 @@ def pip_requirements() -> list[str]:
 
 
 def log_model(
-    run: TrainingRun,
+    run: OpenRun,
     params: Params,
     config: TrainConfig,
     example_images: np.ndarray,
@@ -177,7 +186,7 @@ def log_model(
 
 
 def register_champion(
-    run: TrainingRun, name: str, model_uri: str, tags: dict[str, Any] | None = None
+    run: OpenRun, name: str, model_uri: str, tags: dict[str, Any] | None = None
 ) -> str:
     """Registers ``model_uri`` (logged on ``run``) as a new version of the registered model
     ``name`` (created if needed) and points its alias :data:`CHAMPION` at it; returns the
@@ -208,7 +217,7 @@ def register_champion(
 
 
 def log_champion(
-    run: TrainingRun,
+    run: OpenRun,
     study_name: str,
     params: Params,
     config: TrainConfig,

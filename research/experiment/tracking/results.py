@@ -1,4 +1,5 @@
-"""Reading studies back from the tracking store, for ``analysis/`` (which never trains).
+"""Reading runs and studies back from the tracking store: one run for ``rerun``
+(:func:`read_run`), studies for ``analysis/`` (which never trains).
 
 Everything returned is plain data (records, pandas DataFrames in ``mlflow.search_runs``'s layout,
 files); a store that cannot be read is one :class:`TrackingError` naming it and the cause.
@@ -6,11 +7,20 @@ files); a store that cannot be read is one :class:`TrackingError` naming it and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from research.experiment.tracking.runs import SEARCH_SPACE, TAG_PARENT, TAG_ROLE, TAG_STUDY
+from research.experiment.tracking.runs import (
+    LEGACY_DIVERGED_TAG,
+    SEARCH_SPACE,
+    TAG_ERROR,
+    TAG_PARENT,
+    TAG_ROLE,
+    TAG_STATE,
+    TAG_STUDY,
+)
 from research.experiment.tracking.stores import (
     TrackingError,
     mlflow_client,
@@ -263,3 +273,45 @@ def _as_searched(name: str, table: dict[str, Any]) -> dict[str, Any]:
         return SearchParam(name, table.get("type"), **options).as_dict()
     except (ConfigError, TypeError):
         return {"name": name, **table}
+
+
+# --- one run, for rerun ------------------------------------------------------------------------
+
+
+@dataclass
+class LoggedRun:
+    """A training run as it was logged: what ``rerun`` needs to train it again and compare."""
+
+    run_id: str
+    params: dict[str, str]
+    tags: dict[str, str]
+    histories: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+    @property
+    def state(self) -> str | None:
+        return self.tags.get(TAG_STATE)
+
+    @property
+    def divergence(self) -> str | None:
+        """The divergence the run ended with (``training diverged at ...``), or None."""
+        error = self.tags.get(TAG_ERROR) or self.tags.get(LEGACY_DIVERGED_TAG) or ""
+        return error if error.startswith("training diverged") else None
+
+
+def read_run(run_id: str, metrics: Sequence[str], tracking_uri: str | None = None) -> LoggedRun:
+    """The params, tags and ``metrics`` histories ((step, value) in step order) of run
+    ``run_id``; TrackingError if there is no such run."""
+    uri = resolve_tracking_uri(tracking_uri)
+    client = mlflow_client(uri)
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        raise TrackingError(
+            f"no MLflow run with id {run_id!r} in {redact(uri)}; list runs with "
+            "`python -m research ui` or pass the right --tracking-uri"
+        ) from None
+    histories = {
+        key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        for key in metrics
+    }
+    return LoggedRun(run_id, dict(run.data.params), dict(run.data.tags), histories)

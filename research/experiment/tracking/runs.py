@@ -1,33 +1,45 @@
-"""Writing runs to MLflow, and reading one back: one path for ``train``, studies and ``rerun``.
+"""Writing runs to MLflow: one run lifecycle for ``train``, trials, studies and ``reproduce``.
 
-A training run (of ``train``, or one trial of a study) is logged the same way whoever runs it:
-:meth:`TrainingRun.log_config` (the fields of its
-:class:`~research.experiment.config.fields.TrainConfig`
-under their own names, plus ``sizes``, ``n_train_rows`` and ``blas_kernels``),
-:meth:`TrainingRun.log_epoch` after every epoch, :meth:`TrainingRun.save_outputs` (loss curves,
-and weights when it completed), and one ending, :meth:`TrainingRun.end` or
-:meth:`TrainingRun.diverged`. The ending sets the tag ``research.state`` (``COMPLETE``,
-``PRUNED`` or ``FAIL``) and, for a failure, ``research.error`` with the reason: a divergence reads
-``training diverged at epoch E, step S: ...``; and the run's description (MLflow's
-``mlflow.note.content``, the one place the UI shows it), e.g. ``PRUNED at epoch 2 of 8:
-val/accuracy 96.13%``. :func:`read_run` reads it all back (``rerun``).
+Every MLflow run the commands make (a ``train`` run, a study's trial, a study's parent, a
+``reproduce`` row or its parent, a benchmark) is a :class:`TrackedRun`, opened by
+:func:`start_run` (or a study's :class:`~.study_runs.StudyTracker`) and closed inside
+:func:`run_lifecycle`, the one place that decides how a run ends:
+
+- the block returns: the run's pending outputs are saved (:meth:`TrackedRun.save_on_success`:
+  loss curves, weights, the MLflow model), then it ends :attr:`RunEnd.COMPLETE`;
+- training diverged: :attr:`RunEnd.FAIL` with ``research.error`` and the epoch and step;
+- Ctrl-C or SIGTERM: :attr:`RunEnd.KILLED` with the reason;
+- anything else (a crash, a tracking-store error): :attr:`RunEnd.FAIL` with the reason;
+
+and the exception goes on to the caller. A block may end its run itself (a pruned trial, a trial
+whose Optuna record must be written first): the lifecycle then leaves it as it is.
+
+A training run logs :meth:`TrackedRun.log_config` (the fields of its
+:class:`~research.experiment.config.fields.TrainConfig` under their own names, plus ``sizes``,
+``n_train_rows`` and ``blas_kernels``) and :meth:`TrackedRun.log_epoch` after every epoch. Its
+ending sets the tag ``research.state`` (``COMPLETE``, ``PRUNED`` or ``FAIL``; ``RUNNING`` while
+it trains), ``research.error`` for a failure (a divergence reads ``training diverged at epoch E,
+step S: ...``), and its description (MLflow's ``mlflow.note.content``, the one place the UI shows
+it), e.g. ``PRUNED at epoch 2 of 8: val/accuracy 96.13%``.
 
 Every run also carries MLflow's own tags for who and what made it: ``mlflow.user``,
 ``mlflow.source.name`` (``python -m research train``), ``mlflow.source.type`` (``LOCAL``) and
 ``mlflow.source.git.commit`` (the commit, as ``research.git_commit`` has it with ``-dirty`` for a
 tree with changes); and ``weights.npz`` comes with ``weights.txt``, its arrays and how to load it.
-
-Studies have one parent run (:class:`StudyTracker`) with one child run per trial.
+Studies (a parent run, one child run per trial): :mod:`.study_runs`. Reading runs back:
+:mod:`.results`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import functools
 import math
 import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,17 +49,19 @@ from research.experiment.tracking.stores import (
     TrackingError,
     get_or_create_experiment,
     mlflow_client,
-    redact,
     resolve_tracking_uri,
     store_error,
     store_lock,
     store_writes,
 )
+from research.experiment.training.train import DivergenceError, interruption, signals_deferred
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from research.engine.mlp import MLPSpec, Params
     from research.experiment.config.fields import TrainConfig
-    from research.experiment.training.train import DivergenceError, EpochMetrics
+    from research.experiment.training.train import EpochMetrics
 
 TAG_ROLE = "research.role"
 TAG_STUDY = "research.study"
@@ -68,9 +82,44 @@ LEGACY_DIVERGED_TAG = "diverged"
 SEARCH_SPACE = "study/search_space.json"
 
 
+class RunEnd(enum.Enum):
+    """How a run ended: its ``research.state`` tag and MLflow's status, one value for both."""
+
+    COMPLETE = ("COMPLETE", "FINISHED")
+    PRUNED = ("PRUNED", "FINISHED")
+    FAIL = ("FAIL", "FAILED")  # a failure: divergence, a crash, a store that cannot be written
+    KILLED = ("FAIL", "KILLED")  # Ctrl-C or SIGTERM: not a result
+
+    def __init__(self, state: str, status: str) -> None:
+        self.state = state  # research.state: COMPLETE, PRUNED, FAIL
+        self.status = status  # MLflow's: FINISHED, FAILED, KILLED
+
+    @classmethod
+    def of_state(cls, state: str) -> RunEnd:
+        """The ending of a trial that Optuna recorded as ``state`` (COMPLETE, PRUNED, FAIL)."""
+        return {"COMPLETE": cls.COMPLETE, "PRUNED": cls.PRUNED}.get(state, cls.FAIL)
+
+
 @dataclass
-class TrainingRun:
-    """An open MLflow run: log its definition, epochs as they come, artifacts and its ending."""
+class Outputs:
+    """What a training run saves when it succeeds (:meth:`TrackedRun.save_on_success`)."""
+
+    history: Sequence[EpochMetrics]
+    title: str
+    params: Params | None = None
+    spec: MLPSpec | None = None
+    #: Given with ``params``: the run's network is also logged as an MLflow model, with these
+    #: test images as its input example (:func:`~.models.log_model`).
+    config: TrainConfig | None = None
+    model_images: np.ndarray | None = None
+
+
+@dataclass
+class TrackedRun:
+    """An open MLflow run: log its definition, epochs as they come, artifacts and its ending.
+
+    Every run the commands make is one of these, a trial's, a study's parent or a paper's
+    parent alike; :func:`run_lifecycle` ends it."""
 
     client: Any
     run_id: str
@@ -80,6 +129,12 @@ class TrainingRun:
     #: description says how far it got.
     planned_epochs: int | None = None
     last_epoch: EpochMetrics | None = None
+    #: How it ended, once it has (None while it is open).
+    ended: RunEnd | None = None
+    #: What :func:`run_lifecycle` saves before it ends the run COMPLETE.
+    pending: Outputs | None = None
+    #: The MLflow model logged with the outputs (``models:/m-...``), once it is.
+    model_uri: str | None = None
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -138,11 +193,6 @@ class TrainingRun:
                 self.run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()]
             )
 
-    def finish(self, status: str = "FINISHED") -> None:
-        """Closes the run as FINISHED, FAILED or KILLED."""
-        with store_writes(self.tracking_uri):
-            self.client.set_terminated(self.run_id, status)
-
     # --- a training run, the same for `train` and a study's trials ----------------------------
 
     def log_config(
@@ -198,6 +248,11 @@ class TrainingRun:
         self.log_metrics(metrics.as_metrics(), step=metrics.epoch)
         self.last_epoch = metrics
 
+    def save_on_success(self, outputs: Outputs) -> None:
+        """What to save if the run succeeds: :func:`run_lifecycle` saves it (with
+        :meth:`save_outputs`) when its block returns, then ends the run COMPLETE."""
+        self.pending = outputs
+
     def save_outputs(
         self,
         history: Sequence[EpochMetrics],
@@ -207,7 +262,8 @@ class TrainingRun:
     ) -> None:
         """The artifacts of a training: ``loss_curves.png`` (if an epoch ended) and, given
         params, ``weights.npz`` with ``weights.txt``. TrackingError (naming the file) if they
-        cannot be written."""
+        cannot be written. A caller that must act between saving and ending (a trial tells
+        Optuna in between) calls this itself; others use :meth:`save_on_success`."""
         from research.experiment.training.figures import save_loss_curves
 
         try:
@@ -243,19 +299,21 @@ class TrainingRun:
                 "free some space (or lift the limit), then run the same command again"
             ) from None
 
-    def end(self, state: str, status: str, error: str | None = None, **tags: Any) -> None:
-        """Ends the run: ``research.state`` (COMPLETE, PRUNED, FAIL), the ``research.error``
-        if any, its description (:meth:`describe`), other tags, then MLflow's status (FINISHED,
-        FAILED, KILLED)."""
-        note = self.describe(state, error)
+    def end(self, end: RunEnd, error: str | None = None, **tags: Any) -> None:
+        """Ends the run: ``research.state``, the ``research.error`` if any, its description
+        (:meth:`describe`), other tags, then MLflow's status. Marked ended first: a store that
+        fails here is not written to again by :func:`run_lifecycle`."""
+        self.ended = end
+        note = self.describe(end.state, error)
         tags = {
-            TAG_STATE: state,
+            TAG_STATE: end.state,
             **({TAG_ERROR: error} if error is not None else {}),
             **({TAG_NOTE: note} if note else {}),
             **tags,
         }
         self.set_tags(tags)
-        self.finish(status)
+        with store_writes(self.tracking_uri):
+            self.client.set_terminated(self.run_id, end.status)
 
     def describe(self, state: str, error: str | None = None) -> str | None:
         """How the run ended, in a line: ``COMPLETE: val/accuracy 97.91% after 8 epochs``,
@@ -276,8 +334,8 @@ class TrainingRun:
 
     def diverged(self, error: DivergenceError) -> None:
         """Ends a run whose training diverged: FAIL, with the epoch and step."""
-        where = {"research.diverged_epoch": error.epoch, "research.diverged_step": error.step}
-        self.end("FAIL", "FAILED", str(error), **where)
+        end, reason, where = ending_of(error)
+        self.end(end, reason, **where)
 
     @property
     def ui_hint(self) -> str:
@@ -288,12 +346,12 @@ class TrainingRun:
         )
 
 
-def start_training_run(
+def start_run(
     experiment: str,
     run_name: str | None = None,
     tags: dict[str, str] | None = None,
     tracking_uri: str | None = None,
-) -> TrainingRun:
+) -> TrackedRun:
     """Opens a new run in ``experiment`` (created if needed) and returns it."""
     uri = resolve_tracking_uri(tracking_uri)
     tags = tags or {}
@@ -307,7 +365,54 @@ def start_training_run(
         raise
     except Exception as error:  # MLflow raises many kinds; the user needs the URI and the cause.
         raise store_error(uri, error) from None
-    return TrainingRun(client, run.info.run_id, experiment_id, uri)
+    return TrackedRun(client, run.info.run_id, experiment_id, uri)
+
+
+def ending_of(error: BaseException) -> tuple[RunEnd, str, dict[str, Any]]:
+    """How an exception ends a run: its :class:`RunEnd`, the reason, and extra tags."""
+    if isinstance(error, DivergenceError):
+        where = {"research.diverged_epoch": error.epoch, "research.diverged_step": error.step}
+        return RunEnd.FAIL, str(error), where
+    if isinstance(error, KeyboardInterrupt):
+        return RunEnd.KILLED, interruption(error), {}
+    if isinstance(error, TrackingError):
+        return RunEnd.FAIL, str(error), {}
+    return RunEnd.FAIL, repr(error), {}
+
+
+@contextlib.contextmanager
+def run_lifecycle(run: TrackedRun | None) -> Iterator[TrackedRun | None]:
+    """The one lifecycle of an MLflow run (see the module's docstring); None (no tracking)
+    passes through. Closing is done with Ctrl-C and SIGTERM held back, so that it is not cut
+    in half, and is best effort once the block failed: the block's exception is the one raised,
+    not a second one from a store that is gone."""
+    if run is None:
+        yield None
+        return
+    try:
+        yield run
+        if run.ended is None and run.pending is not None:
+            outputs, run.pending = run.pending, None
+            _save(run, outputs)
+    except BaseException as error:
+        if run.ended is None:
+            end, reason, tags = ending_of(error)
+            with signals_deferred(), contextlib.suppress(Exception):
+                run.end(end, reason, **tags)
+        raise
+    if run.ended is None:
+        with signals_deferred():
+            run.end(RunEnd.COMPLETE)
+
+
+def _save(run: TrackedRun, outputs: Outputs) -> None:
+    run.save_outputs(outputs.history, outputs.title, outputs.params, outputs.spec)
+    if outputs.config is not None and outputs.params is not None:
+        from research.experiment.tracking.models import log_model
+
+        last = outputs.history[-1].epoch if outputs.history else 0
+        images = outputs.model_images
+        run.model_uri = log_model(run, outputs.params, outputs.config, images, step=last)
 
 
 def log_benchmark(
@@ -316,7 +421,7 @@ def log_benchmark(
     files: dict[str, str],
     experiment: str = "benchmarks",
     tracking_uri: str | None = None,
-) -> TrainingRun:
+) -> TrackedRun:
     """Logs one benchmark run (``python -m research bench``) and closes it.
 
     Args:
@@ -326,10 +431,10 @@ def log_benchmark(
     Returns:
         The finished run (for its id and UI hint).
     """
-    run = start_training_run(
+    run = start_run(
         experiment, run_name="bench", tags={"command": "bench"}, tracking_uri=tracking_uri
     )
-    try:
+    with run_lifecycle(run):
         run.log_params(params)
         run.log_metrics(metrics, step=0)
         with tempfile.TemporaryDirectory() as folder:
@@ -337,14 +442,10 @@ def log_benchmark(
                 path = Path(folder) / name
                 path.write_text(text)
                 run.log_artifact(path)
-    except BaseException:
-        run.finish("FAILED")
-        raise
-    run.finish("FINISHED")
     return run
 
 
-# --- studies: one parent run per study, one child run per trial --------------------------------
+# --- who and what made a run --------------------------------------------------------------------
 
 
 @functools.cache  # once per process: every trial run is tagged with it
@@ -388,172 +489,3 @@ def source_tags(command: str) -> dict[str, str]:
     if commit != "unknown":
         tags[TAG_GIT_COMMIT] = commit
     return tags
-
-
-@dataclass
-class StudyTracker:
-    """The MLflow side of a study: its experiment, its parent run, and one child run per trial."""
-
-    client: Any
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
-    study_name: str = ""
-
-    @classmethod
-    def open(cls, study_name: str, tracking_uri: str | None = None) -> StudyTracker:
-        """The study's experiment and parent run: its earliest parent run, else a new one.
-
-        ``study`` chooses the parent through the Optuna storage instead (atomically, for commands
-        started together on several machines): :meth:`open_experiment`, then :meth:`use_parent`.
-        """
-        tracker = cls.open_experiment(study_name, tracking_uri)
-        parents = tracker.study_parents()
-        tracker.use_parent(parents[0] if parents else tracker.create_parent())
-        return tracker
-
-    @classmethod
-    def open_experiment(cls, study_name: str, tracking_uri: str | None = None) -> StudyTracker:
-        """The study's experiment (created if needed), with no parent run chosen yet."""
-        uri = resolve_tracking_uri(tracking_uri)
-        try:
-            with store_lock(uri):
-                client = mlflow_client(uri)
-                experiment_id = get_or_create_experiment(client, study_name, uri)
-        except TrackingError:
-            raise
-        except Exception as error:
-            raise store_error(uri, error) from None
-        return cls(client, uri, experiment_id, "", study_name)
-
-    def study_parents(self) -> list[str]:
-        """The ids of the runs tagged as this study's parent, earliest first."""
-        with store_writes(self.tracking_uri):
-            found = self.client.search_runs(
-                [self.experiment_id],
-                filter_string=(
-                    f"tags.`{TAG_ROLE}` = 'study' and tags.`{TAG_STUDY}` = '{self.study_name}'"
-                ),
-                max_results=1000,
-            )
-        found.sort(key=lambda run: (run.info.start_time, run.info.run_id))
-        return [run.info.run_id for run in found]
-
-    def create_parent(self) -> str:
-        """A new parent run for the study; returns its id."""
-        with store_writes(self.tracking_uri):
-            run = self.client.create_run(
-                self.experiment_id,
-                run_name=f"study-{self.study_name}",
-                tags={
-                    **source_tags("study"),
-                    TAG_ROLE: "study",
-                    TAG_STUDY: self.study_name,
-                    TAG_COMMIT: git_commit(),
-                },
-            )
-        return run.info.run_id
-
-    def use_parent(self, run_id: str) -> None:
-        """Makes ``run_id`` this tracker's parent run, and marks it RUNNING again."""
-        with store_writes(self.tracking_uri):
-            try:
-                run = self.client.get_run(run_id)
-            except Exception:
-                run = None
-            if run is None or run.info.experiment_id != self.experiment_id:
-                raise TrackingError(
-                    f"the study's parent run {run_id} (named in its Optuna storage) is not in "
-                    f"experiment {self.study_name!r} of {redact(self.tracking_uri)}: pass the "
-                    "--tracking-uri the study started with, or use a new --study-name"
-                )
-            if run.info.lifecycle_stage == "deleted":
-                self.client.restore_run(run_id)
-            self.client.update_run(run_id, status="RUNNING")
-        self.parent_run_id = run_id
-
-    @classmethod
-    def attach(cls, tracking_uri: str, experiment_id: str, parent_run_id: str) -> StudyTracker:
-        """The tracker of a study whose parent run exists (a worker process joining it)."""
-        return cls(mlflow_client(tracking_uri), tracking_uri, experiment_id, parent_run_id)
-
-    @property
-    def parent(self) -> TrainingRun:
-        return TrainingRun(self.client, self.parent_run_id, self.experiment_id, self.tracking_uri)
-
-    def start_trial_run(self, study_name: str, trial_number: int) -> TrainingRun:
-        """A child run named ``trial-0007`` under the parent run."""
-        with store_writes(self.tracking_uri):
-            run = self.client.create_run(
-                self.experiment_id,
-                run_name=f"trial-{trial_number:04d}",
-                tags={
-                    **source_tags("study"),
-                    TAG_PARENT: self.parent_run_id,
-                    TAG_ROLE: "trial",
-                    TAG_STUDY: study_name,
-                    TAG_TRIAL: str(trial_number),
-                    TAG_STATE: "RUNNING",
-                },
-            )
-        return TrainingRun(self.client, run.info.run_id, self.experiment_id, self.tracking_uri)
-
-    def trial_runs(self) -> list[Any]:
-        """Every trial run under the parent (MLflow ``Run`` objects)."""
-        with store_writes(self.tracking_uri):
-            return self.client.search_runs(
-                [self.experiment_id],
-                filter_string=f"tags.`{TAG_PARENT}` = '{self.parent_run_id}'",
-                max_results=50_000,
-            )
-
-    def close_trial_run(self, trial_number: int, state: str, reason: str) -> None:
-        """Ends the still-RUNNING run of a trial whose worker stopped: ``research.state`` as
-        Optuna recorded it, with the reason; FINISHED for COMPLETE and PRUNED, else FAILED."""
-        for run in self.trial_runs():
-            if run.data.tags.get(TAG_TRIAL) == str(trial_number) and run.info.status == "RUNNING":
-                closing = TrainingRun(
-                    self.client, run.info.run_id, self.experiment_id, self.tracking_uri
-                )
-                closing.end(
-                    state, "FINISHED" if state in ("COMPLETE", "PRUNED") else "FAILED", reason
-                )
-
-
-@dataclass
-class LoggedRun:
-    """A training run as it was logged: what ``rerun`` needs to train it again and compare."""
-
-    run_id: str
-    params: dict[str, str]
-    tags: dict[str, str]
-    histories: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
-
-    @property
-    def state(self) -> str | None:
-        return self.tags.get(TAG_STATE)
-
-    @property
-    def divergence(self) -> str | None:
-        """The divergence the run ended with (``training diverged at ...``), or None."""
-        error = self.tags.get(TAG_ERROR) or self.tags.get(LEGACY_DIVERGED_TAG) or ""
-        return error if error.startswith("training diverged") else None
-
-
-def read_run(run_id: str, metrics: Sequence[str], tracking_uri: str | None = None) -> LoggedRun:
-    """The params, tags and ``metrics`` histories ((step, value) in step order) of run
-    ``run_id``; TrackingError if there is no such run."""
-    uri = resolve_tracking_uri(tracking_uri)
-    client = mlflow_client(uri)
-    try:
-        run = client.get_run(run_id)
-    except Exception:
-        raise TrackingError(
-            f"no MLflow run with id {run_id!r} in {redact(uri)}; list runs with "
-            "`python -m research ui` or pass the right --tracking-uri"
-        ) from None
-    histories = {
-        key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
-        for key in metrics
-    }
-    return LoggedRun(run_id, dict(run.data.params), dict(run.data.tags), histories)

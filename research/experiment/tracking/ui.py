@@ -11,9 +11,12 @@ each study in the store (an experiment with a study parent run) and each experim
 open the *Model training* mode (``workflowType=machine_learning``) and a saved view of the
 experiment (``viewStateShareKey``; MLflow keeps it as the experiment tag
 ``mlflow.sharedViewState.<key>`` and lists it in its *Views* menu) that sorts the runs by the
-objective and shows the state, the metrics and the searched params as columns. Where that view
-cannot be written, the links carry the sort alone (``orderByKey``, ``orderByAsc``). Each link is
-printed once the server answers 200 on it.
+objective and shows the state, the metrics and the searched params as columns. That format is
+MLflow's own and undocumented: it is written only for the MLflow versions whose format is known
+(:data:`SAVED_VIEW_VERSIONS`, at the end of this module with all of the view's format). Where the
+view cannot be written (another MLflow version, a store ``ui`` may not write), the links carry
+the sort alone (``orderByKey``, ``orderByAsc``). Each link is printed once the server answers 200
+on it.
 
 The server's output is held back while it starts (its last line is the reason of a start that
 fails) and passed on to our stderr once it answers, without its access log or Python warnings,
@@ -41,6 +44,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 from urllib.parse import quote, urlencode
 
+from research.experiment.config.fields import FIELDS
 from research.experiment.tracking.runs import TAG_ROLE, TAG_STATE, TAG_STUDY
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -48,16 +52,11 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 START_SECONDS = 120.0
 #: Seconds one call to the server's REST API may take (listing the store for the links).
 API_SECONDS = 30.0
-#: The saved view ``ui`` gives each experiment it links to (MLflow's *Views* menu).
-VIEW_KEY = "research-best-first"
-VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 #: The metric columns of the view, after the objective.
 VIEW_METRICS = ("val/accuracy", "val/loss", "train/loss")
-#: The param columns of a view of ``train`` runs (a study's view shows its searched fields).
-TRAIN_PARAMS = (
-    "dataset", "hidden_size", "n_hidden_layers", "activation", "optimizer", "learning_rate",
-    "batch_size", "epochs",
-)  # fmt: skip
+#: The param columns of a view of ``train`` runs: the fields the field table declares as columns
+#: (``knob(..., column=True)``), in its order. A study's view shows the fields it searched.
+TRAIN_PARAMS = tuple(name for name, field in FIELDS.items() if field.column)
 #: A Python warning in the server's output (``file.py:12: SomeWarning: ...``), followed by an
 #: indented line of source: start-up noise, never the user's concern.
 WARNING_LINE = re.compile(r"^\S.*:\d+: \w*Warning: ")
@@ -184,14 +183,6 @@ def serve_ui(
             "can reach this address can read and change every run",
             file=sys.stderr,
         )
-    command = [
-        sys.executable, "-m", "mlflow", "ui",
-        "--backend-store-uri", uri, "--host", host, "--port", str(port),
-        # One web worker is plenty for one researcher and starts fastest on 2 cores.
-        "--workers", "1",
-        # A line per request (some 50 per page) would bury anything worth reading.
-        "--uvicorn-opts", "--no-access-log",
-    ]  # fmt: skip
 
     def stop(signum, frame):
         raise KeyboardInterrupt
@@ -202,34 +193,10 @@ def serve_ui(
     server = None
     output = None
     try:
-        # MLflow's background job runners serve features this project does not use.
-        environment = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        server = subprocess.Popen(
-            command,
-            start_new_session=True,
-            env=environment,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
+        server = _start_server(uri, host, port)
         assert server.stdout is not None
         output = _Output(server.stdout)
-        url = _probe_url(host, port)
-        deadline = time.monotonic() + start_seconds
-        while not _answers(url):
-            code = server.poll()
-            if code is not None:
-                raise UIError(
-                    f"the MLflow UI stopped (exit code {code}) before it answered on "
-                    f"{host}:{port}: {output.reason()}"
-                )
-            if time.monotonic() > deadline:
-                _stop(server)
-                raise UIError(
-                    f"the MLflow UI did not answer on {host}:{port} within {start_seconds:g} s "
-                    f"(its last words: {output.reason()}); it was stopped"
-                )
-            time.sleep(0.1)
+        _wait_for_answer(server, output, host, port, start_seconds)
         output.passing.set()
         say(f"MLflow UI on http://{host}:{port} over {uri} (Ctrl-C stops it)")
         say_links(_base_url(host, port), say)
@@ -248,6 +215,51 @@ def serve_ui(
             server.stdout.close()
 
 
+def _start_server(uri: str, host: str, port: int) -> subprocess.Popen[bytes]:
+    """``mlflow ui`` in a process group of its own, its output (stdout and stderr) piped."""
+    command = [
+        sys.executable, "-m", "mlflow", "ui",
+        "--backend-store-uri", uri, "--host", host, "--port", str(port),
+        # One web worker is plenty for one researcher and starts fastest on 2 cores.
+        "--workers", "1",
+        # A line per request (some 50 per page) would bury anything worth reading.
+        "--uvicorn-opts", "--no-access-log",
+    ]  # fmt: skip
+    # MLflow's background job runners serve features this project does not use.
+    environment = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return subprocess.Popen(
+        command,
+        start_new_session=True,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _wait_for_answer(
+    server: subprocess.Popen[bytes], output: _Output, host: str, port: int, start_seconds: float
+) -> None:
+    """Returns once the server answers HTTP; UIError (the server stopped) if it exits first or
+    does not answer within ``start_seconds``."""
+    url = _probe_url(host, port)
+    deadline = time.monotonic() + start_seconds
+    while not _answers(url):
+        code = server.poll()
+        if code is not None:
+            raise UIError(
+                f"the MLflow UI stopped (exit code {code}) before it answered on "
+                f"{host}:{port}: {output.reason()}"
+            )
+        if time.monotonic() > deadline:
+            _stop(server)
+            raise UIError(
+                f"the MLflow UI did not answer on {host}:{port} within {start_seconds:g} s "
+                f"(its last words: {output.reason()}); it was stopped"
+            )
+        time.sleep(0.1)
+
+
 # --- links to where a user wants to be ---------------------------------------------------------
 
 
@@ -262,19 +274,10 @@ class Linked:
     params: tuple[str, ...]  # the param columns of its view
     tags: dict[str, str]  # the experiment's tags as listed
 
-    def view_state(self) -> dict[str, Any]:
-        """The view as MLflow 3.17 saves it: search facets (the sort) and the runs table's
-        columns (MLflow's column keys: ``metrics.`val/accuracy```, ``params.`...```)."""
-        metrics = [self.objective, *(m for m in VIEW_METRICS if m != self.objective)]
-        return {
-            "orderByKey": f"metrics.`{self.objective}`",
-            "orderByAsc": self.ascending,
-            "selectedColumns": [
-                f"tags.`{TAG_STATE}`",
-                *(f"metrics.`{name}`" for name in metrics),
-                *(f"params.`{name}`" for name in self.params),
-            ],
-        }
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The metric columns of its view: the objective, then the others of VIEW_METRICS."""
+        return (self.objective, *(m for m in VIEW_METRICS if m != self.objective))
 
 
 def _api(base: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -346,27 +349,6 @@ def linked_experiments(base: str) -> list[Linked]:
     return [linked for _, linked in by_name]
 
 
-def ensure_view(base: str, linked: Linked) -> bool:
-    """Whether the experiment has the saved view :data:`VIEW_KEY`, writing it if it has none
-    (one that exists is kept: the user may have changed it in the UI). False if it cannot be
-    written (a read-only store)."""
-    if VIEW_TAG in linked.tags:
-        return True
-    now = int(time.time() * 1000)
-    envelope = {  # MLflow 3.17's saved view: its name, times, and the state as JSON text
-        "name": f"best {linked.objective} first",
-        "createdAt": now,
-        "updatedAt": now,
-        "state": json.dumps(linked.view_state()),
-    }
-    body = {"experiment_id": linked.experiment_id, "key": VIEW_TAG, "value": json.dumps(envelope)}
-    try:
-        _api(base, "experiments/set-experiment-tag", body)
-    except (OSError, ValueError):  # (urllib's HTTPError and URLError are OSErrors)
-        return False
-    return True
-
-
 def runs_link(base: str, linked: Linked, view: bool, chart: bool = False) -> str:
     """The link to an experiment's runs, best first: through its saved view (the sort and the
     columns), else with the sort alone in the URL (a URL with a sort ignores a view)."""
@@ -403,9 +385,10 @@ def say_links(base: str, say: Callable[[str], None]) -> None:
     if not linked:
         say("no study or train runs in this store yet")
         return
-    columns = True
+    views = saved_views_known()
+    columns = views
     for experiment in linked:
-        view = ensure_view(base, experiment)
+        view = views and ensure_view(base, experiment)
         columns = columns and view
         links = {
             "runs": runs_link(base, experiment, view),
@@ -419,3 +402,72 @@ def say_links(base: str, say: Callable[[str], None]) -> None:
             say(f"  {kind + ':':<7} {link}")
     if not columns:
         say("(to see the metrics, add their columns with Columns: see docs/tracking.md)")
+
+
+# --- MLflow's saved view: undocumented, written only for the versions whose format is known ----
+
+#: The saved view ``ui`` gives each experiment it links to (MLflow's *Views* menu).
+VIEW_KEY = "research-best-first"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+#: The MLflow versions (major, minor) whose saved-view format :func:`ensure_view` writes: that
+#: of MLflow 3.17, read in its JS bundle (docs/tracking.md). Any other version gets no view.
+SAVED_VIEW_VERSIONS = ((3, 17),)
+
+
+def mlflow_version() -> str:
+    """The installed MLflow's version, the one ``ui`` serves (read without importing it)."""
+    from importlib.metadata import version
+
+    return version("mlflow")
+
+
+def saved_views_known(version: str | None = None) -> bool:
+    """Whether ``ui`` knows how MLflow ``version`` (the installed one by default) saves a view;
+    if not, it says so once on stderr: the links then carry the sort alone."""
+    version = version or mlflow_version()
+    major, _, rest = version.partition(".")
+    minor = rest.partition(".")[0]
+    if major.isdigit() and minor.isdigit() and (int(major), int(minor)) in SAVED_VIEW_VERSIONS:
+        return True
+    known = ", ".join(f"{a}.{b}.x" for a, b in SAVED_VIEW_VERSIONS)
+    print(
+        f"note: MLflow {version} may save views differently from MLflow {known}, the format "
+        "`ui` knows; its links carry the sort alone, without a saved view",
+        file=sys.stderr,
+    )
+    return False
+
+
+def view_state(linked: Linked) -> dict[str, Any]:
+    """The view as MLflow 3.17 saves it: search facets (the sort) and the runs table's columns
+    (MLflow's column keys: ``metrics.`val/accuracy```, ``params.`...```)."""
+    return {
+        "orderByKey": f"metrics.`{linked.objective}`",
+        "orderByAsc": linked.ascending,
+        "selectedColumns": [
+            f"tags.`{TAG_STATE}`",
+            *(f"metrics.`{name}`" for name in linked.metrics),
+            *(f"params.`{name}`" for name in linked.params),
+        ],
+    }
+
+
+def ensure_view(base: str, linked: Linked) -> bool:
+    """Whether the experiment has the saved view :data:`VIEW_KEY`, writing it if it has none
+    (one that exists is kept: the user may have changed it in the UI). False if it cannot be
+    written (a read-only store). Only for an MLflow of :data:`SAVED_VIEW_VERSIONS`."""
+    if VIEW_TAG in linked.tags:
+        return True
+    now = int(time.time() * 1000)
+    envelope = {  # MLflow 3.17's saved view: its name, times, and the state as JSON text
+        "name": f"best {linked.objective} first",
+        "createdAt": now,
+        "updatedAt": now,
+        "state": json.dumps(view_state(linked)),
+    }
+    body = {"experiment_id": linked.experiment_id, "key": VIEW_TAG, "value": json.dumps(envelope)}
+    try:
+        _api(base, "experiments/set-experiment-tag", body)
+    except (OSError, ValueError):  # (urllib's HTTPError and URLError are OSErrors)
+        return False
+    return True

@@ -43,7 +43,13 @@ from research.engine.mlp import (
     init_params,
     l2_penalty,
 )
-from research.engine.optim import learning_rate_schedule, linear_ramp, make_optimizer
+from research.engine.optim import (
+    Optimizer,
+    Schedule,
+    learning_rate_schedule,
+    linear_ramp,
+    make_optimizer,
+)
 from research.experiment.config.fields import TrainConfig
 
 
@@ -303,14 +309,8 @@ def train(
     """
     spec = config.spec()
     dtype = np.dtype(config.dtype)
-    images = _check_inputs(x_train, "x_train")
-    if x_val is not None:
-        _check_inputs(x_val, "x_val")
+    images = _check_training_inputs(config, x_train, x_val)
     n_rows = len(x_train)
-    if config.batch_size > n_rows:
-        raise ValueError(
-            f"batch_size={config.batch_size} is larger than the {n_rows} training rows"
-        )
     # One generator per use, all from the seed: init, shuffles, dropout masks. (Children of a
     # SeedSequence depend on their index only: adding the third left the first two unchanged.)
     init_rng, shuffle_rng, dropout_rng = (
@@ -318,9 +318,95 @@ def train(
     )
     if params is None:
         params = init_params(spec, init_rng, dtype=dtype, scheme=config.init)
-    # each optimizer's own fields
     n_batches = n_rows // config.batch_size if config.drop_last else -(-n_rows // config.batch_size)
-    # Schedules count optimizer steps; their fields count epochs.
+    optimizer, rate = _optimizer(config, n_batches)
+    stepper = _stepper(config, spec, params, optimizer, images)
+    if not images:
+        x_train = np.asarray(x_train, dtype=dtype)
+    targets = np.eye(N_CLASSES, dtype=dtype)[labels_train]
+    result = TrainResult(params=params)
+    limit = _explosion_limit(config, spec, params, x_train, labels_train)
+    draw = _mask_drawer(config, spec, dropout_rng)
+    # A diverging run overflows on its way to inf/nan; that is detected and reported below as a
+    # DivergenceError, so numpy's floating-point warnings would only repeat it noisily.
+    with np.errstate(over="ignore", invalid="ignore"):
+        for epoch in range(config.epochs):
+            started = time.perf_counter()
+            order = shuffle_rng.permutation(n_rows)
+            batch_losses: list[float] = []
+            train_loss = train_epoch(
+                stepper, x_train, targets, order, n_batches, epoch, on_step, batch_losses, draw
+            )
+            _check_not_exploded(batch_losses, limit, epoch, n_batches)
+            params = _finite_copy(stepper.params, epoch, n_batches)
+            val_loss, val_accuracy = _validation_metrics(params, x_val, labels_val, spec, config)
+            metrics = EpochMetrics(
+                epoch=epoch,
+                train_loss=train_loss,
+                val_loss=val_loss,
+                val_accuracy=val_accuracy,
+                seconds=time.perf_counter() - started,
+                learning_rate=rate((epoch + 1) * n_batches - 1),
+            )
+            raise_pending_interrupt()
+            result.params = params
+            result.history.append(metrics)
+            if on_epoch is not None:
+                on_epoch(metrics, params)
+    return result
+
+
+def _check_training_inputs(
+    config: TrainConfig, x_train: np.ndarray, x_val: np.ndarray | None
+) -> bool:
+    """True if x_train (N, 784) holds uint8 images, False for floats; refuses other inputs
+    (x_val's too) and a batch larger than the training set."""
+    images = _check_inputs(x_train, "x_train")
+    if x_val is not None:
+        _check_inputs(x_val, "x_val")
+    if config.batch_size > len(x_train):
+        raise ValueError(
+            f"batch_size={config.batch_size} is larger than the {len(x_train)} training rows"
+        )
+    return images
+
+
+def _stepper(
+    config: TrainConfig, spec: MLPSpec, params: Params, optimizer: Optimizer, images: bool
+) -> InPlaceTrainingStep:
+    """The fast path: loss_and_grads + optimizer.update computed in place, on a copy of
+    ``params`` (tests/test_inplace.py). uint8 images stay bytes: the stepper converts each batch
+    it gathers (by the same table as Split.x, so the trajectory is the one training on the floats
+    gives)."""
+    return InPlaceTrainingStep(
+        spec,
+        params,
+        optimizer,
+        config.batch_size,
+        max_norm=config.max_norm,
+        pixel_values=pixel_values(config.raw_inputs, np.dtype(config.dtype)) if images else None,
+    )
+
+
+def _validation_metrics(
+    params: Params,
+    x_val: np.ndarray | None,
+    labels_val: np.ndarray | None,
+    spec: MLPSpec,
+    config: TrainConfig,
+) -> tuple[float, float]:
+    """Loss and accuracy of ``params`` on x_val (N, 784), labels_val (N,); NaN for both when
+    there is no validation split (a final fit)."""
+    if x_val is None or labels_val is None:
+        return float("nan"), float("nan")
+    return evaluate(params, x_val, labels_val, spec, raw=config.raw_inputs)
+
+
+def _optimizer(config: TrainConfig, n_batches: int) -> tuple[Optimizer, Schedule]:
+    """The optimizer of ``config`` with its own fields, and the learning rate at each optimizer
+    step (what the epoch's metrics report; a constant rate is handed to the optimizer as a
+    number). Schedules count optimizer steps; their fields count epochs, of ``n_batches``
+    steps."""
     rate = learning_rate_schedule(
         config.learning_rate,
         config.schedule,
@@ -343,23 +429,19 @@ def train(
     optimizer = make_optimizer(
         config.optimizer, config.learning_rate if constant else rate, **options
     )
-    # The fast path: loss_and_grads + optimizer.update computed in place (tests/test_inplace.py).
-    # uint8 images stay bytes: the stepper converts each batch it gathers (by the same table as
-    # Split.x, so the trajectory is the one training on the floats gives).
-    stepper = InPlaceTrainingStep(
-        spec,
-        params,
-        optimizer,
-        config.batch_size,
-        max_norm=config.max_norm,
-        pixel_values=pixel_values(config.raw_inputs, dtype) if images else None,
-    )
-    if not images:
-        x_train = np.asarray(x_train, dtype=dtype)
-    targets = np.eye(N_CLASSES, dtype=dtype)[labels_train]
-    result = TrainResult(params=params)
-    # The loss at initialization, on one batch's worth of rows: what an exploded loss is measured
-    # against (one forward pass; no random numbers drawn, so the trajectory is unchanged).
+    return optimizer, rate
+
+
+def _explosion_limit(
+    config: TrainConfig,
+    spec: MLPSpec,
+    params: Params,
+    x_train: np.ndarray,
+    labels_train: np.ndarray,
+) -> float:
+    """:func:`loss_limit` of the loss at initialization, on one batch's worth of rows: the first
+    ``batch_size`` rows of x_train (N, 784) and labels_train (N,). One forward pass, no random
+    numbers drawn, so the trajectory is unchanged."""
     initial_loss, _ = evaluate(
         params,
         x_train[: config.batch_size],
@@ -367,63 +449,51 @@ def train(
         spec,
         raw=config.raw_inputs,
     )
-    limit = loss_limit(initial_loss)
-    draw = None
-    if config.input_dropout or config.dropout:
+    return loss_limit(initial_loss)
 
-        def draw(rows: int) -> Masks:
-            return dropout_masks(
-                dropout_rng, rows, spec.sizes, config.input_dropout, config.dropout, dtype
-            )
 
-    # A diverging run overflows on its way to inf/nan; that is detected and reported below as a
-    # DivergenceError, so numpy's floating-point warnings would only repeat it noisily.
-    with np.errstate(over="ignore", invalid="ignore"):
-        for epoch in range(config.epochs):
-            started = time.perf_counter()
-            order = shuffle_rng.permutation(n_rows)
-            batch_losses: list[float] = []
-            train_loss = train_epoch(
-                stepper, x_train, targets, order, n_batches, epoch, on_step, batch_losses, draw
-            )
-            # Judged on the epoch's last quarter: a high learning rate often spikes to 20 times
-            # chance in its first steps and recovers within ten, which would set the mean of an
-            # epoch of few batches (measured: Adam at 0.1, 8 batches of 256).
-            recent = float(np.mean(batch_losses[-max(1, len(batch_losses) // 4) :]))
-            if recent > limit:
-                raise DivergenceError(
-                    epoch,
-                    n_batches - 1,
-                    f"the loss exploded: {recent:.4g} over the epoch's last quarter, above "
-                    f"{limit:.4g} (ten times its loss at initialization or at chance)",
-                )
-            # A copy per epoch: callers keep these (the stepper keeps overwriting its own).
-            params = [
-                {key: value.copy() for key, value in layer.items()} for layer in stepper.params
-            ]
-            for i, layer in enumerate(params):
-                for key, value in layer.items():
-                    if not np.all(np.isfinite(value)):
-                        raise DivergenceError(
-                            epoch, n_batches - 1, f"layer {i} {key} is not finite"
-                        )
-            if x_val is None or labels_val is None:
-                val_loss, val_accuracy = float("nan"), float("nan")
-            else:
-                val_loss, val_accuracy = evaluate(
-                    params, x_val, labels_val, spec, raw=config.raw_inputs
-                )
-            metrics = EpochMetrics(
-                epoch=epoch,
-                train_loss=train_loss,
-                val_loss=val_loss,
-                val_accuracy=val_accuracy,
-                seconds=time.perf_counter() - started,
-                learning_rate=rate((epoch + 1) * n_batches - 1),
-            )
-            raise_pending_interrupt()
-            result.params = params
-            result.history.append(metrics)
-            if on_epoch is not None:
-                on_epoch(metrics, params)
-    return result
+def _mask_drawer(
+    config: TrainConfig, spec: MLPSpec, rng: np.random.Generator
+) -> Callable[[int], Masks] | None:
+    """Draws a batch's dropout masks from ``rng``: for ``rows`` rows, one (rows, width) array in
+    the run's dtype or None per layer of ``spec`` (``mlp.dropout_masks``); None if ``config``
+    has no dropout."""
+    if not (config.input_dropout or config.dropout):
+        return None
+    sizes, dtype = spec.sizes, np.dtype(config.dtype)
+
+    def draw(rows: int) -> Masks:
+        return dropout_masks(rng, rows, sizes, config.input_dropout, config.dropout, dtype)
+
+    return draw
+
+
+def _check_not_exploded(
+    batch_losses: list[float], limit: float, epoch: int, n_batches: int
+) -> None:
+    """Raises :class:`DivergenceError` if the epoch's batch losses average above ``limit`` over
+    its last quarter.
+
+    Judged on the epoch's last quarter: a high learning rate often spikes to 20 times chance in
+    its first steps and recovers within ten, which would set the mean of an epoch of few batches
+    (measured: Adam at 0.1, 8 batches of 256).
+    """
+    recent = float(np.mean(batch_losses[-max(1, len(batch_losses) // 4) :]))
+    if recent > limit:
+        raise DivergenceError(
+            epoch,
+            n_batches - 1,
+            f"the loss exploded: {recent:.4g} over the epoch's last quarter, above "
+            f"{limit:.4g} (ten times its loss at initialization or at chance)",
+        )
+
+
+def _finite_copy(params: Params, epoch: int, n_batches: int) -> Params:
+    """A copy of ``params`` (callers keep each epoch's: the stepper keeps overwriting its own);
+    raises :class:`DivergenceError` if any array is not finite."""
+    copied = [{key: value.copy() for key, value in layer.items()} for layer in params]
+    for i, layer in enumerate(copied):
+        for key, value in layer.items():
+            if not np.all(np.isfinite(value)):
+                raise DivergenceError(epoch, n_batches - 1, f"layer {i} {key} is not finite")
+    return copied

@@ -1,0 +1,136 @@
+"""A paper's table as ``reproduce`` prints and logs it: what training one row gave
+(:class:`RowResult`, with its test error's 95% Wilson interval), the table in Markdown
+(:func:`results_table`) and as data (:func:`results_json`, ``reproduce.json``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from research.experiment.config.fields import TrainConfig
+from research.experiment.config.paper_file import Paper, Row
+from research.experiment.training.stats import wilson_interval
+from research.experiment.training.train import EpochMetrics
+
+
+@dataclass
+class RowResult:
+    """What training one row gave."""
+
+    row: Row
+    epochs_planned: int
+    epochs: int = 0  # trained
+    seconds: float = 0.0
+    n_test: int = 0
+    errors: int = 0
+    diverged: str = ""  # the reason, if training diverged
+    stopped_by_budget: bool = False
+    run_id: str = ""
+    history: list[EpochMetrics] = field(default_factory=list)
+    # With max-norm: per epoch, the fraction of hidden units held at the radius (at its end).
+    units_at_max_norm: list[float] = field(default_factory=list)
+
+    @property
+    def error(self) -> float:
+        """Test error in percent (NaN if there is none)."""
+        return 100 * self.errors / self.n_test if self.n_test else math.nan
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """The 95% Wilson interval of the test error, in percent."""
+        if not self.n_test:
+            return math.nan, math.nan
+        low, high = wilson_interval(self.errors, self.n_test)
+        return 100 * low, 100 * high
+
+
+def describe(config: TrainConfig) -> str:
+    """The network and its regularizers in a few words: ``relu 3×1024, dropout 0.2/0.5,
+    max-norm 3.5``."""
+    hidden = config.spec().sizes[1:-1]
+    widths = f"{len(hidden)}×{hidden[0]}" if len(set(hidden)) == 1 else "-".join(map(str, hidden))
+    parts = [f"{'logistic' if config.activation == 'sigmoid' else config.activation} {widths}"]
+    if config.input_dropout or config.dropout:
+        parts.append(f"dropout {config.input_dropout:g}/{config.dropout:g}")
+    if config.max_norm:
+        parts.append(f"max-norm {config.max_norm:g}")
+    if config.l2:
+        parts.append(f"l2 {config.l2:g}")
+    return ", ".join(parts)
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+
+
+def results_table(paper: Paper, results: Sequence[RowResult], quick: bool = False) -> str:
+    """The table as Markdown: one line per row trained."""
+    lines = [
+        "| row | network | paper's error | ours (95% CI) | target | met | epochs | wall time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        row, target = result.row, paper.target(result.row)
+        if result.n_test:
+            low, high = result.interval
+            ours = f"{result.error:.2f}% ({low:.2f}–{high:.2f})"
+            met = "yes" if result.error <= target + 1e-9 else "no"
+        else:
+            ours, met = f"diverged: {result.diverged}", "no"
+        epochs = f"{result.epochs}" + (
+            f" of {result.epochs_planned} (budget)" if result.stopped_by_budget else ""
+        )
+        lines.append(
+            f"| {row.name} | {describe(row.config)} | {row.paper_error:.2f}% | {ours} | "
+            f"≤ {target:.2f}% | {met} | {epochs} | {minutes(result.seconds)} |"
+        )
+    if quick:
+        lines.append("")
+        lines.append("`--quick`: a few epochs on a subset, for the tests; these are not results.")
+    return "\n".join(lines) + "\n"
+
+
+def max_norm_line(result: RowResult) -> str:
+    """Whether a max-norm row's constraint bound: the hidden units at the radius."""
+    held = result.units_at_max_norm
+    most = max(held)
+    if most == 0:
+        return f"max-norm {result.row.config.max_norm:g} never bound: no hidden unit reached it"
+    return (
+        f"max-norm {result.row.config.max_norm:g}: {100 * held[-1]:.1f}% of hidden units at the "
+        f"radius after the last epoch (most {100 * most:.1f}%, epoch {held.index(most) + 1})"
+    )
+
+
+def results_json(paper: Paper, results: Sequence[RowResult], quick: bool) -> dict[str, Any]:
+    """The table as data (``reproduce.json``)."""
+    rows = []
+    for result in results:
+        low, high = result.interval
+        rows.append(
+            {
+                "name": result.row.name,
+                "network": describe(result.row.config),
+                "paper_error": result.row.paper_error,
+                "target": paper.target(result.row),
+                "error": None if math.isnan(result.error) else result.error,
+                "ci95": None if math.isnan(low) else [low, high],
+                "errors": result.errors,
+                "n_test": result.n_test,
+                "epochs": result.epochs,
+                "epochs_planned": result.epochs_planned,
+                "stopped_by_budget": result.stopped_by_budget,
+                "seconds": result.seconds,
+                "diverged": result.diverged or None,
+                "units_at_max_norm": (result.units_at_max_norm or [None])[-1],
+                "units_at_max_norm_most": max(result.units_at_max_norm, default=None),
+                "run_id": result.run_id,
+                "fields": result.row.config.as_params(),
+            }
+        )
+    return {"paper": paper.title, "file": str(paper.path), "quick": quick, "rows": rows}
