@@ -358,6 +358,8 @@ def _best_weights(
         weights = tracking.download_artifact(
             results.record.parent_run_id, "best_weights.npz", folder, uri
         )
+        if weights is None:
+            _note_missing_refit(report, best_trial, say)
     else:
         _note(
             report,
@@ -381,6 +383,24 @@ def _best_weights(
         return None
     source = f"trial {int(best['trial'])}'s weights (trained on the training split only)"
     return weights, source, f"weights.npz of run {best['run_id']}", False
+
+
+def _note_missing_refit(report: Report, trial: str, say: Callable) -> None:
+    """The warning that the final fit of ``trial``, the best, has no weights file to evaluate,
+    so the report falls back to the trial's own weights (and what the study logged instead)."""
+    results = report.results
+    logged = results.parent_metrics.get("test_accuracy")
+    tested = f" (the study logged its test_accuracy, {logged:.2%})" if logged is not None else ""
+    _note(
+        report,
+        say,
+        f"the study's parent run {results.record.parent_run_id} has no best_weights.npz, the "
+        f"final fit of trial {trial}{tested}, so the test evaluation uses trial {trial}'s own "
+        "weights, trained on the training split only; its accuracy is not the final fit's "
+        "(the file was deleted, or the final fit did not finish: run the study command again "
+        "to refit)",
+        prefix="warning",
+    )
 
 
 def _test_figures(

@@ -18,6 +18,7 @@ from research.experiment.config.fields import (
     PRESETS,
     ConfigError,
     DeprecatedName,
+    LongWarmup,
     TrainConfig,
     configure,
 )
@@ -347,8 +348,16 @@ def _run_rerun(args: argparse.Namespace) -> int:
     if result.mismatches:
         print(f"NOT reproduced: {result.mismatches} value(s) differ (marked *)")
         return 1
+    uncompared = result.uncompared  # e.g. a row's validation metrics, NaN by design
+    compared = len(METRICS) - len(uncompared)
+    reasons = sorted(set(uncompared.values()))
     print(
-        f"reproduced exactly: {len(result.history)} epochs x {len(METRICS)} metrics identical"
+        f"reproduced exactly: {len(result.history)} epochs x {compared} "
+        f"metric{'' if compared == 1 else 's'} identical"
+        + "".join(
+            f" ({', '.join(k for k in uncompared if uncompared[k] == why)}: {why})"
+            for why in reasons
+        )
         + (f", then the same divergence: {result.error}" if result.error else "")
     )
     return 0
@@ -405,13 +414,17 @@ def _run_bench(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     with warnings.catch_warnings():
-        # A deprecated name (the "seed" preset) is one line on stderr, not a warning's two.
+        # A deprecated name (the "seed" preset) is one line on stderr, not a warning's two; so
+        # is a warm-up as long as the training.
         warnings.simplefilter("always", DeprecatedName)
+        warnings.simplefilter("always", LongWarmup)
         shown = warnings.showwarning
 
         def show_note(message, category, *args, **kwargs) -> None:
             if issubclass(category, DeprecatedName):
                 print(f"note: {message}", file=sys.stderr, flush=True)
+            elif issubclass(category, LongWarmup):
+                print(f"warning: {message}", file=sys.stderr, flush=True)
             else:
                 shown(message, category, *args, **kwargs)
 

@@ -78,6 +78,25 @@ def start(folder: Path) -> str:
     return f"postgresql://postgres@127.0.0.1:{port}/postgres"
 
 
+def pause(folder: Path) -> None:
+    """Stops the server of ``folder`` as a restart does (fast shutdown: its sessions are cut),
+    keeping its data; :func:`resume` starts it again."""
+    binaries = find_binaries()
+    command = [str(binaries / "pg_ctl"), "-D", str(folder / "data"), "-m", "fast", "-w", "stop"]
+    subprocess.run(_as_server_user(command), capture_output=True, text=True, check=True)
+
+
+def resume(folder: Path, url: str) -> None:
+    """Starts the server of ``folder`` that :func:`pause` stopped, on the port of ``url``."""
+    binaries = find_binaries()
+    port = url.split("@127.0.0.1:", 1)[1].split("/", 1)[0]
+    command = [
+        str(binaries / "pg_ctl"), "-D", str(folder / "data"), "-l", str(folder / "server.log"),
+        "-w", "-t", "60", "-o", f"-h 127.0.0.1 -p {port} -k {folder} -c fsync=off", "start",
+    ]  # fmt: skip
+    subprocess.run(_as_server_user(command), capture_output=True, text=True, check=True)
+
+
 def stop(folder: Path) -> None:
     """Stops the server of ``folder`` (if running) and deletes the folder."""
     binaries = find_binaries()

@@ -236,21 +236,22 @@ def test_a_run_logged_before_models_existed_still_reruns(train_store):
 # --- a study's champion -------------------------------------------------------------------------
 
 
-def tiny_study(uri: str, n_trials: int) -> tuple[int, str, str]:
+def tiny_study(uri: str, n_trials: int, subset: int = 2000) -> tuple[int, str, str]:
     """The shipped MNIST study, cut down (as tests/test_study.py runs it)."""
     return run_cli(
         ["study", str(MNIST_MLP), "--n-trials", str(n_trials), "--epochs", "1", "--subset",
-         "2000", "--tracking-uri", uri, "--quiet"]
+         str(subset), "--tracking-uri", uri, "--quiet"]
     )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def champion_store(tmp_path_factory) -> tuple[Path, str]:
-    """A tiny study (2 trials), then continued (3 trials): two refits, two versions."""
+    """A tiny study (2 trials), then continued (3 trials) on more rows: two refits, two
+    versions (the same rows would not refit the same best trial again: test_champion.py)."""
     folder = tmp_path_factory.mktemp("champion")
     uri = sqlite_uri(folder)
-    for n_trials, version in ((2, 1), (3, 2)):
-        code, out, err = tiny_study(uri, n_trials)
+    for n_trials, version, subset in ((2, 1, 2000), (3, 2, 3000)):
+        code, out, err = tiny_study(uri, n_trials, subset)
         assert code == 0, out + err
         champion = f"models:/{STUDY}@{CHAMPION} (version {version})"
         assert f"the refit best as an MLflow model: {champion}" in out, out

@@ -523,3 +523,19 @@ def deleted_parent_runs(tracking_uri: str) -> list[Any]:
         filter_string="tags.`research.role` = 'study'",
         run_view_type=ViewType.DELETED_ONLY,
     )
+
+
+@pytest.mark.slow
+def test_a_stale_refit_finishing_last_does_not_take_the_champion_on_a_server(postgres, tmp_path):
+    """tests/test_champion.py's two commands (one stopped mid-trial, the other stopped in its
+    refit of a trial that is then beaten, and finishing last) as two machines: Optuna on
+    PostgreSQL, a real MLflow server, which has no lock: the alias is compared, set and read
+    back. ``models:/<study>@champion`` must end on the refit of Optuna's best trial, and the
+    parent run's ``best_trial``, ``refit_trial`` and ``best_weights.npz`` with it."""
+    from test_champion import check_stale_refit, run_stale_refit
+
+    storage = new_database(postgres, "research_champion_optuna")
+    backend = sqlalchemy_url(new_database(postgres, "research_champion_mlflow"))
+    with mlflow_server(backend, tmp_path / "server-artifacts", tmp_path) as tracking:
+        outcome = run_stale_refit(tmp_path, tracking, storage)
+        check_stale_refit(tracking, storage, tmp_path, *outcome)

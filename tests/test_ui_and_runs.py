@@ -345,9 +345,10 @@ def test_links_without_a_saved_view_carry_the_sort_in_the_url():
     ]
 
 
-def test_a_train_runs_view_shows_every_field_of_the_table():
-    assert TRAIN_PARAMS == tuple(FIELDS)
+def test_a_train_runs_view_shows_the_fields_the_table_declares_as_columns():
+    assert TRAIN_PARAMS == tuple(name for name, field in FIELDS.items() if field.column)
     assert {"dataset", "hidden_size", "optimizer", "learning_rate", "epochs"} <= set(TRAIN_PARAMS)
+    assert "seed" not in TRAIN_PARAMS  # a few columns that tell runs apart, not all 28
 
 
 class StubMLflow(http.server.BaseHTTPRequestHandler):

@@ -265,7 +265,7 @@ class TrainConfig:
         The logged values were given together: hidden_sizes and the shorthand must agree."""
         missing = [name for name in FIELDS if name not in params]
         values = {name: FIELDS[name].parse(params[name]) for name in FIELDS if name in params}
-        return configure(cls(), **values), missing
+        return _configured(cls(), values), missing
 
 
 #: The shorthand for the hidden layers, which a non-empty ``hidden_sizes`` replaces.
@@ -302,8 +302,45 @@ def configure(base: TrainConfig, **given: Any) -> TrainConfig:
     """``base`` with the values a user ``given`` together (a command line's flags) in place of
     its own. The network comes from one spelling: a non-empty ``hidden_sizes`` given replaces
     base's hidden_size and n_hidden_layers, and a given hidden_size or n_hidden_layers replaces
-    base's hidden_sizes; given together, the two must agree (ConfigError otherwise)."""
-    values = dataclasses.asdict(base) | given
+    base's hidden_sizes; given together, the two must agree (ConfigError otherwise). A warm-up
+    as long as the training is allowed, with a :class:`LongWarmup` warning."""
+    config = _configured(base, given)
+    note = long_warmup(config)
+    if note:
+        warnings.warn(note, LongWarmup, stacklevel=2)
+    return config
+
+
+class LongWarmup(UserWarning):
+    """A warm-up that lasts the whole training: allowed, but the learning rate never gets to its
+    value; the command line shows it as one ``warning:`` line."""
+
+
+def long_warmup(config: TrainConfig) -> str:
+    """Why ``config``'s warm-up is suspect (``warmup_epochs`` >= ``epochs``: the learning rate
+    rises from 0 through the whole run), or "" if it is not."""
+    warmup, epochs = config.warmup_epochs, config.epochs
+    if not warmup or warmup < epochs:
+        return ""
+    rate = f"learning_rate = {config.learning_rate:g}"
+    reached = (
+        f"only nears {rate}"
+        if warmup == epochs
+        else f"only reaches about {epochs / warmup:.0%} of {rate}"
+    )
+    schedule = (
+        "" if config.schedule == "constant" else f"; the {config.schedule} schedule never starts"
+    )
+    return (
+        f"warmup_epochs = {warmup} is not shorter than epochs = {epochs}: the learning rate rises "
+        f"from 0 through the whole run and {reached} at its last step{schedule}; shorten the "
+        "warm-up or train longer"
+    )
+
+
+def _configured(base: TrainConfig, given: Mapping[str, Any]) -> TrainConfig:
+    """:func:`configure`, without its warning (for values read back from a logged run)."""
+    values = dataclasses.asdict(base) | dict(given)
     if "hidden_sizes" in given:
         widths = FIELDS["hidden_sizes"].check(given["hidden_sizes"])
         for name, value in (shorthand(widths) if widths else {}).items():

@@ -27,6 +27,9 @@ from research.experiment.config.fields import (
 )
 from research.experiment.config.study_config import NAME_ALLOWED, NAME_PATTERN
 
+#: The most percentage points above the paper's error a row may land and still meet its target.
+MAX_TOLERANCE = 10.0
+
 #: The ``[paper]`` table, declared like the training fields.
 PAPER_FIELDS: dict[str, Field] = {
     f.name: f
@@ -37,7 +40,9 @@ PAPER_FIELDS: dict[str, Field] = {
         ),
         Field("title", str, None, "the paper and the table, as cited"),
         Field("budget_minutes", float, 30.0, "wall time per row", gt=0, le=7 * 24 * 60),
-        Field("tolerance", float, 0.15, "points above the paper's error a row may land", ge=0),
+        # Bounded: a target far above the paper's error says nothing about the paper.
+        Field("tolerance", float, 0.15, "points above the paper's error a row may land", ge=0,
+              le=MAX_TOLERANCE),
         Field("preset", str, "default", "the preset rows start from", choices=tuple(PRESETS)),
     )
 }  # fmt: skip
@@ -115,6 +120,14 @@ def _parse(path: Path, raw: dict[str, Any]) -> Paper:
         table = table_of(table, f"rows[{i}]", "a [[rows]] table")
         fixed = table_of(table.pop("fixed", {}), f"{prefix}fixed", "a table of training fields")
         settings = _settings(table, prefix, ROW_FIELDS)
+        if settings["paper_error"] + paper["tolerance"] >= 100:
+            raise ConfigError(
+                f"{prefix}paper_error",
+                f"plus paper.tolerance = {show(paper['tolerance'])} is 100% or more: every result "
+                "would meet that target",
+                value=settings["paper_error"],
+                allowed="a paper error and a tolerance that add up to less than 100",
+            )
         check_keys(fixed, f"{prefix}fixed.", tuple(FIELDS))
         values = {name: FIELDS[name].check(v, f"{prefix}fixed.{name}") for name, v in fixed.items()}
         try:

@@ -64,12 +64,31 @@ def describe(config: TrainConfig) -> str:
 # --- the table ---------------------------------------------------------------------------------
 
 
+#: What Markdown would read as markup in free text (row names, reasons, the title): escapes,
+#: entities and raw HTML (``<i>``, ``<script>``), and line breaks, which would end a table row.
+#: Links (``[x](javascript:...)``) are broken at ``](``; a table cell also escapes ``|``.
+_MARKDOWN_ESCAPES = str.maketrans(
+    {"\\": "\\\\", "&": "&amp;", "<": "&lt;", ">": "&gt;", "\n": " ", "\r": " "}
+)
+
+
+def markdown_text(text: object) -> str:
+    """``text`` as Markdown that shows it as it is, never as markup, a link or HTML."""
+    return str(text).translate(_MARKDOWN_ESCAPES).replace("](", "\\](")
+
+
+def markdown_cell(text: object) -> str:
+    """``text`` in a Markdown table's cell: :func:`markdown_text`, and ``|`` escaped."""
+    return markdown_text(text).replace("|", "\\|")
+
+
 def minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
 
 
 def results_table(paper: Paper, results: Sequence[RowResult], quick: bool = False) -> str:
-    """The table as Markdown: one line per row trained."""
+    """The table as Markdown: one line per row trained, its free text escaped
+    (:func:`markdown_cell`)."""
     lines = [
         "| row | network | paper's error | ours (95% CI) | target | met | epochs | wall time |",
         "|---|---|---|---|---|---|---|---|",
@@ -81,13 +100,13 @@ def results_table(paper: Paper, results: Sequence[RowResult], quick: bool = Fals
             ours = f"{result.error:.2f}% ({low:.2f}–{high:.2f})"
             met = "yes" if result.error <= target + 1e-9 else "no"
         else:
-            ours, met = f"diverged: {result.diverged}", "no"
+            ours, met = f"diverged: {markdown_cell(result.diverged)}", "no"
         epochs = f"{result.epochs}" + (
             f" of {result.epochs_planned} (budget)" if result.stopped_by_budget else ""
         )
         lines.append(
-            f"| {row.name} | {describe(row.config)} | {row.paper_error:.2f}% | {ours} | "
-            f"≤ {target:.2f}% | {met} | {epochs} | {minutes(result.seconds)} |"
+            f"| {markdown_cell(row.name)} | {describe(row.config)} | {row.paper_error:.2f}% | "
+            f"{ours} | ≤ {target:.2f}% | {met} | {epochs} | {minutes(result.seconds)} |"
         )
     if quick:
         lines.append("")

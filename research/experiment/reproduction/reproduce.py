@@ -12,7 +12,9 @@ The command:
   (the paper's error plus the file's ``tolerance``), the epochs and the wall time.
 
 Each row is one MLflow run, with its curves, test metrics and weights, under one parent run that
-holds the table (``reproduce.md``, ``reproduce.json``). A row's training stops early when its
+holds the table (``reproduce.md``, ``reproduce.json``). Running the same paper file again
+continues that parent and keeps the rows that finished (:mod:`.resume`; ``--fresh`` starts
+over). ``--out`` is checked before anything trains. A row's training stops early when its
 next epoch would pass the file's ``budget_minutes``; the table then says how many epochs it had.
 ``--quick`` trains every row for a few epochs on a subset (for the tests); its numbers are not
 results. Every run, rows and parent, ends through
@@ -23,6 +25,8 @@ The table's text and data: :mod:`.paper_table`.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import tempfile
 import time
@@ -43,11 +47,19 @@ from research.experiment.config.paper_file import Paper, Row, load_paper, select
 from research.experiment.reproduction.paper_table import (
     RowResult,
     describe,
+    markdown_text,
     max_norm_line,
     minutes,
     results_json,
     results_table,
 )
+from research.experiment.reproduction.resume import (
+    Resumed,
+    keep_finished,
+    open_parent,
+    row_key,
+)
+from research.experiment.tracking.paper_runs import TAG_ROW_KEY
 from research.experiment.tracking.runs import (
     TAG_PARENT,
     TAG_ROLE,
@@ -80,7 +92,15 @@ def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="train on the 50,000 and log validation curves (to choose settings)",
     )
-    parser.add_argument("--out", type=Path, help="also write the table (Markdown) here")
+    parser.add_argument(
+        "--out", type=Path, help="also write the table (Markdown) to this file (not a folder)"
+    )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="a new parent run, every row trained (by default the same paper file and settings "
+        "continue their latest parent run, keeping the rows that finished)",
+    )
     parser.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -97,6 +117,7 @@ def reproduce_command(args: argparse.Namespace, load_data: Callable[[TrainConfig
         track=not args.no_track,
         quiet=args.quiet,
         out=args.out,
+        fresh=args.fresh,
     )
 
 
@@ -185,7 +206,11 @@ def train_row(
     except DivergenceError as error:
         result.diverged = str(error)
         result.seconds = time.perf_counter() - started
-        if run is not None:
+        if run is not None:  # (what resume.read_back needs to keep the row)
+            run.log_metrics(
+                {"wall_seconds": result.seconds, "epochs_trained": float(result.epochs)},
+                step=max(result.epochs - 1, 0),
+            )
             run.diverged(error)
         return result
     loss, accuracy = evaluate(latest["params"], data.x_test, data.labels_test, config.spec())
@@ -201,6 +226,9 @@ def train_row(
                 "test_error": result.error,
                 "test_error_ci_low": low,
                 "test_error_ci_high": high,
+                # exactly, for a command that keeps the row (resume.read_back)
+                "test_errors": float(result.errors),
+                "n_test": float(result.n_test),
                 "wall_seconds": result.seconds,
                 "epochs_trained": float(result.epochs),
             },
@@ -221,18 +249,27 @@ def run_paper(
     track: bool = True,
     quiet: bool = False,
     out: Path | None = None,
+    fresh: bool = False,
     say: Callable[[str], None] = print,
 ) -> int:
     """Trains the chosen rows (numbers from 1; all by default), prints the table, logs it all.
 
+    With tracking, the latest parent run of the same paper file and settings is continued
+    (unless ``fresh``) and the rows that finished under it are kept, not trained again
+    (:mod:`.resume`).
+
     Args:
         load_data: ``config -> Dataset``: the splits of ``config.dataset``, its inputs as
             ``config.raw_inputs`` says.
+        out: a file to write the table to as well (checked before anything trains).
     Returns:
         0 when every row trained, 1 when one diverged.
     Raises:
-        ConfigError: a row cannot run here (batch larger than the rows, not enough memory).
+        ConfigError: a row cannot run here (batch larger than the rows, not enough memory), or
+            ``out`` cannot be written.
     """
+    if out is not None:
+        check_out(out)
     chosen = [paper.rows[i] for i in select_rows(paper, rows)]
     if quick:
         chosen = [
@@ -242,31 +279,78 @@ def run_paper(
     data = _rows_data(chosen, load_data, holdout, paper.quick_subset if quick else None)
     note = " (--quick: not results)" if quick else ""
     say(f"{paper.title}: {len(chosen)} row(s), at most {paper.budget_minutes:g} min each{note}")
-    parent = _start_parent(paper, quick, holdout, tracking_uri) if track else None
+    resumed = None
+    if track:
+        resumed = open_parent(
+            paper, quick=quick, holdout=holdout, fresh=fresh, tracking_uri=tracking_uri
+        )
+    parent = resumed.parent if resumed is not None else None
     with run_lifecycle(parent):
-        if parent is not None:
-            _log_settings(parent, paper, quick, holdout)
+        if resumed is not None and not resumed.continued:
+            _log_settings(resumed.parent, paper, quick, holdout)
+        elif resumed is not None:
+            n_rows = {row.name: len(data[_data_key(row.config)].x_train) for row in chosen}
+            keep_finished(resumed, paper, chosen, n_rows, holdout, say)
         results = [
-            _train_and_say(paper, row, data[_data_key(row.config)], parent, f"[{n}/{len(chosen)}]",
-                           tracking_uri, quiet, say)
+            _row_result(paper, row, data[_data_key(row.config)], resumed, f"[{n}/{len(chosen)}]",
+                        tracking_uri, quiet, holdout, say)
             for n, row in enumerate(chosen, 1)
         ]  # fmt: skip
         table = results_table(paper, results, quick)
         say("")
         say(table)
-        if out is not None:
-            temporary = out.with_name(out.name + ".tmp")
-            temporary.write_text(table)
-            temporary.replace(out)
         diverged = [result.row.name for result in results if result.diverged]
         if parent is not None:
             _log_table(parent, paper, results, table, quick)
-            if diverged:
-                parent.end(RunEnd.FAIL, f"row(s) diverged: {', '.join(diverged)}")
+        if out is not None:
+            write_out(out, table)
+        if parent is not None and diverged:
+            parent.end(RunEnd.FAIL, f"row(s) diverged: {', '.join(diverged)}")
     if parent is not None:
         say(f"MLflow: experiment {show(paper.name)}, parent run {parent.run_id}")
         say(f"browse it: {parent.ui_hint}")
     return 1 if diverged else 0
+
+
+def _out_temporary(out: Path) -> Path:
+    """Where ``--out`` is written first: a hidden file in the same folder (renamed over it)."""
+    return out.parent / f".{out.name}.tmp"
+
+
+def check_out(out: Path) -> None:
+    """ConfigError unless ``out`` can take the table: not a folder nor a device, in a folder
+    that exists and where its temporary file can be made (it is tried, then removed)."""
+    allowed = "a file in an existing folder you can write to"
+    where = f"--out {out}"  # (in full: a value would be shortened)
+    if out.is_dir():
+        raise ConfigError(where, "is a folder", allowed=f"{allowed}, e.g. {out / 'table.md'}")
+    if out.exists() and not out.is_file():
+        raise ConfigError(where, "is not a regular file", allowed=allowed)
+    if not out.parent.is_dir():
+        missing = "is not a folder" if out.parent.exists() else "does not exist"
+        raise ConfigError(where, f"its folder {out.parent} {missing}", allowed=allowed)
+    temporary = _out_temporary(out)
+    try:
+        temporary.write_text("")
+        temporary.unlink()
+    except OSError as error:
+        problem = f"cannot write in its folder {out.parent}: {error.strerror or error}"
+        raise ConfigError(where, problem, allowed=allowed) from None
+
+
+def write_out(out: Path, text: str) -> None:
+    """Writes ``text`` to ``out`` whole or not at all: to its temporary file, then renamed."""
+    temporary = _out_temporary(out)
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, out)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise OSError(
+            f"cannot write the table to {out}: {error.strerror or error}; it is printed above "
+            "and in the parent run (reproduce.md); the same command writes it again"
+        ) from None
 
 
 def _data_key(config: TrainConfig) -> tuple[str, bool]:
@@ -299,22 +383,38 @@ def _rows_data(
     return data
 
 
-def _train_and_say(
+def _row_result(
     paper: Paper,
     row: Row,
     data: Splits,
-    parent: Any,
+    resumed: Resumed | None,
     number: str,
     tracking_uri: str | None,
     quiet: bool,
+    holdout: bool,
     say: Callable[[str], None],
 ) -> RowResult:
-    """One row, trained (with its run, under ``parent``), and how it went, said."""
+    """One row, kept (it finished under the parent run being continued) or trained (with its
+    run, under the parent), and how it went, said."""
+    kept = resumed.kept.get(row.name) if resumed is not None else None
+    if kept is not None:
+        ended = "diverged" if kept.diverged else "finished"
+        say(f"{number} row {show(row.name)}: {ended} in run {kept.run_id}, kept")
+        _say_result(kept, say)
+        return kept
     say(
         f"{number} {row.name}: {describe(row.config)}, "
         f"{row.config.epochs} epochs on {len(data.x_train):,} rows"
     )
-    result = _train_tracked(paper, row, data, parent, tracking_uri, quiet)
+    parent = resumed.parent if resumed is not None else None
+    key = row_key(paper, row, len(data.x_train), holdout)
+    result = _train_tracked(paper, row, data, parent, key, tracking_uri, quiet)
+    _say_result(result, say)
+    return result
+
+
+def _say_result(result: RowResult, say: Callable[[str], None]) -> None:
+    row = result.row
     if result.diverged:
         say(f"    diverged: {result.diverged}")
     else:
@@ -325,7 +425,6 @@ def _train_and_say(
         )
     if result.units_at_max_norm:
         say(f"    {max_norm_line(result)}")
-    return result
 
 
 def _log_table(
@@ -335,22 +434,13 @@ def _log_table(
     ``reproduce.json``."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "reproduce.md"
-        path.write_text(f"# {paper.title}\n\n{table}")
+        path.write_text(f"# {markdown_text(paper.title)}\n\n{table}")
         parent.log_artifact(path)
         trained = [(r.row.name, r.history) for r in results if r.history]
         if trained:
             curves = Path(folder) / "rows_train_loss.png"
             parent.log_artifact(save_rows_figure(trained, curves, paper.title))
     parent.log_json("reproduce.json", results_json(paper, results, quick))
-
-
-def _start_parent(paper: Paper, quick: bool, holdout: bool, tracking_uri: str | None) -> Any:
-    return start_run(
-        paper.name,
-        run_name="reproduce" + ("-quick" if quick else ""),
-        tags={TAG_ROLE: "reproduce", "command": "reproduce"},
-        tracking_uri=tracking_uri,
-    )
 
 
 def _log_settings(parent: Any, paper: Paper, quick: bool, holdout: bool) -> None:
@@ -366,10 +456,12 @@ def _train_tracked(
     row: Row,
     data: Splits,
     parent: Any,
+    key: str,
     tracking_uri: str | None,
     quiet: bool,
 ) -> RowResult:
-    """One row with its MLflow run (under ``parent``, if any) and a progress bar."""
+    """One row with its MLflow run (under ``parent``, if any, tagged with the row's ``key``)
+    and a progress bar."""
     from tqdm import tqdm
 
     run = None
@@ -377,7 +469,12 @@ def _train_tracked(
         run = start_run(
             paper.name,
             run_name=row.name,
-            tags={TAG_PARENT: parent.run_id, TAG_ROLE: "row", "command": "reproduce"},
+            tags={
+                TAG_PARENT: parent.run_id,
+                TAG_ROLE: "row",
+                TAG_ROW_KEY: key,
+                "command": "reproduce",
+            },
             tracking_uri=tracking_uri,
         )
     progress = tqdm(

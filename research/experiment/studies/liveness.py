@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import os
-import socket
 import threading
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from research.experiment.studies.optuna_compat import (
@@ -26,6 +23,7 @@ from research.experiment.studies.optuna_compat import (
     record_heartbeat,
     set_system_attr,
 )
+from research.experiment.tracking.processes import process_alive, process_identity
 from research.experiment.tracking.runs import TAG_TRIAL
 
 ATTR_WORKER = "research:worker"
@@ -34,44 +32,14 @@ ATTR_RETRY_OF = "research:retry_of"
 
 
 def worker_identity() -> str:
-    """``host:pid:start``: this process, as the worker running a trial. ``start`` is its start
-    time (clock ticks after boot), so a later process that reuses the pid (process 1 of every
-    container start) is not taken for a dead worker. Both come from the same /proc: in a PID
-    namespace without its own /proc mount, ``os.getpid()`` and /proc would disagree."""
-    try:
-        pid = int(os.readlink("/proc/self"))
-    except (OSError, ValueError):
-        return f"{socket.gethostname()}:{os.getpid()}:"
-    return f"{socket.gethostname()}:{pid}:{process_start(pid) or ''}"
-
-
-def process_start(pid: int) -> str | None:
-    """The start time of process ``pid`` (field 22 of /proc/<pid>/stat); None if it has none."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) is in parentheses and may hold spaces: count after it.
-    fields = text[text.rindex(")") + 2 :].split()
-    return fields[19] if len(fields) > 19 else None
+    """``host:pid:start``: this process, as the worker running a trial."""
+    return process_identity()
 
 
 def worker_alive(worker: str) -> bool | None:
-    """Whether the worker named ``worker`` (``host:pid:start``; ``host:pid`` from older
-    versions) still runs; None when it ran on another host, which only heartbeats can tell."""
-    host, _, rest = worker.partition(":")
-    pid, _, start = rest.partition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return None
-    if start:  # the process with that pid in /proc, started at that time
-        return process_start(int(pid)) == start
-    try:  # recorded without a start time (older versions, no /proc): trust the pid
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # another user's process: alive
-    return True
+    """Whether the worker named ``worker`` still runs; None when it ran on another host, which
+    only heartbeats can tell."""
+    return process_alive(worker)
 
 
 #: A RUNNING trial with no worker recorded this long after it started was orphaned between

@@ -53,6 +53,17 @@ def set_system_attr(trial: Any, key: str, value: Any, study: Any = None) -> None
     storage.set_trial_system_attr(trial_id(trial), key, value)
 
 
+def queued_params(trial: Any) -> dict[str, Any] | None:
+    """The parameters ``study.enqueue_trial`` queued for ``trial`` (an ``optuna.Trial`` just
+    asked), which its ``suggest_*`` calls will return whatever their range; None for a trial
+    the sampler draws.
+
+    Relies on ``enqueue_trial`` storing them as the system attribute ``fixed_params`` (which
+    ``Trial`` reads back), on ``Trial.storage``, ``_trial_id`` and
+    ``BaseStorage.get_trial_system_attrs``."""
+    return trial.storage.get_trial_system_attrs(trial_id(trial)).get("fixed_params")
+
+
 def fail_trial(study: Any, trial: Any) -> None:
     """Marks ``trial`` of ``study`` FAIL, whichever process ran it (a dead worker's trial; its
     parameters stay as they were). Raises ``optuna.exceptions.UpdateFinishedTrialError`` if it
@@ -122,3 +133,116 @@ def _journal_file_class() -> type:
             self.append(records.encode(), self.lock)
 
     return JournalFile
+
+
+#: The methods of ``RDBStorage`` that Optuna's cache (``_CachedStorage``, which ``create_study``
+#: and ``load_study`` put in front of every ``RDBStorage``) calls on it, each one transaction
+#: that either committed or did not. Retried when the connection is lost (see
+#: :func:`reconnecting_rdb_storage`), ``set_trial_state_values`` with a check of its own.
+RETRIED_RDB_METHODS = (
+    "create_new_study",
+    "delete_study",
+    "set_study_user_attr",
+    "set_study_system_attr",
+    "get_study_id_from_name",
+    "get_study_name_from_id",
+    "get_study_directions",
+    "get_study_user_attrs",
+    "get_study_system_attrs",
+    "get_all_studies",
+    "_create_new_trial",
+    "_set_trial_param",
+    "get_trial_id_from_study_id_trial_number",
+    "_get_best_trial_id",
+    "set_trial_intermediate_value",
+    "set_trial_user_attr",
+    "set_trial_system_attr",
+    "get_trial",
+    "_get_trials",
+    "_get_stale_trial_ids",
+    "set_trial_state_values",  # (with a check of its own)
+)
+#: What the cache calls on it and is deliberately not retried: a heartbeat beats once (its
+#: thread beats again at the next interval, and must not hold the trial's end for a minute),
+#: the other two read settings, not the database.
+UNRETRIED_RDB_METHODS = (
+    "record_heartbeat",
+    "get_heartbeat_interval",
+    "get_heartbeat_stale_trial_callback",
+)
+
+
+def reconnecting_rdb_storage(retry: Callable[[Callable[[], Any]], Any], *args, **kwargs) -> Any:
+    """An ``optuna.storages.RDBStorage(*args, **kwargs)`` whose database calls go through
+    ``retry(attempt)``, which calls ``attempt()`` until it returns (waiting out a database that
+    restarts) or raises; ``retry`` decides which errors are worth another attempt.
+
+    Why each retried call is safe to repeat (``RETRIED_RDB_METHODS``): reads are; attribute and
+    intermediate-value writes are upserts; a parameter written twice is a duplicate key Optuna
+    ignores; ``set_trial_state_values`` whose first attempt committed before the connection
+    dropped would raise ``UpdateFinishedTrialError`` on its retry, so a retry that finds the
+    trial already in the asked state and values returns True (a WAITING trial moved to RUNNING
+    by such a lost first attempt reads as taken by another worker: Optuna asks the next one, and
+    the trial, RUNNING with no worker recorded, is recovered as orphaned by
+    ``liveness.recover_stale_trials`` once it is a minute old, when a study command starts).
+    ``create_new_study`` repeated after a lost commit raises ``DuplicatedStudyError``, which
+    ``open_study`` reads as another command's creation (its MLflow parent run is then made
+    after a wait, as ``StudyTracker.elect_parent`` does for a creator that died).
+    ``_create_new_trial`` cannot tell a lost commit from none: Optuna itself already retries it
+    five times on any database error, so this adds nothing new; a trial created twice leaves
+    one RUNNING with no worker, recovered as orphaned likewise (it does not count).
+
+    Relies on: ``_CachedStorage`` calling exactly the methods of ``RETRIED_RDB_METHODS`` and
+    ``UNRETRIED_RDB_METHODS`` on its backend; ``create_study`` and ``load_study`` wrapping any
+    ``RDBStorage`` instance (a subclass too) in ``_CachedStorage``; and the semantics of
+    ``set_trial_state_values`` above."""
+    return _reconnecting_class()(retry, *args, **kwargs)
+
+
+def _retried(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``original`` (a method of ``RDBStorage``) called through the storage's retry."""
+
+    @functools.wraps(original)
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._retry(lambda: original(self, *args, **kwargs))
+
+    return method
+
+
+@functools.cache
+def _reconnecting_class() -> type:
+    """Made on first use: optuna is imported only when a study runs."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.storages import RDBStorage
+
+    class ReconnectingRDBStorage(RDBStorage):
+        """Optuna's RDB storage whose calls wait out a lost connection
+        (:func:`reconnecting_rdb_storage`)."""
+
+        def __init__(self, retry: Callable[[Callable[[], Any]], Any], *args, **kwargs) -> None:
+            self._retry = retry
+            super().__init__(*args, **kwargs)
+
+        def set_trial_state_values(self, trial_id: int, state: Any, values: Any = None) -> bool:
+            attempts = 0
+
+            def attempt() -> bool:
+                nonlocal attempts
+                attempts += 1
+                try:
+                    return RDBStorage.set_trial_state_values(self, trial_id, state, values)
+                except UpdateFinishedTrialError:
+                    if attempts == 1:
+                        raise
+                    # Our first attempt may have committed before its connection dropped.
+                    trial = RDBStorage.get_trial(self, trial_id)
+                    if trial.state == state and (values is None or trial.values == list(values)):
+                        return True
+                    raise
+
+            return self._retry(attempt)
+
+    for name in RETRIED_RDB_METHODS:
+        if name not in vars(ReconnectingRDBStorage):  # (set_trial_state_values is above)
+            setattr(ReconnectingRDBStorage, name, _retried(getattr(RDBStorage, name)))
+    return ReconnectingRDBStorage

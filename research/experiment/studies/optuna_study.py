@@ -5,11 +5,15 @@ Optuna distributions (checked against the study's earlier trials before any tria
 from __future__ import annotations
 
 import json
+import math
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from research.experiment.config.config_text import quoted, show
+from research.experiment.config.fields import FIELDS, ConfigError
 from research.experiment.config.search_space import SearchParam
 from research.experiment.config.study_config import StudyConfig
 from research.experiment.studies.storage import StudyError, damaged_journal, open_storage
@@ -174,3 +178,57 @@ def suggest(trial: Any, param: SearchParam) -> Any:
             param.name, param.low, param.high, step=param.step, log=param.log
         )
     return trial.suggest_categorical(param.name, param.optuna_choices())
+
+
+# --- queued trials -------------------------------------------------------------------------------
+
+
+def queued_misfit(queued: Mapping[str, Any], search: tuple[SearchParam, ...]) -> str | None:
+    """Why the parameters queued for a trial (``study.enqueue_trial``'s: a trial given back when
+    it was interrupted, or queued by hand) cannot run as queued in today's search space, or
+    None. Optuna would run a value outside [low, high], off the step or not among the choices
+    as it is, only warning, and would silently ignore a parameter no longer searched. A searched
+    parameter the queue leaves out is no misfit: the sampler draws it, as Optuna documents (a
+    trial interrupted before it drew all its values is queued so)."""
+    searched = {param.name: param for param in search}
+    for name, value in queued.items():
+        param = searched.get(name)
+        if param is None:
+            return f"{name} {_shown(name, value)} is no longer in today's [search]"
+        why = _outside(param, value)
+        if why is not None:
+            return f"{name} {_shown(name, value)} {why}"
+    return None
+
+
+def _outside(param: SearchParam, value: Any) -> str | None:
+    """How ``value`` misses ``param``'s distribution (as Optuna's ``_contains`` judges it: the
+    range, ends included, and the step), or None."""
+    if param.kind == "categorical":
+        try:
+            distribution(param).to_internal_repr(value)
+        except ValueError:
+            return f"is not among today's [search] choices {quoted(param.choices)}"
+        return None
+    span = f"{show(param.low)}..{show(param.high)}"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"is not a number, as today's [search] range {span} needs"
+    if not math.isfinite(value) or not param.low <= value <= param.high:
+        return f"is outside today's [search] range {span}"
+    step = param.step or (1 if param.kind == "int" else None)
+    if param.kind == "int":
+        off = (value - param.low) % step != 0
+    else:
+        off = step is not None and abs((k := (value - param.low) / step) - round(k)) >= 1e-8
+    return f"is off today's [search] grid {span} step {show(step)}" if off else None
+
+
+def _shown(name: str, value: Any) -> str:
+    """A queued value as the study file writes it (a list field's text as the list)."""
+    field = FIELDS.get(name)
+    if field is not None and field.kind is tuple and isinstance(value, str):
+        try:
+            return show(field.parse(value))
+        except ConfigError:  # not a list's text: shown as it is
+            pass
+    return show(value)

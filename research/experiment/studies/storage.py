@@ -6,6 +6,12 @@ so K workers started at once cannot race on creating tables. A ``--storage`` URL
 (``postgresql://...``, ``sqlite:///...``) uses Optuna's RDB storage with heartbeats instead: that
 is how several machines share one study. The study runner and the report open storages here.
 
+A database that stops answering mid-study (a PostgreSQL restart, a network cut) is waited out:
+every call of the study's storage is retried, with a one-line note, for up to
+:data:`DATABASE_RETRY_SECONDS` (:class:`DatabaseRetry`), then the command stops with one line
+(a :class:`StudyError`); which calls are safe to repeat is
+:func:`~research.experiment.studies.optuna_compat.reconnecting_rdb_storage`'s docstring.
+
 A journal survives a failed append (:func:`append_records`): a write cut short by a full disk is
 rolled back, and a line left unterminated by a process killed mid-write is dropped before the next
 append, so the records before it stay readable (Optuna's own backend appends after the cut line,
@@ -19,12 +25,18 @@ import errno
 import functools
 import json
 import os
+import sys
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from research.experiment.studies.optuna_compat import journal_file
+from research.experiment.studies.optuna_compat import journal_file, reconnecting_rdb_storage
 from research.experiment.tracking.stores import (
+    PREFLIGHT_TIMEOUT,
+    connection_failure,
+    connection_lost,
     local_store_folder,
     redact,
     sqlalchemy_url,
@@ -37,6 +49,8 @@ HEARTBEAT_INTERVAL = 20
 HEARTBEAT_GRACE = 60
 #: Seconds a SQLite study database waits for another process's write lock before it gives up.
 SQLITE_BUSY_SECONDS = 20
+#: Seconds a study waits for a database server that stopped answering before it gives up.
+DATABASE_RETRY_SECONDS = 60
 
 
 class StudyError(Exception):
@@ -74,6 +88,75 @@ def heartbeat_settings() -> tuple[int, int]:
             f"({interval} s), or every live trial would look stale"
         )
     return interval, grace
+
+
+def database_retry_seconds() -> int:
+    """How long an unreachable study database is waited for: :data:`DATABASE_RETRY_SECONDS`, or
+    ``$RESEARCH_DATABASE_RETRY_SECONDS`` (0: not at all; the tests shorten it)."""
+    name = "RESEARCH_DATABASE_RETRY_SECONDS"
+    text = os.environ.get(name, "")
+    if not text:
+        return DATABASE_RETRY_SECONDS
+    if not text.isdigit():
+        raise StudyError(f"{name}={text!r} is not allowed; give a whole number of seconds >= 0")
+    return int(text)
+
+
+def _first_line(error: BaseException) -> str:
+    """The driver's own words for a lost connection (the first line of the innermost error)."""
+    failure = connection_failure(error) or error
+    text = str(failure).strip()
+    return text.splitlines()[0] if text else repr(failure)
+
+
+class DatabaseRetry:
+    """Calls an attempt until it returns, waiting out a study database that stopped answering
+    (:func:`~research.experiment.tracking.stores.connection_lost`): again after 0.5, 1, 2 and
+    4 s, then every 5 s, for up to ``seconds`` from the first failure, then a
+    :class:`StudyError`. One note goes to stderr when a second attempt fails too (a blip, such
+    as a pooled connection the server dropped, is retried quietly). Once it has given up it
+    waits no more until the database answers again: the calls that follow (giving the running
+    trial back) fail at once. Any other error is raised as it is."""
+
+    def __init__(self, url: str, seconds: int) -> None:
+        self.url = url
+        self.seconds = seconds
+        self.outage_started: float | None = None
+
+    def __call__(self, attempt: Callable[[], Any]) -> Any:
+        failures = 0
+        while True:
+            try:
+                result = attempt()
+            except Exception as error:
+                if isinstance(error, StudyError) or not connection_lost(error):
+                    raise  # (a StudyError: an inner call gave up already)
+                failures += 1
+                self._wait(error, failures)
+                continue
+            self.outage_started = None
+            return result
+
+    def _wait(self, error: BaseException, failures: int) -> None:
+        now = time.monotonic()
+        if self.outage_started is None:
+            self.outage_started = now
+        waited = now - self.outage_started
+        if waited >= self.seconds:
+            raise StudyError(
+                f"the Optuna database {redact(self.url)} has not answered for {waited:.0f} s "
+                f"({_first_line(error)}); no finished trial is lost: run the same command again "
+                "once it answers, to continue the study (RESEARCH_DATABASE_RETRY_SECONDS sets "
+                "how long to wait)"
+            ) from None
+        if failures == 2:
+            print(
+                f"note: the Optuna database {redact(self.url)} is unreachable "
+                f"({_first_line(error)}); retrying for up to {self.seconds} s",
+                file=sys.stderr,
+                flush=True,
+            )
+        time.sleep(min(0.5 * 2 ** (failures - 1), 5.0, self.seconds - waited))
 
 
 def check_storage(url: str, tracking_uri: str) -> None:
@@ -123,24 +206,10 @@ def open_storage(url: str):
     import optuna
 
     if "://" in url:
-        interval, grace = heartbeat_settings()
-        engine_kwargs = {}
-        if url.startswith("sqlite:"):
-            engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_SECONDS}}
         try:
-            with store_lock(url), warnings.catch_warnings():  # (the callback is "experimental")
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                storage = optuna.storages.RDBStorage(
-                    sqlalchemy_url(url),
-                    engine_kwargs=engine_kwargs,
-                    heartbeat_interval=interval,
-                    grace_period=grace,
-                    # A trial whose worker stopped beating is failed and queued again (up to
-                    # 3 times: parameters that kill every worker they run on must end).
-                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                        max_retry=3
-                    ),
-                )
+            storage = _open_database(url)
+        except StudyError:
+            raise
         except Exception as error:
             text = str(error).strip().splitlines()
             raise locked_database(error, url) or StudyError(
@@ -164,6 +233,49 @@ def open_storage(url: str):
         return optuna.storages.JournalStorage(backend)  # (reads the whole journal)
     except json.JSONDecodeError as error:
         raise damaged_journal(path, error) from None
+
+
+#: Database URLs this process has opened: one that stops answering later is waited for (a first
+#: open fails at once: a wrong --storage is likelier than an outage).
+_OPENED: set[str] = set()
+
+
+def _open_database(url: str):
+    """Optuna's RDB storage for ``url``, with heartbeats. A server's (not SQLite's) waits out a
+    lost connection (:class:`DatabaseRetry`), checks a pooled connection before using it, and
+    gives up connecting after :data:`PREFLIGHT_TIMEOUT` seconds."""
+    import optuna
+
+    interval, grace = heartbeat_settings()
+
+    def rdb_storage(kind: Callable[..., Any], engine_kwargs: dict[str, Any]):
+        with store_lock(url), warnings.catch_warnings():  # (the callback is "experimental")
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return kind(
+                sqlalchemy_url(url),
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=interval,
+                grace_period=grace,
+                # A trial whose worker stopped beating is failed and queued again (up to 3
+                # times: parameters that kill every worker they run on must end).
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=3
+                ),
+            )
+
+    if url.startswith("sqlite:"):
+        return rdb_storage(
+            optuna.storages.RDBStorage, {"connect_args": {"timeout": SQLITE_BUSY_SECONDS}}
+        )
+    retry = DatabaseRetry(url, database_retry_seconds())
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("postgresql"):
+        engine_kwargs["connect_args"] = {"connect_timeout": PREFLIGHT_TIMEOUT}
+    kind = functools.partial(reconnecting_rdb_storage, retry)
+    opening = functools.partial(rdb_storage, kind, engine_kwargs)
+    storage = retry(opening) if url in _OPENED else opening()
+    _OPENED.add(url)
+    return storage
 
 
 def _write_ahead_log(url: str) -> None:

@@ -289,7 +289,7 @@ def _run_and_finish(
     say(
         f"done in {time.time() - started_wall:.0f} s (best {config.objective} "
         f"{format_value(config, best.value)}); browse: python -m research ui"
-        + ("" if tracking_uri is None else f" --tracking-uri {request.tracking_uri}")
+        + ("" if tracking_uri is None else f" --tracking-uri {redact(request.tracking_uri)}")
         + f"   (experiment {config.name!r})"
     )
     return 1 if failed else 0
@@ -335,18 +335,34 @@ def _refit_best(
     say: Callable[[str], None],
 ) -> bool:
     """The final fit: the best configuration retrained on train+validation, evaluated once on
-    test, its weights and MLflow model (registered as the study's champion) on the parent run.
-    False (the parent ended FAIL, the user told) if it diverged."""
-    from research.experiment.tracking.models import log_champion
+    test; its MLflow model becomes the study's champion, and its weights go on the parent run,
+    if its trial is still the study's best when the alias moves (:func:`_publish_refit`). No
+    refit when the champion already is the refit of a best trial with these settings (another
+    command, or an earlier run of this one, made it). False (the parent ended FAIL, the user
+    told) if it diverged."""
+    from types import SimpleNamespace
+
+    from research.experiment.tracking.models import fail_abandoned_models
 
     data, x_train, labels_train = splits
+    if abandoned := fail_abandoned_models(parent):
+        say(f"note: {len(abandoned)} MLflow model(s) left PENDING by a killed command: FAILED")
     best = study.best_trial
+    rows = _refit_rows(len(x_train))
+    if done := _current_champion(study, config, parent, rows):
+        say(
+            f"the champion is already the refit of trial {done.refit.trial} (version "
+            f"{done.version}), with these settings: no refit"
+        )
+        return True
     x_full = np.concatenate([x_train, data.validation.images])
     labels_full = np.concatenate([labels_train, data.validation.labels])
     try:
-        best_config, test_accuracy, params = final_fit(
-            study, config, x_full, labels_full, data.test.x, data.test.labels, say
-        )
+        # the trial chosen here, not whichever is best by the time final_fit asks
+        fitted = final_fit(
+            SimpleNamespace(best_trial=best), config, x_full, labels_full, data.test.x,
+            data.test.labels, say,
+        )  # fmt: skip
     except DivergenceError as error:
         reason = f"the refit of trial {best.number} on train+validation failed: {error}"
         parent.end(RunEnd.FAIL, reason, refit_trial=best.number)
@@ -355,22 +371,102 @@ def _refit_best(
             "refit, or narrow the learning_rate range and continue it"
         )
         return False
-    say(f"test_accuracy of the retrained best configuration: {100 * test_accuracy:.2f}%")
-    parent.log_metrics({"test_accuracy": test_accuracy}, step=len(study.trials))
-    n_train = len(x_train)  # (a --subset's first rows, then all validation rows)
-    rows = f"train[0:{n_train}]" + ("" if n_train == N_TRAIN else "+train[50000:60000]")
-    rows = rows.replace(f"train[0:{N_TRAIN}]", "train[0:60000]")
-    parent.log_data(
-        best_config.dataset,
-        {"training": (rows, len(x_full)), "test": ("test[0:10000]", len(data.test))},
-    )
-    parent.log_weights(params, best_config.spec(), "best_weights.npz")  # and its .txt
-    tags = {"refit_trial": best.number, "test_accuracy": test_accuracy}
-    champion = log_champion(
-        parent, config.name, params, best_config, data.test.images, len(study.trials), tags
-    )
-    say(f"the refit best as an MLflow model: {champion}")
-    # which trial best_weights.npz and test_accuracy belong to: best_trial moves with every
-    # invocation, --no-final ones included
-    parent.set_tags({"refit_trial": str(best.number)})
+    say(f"test_accuracy of the retrained best configuration: {100 * fitted[1]:.2f}%")
+    _publish_refit(study, config, best, parent, fitted, (data, rows, len(x_full)), say)
     return True
+
+
+def _refit_rows(n_train: int) -> str:
+    """The rows a refit trains on: a --subset's first rows (or all), then the validation rows."""
+    rows = f"train[0:{n_train}]" + ("" if n_train == N_TRAIN else "+train[50000:60000]")
+    return rows.replace(f"train[0:{N_TRAIN}]", "train[0:60000]")
+
+
+def _current_champion(study: Any, config: StudyConfig, parent: Any, rows: str) -> Any:
+    """The study's champion if it already is the refit of a best trial (by value: a tie
+    counts) with the settings this command would refit that trial with; else None."""
+    from optuna.trial import TrialState
+
+    from research.experiment.tracking.models import Refit, current_champion, refit_settings
+
+    champion = current_champion(parent, config.name)
+    if champion is None or champion.refit is None:
+        return None
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    trial = next((t for t in complete if t.number == champion.refit.trial), None)
+    if trial is None or trial.value != study.best_value:
+        return None
+    settings = refit_settings(config.train_config(trial.params), rows)
+    ours = Refit(trial.number, trial.value, config.direction, config.objective, settings)
+    return champion if champion.refit == ours else None
+
+
+def _publish_refit(
+    study: Any,
+    config: StudyConfig,
+    best: Any,
+    parent: Any,
+    fitted: tuple[TrainConfig, float, Any],
+    data_rows: tuple[Any, str, int],
+    say: Callable[[str], None],
+) -> None:
+    """Logs the refit of trial ``best`` as an MLflow model and makes it the champion, with its
+    ``best_weights.npz``, ``test_accuracy`` and ``refit_trial`` on the parent run, if ``best`` is
+    still a best trial of the study (asked again under the store's lock, as the alias moves) and
+    the champion is not this very refit already; else says why the alias stays."""
+    from research.experiment.tracking.models import (
+        CHAMPION,
+        Refit,
+        log_model,
+        publish_champion,
+        refit_settings,
+    )
+
+    best_config, test_accuracy, params = fitted
+    data, rows, n_rows = data_rows
+    step = len(study.trials)
+    settings = refit_settings(best_config, rows)
+    refit = Refit(best.number, best.value, config.direction, config.objective, settings)
+    better: list[int] = []
+
+    def still_best() -> bool:
+        now = study.best_trial  # read from the storage again
+        if now.value != best.value:
+            better.append(now.number)
+        return not better
+
+    def with_champion() -> None:
+        parent.log_metrics({"test_accuracy": test_accuracy}, step=step)
+        parent.log_weights(params, best_config.spec(), "best_weights.npz")  # and its .txt
+        # which trial best_weights.npz and test_accuracy belong to: best_trial moves with every
+        # invocation, --no-final ones included
+        parent.set_tags({"refit_trial": str(best.number)})
+
+    published = publish_champion(
+        parent,
+        config.name,
+        refit,
+        log=lambda tags: log_model(parent, params, best_config, data.test.images, step, tags),
+        still_best=still_best,
+        with_champion=with_champion,
+        tags={"test_accuracy": test_accuracy},
+    )
+    champion = f"models:/{config.name}@{CHAMPION}"
+    if published.outcome == "champion":
+        parent.log_data(
+            best_config.dataset,
+            {"training": (rows, n_rows), "test": ("test[0:10000]", len(data.test))},
+        )
+        say(f"the refit best as an MLflow model: {champion} (version {published.version})")
+    elif published.outcome == "kept":
+        say(
+            f"the champion is already the refit of trial {best.number} (version "
+            f"{published.version}), made by another command: this refit is not registered again"
+        )
+    else:
+        which = f"trial {better[0]} is" if better else "a better refit holds the alias"
+        stays = f"version {published.version}" if published.version else "unset"
+        say(
+            f"trial {best.number} is no longer the study's best ({which}): {champion} stays "
+            f"{stays}; this refit is logged as {published.model_uri} on the parent run only"
+        )

@@ -16,8 +16,9 @@ Each trial names its MLflow run in its user attributes (``mlflow_run_id``,
 optuna-dashboard shows over the journal (docs/studies.md).
 
 Budget. A study runs until it holds ``n_trials`` finished trials (COMPLETE, PRUNED, or FAIL for a
-real failure such as divergence; trials that failed because their worker died do not count), or
-until its deadline (no new trial starts after). With K workers, each checks the budget before it
+real failure such as divergence; trials that failed because their worker died do not count,
+nor queued trials dropped because today's search space no longer holds them), or until its
+deadline (no new trial starts after). With K workers, each checks the budget before it
 starts a trial, so the study may end with up to K − 1 trials more than asked.
 """
 
@@ -42,8 +43,12 @@ from research.experiment.studies.liveness import (
     heartbeat,
     worker_identity,
 )
-from research.experiment.studies.optuna_compat import HEARTBEAT_ASK_WARNING, set_system_attr
-from research.experiment.studies.optuna_study import suggest
+from research.experiment.studies.optuna_compat import (
+    HEARTBEAT_ASK_WARNING,
+    queued_params,
+    set_system_attr,
+)
+from research.experiment.studies.optuna_study import queued_misfit, suggest
 from research.experiment.studies.storage import StudyError
 from research.experiment.tracking.runs import RunEnd, run_lifecycle
 from research.experiment.training.train import (
@@ -58,6 +63,8 @@ from research.experiment.training.train import (
 #: A trial's user attributes naming its MLflow run (optuna-dashboard shows them with the trial).
 ATTR_MLFLOW_RUN = "mlflow_run_id"
 ATTR_MLFLOW_EXPERIMENT = "mlflow_experiment_id"
+#: A trial's system attribute: why its queued parameters were dropped (:func:`run_next_trial`).
+ATTR_DROPPED = "research:dropped"
 
 
 # --- trial budget and stale trials -------------------------------------------------------------
@@ -65,7 +72,8 @@ ATTR_MLFLOW_EXPERIMENT = "mlflow_experiment_id"
 
 def counted_trials(study: Any) -> int:
     """Finished trials that count toward n_trials: not those that were interrupted (Ctrl-C, a
-    dead worker) and queued again, nor those Optuna's heartbeat retried."""
+    dead worker) and queued again, nor those Optuna's heartbeat retried, nor queued trials
+    dropped because they no longer fit the search space."""
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
@@ -81,6 +89,7 @@ def counted_trials(study: Any) -> int:
         for trial in trials
         if trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
         and ATTR_INTERRUPTED not in trial.system_attrs
+        and ATTR_DROPPED not in trial.system_attrs
         and trial.number not in retried
     )
 
@@ -109,7 +118,8 @@ def objective_value(config: StudyConfig, metrics: EpochMetrics) -> float:
 def run_next_trial(study: Any, context: TrialContext) -> None:
     """Asks Optuna for the next trial, trains it, tells Optuna how it ended, then closes its
     MLflow run the same way. Optuna is told first: it is the record the budget counts, so a run
-    is never closed COMPLETE for a trial the storage could not record.
+    is never closed COMPLETE for a trial the storage could not record. A queued trial whose
+    parameters no longer fit the search space is dropped first (:func:`_ask_fitting`).
 
     Raises:
         KeyboardInterrupt (Ctrl-C, SIGTERM), StudyError (the Optuna storage cannot be written),
@@ -117,13 +127,39 @@ def run_next_trial(study: Any, context: TrialContext) -> None:
         queued again; it does not count toward ``n_trials``.
     """
     fail_stale_trials(study)
+    trial = _ask_fitting(study, context)
+    with heartbeat(study, trial):
+        _run_and_tell(study, trial, context)
+
+
+def _ask(study: Any) -> Any:
     with warnings.catch_warnings():
         # Optuna warns that heartbeats are meant for study.optimize: :func:`heartbeat` beats
         # for this loop as study.optimize would.
         warnings.filterwarnings("ignore", HEARTBEAT_ASK_WARNING)
-        trial = study.ask()
-    with heartbeat(study, trial):
-        _run_and_tell(study, trial, context)
+        return study.ask()
+
+
+def _ask_fitting(study: Any, context: TrialContext) -> Any:
+    """The next trial, past the queued ones whose parameters do not fit today's search space
+    (a trial given back, then resumed with narrower ranges): Optuna would run those with their
+    old values, only warning. Each is told FAIL, marked :data:`ATTR_DROPPED` so that it does
+    not count toward ``n_trials``, and said in one line; it has no parameters and no run."""
+    from optuna.trial import TrialState
+
+    while True:
+        trial = _ask(study)
+        queued = queued_params(trial)
+        why = None if queued is None else queued_misfit(queued, context.config.search)
+        if why is None:
+            return trial
+        retry_of = trial.user_attrs.get(ATTR_RETRY_OF)
+        source = "queued" if retry_of is None else f"queued again from trial {retry_of}"
+        with signals_deferred():
+            set_system_attr(trial, ATTR_DROPPED, why)
+            trial.set_user_attr("error", f"dropped: {why}")
+            study.tell(trial, state=TrialState.FAIL)
+            context.say(f"trial {trial.number} ({source}) is dropped: {why}")
 
 
 def _run_and_tell(study: Any, trial: Any, context: TrialContext) -> None:

@@ -16,11 +16,16 @@ model config and the model multiplies by it, in float32, which gives back the by
 network trained on exactly. Outputs: ``class``, (B,) the engine's ``predict``, and
 ``probabilities``, (B, 10) its ``forward`` in the weights' dtype (class probabilities for a
 softmax output; per-class sigmoid scores, which need not sum to 1, for the origin's sigmoid
-output). Logged by :mod:`.models`; see docs/models.md.
+output). At most :data:`MAX_ROWS` rows per call. Logged by :mod:`.models`; see docs/models.md.
 """
 
 # (no ``from __future__ import annotations``: MLflow reads predict's type hint as an object)
 from typing import Any
+
+#: The most rows one ``predict`` call (one request to a served model) takes; more are refused
+#: (HTTP 400 when served) before the model allocates anything the size of the batch. (MLflow's
+#: scoring server has no request size limit: it parses the whole request before this check.)
+MAX_ROWS = 10_000
 
 
 def mlp_model() -> Any:
@@ -50,6 +55,14 @@ def mlp_model() -> Any:
             pixels in [0, 1]: the class is the engine's ``predict`` (argmax of the logits:
             saturated sigmoid outputs can tie where the logits do not), the probabilities its
             ``forward``."""
+            shape = getattr(model_input, "shape", None)  # an array or a frame, not copied
+            rows = shape[0] if shape else len(model_input) if isinstance(model_input, list) else 1
+            if rows > MAX_ROWS:  # before anything the size of the batch is allocated
+                raise MlflowException.invalid_parameter_value(
+                    f"{rows:,} rows in one request: the model takes at most "
+                    f"{MAX_ROWS:,} per request (each row needs memory for every layer's "
+                    "outputs); send them in batches"
+                )
             x = np.asarray(model_input, dtype=np.float32)
             n_inputs = self.spec.sizes[0]
             if x.ndim != 2 or x.shape[1] != n_inputs:

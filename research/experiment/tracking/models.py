@@ -5,10 +5,12 @@ refit best) as an MLflow model: MLflow's *models from code*, the file :mod:`.mlp
 model and the network's ``weights.npz`` as its ``weights`` artifact, read back with numpy and
 predicted with the project's engine. Nothing is pickled. The model has a signature and an input
 example, and pip requirements passed explicitly (MLflow infers none: no environment inference, no
-extra load of the model to capture imports). :func:`register_champion` registers a study's refit
-best under the study's name and points the alias ``champion`` at it; :func:`load_model` loads a
-model by URI (``models:/<study>@champion``, ``models:/<model id>``). docs/models.md tells how to
-serve and call one.
+extra load of the model to capture imports). :func:`publish_champion` registers a study's refit
+best under the study's name and points the alias ``champion`` at it, only if it is the refit of
+the study's best trial (checked under the store's lock when the alias moves);
+:func:`fail_abandoned_models` closes models a killed process left PENDING; :func:`load_model`
+loads a model by URI (``models:/<study>@champion``, ``models:/<model id>``). docs/models.md tells
+how to serve and call one.
 
 The contract, the same for every run (whatever its ``raw_inputs``):
 
@@ -21,19 +23,26 @@ The contract, the same for every run (whatever its ``raw_inputs``):
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from research.experiment.tracking.processes import process_alive, process_identity
 from research.experiment.tracking.stores import (
     TrackingError,
     mlflow_client,
     redact,
     resolve_tracking_uri,
     sqlalchemy_url,
+    store_lock,
     store_writes,
 )
 
@@ -52,7 +61,8 @@ EXAMPLE_ROWS = 2
 #: A registered model's description, set when this project creates it.
 REGISTERED_DESCRIPTION = (
     "The refit best of the study {name!r}: its best configuration retrained on train+validation. "
-    "Alias 'champion': the latest refit. Inputs: float32 (B, 784) pixels scaled to [0, 1]; "
+    "Alias 'champion': the refit of the study's best trial. "
+    "Inputs: float32 (B, 784) pixels scaled to [0, 1]; "
     "outputs: class (B,) and probabilities (B, 10). See docs/models.md."
 )
 
@@ -114,6 +124,7 @@ def log_model(
     config: TrainConfig,
     example_images: np.ndarray,
     step: int = 0,
+    tags: dict[str, str] | None = None,
 ) -> str:
     """Logs the network ``params`` of ``config`` as the MLflow model of ``run``; returns its URI
     (``models:/<model id>``).
@@ -125,6 +136,7 @@ def log_model(
         example_images: uint8 images (N, 784) of the dataset; the first :data:`EXAMPLE_ROWS`
             become the input example (scaled to [0, 1], as every input of the model).
         step: the run's step the model belongs to (its metrics at that step are linked to it).
+        tags: the LoggedModel's tags (besides :data:`TAG_WRITER`, this process).
     Raises:
         TrackingError: the store cannot be written (it names the store and the cause).
     """
@@ -160,6 +172,7 @@ def log_model(
             source_run_id=run.run_id,
             params={**config.as_texts(), "sizes": str(list(spec.sizes))},
             model_type="mlp",
+            tags={**(tags or {}), TAG_WRITER: process_identity()},
         )
         try:
             weights = Path(folder) / "weights.npz"
@@ -185,12 +198,162 @@ def log_model(
     return f"models:/{logged.model_id}"
 
 
-def register_champion(
-    run: OpenRun, name: str, model_uri: str, tags: dict[str, Any] | None = None
-) -> str:
-    """Registers ``model_uri`` (logged on ``run``) as a new version of the registered model
-    ``name`` (created if needed) and points its alias :data:`CHAMPION` at it; returns the
-    version. TrackingError if the store cannot be written."""
+def load_model(model_uri: str, tracking_uri: str | None = None) -> Any:
+    """The MLflow pyfunc model at ``model_uri`` (``models:/<study>@champion``, ``models:/<id>``,
+    ``runs:/...``) in the store ``tracking_uri`` (default: as for every command). Its
+    ``predict(x)`` takes float32 (B, 784) pixels in [0, 1] and returns ``{"class",
+    "probabilities"}``."""
+    pyfunc = _import_pyfunc()
+    uri = resolve_tracking_uri(tracking_uri)
+    mlflow_client(uri)  # (sets MLflow's tracking URI)
+    try:
+        return pyfunc.load_model(model_uri)
+    except Exception as error:  # no such model or alias, an unreadable artifact: one line
+        text = str(error).strip()
+        raise TrackingError(
+            f"cannot load the MLflow model {model_uri} from {redact(uri)}: "
+            f"{text.splitlines()[0] if text else repr(error)}"
+        ) from None
+
+
+# --- a study's champion: the refit of its best trial -------------------------------------------
+
+#: Tags of a champion's model version (and of a refit's LoggedModel): what it is the refit of.
+TAG_REFIT_TRIAL = "refit_trial"
+TAG_VALUE = "research.trial_value"  # the refit trial's objective value, exactly (repr)
+TAG_OBJECTIVE = "research.objective"
+TAG_DIRECTION = "research.direction"
+TAG_SETTINGS = "research.refit_settings"  # a digest of the refit's training config and rows
+#: How often a publisher re-reads the alias after moving it (a server has no lock: another
+#: publisher may move it in between; each re-read repairs it toward the best refit).
+ALIAS_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class Refit:
+    """What a refit is the refit of: trial ``trial`` of objective ``value`` (to ``direction``),
+    retrained with ``settings`` (:func:`refit_settings`: equal settings, equal weights)."""
+
+    trial: int
+    value: float
+    direction: str
+    objective: str
+    settings: str
+
+    def tags(self) -> dict[str, str]:
+        return {
+            TAG_REFIT_TRIAL: str(self.trial),
+            TAG_VALUE: repr(float(self.value)),
+            TAG_OBJECTIVE: self.objective,
+            TAG_DIRECTION: self.direction,
+            TAG_SETTINGS: self.settings,
+        }
+
+    @classmethod
+    def from_tags(cls, tags: dict[str, str]) -> Refit | None:
+        """The refit a version's tags describe; None for a version registered before refits
+        were tagged (or tags edited by hand)."""
+        try:
+            return cls(
+                int(tags[TAG_REFIT_TRIAL]),
+                float(tags[TAG_VALUE]),
+                tags[TAG_DIRECTION],
+                tags[TAG_OBJECTIVE],
+                tags[TAG_SETTINGS],
+            )
+        except (KeyError, ValueError):
+            return None
+
+    def rank(self) -> float:
+        """Larger is better, whichever the direction."""
+        return self.value if self.direction == "maximize" else -self.value
+
+
+def refit_settings(config: TrainConfig, rows: str) -> str:
+    """A digest of what a refit trains: its training fields and its rows (``train[0:60000]``)."""
+    text = json.dumps([config.as_texts(), rows], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The version ``models:/<study>@champion`` points at; ``refit`` is None when it cannot be
+    compared (no tags, or registered by another parent run: an earlier study of that name)."""
+
+    version: str
+    refit: Refit | None
+
+
+def current_champion(run: OpenRun, name: str) -> Champion | None:
+    """The champion of the study ``name`` whose parent run is ``run``; None if there is none."""
+    from mlflow.exceptions import MlflowException
+
+    with store_writes(run.tracking_uri):
+        try:
+            version = run.client.get_model_version_by_alias(name, CHAMPION)
+        except MlflowException as error:  # no such registered model, or no alias yet
+            if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return None
+            raise
+    refit = Refit.from_tags(version.tags) if version.run_id == run.run_id else None
+    return Champion(str(version.version), refit)
+
+
+@dataclass(frozen=True)
+class Publication:
+    """What :func:`publish_champion` did: ``outcome`` is ``champion`` (``version`` is ours and
+    the alias points at it), ``kept`` (the champion, ``version``, already is this very refit:
+    nothing logged) or ``superseded`` (the trial is no longer the best: the model is logged on
+    the run, ``model_uri``, but the alias is not moved; ``version`` is the champion, if any)."""
+
+    outcome: str
+    version: str | None
+    model_uri: str | None = None
+
+
+def publish_champion(
+    run: OpenRun,
+    name: str,
+    refit: Refit,
+    log: Callable[[dict[str, str]], str],
+    still_best: Callable[[], bool],
+    with_champion: Callable[[], None],
+    tags: dict[str, Any],
+) -> Publication:
+    """Logs a study's refit (``log(model tags)`` returns its ``models:/`` URI), registers it
+    under ``name`` and moves the alias :data:`CHAMPION` to it, only if it is the refit of the
+    study's best trial and at least as good as the champion; ``with_champion()`` writes what
+    goes with it on the parent run, before the alias moves (a store that fails in between leaves
+    the alias on the old champion, and the next command refits again).
+
+    All of it under :func:`~.stores.store_lock` (a file lock for SQLite, an advisory lock for
+    PostgreSQL), so that the last command to finish cannot move the alias back: ``still_best()``
+    asks the study right then. A tracking server has no lock: the alias is set, read back and
+    repaired toward the best tagged refit (:func:`settle_alias`)."""
+    with store_lock(run.tracking_uri):
+        current = current_champion(run, name)
+        if current is not None and current.refit == refit:
+            return Publication("kept", current.version)
+        theirs = current.refit if current is not None else None
+        beaten = (
+            theirs is not None
+            and theirs.direction == refit.direction
+            and theirs.rank() > refit.rank()
+        )
+        if not still_best() or beaten:  # (asked first: the study says which trial is best)
+            uri = log(refit.tags())
+            return Publication("superseded", current.version if current else None, uri)
+        uri = log(refit.tags())
+        with_champion()
+        version = _register(run, name, uri, {"research.study": name, **tags, **refit.tags()})
+        holder = settle_alias(run.client, name, run.run_id, version, run.tracking_uri)
+    if holder != version:  # (a server, where another publisher's better refit came in between)
+        return Publication("superseded", holder, uri)
+    return Publication("champion", version, uri)
+
+
+def _register(run: OpenRun, name: str, model_uri: str, tags: dict[str, Any]) -> str:
+    """A new version of the registered model ``name`` (created if needed) for ``model_uri``."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -208,44 +371,80 @@ def register_champion(
             name,
             source=model_uri,
             run_id=run.run_id,
-            tags={key: str(value) for key, value in (tags or {}).items()},
+            tags={key: str(value) for key, value in tags.items()},
             model_id=model_uri.removeprefix("models:/"),
             await_creation_for=0,
         )
-        client.set_registered_model_alias(name, CHAMPION, version.version)
     return str(version.version)
 
 
-def log_champion(
-    run: OpenRun,
-    study_name: str,
-    params: Params,
-    config: TrainConfig,
-    example_images: np.ndarray,
-    step: int,
-    tags: dict[str, Any],
-) -> str:
-    """A study's refit best: :func:`log_model` on its parent ``run``, then
-    :func:`register_champion` under the study's name; returns ``models:/<study>@champion
-    (version N)`` for the summary."""
-    uri = log_model(run, params, config, example_images, step)
-    version = register_champion(run, study_name, uri, {"research.study": study_name, **tags})
-    return f"models:/{study_name}@{CHAMPION} (version {version})"
+def settle_alias(client: Any, name: str, run_id: str, ours: str, tracking_uri: str) -> str:
+    """Points the alias at the best tagged refit of the study (``run_id``'s versions: best
+    objective, then the latest version), ``ours`` included, and reads it back until it stays
+    there; returns the version it points at. Under a lock this sets it once; on a server a
+    publisher that moved it in between is repaired by whichever reads last."""
+    from mlflow.exceptions import MlflowException
+
+    holder = None
+    with store_writes(tracking_uri):
+        for _ in range(ALIAS_ATTEMPTS):
+            found = client.search_model_versions(f"name = '{name}'")
+            ranked = [
+                ((refit.rank(), int(v.version)), str(v.version))
+                for v in found
+                if v.run_id == run_id and (refit := Refit.from_tags(v.tags)) is not None
+            ]
+            best = max(ranked)[1] if ranked else ours
+            try:
+                holder = str(client.get_model_version_by_alias(name, CHAMPION).version)
+            except MlflowException:
+                holder = None
+            if holder == best:
+                break
+            client.set_registered_model_alias(name, CHAMPION, best)
+    return holder or ours
 
 
-def load_model(model_uri: str, tracking_uri: str | None = None) -> Any:
-    """The MLflow pyfunc model at ``model_uri`` (``models:/<study>@champion``, ``models:/<id>``,
-    ``runs:/...``) in the store ``tracking_uri`` (default: as for every command). Its
-    ``predict(x)`` takes float32 (B, 784) pixels in [0, 1] and returns ``{"class",
-    "probabilities"}``."""
-    pyfunc = _import_pyfunc()
-    uri = resolve_tracking_uri(tracking_uri)
-    mlflow_client(uri)  # (sets MLflow's tracking URI)
-    try:
-        return pyfunc.load_model(model_uri)
-    except Exception as error:  # no such model or alias, an unreadable artifact: one line
-        text = str(error).strip()
-        raise TrackingError(
-            f"cannot load the MLflow model {model_uri} from {redact(uri)}: "
-            f"{text.splitlines()[0] if text else repr(error)}"
-        ) from None
+# --- LoggedModels left PENDING -------------------------------------------------------------------
+
+#: Tag of a LoggedModel: the process logging it, ``host:pid:start time``.
+TAG_WRITER = "research.writer"
+#: A PENDING model whose writer runs on another host (or is not named) is taken as abandoned
+#: once this old: logging one takes seconds.
+ABANDONED_SECONDS = 600
+
+
+def _abandoned(model: Any, now: float) -> bool:
+    """Whether a PENDING LoggedModel's writer is gone: on this host, its process; elsewhere
+    (or unnamed), after :data:`ABANDONED_SECONDS`."""
+    alive = process_alive(model.tags.get(TAG_WRITER, ""))
+    if alive is not None:
+        return not alive
+    return now - model.creation_timestamp / 1000 > ABANDONED_SECONDS
+
+
+def fail_abandoned_models(run: OpenRun) -> list[str]:
+    """Marks FAILED the LoggedModels of ``run``'s experiment (a study's: a few refits) left
+    PENDING by a process that died while logging them (``kill -9``: MLflow never finalized
+    them); returns their ids. Their run tells nothing: a study's parent is RUNNING again while
+    the next command works."""
+    from mlflow.entities import LoggedModelStatus
+
+    now, found, token = time.time(), [], None
+    with store_writes(run.tracking_uri):
+        # All of them, sorted out here: MLflow's SQL stores keep the status as a number, so a
+        # filter on it matches nothing in SQLite and is an error in PostgreSQL.
+        while True:
+            page = run.client.search_logged_models(
+                [run.experiment_id], max_results=100, page_token=token
+            )
+            found += [m for m in page if m.status == LoggedModelStatus.PENDING]
+            if not (token := page.token):
+                break
+        failed = [model.model_id for model in found if _abandoned(model, now)]
+        for model_id in failed:
+            run.client.set_logged_model_tags(
+                model_id, {"research.error": "its process died while logging it"}
+            )
+            run.client.finalize_logged_model(model_id, "FAILED")
+    return failed

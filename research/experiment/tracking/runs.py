@@ -49,10 +49,12 @@ from research.experiment.tracking.stores import (
     TrackingError,
     get_or_create_experiment,
     mlflow_client,
+    redact,
     resolve_tracking_uri,
     store_error,
     store_lock,
     store_writes,
+    unreachable_error,
 )
 from research.experiment.training.train import DivergenceError, interruption, signals_deferred
 
@@ -166,7 +168,13 @@ class TrackedRun:
         be written, e.g. a full disk or an unwritable store."""
         try:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
-        except OSError as error:
+        except Exception as error:
+            # A tracking server gone (an MlflowException, or requests' ConnectionError, an
+            # OSError) is no full disk: the line names the server and says it is unreachable.
+            if (down := unreachable_error(self.tracking_uri, error)) is not None:
+                raise down from None
+            if not isinstance(error, OSError):
+                raise
             where = self.client.get_run(self.run_id).info.artifact_uri
             raise TrackingError(
                 f"cannot save the artifact {Path(path).name} to {where}"
@@ -339,9 +347,9 @@ class TrackedRun:
 
     @property
     def ui_hint(self) -> str:
-        """Where a user finds this run."""
+        """Where a user finds this run (the store's password, if any, shown as ``***``)."""
         return (
-            f"python -m research ui --tracking-uri {self.tracking_uri}  "
+            f"python -m research ui --tracking-uri {redact(self.tracking_uri)}  "
             f"(experiment id {self.experiment_id}, run id {self.run_id})"
         )
 

@@ -120,6 +120,7 @@ def mlflow_client(uri: str):
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     # Its per-download progress bar would break into our own progress lines.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    quiet_psycopg_pipelines()
 
     if uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).parent
@@ -135,6 +136,28 @@ def mlflow_client(uri: str):
     uri = sqlalchemy_url(uri)
     mlflow.set_tracking_uri(uri)
     return MlflowClient(tracking_uri=uri)
+
+
+def quiet_psycopg_pipelines() -> None:
+    """Drops psycopg's warning "error ignored terminating <psycopg.Pipeline ...>: pipeline
+    aborted", and only it. psycopg runs a batch insert (``executemany``) in a pipeline; when a
+    row fails there, it raises that error to the caller, and, now and then (about one time in
+    ten under PostgreSQL 15), also fails to close the pipeline, which it logs as that warning.
+    MLflow's SQL store inserts duplicate rows on purpose and handles the error (logging a model
+    of a run re-inserts the run's metrics: every study's final fit), so the line said nothing
+    and appeared on stderr of successful commands. The error itself is never hidden."""
+    import logging
+
+    logger = logging.getLogger("psycopg")
+    if not any(isinstance(f, _PipelineNoise) for f in logger.filters):
+        logger.addFilter(_PipelineNoise())
+
+
+class _PipelineNoise:
+    """The logging filter of :func:`quiet_psycopg_pipelines`."""
+
+    def filter(self, record: Any) -> bool:
+        return not str(record.msg).startswith("error ignored terminating")
 
 
 @contextlib.contextmanager
@@ -186,6 +209,8 @@ def get_or_create_experiment(client: Any, name: str, uri: str) -> str:
 def store_error(uri: str, error: Exception) -> TrackingError:
     text = str(error).strip()
     first_line = text.splitlines()[0] if text else repr(error)
+    if (reason := unreachable(uri, error)) is not None:
+        first_line = f"it is unreachable ({reason})"
     return TrackingError(
         f"cannot open the MLflow tracking store {redact(uri)}: {first_line}; "
         "check --tracking-uri / MLFLOW_TRACKING_URI"
@@ -206,6 +231,8 @@ def store_writes(uri: str):
 
 def write_error(uri: str, error: Exception) -> TrackingError:
     """A write to an open store failed (a full disk, a database or server gone): one line."""
+    if (down := unreachable_error(uri, error)) is not None:
+        return down
     text = str(error).strip()
     first_line = text.splitlines()[0] if text else repr(error)
     if "disk is full" in text or "No space left" in text:
@@ -214,3 +241,106 @@ def write_error(uri: str, error: Exception) -> TrackingError:
         f"cannot write to the MLflow tracking store {redact(uri)}: {first_line}; free some space "
         "(or fix the store), then run the same command again to continue"
     )
+
+
+def unreachable_error(uri: str, error: BaseException) -> TrackingError | None:
+    """The one line for a tracking server or database that stopped answering (``error``, from
+    MLflow, says it could not connect or lost the connection), else None: it names the store
+    and says so, instead of the full-disk advice of :func:`write_error`."""
+    reason = unreachable(uri, error)
+    if reason is None:
+        return None
+    kind = "server" if uri.lower().startswith(("http://", "https://")) else "database"
+    return TrackingError(
+        f"the MLflow tracking {kind} {redact(uri)} is unreachable ({reason}); start it again "
+        "(or check --tracking-uri / MLFLOW_TRACKING_URI), then run the same command again"
+    )
+
+
+def unreachable(uri: str, error: BaseException) -> str | None:
+    """Why the store at ``uri`` (a server or a database server; never a SQLite file, whose
+    OperationalError is a full disk or a lock) is unreachable, if ``error`` says it is: a
+    refused, reset or timed-out HTTP connection (MLflow words them as "API request to ...
+    failed with exception ...", raised while handling the ``requests`` error), or a database
+    connection lost or refused (:func:`connection_lost`). None otherwise."""
+    import re
+
+    if uri.startswith("sqlite:") or "://" not in uri:
+        return None
+    if uri.lower().startswith(("http://", "https://")):
+        failure = _first_in_chain(error, _http_connection_failure)
+    else:
+        failure = connection_failure(error)
+    if failure is None:
+        return None
+    text = str(failure)
+    errno_text = re.search(r"\[Errno -?\d+\] ([^\"')(]+)", text)
+    if errno_text:
+        return errno_text.group(1).strip()
+    if "timed out" in text.lower():
+        return "timed out"
+    if "Remote end closed connection" in text or "Connection aborted" in text:
+        return "the server closed the connection"
+    if answered := re.search(r"too many \d+ error responses", text):
+        return answered.group(0)
+    lines = text.strip().splitlines()
+    return lines[0][:200] if lines else type(failure).__name__
+
+
+def _http_connection_failure(error: BaseException) -> bool:
+    """A connection that could not be made, was reset or timed out (``requests``, ``urllib3``
+    or the standard library's own)."""
+    names = {kind.__module__.split(".")[0] + "." + kind.__name__ for kind in type(error).__mro__}
+    return isinstance(error, ConnectionError | TimeoutError) or bool(
+        names
+        & {
+            "requests.ConnectionError",
+            "requests.Timeout",
+            "requests.RetryError",  # (a server that kept answering 502, 503 or 504)
+            "urllib3.NewConnectionError",
+            "urllib3.MaxRetryError",
+            "urllib3.ProtocolError",
+        }
+    )
+
+
+def connection_lost(error: BaseException) -> bool:
+    """Whether ``error`` (or what it was raised from) says a database server could not be
+    reached or dropped the connection: a PEP 249 ``OperationalError`` or ``InterfaceError``
+    (PostgreSQL's "connection refused", "terminating connection due to administrator
+    command", "server closed the connection unexpectedly"), which SQLAlchemy and Optuna wrap
+    in errors of their own. Not a bad query, a constraint or a missing row: those would fail
+    the same way again. (Under SQLite an OperationalError is a lock or a full disk: callers
+    ask only of database servers.)"""
+    return connection_failure(error) is not None
+
+
+def connection_failure(error: BaseException) -> BaseException | None:
+    """The innermost error of ``error``'s chain that says a database connection failed
+    (:func:`connection_lost`; its text is the driver's own words), else None."""
+    found = None
+    for cause in _chain(error):
+        names = {kind.__name__ for kind in type(cause).__mro__}
+        if getattr(cause, "connection_invalidated", False) or names & {
+            "OperationalError",
+            "InterfaceError",
+        }:
+            found = cause
+    return found
+
+
+def _first_in_chain(error: BaseException, test: Any) -> BaseException | None:
+    return next((cause for cause in _chain(error) if test(cause)), None)
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """``error``, what it was raised from, and so on (not past a ``raise ... from None``)."""
+    chain: list[BaseException] = []
+    cause: BaseException | None = error
+    while cause is not None and all(cause is not seen for seen in chain):
+        chain.append(cause)
+        if cause.__cause__ is not None or cause.__suppress_context__:
+            cause = cause.__cause__
+        else:
+            cause = cause.__context__
+    return chain

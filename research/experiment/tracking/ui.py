@@ -46,6 +46,7 @@ from urllib.parse import quote, urlencode
 
 from research.experiment.config.fields import FIELDS
 from research.experiment.tracking.runs import TAG_ROLE, TAG_STATE, TAG_STUDY
+from research.experiment.tracking.stores import redact
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 #: Seconds the server may take to answer (it takes 6 to 10 s on 2 cores).
@@ -198,7 +199,7 @@ def serve_ui(
         output = _Output(server.stdout)
         _wait_for_answer(server, output, host, port, start_seconds)
         output.passing.set()
-        say(f"MLflow UI on http://{host}:{port} over {uri} (Ctrl-C stops it)")
+        say(f"MLflow UI on http://{host}:{port} over {redact(uri)} (Ctrl-C stops it)")
         say_links(_base_url(host, port), say)
         return server.wait()
     except KeyboardInterrupt:

@@ -7,10 +7,12 @@ the report reads them back.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -24,7 +26,8 @@ class WeightsError(ValueError):
 def save_weights(path: Path, params: Params, spec: MLPSpec) -> None:
     """Writes params as ``.npz`` (``W0, b0, W1, b1, ...`` and the spec as JSON text).
 
-    Written to a temporary file and renamed, so a crash never leaves a half-written file.
+    Written to a temporary file and renamed, so a crash never leaves a half-written file; its
+    mode is that of any file the project writes (0644 under the usual umask 022).
     """
     arrays = {}
     for i, layer in enumerate(params):
@@ -44,14 +47,31 @@ def save_weights(path: Path, params: Params, spec: MLPSpec) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as handle:
-            tmp = Path(handle.name)
+        tmp, handle = _new_file(path)
+        with handle:
             np.savez(handle, **arrays)
         os.replace(tmp, path)
-    except OSError as error:  # a full disk: name the file (zipfile's errors do not)
+    except BaseException as error:  # Ctrl-C included: no temporary file left behind
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-        raise OSError(error.errno, error.strerror or str(error), str(path)) from None
+        if isinstance(error, OSError):  # a full disk: name the file (zipfile's errors do not)
+            raise OSError(error.errno, error.strerror or str(error), str(path)) from None
+        raise
+
+
+def _new_file(path: Path) -> tuple[Path, BinaryIO]:
+    """A new temporary file beside ``path``, open for writing, with the mode any file the
+    project writes has (``0666`` less the umask, as ``open`` gives: 0644 usually). Not
+    ``tempfile``'s private 0600, which MLflow's local artifact store would keep, alone among
+    a run's artifacts."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        return tmp, os.fdopen(descriptor, "wb")
+    raise FileExistsError(errno.EEXIST, "no unused temporary file name", str(path.parent))
 
 
 def describe_weights(params: Params, spec: MLPSpec, name: str = "weights.npz") -> str:
@@ -88,8 +108,9 @@ def load_weights(path: Path) -> tuple[MLPSpec, Params]:
 
     Returns the spec and one ``{"W": (n_in, n_out), "b": (n_out,)}`` dict per layer. Raises
     WeightsError, naming the file and the array, for anything else: pickled (object) arrays, a
-    missing or unreadable spec, missing or extra arrays, shapes that do not match the spec, or
-    arrays that are not float32/float64 of one dtype.
+    missing or unreadable spec, missing or extra arrays, shapes that do not match the spec,
+    arrays that are not float32/float64 of one dtype, or values that are not finite (NaN or
+    infinite: such a network predicts nonsense, as class 0, without any error).
     """
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -133,5 +154,15 @@ def load_weights(path: Path) -> tuple[MLPSpec, Params]:
         raise WeightsError(
             f"{path}: the arrays mix dtypes {', '.join(dtypes)}; a network has one dtype"
         )
+    for name in expected:  # in layer order: W0, b0, W1, ...
+        finite = np.isfinite(arrays[name])
+        if not finite.all():
+            values = arrays[name][~finite]
+            n_nan = int(np.isnan(values).sum())
+            raise WeightsError(
+                f"{path}: {name} holds {n_nan} NaN and {values.size - n_nan} infinite values "
+                f"of {arrays[name].size}; a network's weights are finite (a run that diverged, "
+                "or a file changed since it was written)"
+            )
     params = [{"W": arrays[f"W{i}"], "b": arrays[f"b{i}"]} for i in range(spec.n_layers)]
     return spec, params
