@@ -64,7 +64,7 @@ def _origin_row(dataset: str, uri: str) -> dict[str, Any]:
     """The origin preset's row: its latest train run on ``dataset`` that is the preset exactly,
     or how to make one."""
     from research.data import N_TRAIN
-    from research.experiment.config.fields import PRESET_ALIASES, PRESETS
+    from research.experiment.config.presets import PRESET_ALIASES, PRESETS
 
     origin_preset = PRESETS["origin"]
     # train runs of the origin preset, under its name or the one it had before ("seed"), in the

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from research.experiment.config.fields import PRESETS, preset_name
 from research.experiment.config.flags import add_field_flags
+from research.experiment.config.presets import PRESETS, preset_name
 from research.experiment.reproduction.reproduce import add_reproduce_arguments
 
 

@@ -14,14 +14,8 @@ import warnings
 from dataclasses import replace
 
 from research.arguments import build_parser
-from research.experiment.config.fields import (
-    PRESETS,
-    ConfigError,
-    DeprecatedName,
-    LongWarmup,
-    TrainConfig,
-    configure,
-)
+from research.experiment.config.fields import ConfigError, TrainConfig
+from research.experiment.config.presets import PRESETS, DeprecatedName, LongWarmup, configure
 from research.experiment.reproduction.reproduce import reproduce_command
 from research.experiment.training.train import (
     DivergenceError,

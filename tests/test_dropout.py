@@ -14,7 +14,7 @@ import pytest
 
 import research.experiment.training.train as training
 from research.engine.mlp import dropout_masks
-from research.experiment.config.fields import PRESETS
+from research.experiment.config.presets import PRESETS
 
 #: z of a two-sided 99.9% normal interval
 Z_999 = 3.2905

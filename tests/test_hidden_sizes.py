@@ -22,12 +22,10 @@ from research.experiment.config.fields import (
     FIELDS,
     MAX_HIDDEN_LAYERS,
     MAX_HIDDEN_SIZE,
-    PRESETS,
     ConfigError,
     TrainConfig,
-    configure,
-    preset,
 )
+from research.experiment.config.presets import PRESETS, configure, preset
 from research.experiment.config.search_space import SearchParam
 from research.experiment.config.study_config import StudyConfigError, load_study_config
 

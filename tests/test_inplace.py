@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from research.engine import mlp, optim
 from research.engine.blas import gemm_update
 from research.engine.inplace import InPlaceTrainingStep
-from research.experiment.config.fields import PRESETS
+from research.experiment.config.presets import PRESETS
 from research.experiment.training.train import train
 from research.verify.compare import tolerance
 

@@ -38,6 +38,7 @@ ANALYSIS_MAY_IMPORT = (
     "research.engine.",
     "research.data",
     "research.experiment.config.fields",
+    "research.experiment.config.presets",
     "research.experiment.training.stats",
     "research.experiment.studies.storage",
     "research.experiment.tracking",

@@ -10,7 +10,7 @@ from helpers import assert_close
 
 from research.engine.mlp import MLPSpec, forward, init_params, loss_and_grads, predict
 from research.engine.optim import adam, make_optimizer, momentum, sgd
-from research.experiment.config.fields import PRESETS
+from research.experiment.config.presets import PRESETS
 
 # The origin program's network ([784, 30, 10], sigmoid everywhere, squared error), as its
 # preset has it.

@@ -9,7 +9,7 @@ from helpers import assert_close
 from research.data import one_hot
 from research.engine.mlp import init_params, loss_and_grads
 from research.engine.optim import sgd
-from research.experiment.config.fields import PRESETS
+from research.experiment.config.presets import PRESETS
 from research.verify.origin import origin_batch_gradient, origin_update_mini_batch
 
 # The origin program's network ([784, 30, 10], sigmoid everywhere, squared error), as its

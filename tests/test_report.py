@@ -182,7 +182,7 @@ def test_the_comparison_takes_the_origin_from_a_train_run_of_the_exact_preset(
     from dataclasses import replace
 
     from research.data import N_TRAIN
-    from research.experiment.config.fields import PRESETS
+    from research.experiment.config.presets import PRESETS
     from research.experiment.tracking.runs import RunEnd, start_run
 
     uri = tiny_report[1]

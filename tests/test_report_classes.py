@@ -297,7 +297,7 @@ def test_a_dataset_of_a_later_version_is_one_error_line():
 
 
 def test_the_comparison_takes_origin_runs_of_the_study_dataset_only():
-    from research.experiment.config.fields import PRESETS
+    from research.experiment.config.presets import PRESETS
 
     origin = PRESETS["origin"]
     params = {f"params.{name}": text for name, text in origin.as_texts().items()}

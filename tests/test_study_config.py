@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 
 from research.engine.mlp import ACTIVATIONS, INIT_SCHEMES, LOSSES, OUTPUTS
 from research.engine.optim import OPTIMIZERS
-from research.experiment.config.fields import FIELDS, PRESETS, DeprecatedName, TrainConfig
+from research.experiment.config.fields import FIELDS, TrainConfig
+from research.experiment.config.presets import PRESETS, DeprecatedName
 from research.experiment.config.search_space import KINDS, SEARCHABLE, SearchParam
 from research.experiment.config.study_config import (
     MAX_COMBINATIONS,

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from helpers import assert_close
 
-from research.experiment.config.fields import PRESETS, TrainConfig, preset
+from research.experiment.config.fields import TrainConfig
+from research.experiment.config.presets import PRESETS, preset
 from research.experiment.training.train import DivergenceError, evaluate, train
 
 

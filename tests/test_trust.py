@@ -39,13 +39,8 @@ from test_study import (
 )
 
 from research.engine.mlp import MLPSpec, init_params, predict
-from research.experiment.config.fields import (
-    LongWarmup,
-    TrainConfig,
-    configure,
-    long_warmup,
-    preset,
-)
+from research.experiment.config.fields import TrainConfig
+from research.experiment.config.presets import LongWarmup, configure, long_warmup, preset
 from research.experiment.tracking import mlp_pyfunc
 from research.experiment.tracking.mlp_pyfunc import MAX_ROWS
 from research.experiment.tracking.models import log_model

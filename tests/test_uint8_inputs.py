@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from research.data import Split, pixel_values, to_inputs
 from research.engine import inplace, mlp, optim
 from research.engine.inplace import InPlaceTrainingStep, byte_conversion
-from research.experiment.config.fields import PRESETS
+from research.experiment.config.presets import PRESETS
 from research.experiment.training.train import evaluate, train
 
 DTYPES = (np.float32, np.float64)

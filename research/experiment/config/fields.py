@@ -31,7 +31,6 @@ import ast
 import dataclasses
 import functools
 import typing
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,7 +264,7 @@ class TrainConfig:
         The logged values were given together: hidden_sizes and the shorthand must agree."""
         missing = [name for name in FIELDS if name not in params]
         values = {name: FIELDS[name].parse(params[name]) for name in FIELDS if name in params}
-        return _configured(cls(), values), missing
+        return with_values(cls(), values), missing
 
 
 #: The shorthand for the hidden layers, which a non-empty ``hidden_sizes`` replaces.
@@ -298,48 +297,10 @@ def widths_conflict(
     )
 
 
-def configure(base: TrainConfig, **given: Any) -> TrainConfig:
-    """``base`` with the values a user ``given`` together (a command line's flags) in place of
-    its own. The network comes from one spelling: a non-empty ``hidden_sizes`` given replaces
-    base's hidden_size and n_hidden_layers, and a given hidden_size or n_hidden_layers replaces
-    base's hidden_sizes; given together, the two must agree (ConfigError otherwise). A warm-up
-    as long as the training is allowed, with a :class:`LongWarmup` warning."""
-    config = _configured(base, given)
-    note = long_warmup(config)
-    if note:
-        warnings.warn(note, LongWarmup, stacklevel=2)
-    return config
-
-
-class LongWarmup(UserWarning):
-    """A warm-up that lasts the whole training: allowed, but the learning rate never gets to its
-    value; the command line shows it as one ``warning:`` line."""
-
-
-def long_warmup(config: TrainConfig) -> str:
-    """Why ``config``'s warm-up is suspect (``warmup_epochs`` >= ``epochs``: the learning rate
-    rises from 0 through the whole run), or "" if it is not."""
-    warmup, epochs = config.warmup_epochs, config.epochs
-    if not warmup or warmup < epochs:
-        return ""
-    rate = f"learning_rate = {config.learning_rate:g}"
-    reached = (
-        f"only nears {rate}"
-        if warmup == epochs
-        else f"only reaches about {epochs / warmup:.0%} of {rate}"
-    )
-    schedule = (
-        "" if config.schedule == "constant" else f"; the {config.schedule} schedule never starts"
-    )
-    return (
-        f"warmup_epochs = {warmup} is not shorter than epochs = {epochs}: the learning rate rises "
-        f"from 0 through the whole run and {reached} at its last step{schedule}; shorten the "
-        "warm-up or train longer"
-    )
-
-
-def _configured(base: TrainConfig, given: Mapping[str, Any]) -> TrainConfig:
-    """:func:`configure`, without its warning (for values read back from a logged run)."""
+def with_values(base: TrainConfig, given: Mapping[str, Any]) -> TrainConfig:
+    """``base`` with ``given`` in place of its values, the network from one spelling (see
+    :func:`~.presets.configure`, which also warns; this does not, for values read back from a
+    logged run)."""
     values = dataclasses.asdict(base) | dict(given)
     if "hidden_sizes" in given:
         widths = FIELDS["hidden_sizes"].check(given["hidden_sizes"])
@@ -562,57 +523,3 @@ def _fields_of(cls: type) -> dict[str, Field]:
 
 #: The training fields, by name, in declaration order.
 FIELDS: dict[str, Field] = _fields_of(TrainConfig)
-
-
-# --- presets -----------------------------------------------------------------------------------
-
-PRESETS: dict[str, TrainConfig] = {
-    # The origin program: [784, 30, 10], sigmoid everywhere, squared error, plain SGD at 0.01,
-    # batch 256 with the remainder dropped, 200 epochs, standard-normal init. Inputs are scaled to
-    # [0, 1] unless raw_inputs is set (the origin fed raw 0..255 pixels).
-    "origin": TrainConfig(
-        hidden_size=30,
-        activation="sigmoid",
-        output="sigmoid",
-        loss="mse",
-        init="normal",
-        optimizer="sgd",
-        learning_rate=0.01,
-        nesterov=False,
-        batch_size=256,
-        epochs=200,
-        drop_last=True,
-        dtype="float64",
-    ),
-    # A modern default: ReLU, softmax cross-entropy, Nesterov momentum, He init.
-    "default": TrainConfig(),
-}
-#: Old preset names still accepted, with a note: "seed" now means only random seeds.
-PRESET_ALIASES = {"seed": "origin"}
-
-
-class DeprecatedName(FutureWarning):
-    """A name that still works but has a new one; the command line shows it as one note."""
-
-
-def preset_name(name: Any, stacklevel: int = 2) -> Any:
-    """``name`` with a deprecated alias replaced by its preset's name (warning
-    :class:`DeprecatedName` when it is one, attributed ``stacklevel`` frames up); anything else
-    is returned unchanged."""
-    if isinstance(name, str) and name in PRESET_ALIASES:
-        new = PRESET_ALIASES[name]
-        warnings.warn(
-            f'the preset "{name}" is now called "{new}"; "{name}" still works but is deprecated',
-            DeprecatedName,
-            stacklevel=stacklevel,
-        )
-        return new
-    return name
-
-
-def preset(name: str, **overrides: Any) -> TrainConfig:
-    """A preset with some fields replaced; unknown presets raise ValueError."""
-    name = preset_name(name, stacklevel=3)
-    if name not in PRESETS:
-        raise ValueError(f"preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
-    return configure(PRESETS[name], **overrides)

@@ -7,7 +7,8 @@ import argparse
 from typing import Any
 
 from research.experiment.config.config_text import show
-from research.experiment.config.fields import FIELDS, PRESETS
+from research.experiment.config.fields import FIELDS
+from research.experiment.config.presets import PRESETS
 
 
 def add_field_flags(parser: Any, group: str, preset: str) -> None:

@@ -15,16 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from research.experiment.config.config_text import check_keys, load_toml, table_of
-from research.experiment.config.fields import (
-    FIELDS,
-    PRESETS,
-    ConfigError,
-    Field,
-    TrainConfig,
-    configure,
-    preset_name,
-    show,
-)
+from research.experiment.config.fields import FIELDS, ConfigError, Field, TrainConfig, show
+from research.experiment.config.presets import PRESETS, configure, preset_name
 from research.experiment.config.study_config import NAME_ALLOWED, NAME_PATTERN
 
 #: The most percentage points above the paper's error a row may land and still meet its target.

@@ -89,13 +89,11 @@ from typing import Any
 from research.experiment.config.config_text import check_keys, load_toml, table_of
 from research.experiment.config.fields import (
     FIELDS,
-    PRESETS,
     SHORTHAND,
     ConfigError,
     Field,
     TrainConfig,
     did_you_mean,
-    preset_name,
     quoted,
     shorthand,
     show,
@@ -103,6 +101,7 @@ from research.experiment.config.fields import (
     type_name,
     widths_conflict,
 )
+from research.experiment.config.presets import PRESETS, preset_name
 from research.experiment.config.search_space import (
     KINDS,
     PARAM_KEYS,
