@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -155,9 +156,12 @@ def _key(value: Any) -> str:
 
 
 def _short(value: Any) -> str:
-    """A tick label: ``0.001``, ``relu``, ``512x512`` (a list of widths)."""
+    """A tick label: ``0.001``, ``relu``, ``512x512`` (a list of widths); a long text (a
+    ``layers`` value) wrapped at its spaces, so that neighbouring labels do not overlap."""
     if isinstance(value, list | tuple):
         return "x".join(map(str, value))
+    if isinstance(value, str) and len(value) > 16:
+        return "\n".join(textwrap.wrap(value, 16, break_long_words=False))
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 

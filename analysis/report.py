@@ -39,7 +39,7 @@ from research.experiment.config.fields import show
 from research.experiment.studies.storage import default_storage_url
 from research.experiment.tracking import results as tracking
 from research.experiment.tracking.stores import redact, resolve_tracking_uri
-from research.experiment.tracking.weights import WeightsError, load_weights
+from research.experiment.tracking.weights import WeightsError, read_weights
 
 MISTAKES_SHOWN = 24
 
@@ -276,7 +276,6 @@ def _evaluate_best(
     """Evaluates the best model once on the test split of the dataset it trained on; fills
     ``report.test``."""
     from research.data import load_named
-    from research.engine.mlp import forward
 
     results = report.results
     info = best_dataset(best)
@@ -286,28 +285,24 @@ def _evaluate_best(
             return {}
         weights, source, artifact, refitted = found
         try:
-            spec, params = load_weights(weights)
+            saved = read_weights(weights)  # the MLP, or a network of layers with its state
         except WeightsError as error:
             reason = str(error).removeprefix(f"{weights}: ")
             message = f"cannot evaluate {source}: the artifact {artifact}: {reason}"
             raise ReportError(message) from None
     data = load_named(info.name, source_dir, data_dir, raw=bool(best["raw_inputs"]))
-    x_test = data.test.x.astype(params[0]["W"].dtype, copy=False)
+    x_test = data.test.x.astype(saved.dtype, copy=False)
     item, _ = evaluation.words(info.class_names)
     say(f"evaluating {source} once on the {len(x_test):,} {info.title} test {item}s")
-    outputs = np.asarray(forward(params, x_test, spec), dtype=np.float64)
+    # mlp.forward for the MLP; a network of layers in evaluation mode (running statistics)
+    outputs = np.asarray(saved.outputs(x_test), dtype=np.float64)
     labels = data.test.labels
     result = evaluation.evaluate_outputs(outputs, labels, info.class_names)
     logged = results.parent_metrics.get("test_accuracy") if refitted else None
     report.test = {
         **evaluation_summary(result, info, source),
         "logged_test_accuracy": logged,
-        "spec": {
-            "sizes": list(spec.sizes),
-            "activation": spec.activation,
-            "output": spec.output,
-            "loss": spec.loss,
-        },
+        "spec": saved.describe(),
     }
     say(
         f"test accuracy {result.accuracy:.2%} (95% CI {result.ci_low:.2%} to "
@@ -329,7 +324,7 @@ def _evaluate_best(
                 for row in report.test["baselines"]
             )
         )
-    score = "p" if spec.output == "softmax" else "output"
+    score = "p" if saved.output == "softmax" else "output"
     return _test_figures(result, data.test.x, labels, outputs, score, info)
 
 

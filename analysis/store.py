@@ -30,7 +30,7 @@ import pandas as pd
 
 from research.data import DEFAULT_DATASET
 from research.engine.mlp import count_params
-from research.experiment.config.fields import FIELDS, ConfigError
+from research.experiment.config.fields import FIELDS, ConfigError, layers_param_count
 from research.experiment.tracking import results as tracking
 from research.experiment.tracking.runs import TAG_ERROR, TAG_STATE, TAG_TRIAL
 
@@ -128,6 +128,18 @@ def n_params_of(sizes_text: str) -> int:
     return count_params(ast.literal_eval(sizes_text))
 
 
+def n_params_of_run(sizes_text: Any, layers_text: Any) -> Any:
+    """The trained values of a logged run's network: of its ``layers`` param when it is a
+    network of layers (counted from the layers' shapes; its ``sizes`` are then not its
+    network), else of the MLP of its ``sizes``; ``pd.NA`` when neither can be read."""
+    if isinstance(layers_text, str) and layers_text:
+        try:
+            return layers_param_count(layers_text)
+        except ValueError:  # a value this version cannot read (ConfigError, LayersError)
+            return pd.NA
+    return n_params_of(sizes_text) if isinstance(sizes_text, str) else pd.NA
+
+
 def trials_frame(runs: pd.DataFrame, search: list[SearchDimension]) -> pd.DataFrame:
     """One row per trial run (see the module docstring) from ``mlflow.search_runs`` output."""
     by_name = {dimension.name: dimension for dimension in search}
@@ -153,8 +165,12 @@ def trials_frame(runs: pd.DataFrame, search: list[SearchDimension]) -> pd.DataFr
         frame[metric] = pd.to_numeric(column(f"metrics.{metric}"), errors="coerce")
     frame["epochs"] = pd.to_numeric(column("params.epochs"), errors="coerce").astype("Int64")
     frame["wall_seconds"] = pd.to_numeric(column("metrics.wall_seconds"), errors="coerce")
-    frame["n_params"] = column("params.sizes", None).map(
-        lambda text: n_params_of(text) if isinstance(text, str) else pd.NA
+    frame["n_params"] = pd.Series(
+        [
+            n_params_of_run(sizes, layers)
+            for sizes, layers in zip(column("params.sizes", None), column("params.layers", None))
+        ],
+        index=runs.index,
     )
     frame["error"] = column(f"tags.{TAG_ERROR}", "").fillna("")
     # The preprocessing the trial trained with: its test evaluation must use the same.

@@ -126,10 +126,11 @@ def _run_train(args: argparse.Namespace) -> int:
     data, x_train, labels_train = _train_rows(args, config)
     spec = config.spec()
     print(
-        f"training {'x'.join(map(str, spec.sizes))} {config.activation}/{config.output}/"
+        f"training {config.describe_network()} "  # a network of layers names its activations
+        f"{'' if config.layers else config.activation + '/'}{config.output}/"
         f"{config.loss}, {config.optimizer} learning_rate={config.learning_rate:g}, "
         f"batch_size={config.batch_size}, {config.epochs} epochs, {config.dtype} "
-        f"(preset {args.preset}; {spec.n_params:,} parameters) on {data.info.title}"
+        f"(preset {args.preset}; {config.n_params():,} parameters) on {data.info.title}"
     )
     run = _start_train_run(args, config)
     started = time.perf_counter()
@@ -144,13 +145,16 @@ def _run_train(args: argparse.Namespace) -> int:
             )  # fmt: skip
             progress.close()
             wall = time.perf_counter() - started
-            summary = _train_summary(args, result, data, spec, wall)
+            summary = _train_summary(args, result, data, config, wall)
             if run is not None:
                 run.log_metrics(summary, step=result.history[-1].epoch)
                 title = f"run {run.run_id[:8]}"
                 images = data.test.images
+                # the MLP's spec, or the network of layers with its running statistics
+                model = result.model or spec
+                state = None if result.network is None else result.state
                 run.save_on_success(
-                    Outputs(result.history, title, result.params, spec, config, images)
+                    Outputs(result.history, title, result.params, model, config, images, state)
                 )
     except DivergenceError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -199,7 +203,9 @@ class _EpochProgress:
             run.log_epoch(metrics)
 
 
-def _train_summary(args: argparse.Namespace, result, data, spec, wall: float) -> dict:
+def _train_summary(
+    args: argparse.Namespace, result, data, config: TrainConfig, wall: float
+) -> dict:
     """Prints how the training went (and the test accuracy, with ``--evaluate-test``); returns
     the run's summary metrics."""
     from research.experiment.training import train as training
@@ -211,11 +217,12 @@ def _train_summary(args: argparse.Namespace, result, data, spec, wall: float) ->
         f"{len(result.history)} epochs (best {100 * best.val_accuracy:.2f}% at epoch "
         f"{best.epoch + 1})"
     )
-    summary = {"wall_seconds": wall, "n_params": float(spec.n_params)}
+    summary = {"wall_seconds": wall, "n_params": float(config.n_params())}
     if args.evaluate_test:
         test_loss, test_accuracy = training.evaluate(
-            result.params, data.test.x, data.test.labels, spec
-        )
+            result.params, data.test.x, data.test.labels, result.model or config.spec(),
+            state=result.state,
+        )  # fmt: skip
         print(f"test accuracy (evaluated once, at the end): {100 * test_accuracy:.2f}%")
         summary.update({"test_accuracy": test_accuracy, "test_loss": test_loss})
     return summary
@@ -252,13 +259,27 @@ def _run_gradcheck(args: argparse.Namespace) -> int:
         source = f"the first {len(x)} {data.info.title} training rows"
     print(describe_check(config, args.dtype, args.seed, source))
     started = time.perf_counter()
-    rows = check_network(
-        spec, config.init, args.dtype, args.seed, x, labels, args.rtol, args.atol,
-        config.input_dropout, config.dropout,
-    )  # fmt: skip
+    if config.layers:
+        rows = _gradcheck_layers(config, args, x, labels)
+    else:
+        rows = check_network(
+            spec, config.init, args.dtype, args.seed, x, labels, args.rtol, args.atol,
+            config.input_dropout, config.dropout,
+        )  # fmt: skip
     print(format_table(rows))
     print(f"({time.perf_counter() - started:.1f} s, including JAX compilation)")
     return 0 if all(row.passed for row in rows) else 1
+
+
+def _gradcheck_layers(config: TrainConfig, args: argparse.Namespace, x, labels) -> list:
+    """``gradcheck --layers``: the network of ``config`` checked against its JAX reference
+    (:func:`research.verify.layer_check.gradcheck_network`) on inputs x (B, 784) and labels (B,)."""
+    from research.verify.layer_check import gradcheck_network
+
+    network = config.network()
+    return gradcheck_network(
+        network, args.dtype, args.seed, x, labels, rtol=args.rtol, atol=args.atol
+    )
 
 
 def _run_study(args: argparse.Namespace) -> int:

@@ -53,6 +53,9 @@ def test_quick_bench_prints_table_writes_json_and_logs_mlflow_run(tmp_path):
     # w3: dropout + max-norm against the plain step, per contender, from the same rounds
     (ratio_line,) = [line for line in out.splitlines() if line.startswith("w3-b256 / w3-plain")]
     assert "engine-f32" in ratio_line and "jax-f32" in ratio_line
+    # w4: what an epoch of its network takes, from the median step
+    assert any(line.startswith("w4-b64: an epoch of 50,000 rows = 781 steps") and "jax-f32" in line
+               for line in out.splitlines())  # fmt: skip
     if not torch_available():
         assert "PyTorch is not installed" in result.stderr
         assert not any(row[1:2] == ("torch-f32",) for row in table_rows)
@@ -97,6 +100,7 @@ def test_quick_bench_prints_table_writes_json_and_logs_mlflow_run(tmp_path):
     assert "w2-b256/jax-f32/engine_speedup_median" in metrics
     assert "w3-b256/jax-f32/engine_speedup_median" in metrics
     assert "w3-b256/engine-f32/baseline_ratio_median" in metrics
+    assert "w4-b64/jax-f32/engine_speedup_median" in metrics
     assert "memory/ratio_to_budget" in metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert artifacts == {"bench_table.txt", "bench_results.json"}
@@ -105,7 +109,7 @@ def test_quick_bench_prints_table_writes_json_and_logs_mlflow_run(tmp_path):
 def test_contender_names_are_the_documented_ones():
     assert set(CONTENDERS) == {"origin", "engine-f64", "engine-f32", "jax-f32", "torch-f32"}
     assert {w.key for w in WORKLOADS} == {
-        "w1-epoch", "w1-eval", "w2-b256", "w2-b1024", "w3-b256", "w3-plain",
+        "w1-epoch", "w1-eval", "w2-b256", "w2-b1024", "w3-b256", "w3-plain", "w4-b64",
     }  # fmt: skip
 
 
@@ -113,6 +117,7 @@ def test_w3_is_timed_with_its_plain_step_and_differs_from_it_only_in_regularizat
     w3, plain = (next(w for w in WORKLOADS if w.key == key) for key in ("w3-b256", "w3-plain"))
     assert [[w.key for w in group] for group in timing_groups(WORKLOADS)] == [
         ["w1-epoch"], ["w1-eval"], ["w2-b256"], ["w2-b1024"], ["w3-b256", "w3-plain"],
+        ["w4-b64"],
     ]  # fmt: skip
     assert w3.spec.sizes == (784, 1024, 1024, 1024, 10) and w3.baseline == "w3-plain"
     assert (w3.input_dropout, w3.dropout, w3.max_norm) == (0.2, 0.5, 1.5)
@@ -155,6 +160,48 @@ def test_w3_jax_step_is_the_engine_step_for_the_same_masks():
     same = tolerance("same_operations", np.float64)
     at_radius = np.isclose(norms, radius, rtol=same.rtol, atol=same.atol)
     assert 0.2 < np.mean(at_radius) < 0.8  # the projection acted
+
+
+def test_w4_jax_step_is_the_engine_step():
+    """Two SGD steps of w4's network in float64 from the same parameters: the JAX program's step
+    (lax.conv_general_dilated, lax.reduce_window; jitted as in the benchmark) against the engine's
+    network.loss_and_grads and sgd's update_in_place."""
+    import jax
+    import jax.numpy as jnp
+
+    from research.bench.conv_workload import network_of
+    from research.bench.jax_programs import conv_net_step
+    from research.engine.network import init_params as network_params
+    from research.engine.network import loss_and_grads
+    from research.engine.optim import sgd
+
+    w4 = next(w for w in WORKLOADS if w.key == "w4-b64")
+    network = network_of(w4)
+    assert network.describe() == (
+        "conv(20,5) relu maxpool(2) conv(40,5) relu maxpool(2) dense(100) relu dense(10)"
+    )
+    params = network_params(network, 0, np.float64)
+    optimizer = sgd(w4.learning_rate)
+    state = optimizer.init(params)
+    step = jax.jit(conv_net_step(w4.learning_rate, 2, network.in_shape))
+    jax_params = [{k: jnp.asarray(v) for k, v in layer.items()} for layer in params if layer]
+    rng = np.random.default_rng(0)
+    for number in range(2):
+        x = rng.random((16, 784))
+        y = np.eye(10)[rng.integers(0, 10, 16)]
+        loss, grads, _ = loss_and_grads(network, params, x, y)
+        optimizer.update_in_place(params, grads, state)
+        jax_params, jax_loss = step(jax_params, x, y)
+        assert_close(float(jax_loss), loss, "loss", f"loss of step {number + 1}")
+        ours = [layer for layer in params if layer]
+        assert_close(jax_params, ours, "gradients", f"params after step {number + 1}")
+
+
+def test_w4_matmul_flops_count_the_convolutions_as_their_products():
+    w4 = next(w for w in WORKLOADS if w.key == "w4-b64")
+    # per example: conv1 1·25·20·24², conv2 20·25·40·8², dense 640·100, 100·10
+    products = [288_000, 1_280_000, 64_000, 1_000]
+    assert w4.matmul_flops() == 2 * 64 * (2 * sum(products) + sum(products[1:]))
 
 
 SMALL_SPECS = {

@@ -269,6 +269,6 @@ def test_the_flags_are_the_field_table():
     model = {name for name, field in FIELDS.items() if field.group == "model"}
     # gradcheck's own --dtype and --seed have their own defaults (--batch-size is rows)
     assert set(flags("gradcheck")) - {"dtype", "seed"} == model == {
-        "hidden_size", "n_hidden_layers", "hidden_sizes", "activation", "output", "loss", "l2",
-        "init", "input_dropout", "dropout",
+        "hidden_size", "n_hidden_layers", "hidden_sizes", "layers", "activation", "output",
+        "loss", "l2", "init", "input_dropout", "dropout",
     }  # fmt: skip

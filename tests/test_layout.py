@@ -169,8 +169,16 @@ def third_party_imports(library: str) -> set[str]:
     return importing
 
 
+#: The independent JAX references of the built-in layers (research/verify/layer_refs/).
+LAYER_REFS = ("dense", "conv", "pooling", "norm", "residual")
+
+
 def test_each_heavy_library_lives_in_the_rooms_that_use_it():
-    assert third_party_imports("jax") == {"research.verify.reference"}
+    assert third_party_imports("jax") == {
+        "research.verify.reference",
+        "research.verify.layer_check",
+        *{f"research.verify.layer_refs.{name}" for name in LAYER_REFS},
+    }
     assert third_party_imports("mlflow") == {
         "research.experiment.tracking.stores",
         "research.experiment.tracking.runs",

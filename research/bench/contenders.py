@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from research.bench import conv_workload
 from research.engine.blas_kernels import VARIABLE, loaded_kernels, numpy_openblas_pool
 from research.engine.mlp import MLPSpec, init_params
 
@@ -41,6 +42,10 @@ class Workload:
         max_norm: the cap on the norm of every hidden unit's incoming weights (0: none).
         baseline: the key of a workload timed in the same rounds, which this one is compared
             with per round and per contender ("" for none).
+        layers: a ``layers`` value (the hidden layers, as ``train --layers`` reads them), or ""
+            for the MLP of ``spec``. When given, the network is those layers on (1, 28, 28)
+            images, then ``spec.sizes[-1]`` classes with the spec's activation, output and loss
+            (:mod:`research.bench.conv_workload`); the spec's other sizes are unused.
     """
 
     key: str
@@ -59,9 +64,12 @@ class Workload:
     dropout: float = 0.0
     max_norm: float = 0.0
     baseline: str = ""
+    layers: str = ""
 
     def matmul_flops(self, rows: int | None = None) -> float:
         """Matrix-product FLOPs of one unit (see the module docstring)."""
+        if self.layers:
+            return conv_workload.matmul_flops(self)
         pairs = list(zip(self.spec.sizes[:-1], self.spec.sizes[1:]))
         if self.steps == 0:  # evaluation: the forward products over all rows
             return 2.0 * (rows or 0) * sum(n_in * n_out for n_in, n_out in pairs)
@@ -74,6 +82,8 @@ class Workload:
 ORIGIN_SPEC = MLPSpec((784, 30, 10), "sigmoid", "sigmoid", "mse")
 LARGE_SPEC = MLPSpec((784, 1024, 1024, 10), "relu", "softmax", "cross_entropy")
 DEEP_SPEC = MLPSpec((784, 1024, 1024, 1024, 10), "relu", "softmax", "cross_entropy")
+# w4's head: 10 classes, relu after every conv and dense layer, softmax cross-entropy
+CONV_HEAD = MLPSpec((784, 10), "relu", "softmax", "cross_entropy")
 # The dropout paper's MNIST recipe (Srivastava et al., 2014): what w3 trains.
 W3_SETTINGS = {"optimizer": "momentum", "beta": 0.95}
 # Radius 1.5 (reproduce row 4's) binds in each of the 40 timed steps, so the projection's
@@ -114,6 +124,13 @@ WORKLOADS = (
         "same rounds as w3-b256",
         DEEP_SPEC, "he", 256, 0.01, 40, 4, "step", ("engine-f32", "jax-f32", "torch-f32"),
         **W3_SETTINGS,
+    ),
+    Workload(
+        "w4-b64",
+        "conv(20,5) maxpool(2) conv(40,5) maxpool(2) dense(100) on 1x28x28 images, relu, "
+        "softmax cross-entropy, He init, SGD 0.01, batch 64 (time per step)",
+        CONV_HEAD, "he", 64, 0.01, 40, 4, "step", ("engine-f32", "jax-f32"),
+        layers="conv(20,5) maxpool(2) conv(40,5) maxpool(2) dense(100)",
     ),
 )  # fmt: skip
 
@@ -215,13 +232,22 @@ class _Engine(_Contender):
         """What ``train`` runs for this workload: ``train_epoch`` over the uint8 images and an
         ``InPlaceTrainingStep`` given ``pixel_values`` (with ``max_norm``), with fresh
         ``mlp.dropout_masks`` for every batch when the workload has dropout. ``w1-eval``
-        evaluates the float32 validation inputs."""
+        evaluates the float32 validation inputs; a ``layers`` workload (w4) steps
+        ``network.loss_and_grads`` (:func:`research.bench.conv_workload.prepare_engine`)."""
         from research.data import pixel_values
         from research.engine.inplace import InPlaceTrainingStep
         from research.engine.mlp import dropout_masks
         from research.engine.optim import momentum, sgd
         from research.experiment.training.train import evaluate, train_epoch
 
+        if workload.layers:
+            return conv_workload.prepare_engine(
+                workload,
+                self.data.images,
+                self.data.targets,
+                self.dtype,
+                lambda: self.batches(workload, steps),
+            )
         spec, dtype = workload.spec, self.dtype
         images = self.data.images
         targets = self.data.targets.astype(dtype)
@@ -333,6 +359,10 @@ class _Jax(_Contender):
             sgd_epoch_runner,
         )
 
+        if workload.layers:
+            return conv_workload.prepare_jax(
+                workload, self.data.images, self.data.targets, lambda: self.batches(workload, steps)
+            )
         params = init_params(workload.spec, 0, np.float32, workload.init)
         images, targets = self.data.images, self.data.targets
         if workload.optimizer == "sgd":

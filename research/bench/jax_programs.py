@@ -242,3 +242,91 @@ def momentum_epoch_runner(
         jax.block_until_ready((state["params"], losses))
 
     return run
+
+
+# --- w4: a small convolutional network ---------------------------------------------------------
+
+
+def conv_net_step(
+    learning_rate: float, pool: int, image_shape: Sequence[int]
+) -> Callable[..., Any]:
+    """One plain SGD step of w4's network, not compiled: ``step(params, x, y) -> (params,
+    loss)``, the loss before the step; ``x`` (B, n) or (B, *image_shape).
+
+    The network, as a JAX user writes it (NCHW): for each of the first two parameter dicts a
+    convolution (``lax.conv_general_dilated``, stride 1, no padding, W (F, C, k, k)), ReLU and
+    max-pooling (``lax.reduce_window``, ``pool`` × ``pool``, stride ``pool``); then the flattened
+    (C, H, W) features through dense ReLU layers, the last dict giving the logits; softmax
+    cross-entropy, the batch mean. ``params`` holds only the layers with parameters, in order.
+    """
+    jax, jnp = _jax()
+    lax = jax.lax
+
+    def conv(h: Any, layer: Any) -> Any:
+        z = lax.conv_general_dilated(
+            h, layer["W"], (1, 1), "VALID", dimension_numbers=("NCHW", "OIHW", "NCHW")
+        )
+        return z + layer["b"][None, :, None, None]
+
+    def max_pool(h: Any) -> Any:
+        window = (1, 1, pool, pool)
+        start = np.array(
+            -np.inf, h.dtype
+        )  # a constant: JAX sees the max monoid and differentiates it
+        return lax.reduce_window(h, start, lax.max, window, window, "VALID")
+
+    def objective(params: Any, x: Any, y: Any) -> Any:
+        h = x.reshape(x.shape[0], *image_shape)
+        convs = [layer for layer in params if layer["W"].ndim == 4]
+        dense = params[len(convs) :]
+        for layer in convs:
+            h = max_pool(jax.nn.relu(conv(h, layer)))
+        h = h.reshape(h.shape[0], -1)
+        for layer in dense[:-1]:
+            h = jax.nn.relu(h @ layer["W"] + layer["b"])
+        z = h @ dense[-1]["W"] + dense[-1]["b"]
+        return -jnp.sum(y * jax.nn.log_softmax(z, axis=1)) / z.shape[0]
+
+    value_and_grad = jax.value_and_grad(objective)
+
+    def step(params: Any, x: Any, y: Any) -> Any:
+        value, grads = value_and_grad(params, x, y)
+        return jax.tree.map(lambda p, g: p - learning_rate * g, params, grads), value
+
+    return step
+
+
+def conv_net_runner(
+    learning_rate: float,
+    pool: int,
+    image_shape: Sequence[int],
+    params: Params,
+    images: np.ndarray,
+    y: np.ndarray,
+) -> Callable[[np.ndarray], None]:
+    """The benchmark's JAX contender for w4: :func:`conv_net_step` on batches gathered from
+    device copies of the uint8 ``images`` (N, n) and converted by :func:`batch_inputs`, compiled
+    as one step (parameters donated) that Python calls once per batch. ``params``: the layers
+    with parameters. Returns ``run(batches)``: the steps over ``batches`` (S, B) row indices,
+    waiting for the result.
+
+    Not a ``lax.scan`` over the batches as for w1-w3: XLA's CPU backend ran this network's steps
+    about 5x slower inside a scan (docs/measurements/2026-12-06-w4.md), so the fastest program
+    JAX offers here is the compiled step.
+    """
+    jax, jnp = _jax()
+    step = conv_net_step(learning_rate, pool, image_shape)
+
+    def gathered_step(params: Any, images: Any, y: Any, rows: Any) -> Any:
+        return step(params, batch_inputs(images, rows, params[0]["W"].dtype), y[rows])
+
+    compiled = jax.jit(gathered_step, donate_argnums=0)
+    images_device, y_device = jax.device_put(images), jax.device_put(y)
+    state = {"params": [{key: jnp.asarray(v) for key, v in layer.items()} for layer in params]}
+
+    def run(batches: np.ndarray) -> None:
+        for rows in np.asarray(batches, np.int32):
+            state["params"], value = compiled(state["params"], images_device, y_device, rows)
+        jax.block_until_ready((state["params"], value))
+
+    return run

@@ -14,7 +14,8 @@ run), so the parent also leaves ``GAP_SECONDS`` of idle time before every timed 
 enough for OpenBLAS's and XLA's threads to go to sleep (docs/performance.md).
 
 FLOPs count matrix products only, 2·m·n·k each: per step, the forward product of every layer, the
-weight gradient of every layer and the delta of every layer but the first (nothing needs ∂/∂x).
+weight gradient of every layer and the delta of every layer but the first (nothing needs ∂/∂x);
+a convolution's product is its im2col one (w4, :mod:`research.bench.conv_workload`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from research.bench.contenders import CONTENDERS, ENGINE, WORKLOADS, Workload, worker
+from research.bench.contenders import (
+    CONTENDERS,
+    ENGINE,
+    TRAIN_ROWS,
+    WORKLOADS,
+    Workload,
+    worker,
+)
 
 # Idle time before every timed run: OpenBLAS's threads spin for 2^28 cycles after their last task
 # before sleeping; 0.3 s leaves a margin.
@@ -243,7 +251,7 @@ def _workload_result(
             "fraction_of_peak": gflops / peak["float32" if name != "engine-f64" else "float64"],
             "engine_speedup": _summary(ratios),
         }
-    return {
+    result = {
         "title": workload.title,
         "unit": workload.unit,
         "steps_timed": steps,
@@ -251,6 +259,9 @@ def _workload_result(
         "matmul_gflop_per_unit": flops / 1e9,
         "contenders": contenders,
     }
+    if workload.layers:  # a network given as layers: what its epochs take, from the step
+        result["steps_per_epoch"] = TRAIN_ROWS // workload.batch_size
+    return result
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -314,6 +325,17 @@ def format_table(results: dict[str, Any]) -> str:
             lines.append(
                 f"{workload_key} / {workload['baseline']} per {workload['unit']}, median (min-max) "
                 f"of the per-round ratios: {ratios}"
+            )
+    for workload_key, workload in results["workloads"].items():
+        if "steps_per_epoch" in workload:
+            steps = workload["steps_per_epoch"]
+            epochs = ", ".join(
+                f"{name} {_time(row['seconds']['median'] * steps)}"
+                for name, row in workload["contenders"].items()
+            )
+            lines.append(
+                f"{workload_key}: an epoch of {TRAIN_ROWS:,} rows = {steps} steps, the median "
+                f"step times {steps}: {epochs}"
             )
     for workload_key, workload in results["workloads"].items():
         if workload["scaled_to_unit"]:

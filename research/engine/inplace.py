@@ -206,8 +206,9 @@ class InPlaceTrainingStep:
         self._ones = np.ones(batch_size, self.dtype)
         self.max_norm = max_norm
         self._norms = [empty(n, self.dtype) for n in widths[1:-1]]
-        # Plain SGD folds its rate into the output delta and updates W inside one GEMM.
-        fused = optimizer.name == "sgd" and blas_update
+        # Plain SGD folds its rate into the output delta and updates W inside one GEMM: chosen
+        # by what the optimizer's update is (optim.Optimizer.plain_gradient_step), not its name.
+        fused = optimizer.plain_gradient_step and blas_update
         self._gemm_update = gemm_update() if fused else None
         # Gradient buffers; the fused SGD update needs only the biases'.
         self.grads: Params = [

@@ -49,6 +49,18 @@ class Optimizer:
     update_in_place: Callable[[Params, Params, State], None]
     learning_rate: float | Schedule
 
+    @property
+    def plain_gradient_step(self) -> bool:
+        """True when both updates are exactly p ← p − rate·g with ``rate_at(state)`` and a state
+        of nothing but the step count: then a training step may fold the rate into the gradient
+        and update the weights inside their gradient's matrix product
+        (:mod:`research.engine.inplace`). What says so is a mark on the two functions
+        :func:`sgd` makes, not the name: an optimizer that replaces either function (a wrapper
+        that clips, decays or logs, keeping the name ``sgd``) is stepped by its own update."""
+        return getattr(self.update, "plain_gradient_step", False) and getattr(
+            self.update_in_place, "plain_gradient_step", False
+        )
+
     def rate_at(self, state: State) -> float:
         """The learning rate the next update (from ``state``) uses."""
         return _value(self.learning_rate, state["count"])
@@ -99,6 +111,8 @@ def sgd(learning_rate: float | Schedule) -> Optimizer:
                 np.subtract(p, step, out=p)
         state["count"] += 1
 
+    update.plain_gradient_step = True  # type: ignore[attr-defined]
+    update_in_place.plain_gradient_step = True  # type: ignore[attr-defined]
     return Optimizer("sgd", init, update, update_in_place, learning_rate)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from research.engine.layers.base import needs
 from research.engine.mlp import (
     Masks,
     MLPSpec,
@@ -90,6 +91,14 @@ def check_network(
 def describe_check(config: Any, dtype: str, seed: int, source: str) -> str:
     """The first line of ``gradcheck``: the network of ``config`` (a TrainConfig), dropout, dtype,
     init and the data it checks on."""
+    network = config.network()
+    if network is not None:  # --layers: the layers as the network holds them
+        masks = any("mask" in needs(layer) for layer in network.layers)
+        dropout = ", dropout with one fixed set of masks on both sides" if masks else ""
+        return (
+            f"gradcheck: {network.describe()} {network.output}/{network.loss} l2={network.l2:g}"
+            f"{dropout}, {dtype}, {config.init} init (seed {seed}), on {source}"
+        )
     spec = config.spec()
     dropout = (
         f", dropout {config.input_dropout:g} (inputs) / {config.dropout:g} (hidden) with one "
@@ -112,12 +121,14 @@ def random_batch(spec: MLPSpec, rows: int, seed: int) -> tuple[np.ndarray, np.nd
 
 def format_table(rows: list[ArrayCheck]) -> str:
     """A plain-text table of the checks, and the tolerances they were checked at."""
-    header = f"{'array':<12} {'shape':>12} {'max abs err':>12} {'max rel err':>12}  result"
+    width = max([12, *(len(row.name) for row in rows)])
+    header = f"{'array':<{width}} {'shape':>12} {'max abs err':>12} {'max rel err':>12}  result"
     lines = [header, "-" * len(header)]
     for row in rows:
         shape = "x".join(map(str, row.shape)) or "scalar"
         lines.append(
-            f"{row.name:<12} {shape:>12} {row.max_abs_error:>12.2e} {row.max_rel_error:>12.2e}  "
+            f"{row.name:<{width}} {shape:>12} {row.max_abs_error:>12.2e} "
+            f"{row.max_rel_error:>12.2e}  "
             f"{'ok' if row.passed else 'FAIL'}"
         )
     tolerances: dict[tuple[float, float], list[str]] = {}

@@ -23,27 +23,31 @@ follow from it (``n_hidden_layers`` = its length, ``hidden_size`` = its widest l
 logged params always agree; a value of theirs that disagrees is a ConfigError, unless it is the
 field's default (:class:`TrainConfig`) or comes from an earlier layer of values (a preset under
 command-line flags: :func:`configure`).
+
+Or the network is written as layers: ``layers = "conv(20,5) maxpool(2) dense(100)"``
+(:mod:`.layers_field`; ``""``, the default, means the MLP above). A non-empty ``layers`` defines
+the whole network; the MLP's three fields then stay at their defaults, unused (logged as such),
+and a value of theirs other than the default beside it is a ConfigError naming both. Given over
+an earlier layer of values (:func:`with_values`), ``layers`` resets the MLP's fields and an MLP
+field resets ``layers``: the network is always the one spelled last.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import functools
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
-
-import numpy as np
 
 from research.data import DATASETS, DEFAULT_DATASET, N_CLASSES, N_PIXELS, N_TRAIN, N_VALIDATION
 from research.engine.mlp import Activation, InitScheme, Loss, MLPSpec, Output
+from research.engine.network import Network
 from research.engine.optim import OptimizerName, ScheduleName
 
-# The one-line errors and their wording live in config_text; the field table's users take
-# them from here too.
+# The one-line errors and their wording live in config_text, what one field may be in
+# field_type, the layers value's rules in layers_field; the field table's users take them from
+# here too.
 from research.experiment.config.config_text import NO_VALUE as NO_VALUE
 from research.experiment.config.config_text import ConfigError as ConfigError
 from research.experiment.config.config_text import did_you_mean as did_you_mean
@@ -51,6 +55,14 @@ from research.experiment.config.config_text import quoted as quoted
 from research.experiment.config.config_text import show as show
 from research.experiment.config.config_text import toml_key as toml_key
 from research.experiment.config.config_text import type_name as type_name
+from research.experiment.config.field_type import Field as Field
+from research.experiment.config.layers_field import ALLOWED as LAYERS_ALLOWED
+from research.experiment.config.layers_field import HELP as LAYERS_HELP
+from research.experiment.config.layers_field import IMAGE_SHAPE as IMAGE_SHAPE
+from research.experiment.config.layers_field import MLP_FIELDS as MLP_FIELDS
+from research.experiment.config.layers_field import LayersError, layers_network, layers_problem
+from research.experiment.config.layers_field import count_params as count_network_params
+from research.experiment.config.layers_field import layers_param_count as layers_param_count
 
 #: The datasets' names, from their descriptions (research/data/datasets.py).
 DatasetName = Literal[tuple(DATASETS)]  # type: ignore[valid-type]
@@ -78,6 +90,8 @@ def knob(
     flags: tuple[str, ...] = (),
     max_items: int | None = None,
     column: bool = False,
+    allowed: str = "",
+    validate: Any = None,
 ) -> Any:
     """Declares one field of :class:`TrainConfig` (a dataclass field carrying its description).
 
@@ -92,6 +106,8 @@ def knob(
         max_items: the most items of a list field (annotated ``tuple[int, ...]``).
         column: a column of the ``train`` runs' table in the MLflow UI (``ui``'s saved view): the
             few fields that tell such runs apart at a glance.
+        allowed: what is allowed, in words, where the derived wording would not do.
+        validate: a check beyond type and range (:attr:`Field.validate`).
     """
     description = {
         "help": help,
@@ -101,6 +117,8 @@ def knob(
         "flags": flags,
         "max_items": max_items,
         "column": column,
+        "allowed": allowed,
+        "validate": validate,
     }
     return dataclasses.field(default=default, metadata={"knob": description})
 
@@ -133,6 +151,9 @@ class TrainConfig:
         (), "the width of each hidden layer, in order ([]: n_hidden_layers of hidden_size)",
         "model", ge=1, le=MAX_HIDDEN_SIZE, max_items=MAX_HIDDEN_LAYERS,
     )  # fmt: skip
+    layers: str = knob(
+        "", LAYERS_HELP, "model", column=True, allowed=LAYERS_ALLOWED, validate=layers_problem
+    )
     activation: Activation = knob("relu", "nonlinearity of the hidden layers", "model", column=True)
     output: Output = knob("softmax", "nonlinearity of the output layer", "model")
     loss: Loss = knob("cross_entropy", "mse, cross_entropy (needs softmax), bce (sigmoid)", "model")
@@ -228,8 +249,20 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        for name, field in FIELDS.items():
+        for name, field in FIELDS.items():  # a layers value is checked as a network here
             object.__setattr__(self, name, field.check(getattr(self, name)))
+        if self.layers:  # it defines the network; the MLP's fields stay at their defaults
+            for name in MLP_FIELDS:
+                if getattr(self, name) != FIELDS[name].default:
+                    raise layers_conflict(name, getattr(self, name), self.layers)
+            if self.max_norm:  # it caps a dense W's columns: the MLP's hidden units
+                raise ConfigError(
+                    "max_norm",
+                    f"applies to the MLP's hidden units only, not to a network of layers "
+                    f"(layers = {self.layers!r})",
+                    value=self.max_norm,
+                    allowed="max_norm = 0 with layers, or layers = '' (the MLP of hidden_sizes)",
+                )
         if self.hidden_sizes:  # it defines the network; the shorthand follows from it
             for name, value in shorthand(self.hidden_sizes).items():
                 given = getattr(self, name)
@@ -238,9 +271,42 @@ class TrainConfig:
                 object.__setattr__(self, name, value)
         self.spec()  # the combinations: MLPSpec checks output against loss
 
+    def network(self) -> Network | None:
+        """The network of ``layers`` (its hidden layers, then a dense layer to the 10 classes),
+        or None when ``layers`` is empty: the MLP of :meth:`spec`. (A value that cannot be read
+        or does not chain never gets here: the field's check refuses it.)"""
+        if not self.layers:
+            return None
+        try:
+            return layers_network(
+                self.layers,
+                output=self.output,
+                loss=self.loss,
+                l2=self.l2,
+                activation=self.activation,
+                init=self.init,
+                dropout=self.dropout,
+                input_dropout=self.input_dropout,
+            )
+        except LayersError as error:
+            raise ConfigError("layers", str(error), value=self.layers) from None
+
+    def n_params(self) -> int:
+        """The network's trained values (weights, biases, norm scales), counted without drawing
+        them: of :meth:`network`, else of the MLP of :meth:`spec`."""
+        network = self.network()
+        return self.spec().n_params if network is None else count_network_params(network)
+
+    def describe_network(self) -> str:
+        """The network in a few words: ``784x256x10`` for the MLP, else its layers as written
+        (``conv(20,5) relu maxpool(2) dense(100) relu dense(10)``)."""
+        network = self.network()
+        return "x".join(map(str, self.spec().sizes)) if network is None else network.describe()
+
     def spec(self) -> MLPSpec:
-        """The network: 784 inputs, the hidden layers (``hidden_sizes``, else ``n_hidden_layers``
-        of ``hidden_size``), 10 outputs."""
+        """The MLP: 784 inputs, the hidden layers (``hidden_sizes``, else ``n_hidden_layers`` of
+        ``hidden_size``), 10 outputs. With ``layers`` set, the network is :meth:`network`, and
+        this is the MLP of the fields' defaults: only its output, loss and l2 apply."""
         widths = self.hidden_sizes or (self.hidden_size,) * self.n_hidden_layers
         sizes = (N_PIXELS, *widths, N_CLASSES)
         return MLPSpec(sizes, self.activation, self.output, self.loss, self.l2)
@@ -297,11 +363,35 @@ def widths_conflict(
     )
 
 
+def layers_conflict(
+    name: str, value: Any, layers: str, key: str | None = None, layers_key: str = "layers"
+) -> ConfigError:
+    """The one-line error for an MLP field ``name`` set to ``value`` beside a non-empty
+    ``layers`` (named ``key`` and ``layers_key`` in the message), which defines the network."""
+    return ConfigError(
+        key or name,
+        f"conflicts with {layers_key} = {show(layers)}, which defines the network",
+        value=value,
+        allowed=f"layers alone ({', '.join(MLP_FIELDS)} stay at their defaults, unused), or "
+        f'{name} with layers = "" (the MLP)',
+    )
+
+
 def with_values(base: TrainConfig, given: Mapping[str, Any]) -> TrainConfig:
     """``base`` with ``given`` in place of its values, the network from one spelling (see
     :func:`~.presets.configure`, which also warns; this does not, for values read back from a
-    logged run)."""
+    logged run). A non-empty ``layers`` given replaces base's MLP (its fields back to their
+    defaults; given beside it at another value, they are a ConfigError); an MLP field given
+    without ``layers`` replaces base's layers."""
     values = dataclasses.asdict(base) | dict(given)
+    if "layers" in given and FIELDS["layers"].check(given["layers"]):
+        for name in MLP_FIELDS:
+            if name in given and FIELDS[name].check(given[name]) != FIELDS[name].default:
+                raise layers_conflict(name, given[name], given["layers"])
+            values[name] = FIELDS[name].default
+        return TrainConfig(**values)
+    if "layers" not in given and any(name in given for name in MLP_FIELDS):
+        values["layers"] = ""
     if "hidden_sizes" in given:
         widths = FIELDS["hidden_sizes"].check(given["hidden_sizes"])
         for name, value in (shorthand(widths) if widths else {}).items():
@@ -311,190 +401,6 @@ def with_values(base: TrainConfig, given: Mapping[str, Any]) -> TrainConfig:
     elif any(name in given for name in SHORTHAND):
         values["hidden_sizes"] = ()
     return TrainConfig(**values)
-
-
-# --- what derives from a declaration -----------------------------------------------------------
-
-
-_EXPECTED = {int: "an integer", float: "a number", bool: "a boolean", str: "a string"}
-_TYPE_ERRORS = ("int_type", "float_type", "bool_type", "string_type")
-_RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars as the Python scalars they hold (strict pydantic takes only the latter)."""
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _listed(value: Any) -> Any:
-    """A tuple as the list it holds (strict pydantic takes only lists for a list)."""
-    return list(value) if isinstance(value, tuple) else value
-
-
-@dataclass(frozen=True)
-class Field:
-    """What one field may be, derived from its declaration (or declared directly, as the study
-    files' ``[study]`` settings are). ``check`` validates through pydantic in strict mode (an
-    integer field takes no float, a boolean is never a number; a float field takes integers),
-    ``parse`` reads the text of an MLflow param back.
-
-    A list field (``kind`` tuple: a list of integers, each within the bounds, at most
-    ``max_items`` of them) takes a TOML array or a tuple and gives a tuple; its MLflow text is
-    ``[1024, 512]``, and ``[]`` (no items) is allowed only as its default."""
-
-    name: str
-    kind: type  # int, float, bool, str, or tuple: a list of integers
-    default: Any
-    help: str = ""
-    group: str = ""
-    choices: tuple[Any, ...] = ()
-    ge: float | None = None
-    gt: float | None = None
-    le: float | None = None
-    lt: float | None = None
-    pattern: str | None = None
-    not_searchable: str = ""
-    flags: tuple[str, ...] = ()
-    allowed_text: str = ""  # what is allowed, where the derived wording would not do
-    max_items: int | None = None  # a list field: the most items
-    column: bool = False  # a column of the train runs' table in the MLflow UI
-
-    @property
-    def searchable(self) -> bool:
-        return not self.not_searchable
-
-    @property
-    def flag(self) -> str:
-        """The command-line flag: ``--hidden-size`` for ``hidden_size``."""
-        return "--" + self.name.replace("_", "-")
-
-    @property
-    def allowed(self) -> str:
-        """What is allowed, in words: ``an integer from 1 to 65536``, ``one of "a", "b"``."""
-        if self.allowed_text:
-            return self.allowed_text
-        if self.kind is tuple:
-            return f"{self.allowed_items}, or [] (the default)"
-        if self.choices:
-            return f"one of {quoted(self.choices)}"
-        if self.kind is bool:
-            return "true or false"
-        if self.kind is str:
-            return "a string"
-        noun = "an integer" if self.kind is int else "a finite number"
-        low = (">=", self.ge) if self.ge is not None else (">", self.gt)
-        high = ("<=", self.le) if self.le is not None else ("<", self.lt)
-
-        def number(bound: float) -> str:
-            return str(bound) if isinstance(bound, int) else f"{bound:g}"
-
-        if low[1] is not None and high[1] is not None:
-            if self.kind is int and low[0] == ">=" and high[0] == "<=":
-                return f"an integer from {number(low[1])} to {number(high[1])}"
-            left, right = "[" if low[0] == ">=" else "(", "]" if high[0] == "<=" else ")"
-            plain = "an integer" if self.kind is int else "a number"  # bounded: finite anyway
-            return f"{plain} in {left}{number(low[1])}, {number(high[1])}{right}"
-        op, bound = low if low[1] is not None else high
-        return noun if bound is None else f"{noun} {op} {number(bound)}"
-
-    @property
-    def allowed_items(self) -> str:
-        """A list field's non-empty values, in words: ``a list of 1 to 32 integers, each ...``."""
-        each = dataclasses.replace(self, kind=int, max_items=None).allowed
-        return f"a list of 1 to {self.max_items} integers, each {each.removeprefix('an integer ')}"
-
-    def text(self, value: Any) -> str:
-        """The text MLflow keeps for a value, which :meth:`parse` reads back (``0.1``, ``True``,
-        ``relu``, ``[1024, 512]``); also a list's choice as Optuna keeps it."""
-        return str(list(value)) if isinstance(value, tuple) else str(value)
-
-    @functools.cached_property
-    def _adapter(self) -> Any:
-        import pydantic
-
-        kind: Any = Literal[self.choices] if self.choices else self.kind
-        constraints: dict[str, Any] = {
-            key: value
-            for key, value in (("ge", self.ge), ("gt", self.gt), ("le", self.le), ("lt", self.lt))
-            if value is not None
-        }
-        if self.kind is float:
-            constraints["allow_inf_nan"] = False
-        if self.pattern is not None:
-            constraints["pattern"] = f"^(?:{self.pattern})$"
-        annotated = typing.Annotated[
-            int if self.kind is tuple else kind,
-            pydantic.BeforeValidator(_plain),
-            pydantic.Field(**constraints),
-        ]
-        if self.kind is tuple:  # a list of such integers
-            annotated = typing.Annotated[
-                list[annotated],
-                pydantic.BeforeValidator(_listed),
-                pydantic.Field(max_length=self.max_items),
-            ]
-        return pydantic.TypeAdapter(annotated, config=pydantic.ConfigDict(strict=True))
-
-    def check(self, value: Any, key: str | None = None, path: str | Path | None = None) -> Any:
-        """The value, normalized (integers become floats for float fields), or ConfigError
-        naming ``key`` (default: the field's name) and ``path``."""
-        import pydantic
-
-        try:
-            checked = self._adapter.validate_python(value)
-            return tuple(checked) if self.kind is tuple else checked
-        except pydantic.ValidationError as error:
-            value = _plain(value)  # shown as the Python value it is
-            problem = self._problem(error.errors()[0], value)
-        raise ConfigError(key or self.name, problem, value=value, allowed=self.allowed, path=path)
-
-    def _problem(self, error: Mapping[str, Any], value: Any) -> str:
-        """Our wording of a pydantic error (the rest of the message is ours too)."""
-        kind = error["type"]
-        if self.kind is tuple:  # a list: the list itself, or one of its items
-            if kind == "list_type":
-                return f"{type_name(value)}, not a list"
-            if kind == "too_long":
-                return f"{len(value)} items, more than {self.max_items}"
-            if not error["loc"]:
-                return str(error["msg"]).lower()
-            index = error["loc"][0]
-            item = dataclasses.replace(self, kind=int, max_items=None)
-            problem = item._problem(error, _plain(value[index]))
-            return f"item {index + 1} ({show(_plain(value[index]))}) is {problem}"
-        if kind == "float_type" and isinstance(value, int) and not isinstance(value, bool):
-            return "out of range"  # an integer too large to be a float
-        if kind.endswith("_parsing"):  # logged text that is not a value of the field's type
-            return f"not {_EXPECTED[self.kind]}"
-        if kind in _TYPE_ERRORS or (kind == "literal_error" and not isinstance(value, str)):
-            expected = "a string" if self.choices else _EXPECTED[self.kind]
-            return f"{type_name(value)}, not {expected}"
-        if kind == "literal_error":
-            return f"unknown name{did_you_mean(value, self.choices)}"
-        if kind in _RANGE_ERRORS or kind == "finite_number":
-            return "out of range"
-        if kind == "string_pattern_mismatch":
-            return "not allowed"
-        return str(error["msg"]).lower()
-
-    def parse(self, text: str) -> Any:
-        """A value from the text MLflow keeps (``"0.1"``, ``"True"``, ``"relu"``,
-        ``"[1024, 512]"``)."""
-        import pydantic
-
-        if self.kind is tuple:  # "[1024, 512]" (or a tuple's "(1024, 512)"); strict integers
-            try:
-                items = ast.literal_eval(text) if len(text) < 10_000 else text
-            except (TypeError, ValueError, SyntaxError, MemoryError, RecursionError):
-                items = text
-            if not isinstance(items, list | tuple):
-                raise ConfigError(self.name, "not a list", value=text, allowed=self.allowed)
-            return self.check(items)
-        try:
-            return self._adapter.validate_python(text, strict=False)
-        except pydantic.ValidationError as error:
-            problem = self._problem(error.errors()[0], text)
-        raise ConfigError(self.name, problem, value=text, allowed=self.allowed)
 
 
 def _fields_of(cls: type) -> dict[str, Field]:
@@ -516,6 +422,8 @@ def _fields_of(cls: type) -> dict[str, Field]:
             flags=description["flags"],
             max_items=description["max_items"],
             column=description["column"],
+            allowed_text=description["allowed"],
+            validate=description["validate"],
             **description["bounds"],
         )
     return table

@@ -7,15 +7,27 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from research.experiment.config.fields import TrainConfig, with_values
+from research.experiment.config.fields import (
+    FIELDS,
+    MLP_FIELDS,
+    TrainConfig,
+    layers_conflict,
+    with_values,
+)
 
 
 def configure(base: TrainConfig, **given: Any) -> TrainConfig:
     """``base`` with the values a user ``given`` together (a command line's flags) in place of
     its own. The network comes from one spelling: a non-empty ``hidden_sizes`` given replaces
     base's hidden_size and n_hidden_layers, and a given hidden_size or n_hidden_layers replaces
-    base's hidden_sizes; given together, the two must agree (ConfigError otherwise). A warm-up
-    as long as the training is allowed, with a :class:`LongWarmup` warning."""
+    base's hidden_sizes; given together, the two must agree (ConfigError otherwise). A
+    non-empty ``layers`` given replaces base's MLP, an MLP field given replaces base's
+    ``layers``; an MLP field given beside a non-empty ``layers`` is a ConfigError, even at its
+    default (it would not be used). A warm-up as long as the training is allowed, with a
+    :class:`LongWarmup` warning."""
+    if "layers" in given and FIELDS["layers"].check(given["layers"]):
+        for name in (name for name in MLP_FIELDS if name in given):
+            raise layers_conflict(name, given[name], given["layers"])
     config = with_values(base, given)
     note = long_warmup(config)
     if note:

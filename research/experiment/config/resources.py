@@ -8,8 +8,10 @@ and what to change. The estimate (:func:`estimate_memory`) counts, per process: 
 with its libraries, the dataset's splits (uint8 images), the training targets in the run's
 dtype, three copies of the parameters (the stepper's, the last epoch's and the one being made),
 the gradients, the optimizer's state, the float64 draws of initialization, one batch's
-activations and deltas, and one evaluation chunk's activations. It errs on the high side, as a
-MemoryError half-way through a study costs more than a refusal that asks for a smaller network.
+activations and deltas, and one evaluation chunk's activations. A network of ``layers`` is
+estimated from its shapes the same way (:func:`estimate_network_memory`), with the unfolded
+windows of its convolutions and poolings. It errs on the high side, as a MemoryError half-way
+through a study costs more than a refusal that asks for a smaller network.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ import itertools
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from math import prod
 from pathlib import Path
 from typing import Any
 
 from research.data import N_CLASSES, N_PIXELS, N_TEST, N_TRAIN, N_VALIDATION
-from research.experiment.config.fields import FIELDS, ConfigError, TrainConfig
+from research.engine.network import Network
+from research.experiment.config.fields import FIELDS, ConfigError, TrainConfig, show
+from research.experiment.config.layers_field import layer_params
 from research.experiment.config.study_config import StudyConfig
 
 #: Worker processes allowed per core: more than one per core only time-share it.
@@ -134,6 +139,57 @@ def estimate_memory(
     return MemoryEstimate(PROCESS_BYTES + DATA_BYTES, rows, model, batch + evaluation)
 
 
+def estimate_network_memory(
+    network: Network, batch_size: int, dtype: str, optimizer: str, n_train_rows: int
+) -> MemoryEstimate:
+    """The memory one process needs to train ``network`` (a network of layers) on
+    ``n_train_rows`` rows: what :func:`estimate_memory` counts, with every layer's input and
+    output per example in place of the MLP's widths, and the windows a convolution or pooling
+    unfolds its input into (C·k² values per output position)."""
+    itemsize = _ITEMSIZE[dtype]
+    pairs = _pairs(network)
+    counts = [layer_params(layer, shape) for layer, shape in pairs]
+    n_params, largest = sum(counts), max(counts, default=0)
+    copies = 3 + 1 + OPTIMIZER_STATES[optimizer]
+    model = max(n_params * copies * itemsize, n_params * itemsize + 2 * 8 * largest)
+    # every layer's input (inside residual blocks too), and the logits
+    values = sum(prod(shape) for _, shape in pairs) + network.n_outputs
+    windows = sum(_windows(layer, shape) for layer, shape in pairs)
+    # each layer's output and cache, its delta and derivative; the windows and their gradient
+    batch = batch_size * (2 * network.n_outputs + 4 * values + 2 * windows) * itemsize
+    evaluation = EVALUATION_ROWS * (2 * values + windows) * itemsize
+    rows = n_train_rows * N_CLASSES * itemsize
+    return MemoryEstimate(PROCESS_BYTES + DATA_BYTES, rows, model, batch + evaluation)
+
+
+def _pairs(network: Network) -> list[tuple[Any, tuple[int, ...]]]:
+    """(layer, its input shape) of every layer, those inside a residual block too."""
+    from research.engine.layers.base import out_shape
+
+    pairs: list[tuple[Any, tuple[int, ...]]] = []
+    for layer, shape in zip(network.layers, network.shapes):
+        inner = getattr(layer, "layers", None)
+        if isinstance(inner, tuple):
+            for each in inner:
+                pairs.append((each, shape))
+                shape = out_shape(each, shape)
+        else:
+            pairs.append((layer, shape))
+    return pairs
+
+
+def _windows(layer: Any, in_shape: tuple[int, ...]) -> int:
+    """The values a convolution or pooling of ``layer`` unfolds one example into: C·k² per
+    output position (0 for other layers)."""
+    from research.engine.layers.base import out_shape
+
+    kernel = getattr(layer, "kernel", None)
+    if not isinstance(kernel, int) or len(in_shape) != 3:
+        return 0
+    out = out_shape(layer, in_shape)
+    return in_shape[0] * kernel * kernel * prod(out[1:])
+
+
 def network(sizes: tuple[int, ...]) -> str:
     """``784x256x10``; ``784x[32 layers of 4096]x10`` for a deep one."""
     hidden = sizes[1:-1]
@@ -143,9 +199,26 @@ def network(sizes: tuple[int, ...]) -> str:
 
 
 def _estimate(config: TrainConfig, n_train_rows: int) -> MemoryEstimate:
+    layers = config.network()
+    if layers is not None:
+        return estimate_network_memory(
+            layers, config.batch_size, config.dtype, config.optimizer, n_train_rows
+        )
     return estimate_memory(
         config.spec().sizes, config.batch_size, config.dtype, config.optimizer, n_train_rows
     )
+
+
+def _described(config: TrainConfig) -> str:
+    """The network of ``config`` for a message: ``784x256x10``, or its ``layers`` value."""
+    return f"layers {show(config.layers)}" if config.layers else network(config.spec().sizes)
+
+
+def _smaller(config: TrainConfig) -> str:
+    """What to make smaller in ``config``'s network."""
+    if config.layers:
+        return "fewer or narrower layers (filters, units)"
+    return "smaller hidden_sizes" if config.hidden_sizes else _SMALLER
 
 
 def _processes(workers: int) -> int:
@@ -226,11 +299,11 @@ def check_memory(
     """ConfigError if training ``config`` on ``n_train_rows`` rows, in ``workers`` processes at
     once, needs more memory than is available (``available``: bytes and where that figure comes
     from; default :func:`available_memory`; nothing is checked when that is None)."""
-    sizes = network(config.spec().sizes)
     what = (
-        f"the network {sizes} ({config.dtype}, {config.optimizer}, batch_size {config.batch_size})"
+        f"the network {_described(config)} ({config.dtype}, {config.optimizer}, batch_size "
+        f"{config.batch_size})"
     )
-    smaller = f"{'smaller hidden_sizes' if config.hidden_sizes else _SMALLER} or batch_size"
+    smaller = f"{_smaller(config)} or batch_size"
     _refuse(_estimate(config, n_train_rows), workers, what, smaller, available)
 
 
@@ -245,9 +318,10 @@ def _largest(config: StudyConfig, name: str) -> Any:
 
 def worst_case(config: StudyConfig) -> TrainConfig:
     """The trial of study ``config`` that needs the most memory: the largest hidden_size,
-    n_hidden_layers and batch_size its search can reach (or, when hidden_sizes defines the
-    network, its list that needs the most), the optimizer with the most state, other fields as
-    in its first trial corner (every searched field at its first value)."""
+    n_hidden_layers and batch_size its search can reach (or, when a searched layers or
+    hidden_sizes defines the network, its choice that needs the most), the optimizer with the
+    most state, other fields as in its first trial corner (every searched field at its first
+    value)."""
     values = dict(config.fixed)
     for param in config.search:
         values[param.name] = param.corners()[0]
@@ -255,14 +329,16 @@ def worst_case(config: StudyConfig) -> TrainConfig:
     if "optimizer" not in config.fixed:
         choices = next(param for param in config.search if param.name == "optimizer").choices
         values["optimizer"] = max(choices, key=OPTIMIZER_STATES.__getitem__)
-    if "hidden_sizes" in config.search_names:
+    # the field that defines the network, when searched: its choice that needs the most
+    defining = next((n for n in ("layers", "hidden_sizes") if n in config.search_names), None)
+    if defining is not None:
 
-        def need(widths: tuple[int, ...]) -> int:
-            return _estimate(TrainConfig(**{**values, "hidden_sizes": widths}), N_TRAIN).total
+        def need(value: Any) -> int:
+            return _estimate(TrainConfig(**{**values, defining: value}), N_TRAIN).total
 
-        choices = next(param for param in config.search if param.name == "hidden_sizes").choices
-        values["hidden_sizes"] = max(choices, key=need)
-    elif not values["hidden_sizes"]:
+        choices = next(param for param in config.search if param.name == defining).choices
+        values[defining] = max(choices, key=need)
+    elif not values.get("layers") and not values.get("hidden_sizes"):
         for name in ("hidden_size", "n_hidden_layers"):
             values[name] = _largest(config, name)
     return TrainConfig(**values)
@@ -283,13 +359,13 @@ def check_study_memory(
         for name in ("hidden_size", "n_hidden_layers", "hidden_sizes", "batch_size", "optimizer")
         if name in config.search_names
     ]
-    sizes = network(worst.spec().sizes)
-    what = (
-        f"the study's largest trial ({', '.join([*searched, f'a {sizes} network'])}, {worst.dtype})"
-    )
-    network_fields = "smaller hidden_sizes" if worst.hidden_sizes else _SMALLER
+    if worst.layers:  # its layers as written in a study file, searched or fixed
+        searched.insert(0, f"layers = {show(worst.layers)}")
+    else:
+        searched.append(f"a {network(worst.spec().sizes)} network")
+    what = f"the study's largest trial ({', '.join(searched)}, {worst.dtype})"
     smaller = (
-        f"{network_fields} or batch_size (in [fixed], or the high end or largest choice of its "
+        f"{_smaller(worst)} or batch_size (in [fixed], or the high end or largest choice of its "
         "[search] table)"
     )
     _refuse(_estimate(worst, n_train_rows), workers, what, smaller, available, path=config.path)

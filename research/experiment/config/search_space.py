@@ -132,8 +132,9 @@ class SearchParam:
             choices = tuple(
                 field.check(value, f"{key}.choices[{i}]") for i, value in enumerate(self.choices)
             )
-        except ConfigError as error:
-            raise error.but(allowed=each) from None
+        except ConfigError as error:  # a validator's own allowed (layers' tokens) stays
+            specific = error.allowed != field.allowed
+            raise error.but(allowed=error.allowed if specific else each) from None
         if () in choices:  # a list field's default, which is no choice of a width
             raise ConfigError(
                 f"{key}.choices[{choices.index(())}]",

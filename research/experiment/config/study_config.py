@@ -57,12 +57,15 @@ Rules (each one a :class:`StudyConfigError` when broken):
   ends and categorical choices are checked the same way as fixed values.
 - Only the fields the table marks searchable may be searched. Integer fields take
   ``type = "int"`` or ``"categorical"``, float fields ``"float"`` or ``"categorical"``, names,
-  booleans and lists (``hidden_sizes``) ``"categorical"`` (a list's choices are lists:
-  ``choices = [[512, 512], [1024, 1024, 1024]]``, none of them empty).
-- The network: when ``hidden_sizes`` is searched, or fixed to a non-empty list, it defines the
-  hidden layers. ``hidden_size`` and ``n_hidden_layers`` then follow from it in every trial (its
-  widest layer, its length): they may not be searched, the preset's values are dropped, and a
-  value ``[fixed]`` gives them must agree with every list.
+  booleans, texts (``layers``) and lists (``hidden_sizes``) ``"categorical"`` (a list's choices
+  are lists: ``choices = [[512, 512], [1024, 1024, 1024]]``, none of them empty; ``layers``'
+  choices are architectures: ``choices = ["dense(100)", "conv(8,5) maxpool(2) dense(64)"]``).
+- The network is spelled one way (:mod:`.study_network`): ``layers`` (fixed non-empty, or
+  searched) defines all of it, and the MLP's fields may then be neither searched nor fixed;
+  else ``hidden_sizes`` (searched, or fixed non-empty) defines the hidden layers, and
+  ``hidden_size`` and ``n_hidden_layers`` follow from it in every trial (its widest layer, its
+  length): they may not be searched, and a value ``[fixed]`` gives them must agree with every
+  list. Either way the preset's values of the fields that follow are dropped.
 - Ranges: ``low < high`` (a single value belongs in ``[fixed]``, as does a single choice);
   ``log = true`` needs ``low > 0`` and no ``step`` (for ``int``: ``step = 1``); a ``step`` must
   divide ``high - low`` exactly. These mirror Optuna's own rules, so Optuna neither raises nor
@@ -89,17 +92,14 @@ from typing import Any
 from research.experiment.config.config_text import check_keys, load_toml, table_of
 from research.experiment.config.fields import (
     FIELDS,
-    SHORTHAND,
     ConfigError,
     Field,
     TrainConfig,
     did_you_mean,
     quoted,
-    shorthand,
     show,
     toml_key,
     type_name,
-    widths_conflict,
 )
 from research.experiment.config.presets import PRESETS, preset_name
 from research.experiment.config.search_space import (
@@ -110,6 +110,7 @@ from research.experiment.config.search_space import (
     check_searchable,
     kinds_for,
 )
+from research.experiment.config.study_network import derived_fields, network_fields
 
 #: objective metric -> Optuna direction
 OBJECTIVES: dict[str, str] = {"val/accuracy": "maximize", "val/loss": "minimize"}
@@ -219,7 +220,8 @@ class StudyConfig:
         preset: the preset the fixed values started from.
         fixed: every training field that is not searched → its value (preset, then [fixed]);
             when a searched ``hidden_sizes`` sets them, not ``hidden_size`` or
-            ``n_hidden_layers`` (unless [fixed] gives them).
+            ``n_hidden_layers`` (unless [fixed] gives them); when ``layers`` defines the
+            network, none of the MLP's fields.
         search: the searched fields, in file order.
         from_preset: the fixed fields whose value the file left to the preset (for messages).
 
@@ -282,7 +284,7 @@ class StudyConfig:
                     f"unknown key{did_you_mean(name, FIELDS)}",
                     allowed=", ".join(FIELDS),
                 )
-        derived = SHORTHAND if "hidden_sizes" in names else ()  # set by each trial's widths
+        derived = derived_fields(fixed, search)  # set by each trial's network
         missing = [n for n in FIELDS if n not in fixed and n not in names and n not in derived]
         if missing:
             raise ConfigError(
@@ -291,7 +293,7 @@ class StudyConfig:
                 allowed="a value for every training field that is not searched",
             )
         fixed = {name: FIELDS[name].check(fixed[name], f"fixed.{name}") for name in fixed}
-        fixed = self._network(fixed, search)
+        fixed = network_fields(fixed, search, self.from_preset)
         object.__setattr__(self, "search", search)
         object.__setattr__(self, "fixed", FrozenMapping(fixed))
         self._check_combinations()
@@ -343,38 +345,6 @@ class StudyConfig:
         for i, j in itertools.combinations(range(len(names)), 2):
             for a, b in itertools.product(corners[i], corners[j]):
                 yield {**base, names[i]: a, names[j]: b}
-
-    def _network(self, fixed: dict[str, Any], search: tuple[SearchParam, ...]) -> dict[str, Any]:
-        """``fixed`` with the shorthand (``hidden_size``, ``n_hidden_layers``) made to follow
-        ``hidden_sizes`` when it defines the network (searched, or fixed to a non-empty list):
-        the preset's values are dropped (searched) or set from the list (fixed); the file's own
-        must agree with every list, and neither may be searched."""
-        param = next((param for param in search if param.name == "hidden_sizes"), None)
-        if param is not None:
-            key = "search.hidden_sizes"
-            lists = [(f"{key}.choices[{i}]", widths) for i, widths in enumerate(param.choices)]
-        elif fixed.get("hidden_sizes"):
-            key = "fixed.hidden_sizes"
-            lists = [(key, fixed["hidden_sizes"])]
-        else:
-            return fixed
-        for name in SHORTHAND:
-            if any(other.name == name for other in search):
-                raise ConfigError(
-                    f"search.{name}",
-                    f"cannot be searched with {key}, which defines the network",
-                    allowed=f"search hidden_sizes alone (it sets {name}), or search "
-                    "hidden_size and n_hidden_layers without hidden_sizes",
-                )
-            if name in fixed and name not in self.from_preset:
-                for where, widths in lists:
-                    if fixed[name] != shorthand(widths)[name]:
-                        raise widths_conflict(name, fixed[name], widths, f"fixed.{name}", where)
-            elif param is not None:
-                fixed.pop(name, None)
-            else:
-                fixed[name] = shorthand(lists[0][1])[name]
-        return fixed
 
     def _check_combinations(self) -> None:
         """Builds a TrainConfig for the fixed values with each corner combination of the

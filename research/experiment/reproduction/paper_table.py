@@ -49,9 +49,14 @@ class RowResult:
 def describe(config: TrainConfig) -> str:
     """The network and its regularizers in a few words: ``relu 3×1024, dropout 0.2/0.5,
     max-norm 3.5``."""
-    hidden = config.spec().sizes[1:-1]
-    widths = f"{len(hidden)}×{hidden[0]}" if len(set(hidden)) == 1 else "-".join(map(str, hidden))
-    parts = [f"{'logistic' if config.activation == 'sigmoid' else config.activation} {widths}"]
+    if config.layers:
+        parts = [config.layers]
+    else:
+        hidden = config.spec().sizes[1:-1]
+        widths = (
+            f"{len(hidden)}×{hidden[0]}" if len(set(hidden)) == 1 else "-".join(map(str, hidden))
+        )
+        parts = [f"{'logistic' if config.activation == 'sigmoid' else config.activation} {widths}"]
     if config.input_dropout or config.dropout:
         parts.append(f"dropout {config.input_dropout:g}/{config.dropout:g}")
     if config.max_norm:

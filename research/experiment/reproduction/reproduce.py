@@ -69,7 +69,13 @@ from research.experiment.tracking.runs import (
     start_run,
 )
 from research.experiment.training.figures import save_rows_figure
-from research.experiment.training.train import DivergenceError, EpochMetrics, evaluate, train
+from research.experiment.training.train import (
+    DivergenceError,
+    EpochMetrics,
+    StopTraining,
+    evaluate,
+    train,
+)
 
 # --- the command line -------------------------------------------------------------------------
 
@@ -131,10 +137,6 @@ def _numbers(text: str) -> list[int]:
 # --- running -----------------------------------------------------------------------------------
 
 
-class _BudgetReached(Exception):
-    """Raised from the epoch callback when the next epoch would pass the row's budget."""
-
-
 @dataclass
 class Splits:
     """What the rows train and are tested on."""
@@ -176,11 +178,9 @@ def train_row(
     result = RowResult(
         row, epochs_planned=config.epochs, run_id=run.run_id if run is not None else ""
     )
-    latest: dict[str, Any] = {}
     started = time.perf_counter()
 
     def epoch_done(metrics: EpochMetrics, params: Any) -> None:
-        latest["params"] = params
         result.history.append(metrics)
         result.epochs = metrics.epoch + 1
         if run is not None:
@@ -197,12 +197,13 @@ def train_row(
         # Stop before an epoch that would end past the budget (epochs take about as long).
         mean_epoch = elapsed / result.epochs
         if result.epochs < config.epochs and elapsed + mean_epoch > budget_seconds:
-            raise _BudgetReached
+            result.stopped_by_budget = True
+            raise StopTraining
 
     try:
-        train(config, data.x_train, data.labels_train, data.x_val, data.labels_val, epoch_done)
-    except _BudgetReached:
-        result.stopped_by_budget = True
+        trained = train(
+            config, data.x_train, data.labels_train, data.x_val, data.labels_val, epoch_done
+        )
     except DivergenceError as error:
         result.diverged = str(error)
         result.seconds = time.perf_counter() - started
@@ -213,7 +214,9 @@ def train_row(
             )
             run.diverged(error)
         return result
-    loss, accuracy = evaluate(latest["params"], data.x_test, data.labels_test, config.spec())
+    loss, accuracy = evaluate(
+        trained.params, data.x_test, data.labels_test, trained.model, state=trained.state
+    )
     result.n_test = len(data.labels_test)
     result.errors = result.n_test - round(accuracy * result.n_test)
     result.seconds = time.perf_counter() - started
@@ -234,7 +237,9 @@ def train_row(
             },
             step=result.epochs - 1,
         )
-        run.save_on_success(Outputs(result.history, row.name, latest["params"], config.spec()))
+        run.save_on_success(
+            Outputs(result.history, row.name, trained.params, trained.model, state=trained.state)
+        )
     return result
 
 

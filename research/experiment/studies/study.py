@@ -89,15 +89,18 @@ def final_fit(
     labels_test: np.ndarray,
     say: Callable[[str], None],
 ) -> tuple[TrainConfig, float, Any]:
-    """Retrains the best configuration on train+validation and evaluates it once on test."""
+    """Retrains the best configuration on train+validation and evaluates it once on test;
+    returns it, its test accuracy and the ``TrainResult`` (parameters, running state)."""
     best_config = config.train_config(study.best_trial.params)
     say(
         f"retraining the best configuration (trial {study.best_trial.number}) on "
         f"{len(x_train_full):,} train+validation rows, then one evaluation on the test split"
     )
     result = train(best_config, x_train_full, labels_train_full, None, None)
-    _, test_accuracy = evaluate(result.params, x_test, labels_test, best_config.spec())
-    return best_config, test_accuracy, result.params
+    _, test_accuracy = evaluate(
+        result.params, x_test, labels_test, result.model, state=result.state
+    )
+    return best_config, test_accuracy, result
 
 
 # --- orchestration: the study command ----------------------------------------------------------
@@ -422,7 +425,8 @@ def _publish_refit(
         refit_settings,
     )
 
-    best_config, test_accuracy, params = fitted
+    best_config, test_accuracy, result = fitted
+    params = result.params
     data, rows, n_rows = data_rows
     step = len(study.trials)
     settings = refit_settings(best_config, rows)
@@ -437,7 +441,7 @@ def _publish_refit(
 
     def with_champion() -> None:
         parent.log_metrics({"test_accuracy": test_accuracy}, step=step)
-        parent.log_weights(params, best_config.spec(), "best_weights.npz")  # and its .txt
+        parent.log_weights(params, result.model, "best_weights.npz", state=result.state)
         # which trial best_weights.npz and test_accuracy belong to: best_trial moves with every
         # invocation, --no-final ones included
         parent.set_tags({"refit_trial": str(best.number)})
@@ -446,7 +450,9 @@ def _publish_refit(
         parent,
         config.name,
         refit,
-        log=lambda tags: log_model(parent, params, best_config, data.test.images, step, tags),
+        log=lambda tags: log_model(
+            parent, params, best_config, data.test.images, step, tags, state=result.state
+        ),
         still_best=still_best,
         with_champion=with_champion,
         tags={"test_accuracy": test_accuracy},

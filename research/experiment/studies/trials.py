@@ -280,7 +280,7 @@ def _train_trial(
         raise DivergenceError(len(result.history) - 1, 0, f"objective is {value}")
     # The curves and weights first: a trial whose artifacts cannot be written (a full
     # disk) is not reported COMPLETE; TrackingError gives it back.
-    run.save_outputs(history, label, result.params, train_config.spec())
+    run.save_outputs(history, label, result.params, result.model, result.state)
     run.log_metrics({"wall_seconds": time.perf_counter() - started}, step=len(history) - 1)
     return value
 

@@ -17,6 +17,13 @@ network trained on exactly. Outputs: ``class``, (B,) the engine's ``predict``, a
 ``probabilities``, (B, 10) its ``forward`` in the weights' dtype (class probabilities for a
 softmax output; per-class sigmoid scores, which need not sum to 1, for the origin's sigmoid
 output). At most :data:`MAX_ROWS` rows per call. Logged by :mod:`.models`; see docs/models.md.
+
+A network of layers (its weights file names its layers as written, and holds its running
+statistics: :func:`research.experiment.tracking.weights.read_weights` rebuilds it) takes a batch
+(B, 784) or images (B, 1, 28, 28), either reshaped to the network's input shape, and predicts in
+evaluation mode (running statistics, no dropout) with :mod:`research.engine.stack_step`. Its
+signature has no input schema (one tensor spec fixes the rank), so the model itself refuses
+other shapes, and takes float64 pixels too (converted to float32, as the schema would).
 """
 
 # (no ``from __future__ import annotations``: MLflow reads predict's type hint as an object)
@@ -26,6 +33,8 @@ from typing import Any
 #: (HTTP 400 when served) before the model allocates anything the size of the batch. (MLflow's
 #: scoring server has no request size limit: it parses the whole request before this check.)
 MAX_ROWS = 10_000
+#: One image as a network of layers' model takes it besides a row of pixels: (C, H, W).
+IMAGE_SHAPE = (1, 28, 28)
 
 
 def mlp_model() -> Any:
@@ -38,13 +47,14 @@ def mlp_model() -> Any:
     from mlflow.pyfunc import PythonModel
 
     from research.engine.mlp import forward, predict
-    from research.experiment.tracking.weights import load_weights
+    from research.experiment.tracking.weights import read_weights
 
     class MLPModel(PythonModel):
         """One network of this project: its ``weights`` artifact, predicted with the engine."""
 
         def load_context(self, context):
-            self.spec, self.params = load_weights(Path(context.artifacts["weights"]))
+            self.saved = read_weights(Path(context.artifacts["weights"]))
+            self.spec, self.params = self.saved.spec, self.saved.params
             config = context.model_config or {}
             self.input_scale = np.float32(config.get("input_scale", 1.0))
 
@@ -64,23 +74,48 @@ def mlp_model() -> Any:
                     "outputs); send them in batches"
                 )
             x = np.asarray(model_input, dtype=np.float32)
+            if self.saved.network is not None:
+                return self._predict_network(x)
             n_inputs = self.spec.sizes[0]
             if x.ndim != 2 or x.shape[1] != n_inputs:
                 raise MlflowException.invalid_parameter_value(
                     f"inputs of shape {x.shape}: the model takes a batch (B, {n_inputs}) of "
                     "pixels scaled to [0, 1], one image per row"
                 )
-            if x.size and not (np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
-                raise MlflowException.invalid_parameter_value(
-                    f"inputs range from {x.min():g} to {x.max():g}: the model takes pixels "
-                    "scaled to [0, 1] (pixel / 255), whatever scale the network trained on"
-                )
+            self._check_range(x)
             if self.input_scale != 1:
                 x = x * self.input_scale  # float32: k/255 * 255 gives back k exactly
             return {
                 "class": predict(self.params, x, self.spec),
                 "probabilities": forward(self.params, x, self.spec),
             }
+
+        def _check_range(self, x):
+            if x.size and not (np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
+                raise MlflowException.invalid_parameter_value(
+                    f"inputs range from {x.min():g} to {x.max():g}: the model takes pixels "
+                    "scaled to [0, 1] (pixel / 255), whatever scale the network trained on"
+                )
+
+        def _predict_network(self, x):
+            """A network of layers: (B, 784) or (B, 1, 28, 28), reshaped to its input shape."""
+            in_shape = self.saved.in_shape
+            n_inputs = int(np.prod(in_shape))
+            images = in_shape if len(in_shape) == 3 else IMAGE_SHAPE
+            if int(np.prod(images)) != n_inputs:
+                images = (n_inputs,)
+            if x.ndim < 2 or x.shape[1:] not in ((n_inputs,), images):
+                raise MlflowException.invalid_parameter_value(
+                    f"inputs of shape {x.shape}: the model takes a batch (B, {n_inputs}) of "
+                    f"pixels scaled to [0, 1], one image per row, or images (B, "
+                    f"{', '.join(map(str, images))})"
+                )
+            self._check_range(x)
+            x = x.reshape(len(x), *in_shape)
+            if self.input_scale != 1:
+                x = x * self.input_scale  # float32: k/255 * 255 gives back k exactly
+            classes, probabilities = self.saved.classes_and_outputs(x)
+            return {"class": classes, "probabilities": probabilities}
 
     return MLPModel()
 

@@ -19,6 +19,11 @@ The contract, the same for every run (whatever its ``raw_inputs``):
   itself (``input_scale`` in the model config);
 - output: ``class`` (B,) int64, the engine's ``predict``, and ``probabilities`` (B, 10) in the
   network's dtype, the engine's ``forward`` (the output layer's activations).
+
+A network of layers (``layers`` set) is logged the same way, its weights file holding its layers
+as written and its running statistics (:mod:`.weights`), and takes (B, 784) or images
+(B, 1, 28, 28) alike: its signature names the outputs only, as MLflow's tensor schema fixes the
+inputs' rank (the model checks their shape itself, with the same one-line refusals).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from research.experiment.tracking.stores import (
 
 if TYPE_CHECKING:
     from research.engine.mlp import MLPSpec, Params
+    from research.engine.network import NetParams, NetState, Network
     from research.experiment.config.fields import TrainConfig
 
 #: The name of the LoggedModel on its run.
@@ -110,6 +116,22 @@ def model_signature(spec: MLPSpec, dtype: Any) -> Any:
     )
 
 
+def network_signature(network: Network, dtype: Any) -> Any:
+    """A network of layers' MLflow signature: the outputs of :func:`model_signature`, no input
+    schema (one tensor spec cannot take both (B, 784) and (B, 1, 28, 28))."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(
+        outputs=Schema(
+            [
+                TensorSpec(np.dtype(np.int64), (-1,), "class"),
+                TensorSpec(np.dtype(dtype), (-1, network.n_outputs), "probabilities"),
+            ]
+        ),
+    )
+
+
 def pip_requirements() -> list[str]:
     """What the model imports besides the project (``research``, not on PyPI: serve it with
     ``--env-manager local`` from the project's environment), pinned to this environment."""
@@ -120,11 +142,12 @@ def pip_requirements() -> list[str]:
 
 def log_model(
     run: OpenRun,
-    params: Params,
+    params: Params | NetParams,
     config: TrainConfig,
     example_images: np.ndarray,
     step: int = 0,
     tags: dict[str, str] | None = None,
+    state: NetState | None = None,
 ) -> str:
     """Logs the network ``params`` of ``config`` as the MLflow model of ``run``; returns its URI
     (``models:/<model id>``).
@@ -137,6 +160,7 @@ def log_model(
             become the input example (scaled to [0, 1], as every input of the model).
         step: the run's step the model belongs to (its metrics at that step are linked to it).
         tags: the LoggedModel's tags (besides :data:`TAG_WRITER`, this process).
+        state: a network of layers' running statistics (``TrainResult.state``).
     Raises:
         TrackingError: the store cannot be written (it names the store and the cause).
     """
@@ -145,9 +169,10 @@ def log_model(
     from mlflow.models import Model
 
     from research.data import dataset_info, to_inputs
+    from research.engine.stack_step import params_dtype
     from research.experiment.tracking.weights import save_weights
 
-    spec = config.spec()
+    spec, network = config.spec(), config.network()
     example = to_inputs(np.asarray(example_images[:EXAMPLE_ROWS]), raw=False)
     info = dataset_info(config.dataset)
     metadata = {
@@ -159,6 +184,9 @@ def log_model(
         "research.sizes": list(spec.sizes),
         "research.output": spec.output,
     }
+    described = {"sizes": str(list(spec.sizes))}
+    if network is not None:
+        described = network_metadata(network, metadata)
     # MLflow announces each step at INFO ("Validating input example against model signature").
     logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)
     logged = None
@@ -170,13 +198,13 @@ def log_model(
             run.experiment_id,
             name=MODEL_NAME,
             source_run_id=run.run_id,
-            params={**config.as_texts(), "sizes": str(list(spec.sizes))},
-            model_type="mlp",
+            params={**config.as_texts(), **described},
+            model_type="mlp" if network is None else "layers",
             tags={**(tags or {}), TAG_WRITER: process_identity()},
         )
         try:
             weights = Path(folder) / "weights.npz"
-            save_weights(weights, params, spec)
+            save_weights(weights, params, spec if network is None else network, state)
             Model.log(
                 None,  # artifact_path (deprecated): the model's name, below
                 pyfunc,
@@ -187,7 +215,9 @@ def log_model(
                 python_model=str(MODEL_CODE),
                 artifacts={"weights": str(weights)},
                 model_config={"input_scale": 255.0 if config.raw_inputs else 1.0},
-                signature=model_signature(spec, params[0]["W"].dtype),
+                signature=model_signature(spec, params[0]["W"].dtype)
+                if network is None
+                else network_signature(network, params_dtype(params)),
                 input_example=example,
                 pip_requirements=pip_requirements(),
                 metadata=metadata,
@@ -196,6 +226,19 @@ def log_model(
             run.client.finalize_logged_model(logged.model_id, "FAILED")
             raise
     return f"models:/{logged.model_id}"
+
+
+def network_metadata(network: Network, metadata: dict[str, Any]) -> dict[str, str]:
+    """A network of layers' model: its inputs and layers in ``metadata`` (in place of the MLP's
+    sizes); returns the LoggedModel's param naming the network, as written."""
+    metadata.pop("research.sizes")
+    metadata["research.inputs"] = (
+        "float32 (B, 784) or (B, 1, 28, 28): pixels scaled to [0, 1] (pixel / 255)"
+    )
+    metadata["research.layers"] = network.describe()
+    metadata["research.in_shape"] = list(network.in_shape)
+    metadata["research.output"] = network.output
+    return {"network": network.describe()}
 
 
 def load_model(model_uri: str, tracking_uri: str | None = None) -> Any:

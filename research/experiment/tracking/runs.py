@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from research.engine.mlp import MLPSpec, Params
+    from research.engine.network import NetParams, NetState, Network
     from research.experiment.config.fields import TrainConfig
     from research.experiment.training.train import EpochMetrics
 
@@ -108,12 +109,15 @@ class Outputs:
 
     history: Sequence[EpochMetrics]
     title: str
-    params: Params | None = None
-    spec: MLPSpec | None = None
+    params: Params | NetParams | None = None
+    #: The MLP's spec, or a network of layers (``TrainResult.model``) with its ``state``.
+    spec: MLPSpec | Network | None = None
     #: Given with ``params``: the run's network is also logged as an MLflow model, with these
     #: test images as its input example (:func:`~.models.log_model`).
     config: TrainConfig | None = None
     model_images: np.ndarray | None = None
+    #: A network of layers' running statistics (``TrainResult.state``); None for the MLP.
+    state: NetState | None = None
 
 
 @dataclass
@@ -216,7 +220,12 @@ class TrackedRun:
 
         params = {
             **config.as_texts(),  # the text TrainConfig.from_params reads back
-            "sizes": list(config.spec().sizes),
+            # the MLP's layer widths, or the network of layers as it was built
+            **(
+                {"network": config.describe_network()}
+                if config.layers
+                else {"sizes": list(config.spec().sizes)}
+            ),
             "n_train_rows": n_train_rows,
             "blas_kernels": loaded_kernels(),
             **extra,
@@ -265,11 +274,13 @@ class TrackedRun:
         self,
         history: Sequence[EpochMetrics],
         title: str,
-        params: Params | None = None,
-        spec: MLPSpec | None = None,
+        params: Params | NetParams | None = None,
+        spec: MLPSpec | Network | None = None,
+        state: NetState | None = None,
     ) -> None:
         """The artifacts of a training: ``loss_curves.png`` (if an epoch ended) and, given
-        params, ``weights.npz`` with ``weights.txt``. TrackingError (naming the file) if they
+        params, ``weights.npz`` with ``weights.txt`` (a network of layers: ``spec`` is its
+        Network, saved with its running ``state``). TrackingError (naming the file) if they
         cannot be written. A caller that must act between saving and ending (a trial tells
         Optuna in between) calls this itself; others use :meth:`save_on_success`."""
         from research.experiment.training.figures import save_loss_curves
@@ -285,20 +296,26 @@ class TrackedRun:
                 "free some space (or lift the limit), then run the same command again"
             ) from None
         if params is not None and spec is not None:
-            self.log_weights(params, spec)
+            self.log_weights(params, spec, state=state)
 
-    def log_weights(self, params: Params, spec: MLPSpec, name: str = "weights.npz") -> None:
-        """Logs the network as ``name`` (:func:`~.weights.save_weights`) and, beside it, the
-        same name in ``.txt``: its arrays' shapes and how to load it. TrackingError (naming the
-        file) if they cannot be written."""
+    def log_weights(
+        self,
+        params: Params | NetParams,
+        spec: MLPSpec | Network,
+        name: str = "weights.npz",
+        state: NetState | None = None,
+    ) -> None:
+        """Logs the network as ``name`` (:func:`~.weights.save_weights`, with a network of
+        layers' ``state``) and, beside it, the same name in ``.txt``: its arrays' shapes and how
+        to load it. TrackingError (naming the file) if they cannot be written."""
         from research.experiment.tracking.weights import describe_weights, save_weights
 
         try:
             with tempfile.TemporaryDirectory() as folder:
                 weights = Path(folder) / name
-                save_weights(weights, params, spec)
+                save_weights(weights, params, spec, state)
                 about = weights.with_suffix(".txt")
-                about.write_text(describe_weights(params, spec, name))
+                about.write_text(describe_weights(params, spec, name, state))
                 self.log_artifact(weights)
                 self.log_artifact(about)
         except OSError as error:
@@ -414,13 +431,13 @@ def run_lifecycle(run: TrackedRun | None) -> Iterator[TrackedRun | None]:
 
 
 def _save(run: TrackedRun, outputs: Outputs) -> None:
-    run.save_outputs(outputs.history, outputs.title, outputs.params, outputs.spec)
+    run.save_outputs(outputs.history, outputs.title, outputs.params, outputs.spec, outputs.state)
     if outputs.config is not None and outputs.params is not None:
         from research.experiment.tracking.models import log_model
 
         last = outputs.history[-1].epoch if outputs.history else 0
-        images = outputs.model_images
-        run.model_uri = log_model(run, outputs.params, outputs.config, images, step=last)
+        images, state = outputs.model_images, outputs.state
+        run.model_uri = log_model(run, outputs.params, outputs.config, images, last, state=state)
 
 
 def log_benchmark(

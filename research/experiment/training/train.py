@@ -4,7 +4,10 @@ Training knows nothing of Optuna or MLflow: after each epoch it hands an :class:
 an ``on_epoch`` callback, and the tracking and tuning layers hang off that callback.
 
 Each step runs on :class:`~research.engine.inplace.InPlaceTrainingStep`, the in-place equivalent
-of ``mlp.loss_and_grads`` followed by ``optimizer.update`` (tested to agree in float64).
+of ``mlp.loss_and_grads`` followed by ``optimizer.update`` (tested to agree in float64). A network
+of layers (``layers`` set) runs on :class:`~research.engine.stack_step.NetworkTrainingStep`, with
+the same generators, checks and metrics (:mod:`.network_training` holds what differs); its
+running statistics (batch norm's) come back in :attr:`TrainResult.state`.
 
 Mini-batches: the rows are shuffled by a generator seeded from ``seed`` once per epoch; the last
 partial batch is kept unless ``drop_last`` is set (the origin program dropped it, so the
@@ -22,12 +25,10 @@ validation rows chunk by chunk, so training on ``split.images`` gives exactly wh
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -43,6 +44,8 @@ from research.engine.mlp import (
     init_params,
     l2_penalty,
 )
+from research.engine.network import NetParams, NetState, Network
+from research.engine.network import init_params as init_network
 from research.engine.optim import (
     Optimizer,
     Schedule,
@@ -50,7 +53,20 @@ from research.engine.optim import (
     linear_ramp,
     make_optimizer,
 )
+from research.engine.stack_step import NetworkTrainingStep
 from research.experiment.config.fields import TrainConfig
+from research.experiment.training.interrupts import (  # noqa: F401 (they lived here first)
+    Terminated,
+    interruption,
+    raise_pending_interrupt,
+    signals_deferred,
+    stop_on_sigterm,
+)
+from research.experiment.training.network_training import (
+    check_network_fields,
+    network_mask_drawer,
+    network_metrics,
+)
 
 
 @dataclass(frozen=True)
@@ -78,82 +94,24 @@ class EpochMetrics:
 
 @dataclass
 class TrainResult:
-    params: Params
+    """The final parameters and the history. ``model`` is what the parameters belong to: the
+    MLP's spec, or the network of layers (``layers`` set), whose running ``state`` (one dict per
+    layer: batch norm's statistics; [] for the MLP) goes with them to evaluate and save them:
+    ``evaluate(result.params, x, labels, result.model, state=result.state)``."""
+
+    params: Params | NetParams
     history: list[EpochMetrics] = field(default_factory=list)
+    state: NetState = field(default_factory=list)
+    model: MLPSpec | Network | None = None
+
+    @property
+    def network(self) -> Network | None:
+        """The network of layers, or None for the MLP."""
+        return self.model if isinstance(self.model, Network) else None
 
     @property
     def seconds(self) -> float:
         return sum(m.seconds for m in self.history)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (what ``kill``, systemd and supervisord send), handled exactly like Ctrl-C: the
-    running epoch stops, the run is closed and the trial queued again; the exit code is 143."""
-
-
-#: Ctrl-C or SIGTERM that landed inside a finalizer or weakref callback, where Python cannot
-#: raise it (it prints "Exception ignored" and goes on): kept to be raised at the next check.
-_swallowed: list[KeyboardInterrupt] = []
-
-
-def stop_on_sigterm() -> None:
-    """Makes SIGTERM raise :class:`Terminated` in the main thread of this process, and keeps an
-    interrupt that a finalizer swallowed for :func:`raise_pending_interrupt`."""
-    import signal
-    import sys
-
-    def terminated(signum: int, frame: object) -> None:
-        raise Terminated("terminated (SIGTERM)")
-
-    signal.signal(signal.SIGTERM, terminated)
-    default = sys.unraisablehook
-
-    def keep_interrupts(unraisable: Any) -> None:
-        if isinstance(unraisable.exc_value, KeyboardInterrupt):
-            _swallowed.append(unraisable.exc_value)
-        else:
-            default(unraisable)
-
-    sys.unraisablehook = keep_interrupts
-
-
-def raise_pending_interrupt() -> None:
-    """Raises a Ctrl-C or SIGTERM that arrived where it could not be raised (a finalizer)."""
-    if _swallowed:
-        raise _swallowed.pop()
-
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait until the block ends, then are raised: for bookkeeping that must
-    not be cut in half (recording how a trial ended, closing its run). A second Ctrl-C is common:
-    a terminal sends it to every worker, and the study command forwards its own."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers live in the main thread only
-        return
-    caught: list[int] = []
-
-    def record(number: int, frame: object) -> None:
-        caught.append(number)
-
-    previous = {number: signal.signal(number, record) for number in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-    if signal.SIGTERM in caught:
-        raise Terminated("terminated (SIGTERM)")
-    if caught:
-        raise KeyboardInterrupt
-
-
-def interruption(error: BaseException) -> str:
-    """How an interrupted run ended, for its MLflow tag and the trial's record."""
-    return "terminated (SIGTERM)" if isinstance(error, Terminated) else "interrupted (Ctrl-C)"
 
 
 class DivergenceError(RuntimeError):
@@ -170,24 +128,30 @@ class DivergenceError(RuntimeError):
 
 
 def evaluate(
-    params: Params,
+    params: Params | NetParams,
     x: np.ndarray,
     labels: np.ndarray,
-    spec: MLPSpec,
-    chunk: int = 10_000,
+    spec: MLPSpec | Network,
+    chunk: int | None = None,
     *,
     raw: bool | None = None,
+    state: NetState | None = None,
 ) -> tuple[float, float]:
     """Loss (with the l2 term) and accuracy of ``params`` on x (N, 784), labels (N,).
 
     x: float inputs, or uint8 images converted chunk by chunk (``research.data.to_inputs``), in
     which case ``raw`` must say how a byte becomes an input (k/255, or k when True): there is no
-    default, as a wrong guess would run silently at 255 times the scale.
+    default, as a wrong guess would run silently at 255 times the scale. ``spec`` may be a
+    network of layers, evaluated in evaluation mode with its running ``state``
+    (:func:`~.network_training.network_metrics`); chunks of 10,000 rows for the MLP.
     """
-    dtype = params[0]["W"].dtype
     images = _check_inputs(x, "x")
     if images and raw is None:
         raise ValueError("evaluate on uint8 images needs raw= (True: inputs 0..255, False: k/255)")
+    if isinstance(spec, Network):
+        return network_metrics(spec, params, state, x, labels, raw=raw, chunk=chunk)
+    chunk = chunk or 10_000
+    dtype = params[0]["W"].dtype
     total_loss = 0.0
     correct = 0
     eye = np.eye(spec.sizes[-1], dtype=dtype)
@@ -233,7 +197,7 @@ def loss_limit(initial_loss: float, n_classes: int = N_CLASSES) -> float:
 
 
 def train_epoch(
-    stepper: InPlaceTrainingStep,
+    stepper: InPlaceTrainingStep | NetworkTrainingStep,
     x: np.ndarray,
     targets: np.ndarray,
     order: np.ndarray,
@@ -278,6 +242,11 @@ def train_epoch(
     return loss_sum / rows_seen
 
 
+class StopTraining(Exception):
+    """Raised by an ``on_epoch`` callback to end training after that epoch: :func:`train` then
+    returns its result so far (parameters, running state and history of the epochs done)."""
+
+
 def train(
     config: TrainConfig,
     x_train: np.ndarray,
@@ -286,7 +255,7 @@ def train(
     labels_val: np.ndarray | None,
     on_epoch: Callable[[EpochMetrics, Params], None] | None = None,
     on_step: Callable[[int, int, int], None] | None = None,
-    params: Params | None = None,
+    params: Params | NetParams | None = None,
 ) -> TrainResult:
     """Trains the network of ``config`` and returns the final parameters and the history.
 
@@ -298,16 +267,21 @@ def train(
             x_train); None for a final fit on all non-test data (the validation metrics are then
             NaN).
         on_epoch: called after every epoch with its metrics and the current parameters; it may
-            raise to stop training (the Optuna layer prunes this way).
+            raise to stop training (the Optuna layer prunes this way), or raise
+            :class:`StopTraining` to end it there and get the result so far (a time budget).
         on_step: called after every optimizer step with (epoch, step, steps_per_epoch), both
             counted from 0.
-        params: starting parameters; default ``init_params(spec, seed, dtype, init)``.
+        params: starting parameters; default ``init_params(spec, seed, dtype, init)``, or for a
+            network of layers (``config.network()``) its ``init_params`` from the same generator
+            (its running state then starts from ``init_state``).
     Raises:
         DivergenceError: a batch loss is not finite, an epoch's mean loss has exploded
             (:func:`loss_limit`), or at the end of an epoch a parameter is not finite.
         ValueError: inputs neither uint8 nor floats, or a batch larger than the training set.
+        ConfigError: a field a network of layers cannot honour (max_norm).
     """
-    spec = config.spec()
+    spec, network = config.spec(), config.network()
+    model = spec if network is None else network
     dtype = np.dtype(config.dtype)
     images = _check_training_inputs(config, x_train, x_val)
     n_rows = len(x_train)
@@ -316,17 +290,20 @@ def train(
     init_rng, shuffle_rng, dropout_rng = (
         np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(3)
     )
-    if params is None:
+    if params is None and network is not None:
+        params = init_network(network, init_rng, dtype)
+    elif params is None:
         params = init_params(spec, init_rng, dtype=dtype, scheme=config.init)
     n_batches = n_rows // config.batch_size if config.drop_last else -(-n_rows // config.batch_size)
     optimizer, rate = _optimizer(config, n_batches)
-    stepper = _stepper(config, spec, params, optimizer, images)
+    stepper = _stepper(config, model, params, optimizer, images)
+    state = getattr(stepper, "net_state", [])
     if not images:
         x_train = np.asarray(x_train, dtype=dtype)
     targets = np.eye(N_CLASSES, dtype=dtype)[labels_train]
-    result = TrainResult(params=params)
-    limit = _explosion_limit(config, spec, params, x_train, labels_train)
-    draw = _mask_drawer(config, spec, dropout_rng)
+    result = TrainResult(params=params, state=state, model=model)
+    limit = _explosion_limit(config, model, params, x_train, labels_train, state)
+    draw = _mask_drawer(config, model, dropout_rng)
     # A diverging run overflows on its way to inf/nan; that is detected and reported below as a
     # DivergenceError, so numpy's floating-point warnings would only repeat it noisily.
     with np.errstate(over="ignore", invalid="ignore"):
@@ -339,7 +316,10 @@ def train(
             )
             _check_not_exploded(batch_losses, limit, epoch, n_batches)
             params = _finite_copy(stepper.params, epoch, n_batches)
-            val_loss, val_accuracy = _validation_metrics(params, x_val, labels_val, spec, config)
+            state = _finite_copy(getattr(stepper, "net_state", []), epoch, n_batches)
+            val_loss, val_accuracy = _validation_metrics(
+                params, x_val, labels_val, model, config, state
+            )
             metrics = EpochMetrics(
                 epoch=epoch,
                 train_loss=train_loss,
@@ -349,10 +329,13 @@ def train(
                 learning_rate=rate((epoch + 1) * n_batches - 1),
             )
             raise_pending_interrupt()
-            result.params = params
+            result.params, result.state = params, state
             result.history.append(metrics)
             if on_epoch is not None:
-                on_epoch(metrics, params)
+                try:
+                    on_epoch(metrics, params)
+                except StopTraining:
+                    break
     return result
 
 
@@ -360,7 +343,8 @@ def _check_training_inputs(
     config: TrainConfig, x_train: np.ndarray, x_val: np.ndarray | None
 ) -> bool:
     """True if x_train (N, 784) holds uint8 images, False for floats; refuses other inputs
-    (x_val's too) and a batch larger than the training set."""
+    (x_val's too), a batch larger than the training set and what a network cannot honour."""
+    check_network_fields(config)
     images = _check_inputs(x_train, "x_train")
     if x_val is not None:
         _check_inputs(x_val, "x_val")
@@ -372,34 +356,37 @@ def _check_training_inputs(
 
 
 def _stepper(
-    config: TrainConfig, spec: MLPSpec, params: Params, optimizer: Optimizer, images: bool
-) -> InPlaceTrainingStep:
+    config: TrainConfig,
+    spec: MLPSpec | Network,
+    params: Params | NetParams,
+    optimizer: Optimizer,
+    images: bool,
+) -> InPlaceTrainingStep | NetworkTrainingStep:
     """The fast path: loss_and_grads + optimizer.update computed in place, on a copy of
-    ``params`` (tests/test_inplace.py). uint8 images stay bytes: the stepper converts each batch
-    it gathers (by the same table as Split.x, so the trajectory is the one training on the floats
-    gives)."""
+    ``params`` (tests/test_inplace.py); a network of layers steps through its own layers. uint8
+    images stay bytes: the stepper converts each batch it gathers (by the same table as Split.x,
+    so the trajectory is the one training on the floats gives)."""
+    pixels = pixel_values(config.raw_inputs, np.dtype(config.dtype)) if images else None
+    if isinstance(spec, Network):
+        return NetworkTrainingStep(spec, params, optimizer, config.batch_size, pixel_values=pixels)
     return InPlaceTrainingStep(
-        spec,
-        params,
-        optimizer,
-        config.batch_size,
-        max_norm=config.max_norm,
-        pixel_values=pixel_values(config.raw_inputs, np.dtype(config.dtype)) if images else None,
+        spec, params, optimizer, config.batch_size, max_norm=config.max_norm, pixel_values=pixels
     )
 
 
 def _validation_metrics(
-    params: Params,
+    params: Params | NetParams,
     x_val: np.ndarray | None,
     labels_val: np.ndarray | None,
-    spec: MLPSpec,
+    spec: MLPSpec | Network,
     config: TrainConfig,
+    state: NetState,
 ) -> tuple[float, float]:
-    """Loss and accuracy of ``params`` on x_val (N, 784), labels_val (N,); NaN for both when
-    there is no validation split (a final fit)."""
+    """Loss and accuracy of ``params`` (and a network's running ``state``) on x_val (N, 784),
+    labels_val (N,); NaN for both when there is no validation split (a final fit)."""
     if x_val is None or labels_val is None:
         return float("nan"), float("nan")
-    return evaluate(params, x_val, labels_val, spec, raw=config.raw_inputs)
+    return evaluate(params, x_val, labels_val, spec, raw=config.raw_inputs, state=state)
 
 
 def _optimizer(config: TrainConfig, n_batches: int) -> tuple[Optimizer, Schedule]:
@@ -434,30 +421,35 @@ def _optimizer(config: TrainConfig, n_batches: int) -> tuple[Optimizer, Schedule
 
 def _explosion_limit(
     config: TrainConfig,
-    spec: MLPSpec,
-    params: Params,
+    spec: MLPSpec | Network,
+    params: Params | NetParams,
     x_train: np.ndarray,
     labels_train: np.ndarray,
+    state: NetState,
 ) -> float:
-    """:func:`loss_limit` of the loss at initialization, on one batch's worth of rows: the first
-    ``batch_size`` rows of x_train (N, 784) and labels_train (N,). One forward pass, no random
-    numbers drawn, so the trajectory is unchanged."""
+    """:func:`loss_limit` of the loss at initialization (evaluation mode, a network's starting
+    ``state``), on one batch's worth of rows: the first ``batch_size`` rows of x_train (N, 784)
+    and labels_train (N,). One forward pass, no random numbers drawn: the trajectory is
+    unchanged."""
     initial_loss, _ = evaluate(
         params,
         x_train[: config.batch_size],
         labels_train[: config.batch_size],
         spec,
         raw=config.raw_inputs,
+        state=state,
     )
     return loss_limit(initial_loss)
 
 
 def _mask_drawer(
-    config: TrainConfig, spec: MLPSpec, rng: np.random.Generator
+    config: TrainConfig, spec: MLPSpec | Network, rng: np.random.Generator
 ) -> Callable[[int], Masks] | None:
     """Draws a batch's dropout masks from ``rng``: for ``rows`` rows, one (rows, width) array in
-    the run's dtype or None per layer of ``spec`` (``mlp.dropout_masks``); None if ``config``
-    has no dropout."""
+    the run's dtype or None per layer of ``spec`` (``mlp.dropout_masks``; a network's
+    ``draw_masks``); None if ``config`` has no dropout (a network: no layer takes a mask)."""
+    if isinstance(spec, Network):
+        return network_mask_drawer(spec, rng, np.dtype(config.dtype))
     if not (config.input_dropout or config.dropout):
         return None
     sizes, dtype = spec.sizes, np.dtype(config.dtype)
@@ -488,9 +480,10 @@ def _check_not_exploded(
         )
 
 
-def _finite_copy(params: Params, epoch: int, n_batches: int) -> Params:
-    """A copy of ``params`` (callers keep each epoch's: the stepper keeps overwriting its own);
-    raises :class:`DivergenceError` if any array is not finite."""
+def _finite_copy(params: list[dict[str, np.ndarray]], epoch: int, n_batches: int) -> Params:
+    """A copy of ``params`` (or a network's running state): callers keep each epoch's, as the
+    stepper keeps overwriting its own; raises :class:`DivergenceError` if any array is not
+    finite."""
     copied = [{key: value.copy() for key, value in layer.items()} for layer in params]
     for i, layer in enumerate(copied):
         for key, value in layer.items():
