@@ -25,7 +25,7 @@ the output.)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -63,20 +63,19 @@ def _describe(name: str, kernel: int, stride: int) -> str:
 
 
 @dataclass(frozen=True)
-class MaxPool2D:
-    """Max over each kernel × kernel window: x (B, C, H, W) → (B, C, Ho, Wo).
-
-    ``stride`` defaults to ``kernel``. The gradient of a window goes to its first maximal element
-    in row-major order (see the module's docstring).
-    """
+class _Pooling:
+    """What max- and average-pooling share: kernel and stride (default: the kernel), no
+    parameters, the floored output shape, the refusal of a kernel larger than the input, and
+    how the layer is written (``name``)."""
 
     kernel: int
     stride: int | None = None
+    name: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         if self.stride is None:
             object.__setattr__(self, "stride", self.kernel)
-        _validate("maxpool", self.kernel, self.stride)
+        _validate(self.name, self.kernel, self.stride)
 
     def init(self, rng: np.random.Generator, in_shape: Shape, dtype: Any) -> LayerParams:
         return {}
@@ -86,6 +85,24 @@ class MaxPool2D:
 
     def check(self, in_shape: Shape) -> str | None:
         return _check(self.kernel, self._stride, in_shape)
+
+    def describe(self) -> str:
+        return _describe(self.name, self.kernel, self._stride)
+
+    @property
+    def _stride(self) -> int:
+        return int(self.stride)  # type: ignore[arg-type]  # set in __post_init__
+
+
+@dataclass(frozen=True)
+class MaxPool2D(_Pooling):
+    """Max over each kernel × kernel window: x (B, C, H, W) → (B, C, Ho, Wo).
+
+    ``stride`` defaults to ``kernel``. The gradient of a window goes to its first maximal element
+    in row-major order (see the module's docstring).
+    """
+
+    name: ClassVar[str] = "maxpool"
 
     def forward(self, params: LayerParams, x: Any, xp: ArrayNamespace) -> tuple[Any, Any]:
         if xp is np:
@@ -97,35 +114,13 @@ class MaxPool2D:
     ) -> tuple[np.ndarray, LayerParams]:
         return max_pool_backward(cache, dy), {}
 
-    def describe(self) -> str:
-        return _describe("maxpool", self.kernel, self._stride)
-
-    @property
-    def _stride(self) -> int:
-        return int(self.stride)  # type: ignore[arg-type]  # set in __post_init__
-
 
 @dataclass(frozen=True)
-class AvgPool2D:
+class AvgPool2D(_Pooling):
     """Mean over each kernel × kernel window: x (B, C, H, W) → (B, C, Ho, Wo); ``stride``
     defaults to ``kernel``. Each window value receives dy / kernel²."""
 
-    kernel: int
-    stride: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.stride is None:
-            object.__setattr__(self, "stride", self.kernel)
-        _validate("avgpool", self.kernel, self.stride)
-
-    def init(self, rng: np.random.Generator, in_shape: Shape, dtype: Any) -> LayerParams:
-        return {}
-
-    def out_shape(self, in_shape: Shape) -> Shape:
-        return _out_shape(self.kernel, self._stride, in_shape)
-
-    def check(self, in_shape: Shape) -> str | None:
-        return _check(self.kernel, self._stride, in_shape)
+    name: ClassVar[str] = "avgpool"
 
     def forward(self, params: LayerParams, x: Any, xp: ArrayNamespace) -> tuple[Any, Any]:
         y = pool_generic(x, self.kernel, self._stride, "avg", xp)
@@ -135,13 +130,6 @@ class AvgPool2D:
         self, params: LayerParams, cache: Any, dy: np.ndarray
     ) -> tuple[np.ndarray, LayerParams]:
         return avg_pool_backward(cache, dy, self.kernel, self._stride), {}
-
-    def describe(self) -> str:
-        return _describe("avgpool", self.kernel, self._stride)
-
-    @property
-    def _stride(self) -> int:
-        return int(self.stride)  # type: ignore[arg-type]  # set in __post_init__
 
 
 # --- shared: slices, layouts ---------------------------------------------------------------------

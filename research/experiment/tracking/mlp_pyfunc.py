@@ -37,6 +37,32 @@ MAX_ROWS = 10_000
 IMAGE_SHAPE = (1, 28, 28)
 
 
+def _check_rows(model_input: Any) -> None:
+    """At most MAX_ROWS rows, checked before anything the size of the batch is made."""
+    from mlflow.exceptions import MlflowException
+
+    shape = getattr(model_input, "shape", None)  # an array or a frame, not copied
+    rows = shape[0] if shape else len(model_input) if isinstance(model_input, list) else 1
+    if rows > MAX_ROWS:
+        raise MlflowException.invalid_parameter_value(
+            f"{rows:,} rows in one request: the model takes at most "
+            f"{MAX_ROWS:,} per request (each row needs memory for every layer's "
+            "outputs); send them in batches"
+        )
+
+
+def _check_range(x: Any) -> None:
+    """Finite pixels scaled to [0, 1]."""
+    import numpy as np
+    from mlflow.exceptions import MlflowException
+
+    if x.size and not (np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
+        raise MlflowException.invalid_parameter_value(
+            f"inputs range from {x.min():g} to {x.max():g}: the model takes pixels "
+            "scaled to [0, 1] (pixel / 255), whatever scale the network trained on"
+        )
+
+
 def mlp_model() -> Any:
     """A new MLflow ``PythonModel`` of this project's networks (its ``load_context`` reads the
     ``weights`` artifact and the model config's ``input_scale``)."""
@@ -65,14 +91,7 @@ def mlp_model() -> Any:
             pixels in [0, 1]: the class is the engine's ``predict`` (argmax of the logits:
             saturated sigmoid outputs can tie where the logits do not), the probabilities its
             ``forward``."""
-            shape = getattr(model_input, "shape", None)  # an array or a frame, not copied
-            rows = shape[0] if shape else len(model_input) if isinstance(model_input, list) else 1
-            if rows > MAX_ROWS:  # before anything the size of the batch is allocated
-                raise MlflowException.invalid_parameter_value(
-                    f"{rows:,} rows in one request: the model takes at most "
-                    f"{MAX_ROWS:,} per request (each row needs memory for every layer's "
-                    "outputs); send them in batches"
-                )
+            _check_rows(model_input)
             x = np.asarray(model_input, dtype=np.float32)
             if self.saved.network is not None:
                 return self._predict_network(x)
@@ -82,20 +101,13 @@ def mlp_model() -> Any:
                     f"inputs of shape {x.shape}: the model takes a batch (B, {n_inputs}) of "
                     "pixels scaled to [0, 1], one image per row"
                 )
-            self._check_range(x)
+            _check_range(x)
             if self.input_scale != 1:
                 x = x * self.input_scale  # float32: k/255 * 255 gives back k exactly
             return {
                 "class": predict(self.params, x, self.spec),
                 "probabilities": forward(self.params, x, self.spec),
             }
-
-        def _check_range(self, x):
-            if x.size and not (np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
-                raise MlflowException.invalid_parameter_value(
-                    f"inputs range from {x.min():g} to {x.max():g}: the model takes pixels "
-                    "scaled to [0, 1] (pixel / 255), whatever scale the network trained on"
-                )
 
         def _predict_network(self, x):
             """A network of layers: (B, 784) or (B, 1, 28, 28), reshaped to its input shape."""
@@ -110,7 +122,7 @@ def mlp_model() -> Any:
                     f"pixels scaled to [0, 1], one image per row, or images (B, "
                     f"{', '.join(map(str, images))})"
                 )
-            self._check_range(x)
+            _check_range(x)
             x = x.reshape(len(x), *in_shape)
             if self.input_scale != 1:
                 x = x * self.input_scale  # float32: k/255 * 255 gives back k exactly

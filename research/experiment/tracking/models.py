@@ -168,25 +168,13 @@ def log_model(
     import mlflow
     from mlflow.models import Model
 
-    from research.data import dataset_info, to_inputs
+    from research.data import to_inputs
     from research.engine.stack_step import params_dtype
     from research.experiment.tracking.weights import save_weights
 
     spec, network = config.spec(), config.network()
     example = to_inputs(np.asarray(example_images[:EXAMPLE_ROWS]), raw=False)
-    info = dataset_info(config.dataset)
-    metadata = {
-        "research.inputs": "float32 (B, 784): pixels scaled to [0, 1] (pixel / 255)",
-        "research.outputs": "class (B,) int64; probabilities (B, 10): the output layer",
-        "research.dataset": config.dataset,
-        "research.class_names": list(info.class_names),
-        "research.raw_inputs": bool(config.raw_inputs),
-        "research.sizes": list(spec.sizes),
-        "research.output": spec.output,
-    }
-    described = {"sizes": str(list(spec.sizes))}
-    if network is not None:
-        described = network_metadata(network, metadata)
+    metadata, described = model_metadata(config, spec, network)
     # MLflow announces each step at INFO ("Validating input example against model signature").
     logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)
     logged = None
@@ -226,6 +214,28 @@ def log_model(
             run.client.finalize_logged_model(logged.model_id, "FAILED")
             raise
     return f"models:/{logged.model_id}"
+
+
+def model_metadata(
+    config: TrainConfig, spec: MLPSpec, network: Network | None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The model's metadata (inputs, outputs, dataset and its class names, the network) and the
+    LoggedModel's params naming the network (the MLP's sizes, or the layers as written)."""
+    from research.data import dataset_info
+
+    metadata = {
+        "research.inputs": "float32 (B, 784): pixels scaled to [0, 1] (pixel / 255)",
+        "research.outputs": "class (B,) int64; probabilities (B, 10): the output layer",
+        "research.dataset": config.dataset,
+        "research.class_names": list(dataset_info(config.dataset).class_names),
+        "research.raw_inputs": bool(config.raw_inputs),
+        "research.sizes": list(spec.sizes),
+        "research.output": spec.output,
+    }
+    described = {"sizes": str(list(spec.sizes))}
+    if network is not None:
+        described = network_metadata(network, metadata)
+    return metadata, described
 
 
 def network_metadata(network: Network, metadata: dict[str, Any]) -> dict[str, str]:

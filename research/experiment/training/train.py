@@ -264,8 +264,7 @@ def train(
             converted as a whole: each batch becomes floats as it is gathered, by
             ``pixel_values(config.raw_inputs, config.dtype)``; labels_train: (N,) integer classes.
         x_val, labels_val: the validation split, same layout (uint8 or floats, independently of
-            x_train); None for a final fit on all non-test data (the validation metrics are then
-            NaN).
+            x_train); None for a final fit on all non-test data (validation metrics then NaN).
         on_epoch: called after every epoch with its metrics and the current parameters; it may
             raise to stop training (the Optuna layer prunes this way), or raise
             :class:`StopTraining` to end it there and get the result so far (a time budget).
@@ -280,8 +279,7 @@ def train(
         ValueError: inputs neither uint8 nor floats, or a batch larger than the training set.
         ConfigError: a field a network of layers cannot honour (max_norm).
     """
-    spec, network = config.spec(), config.network()
-    model = spec if network is None else network
+    model: MLPSpec | Network = config.network() or config.spec()
     dtype = np.dtype(config.dtype)
     images = _check_training_inputs(config, x_train, x_val)
     n_rows = len(x_train)
@@ -290,16 +288,12 @@ def train(
     init_rng, shuffle_rng, dropout_rng = (
         np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(3)
     )
-    if params is None and network is not None:
-        params = init_network(network, init_rng, dtype)
-    elif params is None:
-        params = init_params(spec, init_rng, dtype=dtype, scheme=config.init)
+    params = _initial_params(config, model, init_rng) if params is None else params
     n_batches = n_rows // config.batch_size if config.drop_last else -(-n_rows // config.batch_size)
     optimizer, rate = _optimizer(config, n_batches)
     stepper = _stepper(config, model, params, optimizer, images)
     state = getattr(stepper, "net_state", [])
-    if not images:
-        x_train = np.asarray(x_train, dtype=dtype)
+    x_train = x_train if images else np.asarray(x_train, dtype=dtype)
     targets = np.eye(N_CLASSES, dtype=dtype)[labels_train]
     result = TrainResult(params=params, state=state, model=model)
     limit = _explosion_limit(config, model, params, x_train, labels_train, state)
@@ -321,13 +315,9 @@ def train(
                 params, x_val, labels_val, model, config, state
             )
             metrics = EpochMetrics(
-                epoch=epoch,
-                train_loss=train_loss,
-                val_loss=val_loss,
-                val_accuracy=val_accuracy,
-                seconds=time.perf_counter() - started,
+                epoch, train_loss, val_loss, val_accuracy, time.perf_counter() - started,
                 learning_rate=rate((epoch + 1) * n_batches - 1),
-            )
+            )  # fmt: skip
             raise_pending_interrupt()
             result.params, result.state = params, state
             result.history.append(metrics)
@@ -337,6 +327,17 @@ def train(
                 except StopTraining:
                     break
     return result
+
+
+def _initial_params(
+    config: TrainConfig, model: MLPSpec | Network, rng: np.random.Generator
+) -> Params | NetParams:
+    """The starting parameters, drawn from the run's init generator in the run's dtype: a
+    network of layers' ``init_params``, or the MLP's with the run's ``init`` scheme."""
+    dtype = np.dtype(config.dtype)
+    if isinstance(model, Network):
+        return init_network(model, rng, dtype)
+    return init_params(model, rng, dtype=dtype, scheme=config.init)
 
 
 def _check_training_inputs(
