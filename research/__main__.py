@@ -1,7 +1,8 @@
 """``python -m research`` (and the ``research`` command): see :mod:`research.cli`.
 
 The OpenBLAS kernels are chosen here, explicitly, before anything imports numpy
-(:mod:`research.engine.blas_kernels`); importing the library itself changes nothing.
+(:mod:`research.engine.blas_kernels`), and glibc is told to keep freed memory
+(:mod:`research.engine.allocator`); importing the library itself changes nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     from research.engine.blas_kernels import choose_openblas_kernels
 
     choose_openblas_kernels()
+    from research.engine.allocator import keep_freed_memory
+
+    keep_freed_memory()
     from research.cli import main as run
 
     return run(argv)

@@ -1,7 +1,8 @@
 """``python -m research.bench.w4_epoch [--epochs N]``: engine epochs (float32) of w4's network
 on the 50,000 MNIST training rows (:func:`research.bench.conv_workload.epoch_seconds`).
 
-The OpenBLAS kernels are chosen first, before numpy loads, as ``python -m research`` does.
+The OpenBLAS kernels are chosen first, before numpy loads, and glibc keeps freed memory, as
+``python -m research`` does.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     from research.engine.blas_kernels import choose_openblas_kernels
 
     choose_openblas_kernels()
+    from research.engine.allocator import keep_freed_memory
+
+    kept = keep_freed_memory()
     import numpy as np
 
     from research.bench.contenders import TRAIN_ROWS, WORKLOADS
@@ -32,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = epoch_seconds(workload, args.epochs, args.source_dir, args.data_dir, TRAIN_ROWS)
     steps = TRAIN_ROWS // workload.batch_size
     print(f"{workload.key}: {workload.layers} (batch {workload.batch_size}, {steps} steps)")
-    print(f"numpy {np.__version__}, BLAS kernels {loaded_kernels()}")
+    print(f"numpy {np.__version__}, BLAS kernels {loaded_kernels()}, freed memory kept: {kept}")
     print("engine-f32 epochs: " + ", ".join(f"{s:.2f} s" for s in seconds))
     median = float(np.median(seconds))
     print(f"median {median:.2f} s = {1000 * median / steps:.1f} ms/step")

@@ -1,8 +1,10 @@
 """Datasets through tensorflow-datasets, without TensorFlow: their descriptions
 (:mod:`.datasets`: MNIST, Fashion-MNIST), the TF-free builder, digests and cache (:mod:`.idx`),
-and the fixed train / validation / test splits of uint8 images (:mod:`.splits`). Imports nothing
+the fixed train / validation / test splits of uint8 images (:mod:`.splits`) and expanded
+training rows (:mod:`.augment`). Imports nothing
 else of the project."""
 
+from research.data.augment import AUGMENTS, Augment, augment_factor, augment_rows
 from research.data.datasets import DATASETS, DEFAULT_DATASET, DatasetInfo, dataset_info
 from research.data.idx import (
     MNIST_DIGESTS,
@@ -26,6 +28,7 @@ from research.data.splits import (
 )
 
 __all__ = [
+    "AUGMENTS",
     "DATASETS",
     "DEFAULT_DATASET",
     "MNIST",
@@ -35,10 +38,13 @@ __all__ = [
     "N_TEST",
     "N_TRAIN",
     "N_VALIDATION",
+    "Augment",
     "DataError",
     "Dataset",
     "DatasetInfo",
     "Split",
+    "augment_factor",
+    "augment_rows",
     "dataset_info",
     "load_dataset",
     "load_mnist",

@@ -40,7 +40,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from research.data import DATASETS, DEFAULT_DATASET, N_CLASSES, N_PIXELS, N_TRAIN, N_VALIDATION
+from research.data import (
+    DATASETS,
+    DEFAULT_DATASET,
+    N_CLASSES,
+    N_PIXELS,
+    N_TRAIN,
+    N_VALIDATION,
+    Augment,
+)
 from research.engine.mlp import Activation, InitScheme, Loss, MLPSpec, Output
 from research.engine.network import Network
 from research.engine.optim import OptimizerName, ScheduleName
@@ -233,6 +241,12 @@ class TrainConfig:
         "data",
         not_searchable="input scaling is fixed per study",
         flags=("--raw",),
+    )
+    augment: Augment = knob(
+        "none",
+        "expand the training rows: shift1 adds each image moved one pixel down, up, right and "
+        "left (5x the rows, as the book's expand_mnist.py); validation and test rows never",
+        "data",
     )
     dataset: DatasetName = knob(
         DEFAULT_DATASET,

@@ -1,10 +1,11 @@
 """The paper file of ``python -m research reproduce``: a published table as TOML.
 
 A paper file names a paper (``[paper]``: the MLflow experiment, the title, the budget per row,
-the tolerance, the preset), the ``[quick]`` settings for tests, and the rows of one of its
-tables (``[[rows]]``): each a published test error and the training fields that reproduce it
-(``[rows.fixed]``, over the preset). :func:`load_paper` reads and validates one; a mistake is
-one ``ConfigError`` naming the file, the key and what is allowed.
+the tolerance, the preset, when the test split is read), the ``[quick]`` settings for tests, and
+the rows of one of its tables (``[[rows]]``): each a published test error, optionally the
+paper's own settings (printed beside ours) and a budget of its own, and the training fields that
+reproduce it (``[rows.fixed]``, over the preset). :func:`load_paper` reads and validates one;
+a mistake is one ``ConfigError`` naming the file, the key and what is allowed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from research.experiment.config.fields import FIELDS, ConfigError, Field, TrainC
 from research.experiment.config.presets import PRESETS, configure, preset_name
 from research.experiment.config.study_config import NAME_ALLOWED, NAME_PATTERN
 
+#: When the test split is read (``[paper] test_at``).
+TEST_AT = ("end", "best_validation_epoch")
 #: The most percentage points above the paper's error a row may land and still meet its target.
 MAX_TOLERANCE = 10.0
 
@@ -36,6 +39,10 @@ PAPER_FIELDS: dict[str, Field] = {
         Field("tolerance", float, 0.15, "points above the paper's error a row may land", ge=0,
               le=MAX_TOLERANCE),
         Field("preset", str, "default", "the preset rows start from", choices=tuple(PRESETS)),
+        Field("test_at", str, "end", "when the test split is read", choices=TEST_AT,
+              allowed_text='"end" (trained on all 60,000, tested once at the end) or '
+              '"best_validation_epoch" (trained on the 50,000, tested with the parameters of '
+              "the epoch of best validation accuracy)"),
     )
 }  # fmt: skip
 ROW_FIELDS: dict[str, Field] = {
@@ -45,6 +52,9 @@ ROW_FIELDS: dict[str, Field] = {
               allowed_text="a string of 1 to 100 characters"),
         Field("paper_error", float, None, "the paper's test error, in percent", gt=0, lt=100),
         Field("note", str, "", "where the settings come from"),
+        Field("paper_settings", str, "", "the paper's own settings, printed beside ours"),
+        Field("budget_minutes", float, 0.0, "this row's wall time (0: the paper's budget)", ge=0,
+              le=7 * 24 * 60),
     )
 }  # fmt: skip
 QUICK_FIELDS: dict[str, Field] = {
@@ -64,6 +74,8 @@ class Row:
     paper_error: float  # percent
     config: TrainConfig
     note: str = ""
+    paper_settings: str = ""
+    budget_minutes: float = 0.0  # 0: the paper's
 
 
 @dataclass(frozen=True)
@@ -78,10 +90,20 @@ class Paper:
     rows: tuple[Row, ...]
     quick_epochs: int
     quick_subset: int
+    test_at: str = "end"
 
     def target(self, row: Row) -> float:
         """The error (percent) a row must reach: the paper's plus the tolerance."""
         return round(row.paper_error + self.tolerance, 6)
+
+    def budget(self, row: Row) -> float:
+        """The wall time of ``row``, in minutes: its own, else the paper's."""
+        return row.budget_minutes or self.budget_minutes
+
+    @property
+    def best_validation_epoch(self) -> bool:
+        """Rows train on the 50,000 and are tested at their best validation epoch."""
+        return self.test_at == "best_validation_epoch"
 
 
 def load_paper(path: str | Path) -> Paper:
@@ -128,7 +150,12 @@ def _parse(path: Path, raw: dict[str, Any]) -> Paper:
             raise error.but(key=f"{prefix}fixed.{error.key}") from None
         except ValueError as error:  # a combination, e.g. cross-entropy without softmax
             raise ConfigError(f"{prefix}fixed", str(error)) from None
-        rows.append(Row(settings["name"], settings["paper_error"], config, settings["note"]))
+        rows.append(
+            Row(
+                settings["name"], settings["paper_error"], config, settings["note"],
+                settings["paper_settings"], settings["budget_minutes"],
+            )
+        )  # fmt: skip
     names = [row.name for row in rows]
     for name in names:
         if names.count(name) > 1:
@@ -142,6 +169,7 @@ def _parse(path: Path, raw: dict[str, Any]) -> Paper:
         rows=tuple(rows),
         quick_epochs=quick["epochs"],
         quick_subset=quick["subset"],
+        test_at=paper["test_at"],
     )
 
 

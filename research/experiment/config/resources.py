@@ -24,8 +24,9 @@ from math import prod
 from pathlib import Path
 from typing import Any
 
-from research.data import N_CLASSES, N_PIXELS, N_TEST, N_TRAIN, N_VALIDATION
+from research.data import N_CLASSES, N_PIXELS, N_TEST, N_TRAIN, N_VALIDATION, augment_factor
 from research.engine.network import Network
+from research.engine.stack_step import evaluation_chunk
 from research.experiment.config.fields import FIELDS, ConfigError, TrainConfig, show
 from research.experiment.config.layers_field import layer_params
 from research.experiment.config.study_config import StudyConfig
@@ -157,7 +158,9 @@ def estimate_network_memory(
     windows = sum(_windows(layer, shape) for layer, shape in pairs)
     # each layer's output and cache, its delta and derivative; the windows and their gradient
     batch = batch_size * (2 * network.n_outputs + 4 * values + 2 * windows) * itemsize
-    evaluation = EVALUATION_ROWS * (2 * values + windows) * itemsize
+    # evaluation runs in chunks sized to bound every layer's outputs (stack_step)
+    chunk = min(EVALUATION_ROWS, evaluation_chunk(network, dtype))
+    evaluation = chunk * (2 * values + windows) * itemsize
     rows = n_train_rows * N_CLASSES * itemsize
     return MemoryEstimate(PROCESS_BYTES + DATA_BYTES, rows, model, batch + evaluation)
 
@@ -199,6 +202,7 @@ def network(sizes: tuple[int, ...]) -> str:
 
 
 def _estimate(config: TrainConfig, n_train_rows: int) -> MemoryEstimate:
+    n_train_rows *= augment_factor(config.augment)  # the expanded rows are held too
     layers = config.network()
     if layers is not None:
         return estimate_network_memory(

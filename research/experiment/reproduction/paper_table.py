@@ -28,6 +28,7 @@ class RowResult:
     diverged: str = ""  # the reason, if training diverged
     stopped_by_budget: bool = False
     run_id: str = ""
+    best_epoch: int | None = None  # the epoch (from 0) tested, when the best validation one
     history: list[EpochMetrics] = field(default_factory=list)
     # With max-norm: per epoch, the fraction of hidden units held at the radius (at its end).
     units_at_max_norm: list[float] = field(default_factory=list)
@@ -63,6 +64,8 @@ def describe(config: TrainConfig) -> str:
         parts.append(f"max-norm {config.max_norm:g}")
     if config.l2:
         parts.append(f"l2 {config.l2:g}")
+    if config.augment != "none":
+        parts.append(f"augment {config.augment}")
     return ", ".join(parts)
 
 
@@ -91,6 +94,11 @@ def minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
 
 
+def met(paper: Paper, result: RowResult) -> bool:
+    """Whether a tested row's error is within its target (the paper's error + the tolerance)."""
+    return bool(result.n_test) and result.error <= paper.target(result.row) + 1e-9
+
+
 def results_table(paper: Paper, results: Sequence[RowResult], quick: bool = False) -> str:
     """The table as Markdown: one line per row trained, its free text escaped
     (:func:`markdown_cell`)."""
@@ -103,20 +111,50 @@ def results_table(paper: Paper, results: Sequence[RowResult], quick: bool = Fals
         if result.n_test:
             low, high = result.interval
             ours = f"{result.error:.2f}% ({low:.2f}–{high:.2f})"
-            met = "yes" if result.error <= target + 1e-9 else "no"
+            reached = "yes" if met(paper, result) else "no"
         else:
-            ours, met = f"diverged: {markdown_cell(result.diverged)}", "no"
+            ours, reached = f"diverged: {markdown_cell(result.diverged)}", "no"
         epochs = f"{result.epochs}" + (
             f" of {result.epochs_planned} (budget)" if result.stopped_by_budget else ""
         )
+        if result.best_epoch is not None:
+            epochs += f", tested at {result.best_epoch + 1}"
         lines.append(
             f"| {markdown_cell(row.name)} | {describe(row.config)} | {row.paper_error:.2f}% | "
-            f"{ours} | ≤ {target:.2f}% | {met} | {epochs} | {minutes(result.seconds)} |"
+            f"{ours} | ≤ {target:.2f}% | {reached} | {epochs} | {minutes(result.seconds)} |"
         )
     if quick:
         lines.append("")
         lines.append("`--quick`: a few epochs on a subset, for the tests; these are not results.")
+    if any(result.row.paper_settings for result in results):
+        lines += ["", "| row | the paper's settings | ours |", "|---|---|---|"]
+        lines += [
+            f"| {markdown_cell(r.row.name)} | {markdown_cell(r.row.paper_settings)} | "
+            f"{settings_words(r.row.config)} |"
+            for r in results
+        ]
     return "\n".join(lines) + "\n"
+
+
+def settings_words(config: TrainConfig) -> str:
+    """How a row trains, in a few words: ``batch 50, Nesterov 0.9, rate 0.05 cosine, 30
+    epochs, l2 1e-4, shift1``."""
+    if config.optimizer == "momentum":
+        rule = f"{'Nesterov' if config.nesterov else 'momentum'} {config.momentum:g}"
+    else:
+        rule = config.optimizer.upper() if config.optimizer == "sgd" else config.optimizer
+    parts = [
+        f"batch {config.batch_size}",
+        rule,
+        f"rate {config.learning_rate:g}"
+        + ("" if config.schedule == "constant" else f" {config.schedule}"),
+        f"{config.epochs} epochs",
+    ]
+    if config.l2:
+        parts.append(f"l2 {config.l2:g}")
+    if config.augment != "none":
+        parts.append(f"augment {config.augment}")
+    return ", ".join(parts)
 
 
 def max_norm_line(result: RowResult) -> str:
@@ -142,12 +180,14 @@ def results_json(paper: Paper, results: Sequence[RowResult], quick: bool) -> dic
                 "network": describe(result.row.config),
                 "paper_error": result.row.paper_error,
                 "target": paper.target(result.row),
+                "met": met(paper, result),
                 "error": None if math.isnan(result.error) else result.error,
                 "ci95": None if math.isnan(low) else [low, high],
                 "errors": result.errors,
                 "n_test": result.n_test,
                 "epochs": result.epochs,
                 "epochs_planned": result.epochs_planned,
+                "best_epoch": result.best_epoch,
                 "stopped_by_budget": result.stopped_by_budget,
                 "seconds": result.seconds,
                 "diverged": result.diverged or None,

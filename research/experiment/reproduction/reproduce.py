@@ -7,7 +7,9 @@ The command:
 - trains each row on all 60,000 training images (the train and validation splits together, as
   the paper's final models were; ``--holdout`` trains on the 50,000 and logs validation curves
   instead, for choosing settings);
-- evaluates each row once, at the end, on the 10,000 test images;
+- evaluates each row once, at the end, on the 10,000 test images; or, with the paper file's
+  ``test_at = "best_validation_epoch"`` (Nielsen's protocol), trains on the 50,000 and tests the
+  parameters of the epoch of best validation accuracy;
 - prints the table side by side: the paper's error, ours with a 95% Wilson interval, the target
   (the paper's error plus the file's ``tolerance``), the epochs and the wall time.
 
@@ -25,8 +27,6 @@ The table's text and data: :mod:`.paper_table`.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 import tempfile
 import time
@@ -44,11 +44,13 @@ from research.experiment.config.fields import (
     show,
 )
 from research.experiment.config.paper_file import Paper, Row, load_paper, select_rows
+from research.experiment.reproduction.out_file import check_out, write_out
 from research.experiment.reproduction.paper_table import (
     RowResult,
     describe,
     markdown_text,
     max_norm_line,
+    met,
     minutes,
     results_json,
     results_table,
@@ -85,8 +87,10 @@ def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
     flags)."""
     parser.description = (
         "Train each row of a paper file (e.g. experiments/dropout_paper.toml) on the 60,000 "
-        "training images, evaluate it once on the test set, and print the paper's error beside "
-        "ours with a 95%% Wilson interval; every row is an MLflow run under one parent."
+        "training images (or on the 50,000, tested at the best validation epoch, when the file "
+        'says test_at = "best_validation_epoch"), evaluate it once on the test set, and print '
+        "the paper's error beside ours with a 95% Wilson interval; every row is an MLflow run "
+        "under one parent."
     )
     parser.add_argument("paper_file", help="e.g. experiments/dropout_paper.toml")
     parser.add_argument("--rows", type=_numbers, help="only these rows, from 1 (e.g. 1,3)")
@@ -170,10 +174,13 @@ def train_row(
     budget_seconds: float,
     run: Any = None,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
+    restore_best: bool = False,
 ) -> RowResult:
-    """Trains one row, then evaluates it once on the test split. Logs epochs to ``run`` (a
-    TrackedRun, inside its :func:`run_lifecycle`) if given, and its outputs once the block
-    succeeds. A divergence is recorded in the result and ends the run, not raised."""
+    """Trains one row, then evaluates it once on the test split: with its last epoch's
+    parameters, or with ``restore_best`` those of its best validation epoch (``data`` must hold
+    validation rows). Logs epochs to ``run`` (a TrackedRun, inside its :func:`run_lifecycle`)
+    if given, and its outputs once the block succeeds. A divergence is recorded in the result
+    and ends the run, not raised."""
     config = row.config
     result = RowResult(
         row, epochs_planned=config.epochs, run_id=run.run_id if run is not None else ""
@@ -202,8 +209,9 @@ def train_row(
 
     try:
         trained = train(
-            config, data.x_train, data.labels_train, data.x_val, data.labels_val, epoch_done
-        )
+            config, data.x_train, data.labels_train, data.x_val, data.labels_val, epoch_done,
+            restore_best=restore_best,
+        )  # fmt: skip
     except DivergenceError as error:
         result.diverged = str(error)
         result.seconds = time.perf_counter() - started
@@ -219,28 +227,36 @@ def train_row(
     )
     result.n_test = len(data.labels_test)
     result.errors = result.n_test - round(accuracy * result.n_test)
+    result.best_epoch = trained.best_epoch
     result.seconds = time.perf_counter() - started
     if run is not None:
-        low, high = result.interval
-        run.log_metrics(
-            {
-                "test_accuracy": accuracy,
-                "test_loss": loss,
-                "test_error": result.error,
-                "test_error_ci_low": low,
-                "test_error_ci_high": high,
-                # exactly, for a command that keeps the row (resume.read_back)
-                "test_errors": float(result.errors),
-                "n_test": float(result.n_test),
-                "wall_seconds": result.seconds,
-                "epochs_trained": float(result.epochs),
-            },
-            step=result.epochs - 1,
-        )
+        _log_row_end(run, result, loss, accuracy)
         run.save_on_success(
             Outputs(result.history, row.name, trained.params, trained.model, state=trained.state)
         )
     return result
+
+
+def _log_row_end(run: Any, result: RowResult, loss: float, accuracy: float) -> None:
+    """A tested row's metrics on its run: the test figures, its interval, how long, which
+    epoch was tested (when its best validation one)."""
+    low, high = result.interval
+    run.log_metrics(
+        {
+            "test_accuracy": accuracy,
+            "test_loss": loss,
+            "test_error": result.error,
+            "test_error_ci_low": low,
+            "test_error_ci_high": high,
+            # exactly, for a command that keeps the row (resume.read_back)
+            "test_errors": float(result.errors),
+            "n_test": float(result.n_test),
+            "wall_seconds": result.seconds,
+            "epochs_trained": float(result.epochs),
+        }
+        | ({} if result.best_epoch is None else {"best_epoch": float(result.best_epoch)}),
+        step=result.epochs - 1,
+    )
 
 
 def run_paper(
@@ -275,6 +291,8 @@ def run_paper(
     """
     if out is not None:
         check_out(out)
+    # The book's protocol: validation rows kept apart, to choose the epoch the test reads.
+    holdout = holdout or paper.best_validation_epoch
     chosen = [paper.rows[i] for i in select_rows(paper, rows)]
     if quick:
         chosen = [
@@ -283,7 +301,7 @@ def run_paper(
         ]
     data = _rows_data(chosen, load_data, holdout, paper.quick_subset if quick else None)
     note = " (--quick: not results)" if quick else ""
-    say(f"{paper.title}: {len(chosen)} row(s), at most {paper.budget_minutes:g} min each{note}")
+    say(f"{paper.title}: {len(chosen)} row(s), {_budgets(paper, chosen)}{note}")
     resumed = None
     if track:
         resumed = open_parent(
@@ -315,47 +333,6 @@ def run_paper(
         say(f"MLflow: experiment {show(paper.name)}, parent run {parent.run_id}")
         say(f"browse it: {parent.ui_hint}")
     return 1 if diverged else 0
-
-
-def _out_temporary(out: Path) -> Path:
-    """Where ``--out`` is written first: a hidden file in the same folder (renamed over it)."""
-    return out.parent / f".{out.name}.tmp"
-
-
-def check_out(out: Path) -> None:
-    """ConfigError unless ``out`` can take the table: not a folder nor a device, in a folder
-    that exists and where its temporary file can be made (it is tried, then removed)."""
-    allowed = "a file in an existing folder you can write to"
-    where = f"--out {out}"  # (in full: a value would be shortened)
-    if out.is_dir():
-        raise ConfigError(where, "is a folder", allowed=f"{allowed}, e.g. {out / 'table.md'}")
-    if out.exists() and not out.is_file():
-        raise ConfigError(where, "is not a regular file", allowed=allowed)
-    if not out.parent.is_dir():
-        missing = "is not a folder" if out.parent.exists() else "does not exist"
-        raise ConfigError(where, f"its folder {out.parent} {missing}", allowed=allowed)
-    temporary = _out_temporary(out)
-    try:
-        temporary.write_text("")
-        temporary.unlink()
-    except OSError as error:
-        problem = f"cannot write in its folder {out.parent}: {error.strerror or error}"
-        raise ConfigError(where, problem, allowed=allowed) from None
-
-
-def write_out(out: Path, text: str) -> None:
-    """Writes ``text`` to ``out`` whole or not at all: to its temporary file, then renamed."""
-    temporary = _out_temporary(out)
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, out)
-    except OSError as error:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
-        raise OSError(
-            f"cannot write the table to {out}: {error.strerror or error}; it is printed above "
-            "and in the parent run (reproduce.md); the same command writes it again"
-        ) from None
 
 
 def _data_key(config: TrainConfig) -> tuple[str, bool]:
@@ -494,5 +471,20 @@ def _train_tracked(
     with progress, run_lifecycle(run):
         if run is not None:
             validation = data.x_val is not None
-            run.log_config(row.config, len(data.x_train), validation, paper_error=row.paper_error)
-        return train_row(row, data, 60 * paper.budget_minutes, run, on_epoch)
+            run.log_config(
+                row.config, len(data.x_train), validation, paper_error=row.paper_error,
+                target_error=paper.target(row),
+            )  # fmt: skip
+        result = train_row(
+            row, data, 60 * paper.budget(row), run, on_epoch, paper.best_validation_epoch
+        )
+        if run is not None and result.n_test:  # (the table's "met", on the row's run)
+            run.log_metrics({"target_met": float(met(paper, result))}, step=result.epochs - 1)
+        return result
+
+
+def _budgets(paper: Paper, chosen: Sequence[Row]) -> str:
+    """``at most 30 min each`` (or ``at most 30–45 min each`` when rows set their own)."""
+    budgets = sorted({paper.budget(row) for row in chosen})
+    span = f"{budgets[0]:g}" if len(budgets) == 1 else f"{budgets[0]:g}–{budgets[-1]:g}"
+    return f"at most {span} min each"

@@ -56,6 +56,8 @@ def paper_key(paper: Paper, quick: bool, holdout: bool) -> str:
             "quick": [paper.quick_epochs, paper.quick_subset] if quick else None,
             "holdout": holdout,
         }
+        # (only when set: the digests of earlier paper files stay as they were)
+        | ({"test_at": paper.test_at} if paper.best_validation_epoch else {})
     )
 
 
@@ -70,8 +72,9 @@ def row_key(paper: Paper, row: Row, n_train_rows: int, holdout: bool) -> str:
             "fields": row.config.as_texts(),
             "n_train_rows": n_train_rows,
             "holdout": holdout,
-            "budget_minutes": paper.budget_minutes,
+            "budget_minutes": paper.budget(row),
         }
+        | ({"test_at": paper.test_at} if paper.best_validation_epoch else {})
     )
 
 
@@ -188,4 +191,6 @@ def read_back(parent: TrackedRun, row: Row, run: LoggedRow) -> RowResult:
     result.n_test = round(run.metrics["n_test"])
     result.errors = round(run.metrics["test_errors"])
     result.stopped_by_budget = result.epochs < result.epochs_planned
+    if "best_epoch" in run.metrics:
+        result.best_epoch = round(run.metrics["best_epoch"])
     return result

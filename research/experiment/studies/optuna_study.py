@@ -39,8 +39,10 @@ def make_pruner(config: StudyConfig):
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=config.fixed["epochs"])
     if config.pruner == "none":
         return optuna.pruners.NopPruner()
-    # Let a trial run two epochs before judging it, and judge only once 4 trials have finished.
-    return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
+    # By default a trial runs two epochs before it is judged, once 4 trials have finished.
+    return optuna.pruners.MedianPruner(
+        n_startup_trials=config.n_startup_trials, n_warmup_steps=config.n_warmup_steps
+    )
 
 
 def describe_pruner(pruner: Any) -> str:

@@ -126,8 +126,10 @@ def _worker_entry(request: StudyRequest, index: int, started_wall: float, parent
     # A spawned process: convert the wall-clock start into this process's monotonic clock.
     started = time.monotonic() - (time.time() - started_wall)
     from research.data import DataError
+    from research.engine.allocator import keep_freed_memory
     from research.experiment.tracking.stores import TrackingError
 
+    keep_freed_memory()  # as python -m research does at its entry
     stop_on_sigterm()
     try:
         _die_with_parent(parent)

@@ -29,10 +29,11 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from research.data import N_CLASSES, pixel_values, to_inputs
+from research.data import N_CLASSES, augment_rows, pixel_values, to_inputs
 from research.engine.inplace import InPlaceTrainingStep
 from research.engine.mlp import (
     Masks,
@@ -55,6 +56,12 @@ from research.engine.optim import (
 )
 from research.engine.stack_step import NetworkTrainingStep
 from research.experiment.config.fields import TrainConfig
+from research.experiment.training.divergence import (
+    DivergenceError,
+    check_not_exploded,
+    finite_copy,
+    loss_limit,
+)
 from research.experiment.training.interrupts import (  # noqa: F401 (they lived here first)
     Terminated,
     interruption,
@@ -103,6 +110,8 @@ class TrainResult:
     history: list[EpochMetrics] = field(default_factory=list)
     state: NetState = field(default_factory=list)
     model: MLPSpec | Network | None = None
+    #: With ``restore_best``: the epoch (from 0) whose parameters these are; else None (the last).
+    best_epoch: int | None = None
 
     @property
     def network(self) -> Network | None:
@@ -112,19 +121,6 @@ class TrainResult:
     @property
     def seconds(self) -> float:
         return sum(m.seconds for m in self.history)
-
-
-class DivergenceError(RuntimeError):
-    """Training produced a non-finite loss or parameter. ``epoch`` and ``step`` count from 0
-    (the epochs finished before it, as MLflow's steps); the message counts from 1, as the
-    commands print epochs ("epoch 1/8")."""
-
-    def __init__(self, epoch: int, step: int, what: str):
-        self.epoch, self.step, self.what = epoch, step, what
-        super().__init__(
-            f"training diverged at epoch {epoch + 1}, step {step + 1}: {what}; try a smaller "
-            "learning_rate"
-        )
 
 
 def evaluate(
@@ -177,23 +173,6 @@ def _check_inputs(x: np.ndarray, name: str) -> bool:
     if not np.issubdtype(dtype, np.floating):
         raise ValueError(f"{name} must be uint8 images or float inputs, got {dtype}")
     return False
-
-
-#: A loss this many times its value at initialization (or at chance) over a quarter epoch exploded.
-EXPLOSION_FACTOR = 10.0
-
-
-def loss_limit(initial_loss: float, n_classes: int = N_CLASSES) -> float:
-    """The mean batch loss (over an epoch's last quarter) above which a run has diverged though
-    it stays finite.
-
-    A learning rate far too large can drive cross-entropy to 1e15 and leave the weights finite:
-    every epoch completes at chance accuracy. No run that learns averages, over a quarter epoch, ten
-    times its loss at initialization or ten times the cross-entropy of a uniform guess (log 10),
-    whichever is larger; the latter keeps a lucky low first batch from setting a limit a run can
-    touch. A mean over many batches, not one: a single spike that recovers is not divergence.
-    """
-    return EXPLOSION_FACTOR * max(float(initial_loss), math.log(n_classes))
 
 
 def train_epoch(
@@ -256,6 +235,7 @@ def train(
     on_epoch: Callable[[EpochMetrics, Params], None] | None = None,
     on_step: Callable[[int, int, int], None] | None = None,
     params: Params | NetParams | None = None,
+    restore_best: bool = False,
 ) -> TrainResult:
     """Trains the network of ``config`` and returns the final parameters and the history.
 
@@ -273,21 +253,22 @@ def train(
         params: starting parameters; default ``init_params(spec, seed, dtype, init)``, or for a
             network of layers (``config.network()``) its ``init_params`` from the same generator
             (its running state then starts from ``init_state``).
+        restore_best: return the parameters and state of the epoch of best validation
+            accuracy (the first of a tie; ``result.best_epoch``), not the last one's.
     Raises:
         DivergenceError: a batch loss is not finite, an epoch's mean loss has exploded
             (:func:`loss_limit`), or at the end of an epoch a parameter is not finite.
-        ValueError: inputs neither uint8 nor floats, or a batch larger than the training set.
+        ValueError: inputs neither uint8 nor floats, a batch larger than the training set, or
+            restore_best without x_val.
         ConfigError: a field a network of layers cannot honour (max_norm).
     """
     model: MLPSpec | Network = config.network() or config.spec()
     dtype = np.dtype(config.dtype)
-    images = _check_training_inputs(config, x_train, x_val)
+    images = _check_training_inputs(config, x_train, x_val, restore_best)
+    # Expanded once, before the epochs; validation rows are never augmented.
+    x_train, labels_train = augment_rows(config.augment, x_train, labels_train)
     n_rows = len(x_train)
-    # One generator per use, all from the seed: init, shuffles, dropout masks. (Children of a
-    # SeedSequence depend on their index only: adding the third left the first two unchanged.)
-    init_rng, shuffle_rng, dropout_rng = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(3)
-    )
+    init_rng, shuffle_rng, dropout_rng = _generators(config.seed)
     params = _initial_params(config, model, init_rng) if params is None else params
     n_batches = n_rows // config.batch_size if config.drop_last else -(-n_rows // config.batch_size)
     optimizer, rate = _optimizer(config, n_batches)
@@ -298,6 +279,7 @@ def train(
     result = TrainResult(params=params, state=state, model=model)
     limit = _explosion_limit(config, model, params, x_train, labels_train, state)
     draw = _mask_drawer(config, model, dropout_rng)
+    best: tuple[float, int, Any, Any] | None = None  # validation accuracy, epoch, params, state
     # A diverging run overflows on its way to inf/nan; that is detected and reported below as a
     # DivergenceError, so numpy's floating-point warnings would only repeat it noisily.
     with np.errstate(over="ignore", invalid="ignore"):
@@ -308,25 +290,53 @@ def train(
             train_loss = train_epoch(
                 stepper, x_train, targets, order, n_batches, epoch, on_step, batch_losses, draw
             )
-            _check_not_exploded(batch_losses, limit, epoch, n_batches)
-            params = _finite_copy(stepper.params, epoch, n_batches)
-            state = _finite_copy(getattr(stepper, "net_state", []), epoch, n_batches)
-            val_loss, val_accuracy = _validation_metrics(
-                params, x_val, labels_val, model, config, state
-            )
-            metrics = EpochMetrics(
-                epoch, train_loss, val_loss, val_accuracy, time.perf_counter() - started,
-                learning_rate=rate((epoch + 1) * n_batches - 1),
+            check_not_exploded(batch_losses, limit, epoch, n_batches)
+            params, state, metrics = _epoch_end(
+                stepper, config, model, (x_val, labels_val), (epoch, n_batches, started),
+                train_loss, rate((epoch + 1) * n_batches - 1),
             )  # fmt: skip
             raise_pending_interrupt()
             result.params, result.state = params, state
             result.history.append(metrics)
+            if restore_best and (best is None or metrics.val_accuracy > best[0]):
+                best = (metrics.val_accuracy, epoch, params, state)
             if on_epoch is not None:
                 try:
                     on_epoch(metrics, params)
                 except StopTraining:
                     break
+    if best is not None:
+        _, result.best_epoch, result.params, result.state = best
     return result
+
+
+def _generators(seed: int) -> tuple[np.random.Generator, ...]:
+    """One generator per use, all from the seed: init, shuffles, dropout masks. (Children of a
+    SeedSequence depend on their index only: adding the third left the first two unchanged.)"""
+    return tuple(np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+
+
+def _epoch_end(
+    stepper: Any,
+    config: TrainConfig,
+    model: MLPSpec | Network,
+    validation: tuple[np.ndarray | None, np.ndarray | None],
+    where: tuple[int, int, float],
+    train_loss: float,
+    learning_rate: float,
+) -> tuple[Any, Any, EpochMetrics]:
+    """After an epoch's steps: copies of the parameters and running state (checked finite) and
+    the epoch's metrics. ``where``: the epoch, the batches per epoch and when the epoch began
+    (``time.perf_counter``)."""
+    epoch, n_batches, started = where
+    params = finite_copy(stepper.params, epoch, n_batches)
+    state = finite_copy(getattr(stepper, "net_state", []), epoch, n_batches)
+    val_loss, val_accuracy = _validation_metrics(params, *validation, model, config, state)
+    metrics = EpochMetrics(
+        epoch, train_loss, val_loss, val_accuracy, time.perf_counter() - started,
+        learning_rate=learning_rate,
+    )  # fmt: skip
+    return params, state, metrics
 
 
 def _initial_params(
@@ -341,10 +351,13 @@ def _initial_params(
 
 
 def _check_training_inputs(
-    config: TrainConfig, x_train: np.ndarray, x_val: np.ndarray | None
+    config: TrainConfig, x_train: np.ndarray, x_val: np.ndarray | None, restore_best: bool
 ) -> bool:
     """True if x_train (N, 784) holds uint8 images, False for floats; refuses other inputs
-    (x_val's too), a batch larger than the training set and what a network cannot honour."""
+    (x_val's too), a batch larger than the training set, what a network cannot honour and
+    restoring the best validation epoch without validation rows."""
+    if restore_best and x_val is None:
+        raise ValueError("restore_best needs validation rows (x_val) to choose the epoch by")
     check_network_fields(config)
     images = _check_inputs(x_train, "x_train")
     if x_val is not None:
@@ -459,35 +472,3 @@ def _mask_drawer(
         return dropout_masks(rng, rows, sizes, config.input_dropout, config.dropout, dtype)
 
     return draw
-
-
-def _check_not_exploded(
-    batch_losses: list[float], limit: float, epoch: int, n_batches: int
-) -> None:
-    """Raises :class:`DivergenceError` if the epoch's batch losses average above ``limit`` over
-    its last quarter.
-
-    Judged on the epoch's last quarter: a high learning rate often spikes to 20 times chance in
-    its first steps and recovers within ten, which would set the mean of an epoch of few batches
-    (measured: Adam at 0.1, 8 batches of 256).
-    """
-    recent = float(np.mean(batch_losses[-max(1, len(batch_losses) // 4) :]))
-    if recent > limit:
-        raise DivergenceError(
-            epoch,
-            n_batches - 1,
-            f"the loss exploded: {recent:.4g} over the epoch's last quarter, above "
-            f"{limit:.4g} (ten times its loss at initialization or at chance)",
-        )
-
-
-def _finite_copy(params: list[dict[str, np.ndarray]], epoch: int, n_batches: int) -> Params:
-    """A copy of ``params`` (or a network's running state): callers keep each epoch's, as the
-    stepper keeps overwriting its own; raises :class:`DivergenceError` if any array is not
-    finite."""
-    copied = [{key: value.copy() for key, value in layer.items()} for layer in params]
-    for i, layer in enumerate(copied):
-        for key, value in layer.items():
-            if not np.all(np.isfinite(value)):
-                raise DivergenceError(epoch, n_batches - 1, f"layer {i} {key} is not finite")
-    return copied
