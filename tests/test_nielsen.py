@@ -234,6 +234,7 @@ def test_nielsen_quick_logs_each_row_tested_at_its_best_epoch(tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert printed.count(", tested at 1 |") == 6
+    assert printed.count("1 epochs on 500 rows (expanded to 2,500)") == 2
     assert "| row | the paper's settings | ours |" in printed
     assert "mini-batch 10, SGD, η 0.03, λ 0.1, 60 epochs" in printed
     client = MlflowClient(tracking_uri=store)

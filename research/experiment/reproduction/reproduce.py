@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from research.data import augment_factor
 from research.engine.optim import units_at_max_norm
 from research.experiment.config.fields import (
     ConfigError,
@@ -384,9 +385,12 @@ def _row_result(
         say(f"{number} row {show(row.name)}: {ended} in run {kept.run_id}, kept")
         _say_result(kept, say)
         return kept
+    n_rows = len(data.x_train)
+    factor = augment_factor(row.config.augment)
+    expanded = f" (expanded to {factor * n_rows:,})" if factor > 1 else ""
     say(
         f"{number} {row.name}: {describe(row.config)}, "
-        f"{row.config.epochs} epochs on {len(data.x_train):,} rows"
+        f"{row.config.epochs} epochs on {n_rows:,} rows{expanded}"
     )
     parent = resumed.parent if resumed is not None else None
     key = row_key(paper, row, len(data.x_train), holdout)
