@@ -105,12 +105,17 @@ def test_training_sees_five_times_the_rows_and_validation_stays_as_given(mnist):
     rows given (the same with and without augment at the same parameters)."""
     x, labels = mnist.train.images[:200], mnist.train.labels[:200]
     x_val, labels_val = mnist.validation.images[:300], mnist.validation.labels[:300]
+    from research.experiment.training.train import evaluate
+
     steps: list[int] = []
     config = TrainConfig(hidden_size=8, epochs=1, batch_size=50, augment="shift1")
-    train(config, x, labels, x_val, labels_val, on_step=lambda e, s, per: steps.append(per))
+    result = train(
+        config, x, labels, x_val, labels_val, on_step=lambda e, s, per: steps.append(per)
+    )
     assert steps == [20] * 20  # 1,000 rows in batches of 50
-    plain = train(TrainConfig(hidden_size=8, epochs=1, batch_size=50), x, labels, None, None)
-    assert plain.history[0].train_loss != pytest.approx(0)  # (it trained)
+    val_loss, val_accuracy = evaluate(result.params, x_val, labels_val, result.model, raw=False)
+    assert result.history[0].val_accuracy == val_accuracy
+    assert result.history[0].val_loss == pytest.approx(val_loss, rel=1e-12)
 
 
 def test_memory_estimate_counts_the_expanded_rows():

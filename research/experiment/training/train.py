@@ -113,6 +113,18 @@ class TrainResult:
     #: With ``restore_best``: the epoch (from 0) whose parameters these are; else None (the last).
     best_epoch: int | None = None
 
+    def record(self, metrics: EpochMetrics, params: Any, state: NetState, keep_best: bool) -> None:
+        """Adds an epoch to the history and takes its parameters and state: every epoch's, or
+        with ``keep_best`` only those of an epoch whose validation accuracy beats the best so
+        far (the first of a tie), which ``best_epoch`` then names."""
+        self.history.append(metrics)
+        if keep_best:
+            best = self.best_epoch
+            if best is not None and metrics.val_accuracy <= self.history[best].val_accuracy:
+                return
+            self.best_epoch = metrics.epoch
+        self.params, self.state = params, state
+
     @property
     def network(self) -> Network | None:
         """The network of layers, or None for the MLP."""
@@ -279,7 +291,6 @@ def train(
     result = TrainResult(params=params, state=state, model=model)
     limit = _explosion_limit(config, model, params, x_train, labels_train, state)
     draw = _mask_drawer(config, model, dropout_rng)
-    best: tuple[float, int, Any, Any] | None = None  # validation accuracy, epoch, params, state
     # A diverging run overflows on its way to inf/nan; that is detected and reported below as a
     # DivergenceError, so numpy's floating-point warnings would only repeat it noisily.
     with np.errstate(over="ignore", invalid="ignore"):
@@ -296,17 +307,12 @@ def train(
                 train_loss, rate((epoch + 1) * n_batches - 1),
             )  # fmt: skip
             raise_pending_interrupt()
-            result.params, result.state = params, state
-            result.history.append(metrics)
-            if restore_best and (best is None or metrics.val_accuracy > best[0]):
-                best = (metrics.val_accuracy, epoch, params, state)
+            result.record(metrics, params, state, restore_best)
             if on_epoch is not None:
                 try:
                     on_epoch(metrics, params)
                 except StopTraining:
                     break
-    if best is not None:
-        _, result.best_epoch, result.params, result.state = best
     return result
 
 
