@@ -9,6 +9,7 @@ from pathlib import Path
 from research.experiment.config.flags import add_field_flags
 from research.experiment.config.presets import PRESETS, preset_name
 from research.experiment.reproduction.reproduce import add_reproduce_arguments
+from research.verify.layer_command import add_verify_layer_command
 
 
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The order here is the order `python -m research --help` lists them in.
     _add_train_command(commands)
     _add_gradcheck_command(commands)
+    add_verify_layer_command(commands)
     _add_study_command(commands)
     _add_ui_command(commands)
     _add_rerun_command(commands)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m research {train,gradcheck,study,ui,rerun,report,reproduce,bench}``.
+"""Command line: ``python -m research COMMAND`` (train, gradcheck, verify-layer, study, ui, ...).
 
 User mistakes (bad flags, missing data, an unreachable tracking store) end with one message on
 stderr and exit code 2, never a traceback. A run that diverges exits 1; Ctrl-C exits 130.
@@ -282,6 +282,12 @@ def _gradcheck_layers(config: TrainConfig, args: argparse.Namespace, x, labels) 
     )
 
 
+def _run_verify_layer(args: argparse.Namespace) -> int:
+    from research.verify.layer_command import run_verify_layer
+
+    return run_verify_layer(args)
+
+
 def _run_study(args: argparse.Namespace) -> int:
     from analysis.report import ReportError, log_study_figures
     from research.data import DataError
@@ -452,6 +458,7 @@ def _main(argv: list[str] | None) -> int:
     commands = {
         "train": _run_train,
         "gradcheck": _run_gradcheck,
+        "verify-layer": _run_verify_layer,
         "study": _run_study,
         "ui": _run_ui,
         "rerun": _run_rerun,

@@ -23,13 +23,14 @@ inputs in channels-last memory, which is what a conv hands on.
 
 The verifier can fail: a conv whose backward reads the kernel transposed and a batch norm whose
 backward drops the coupling term are caught; and a layer of a researcher's own (the Swish of
-``research/engine/layers/base.py``, no reference registered) is verified through its own
+``experiments/layers/my_layers.py``, no reference registered) is verified through its own
 ``jax.numpy`` forward, a wrong backward of its caught the same way.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -47,9 +48,11 @@ from research.engine.layers.dropout import Dropout
 from research.engine.layers.norm import BatchNorm, LayerNorm
 from research.engine.layers.pooling import AvgPool2D, MaxPool2D
 from research.engine.layers.residual import Residual
+from research.engine.layers.user_file import load_layer
 from research.verify.layer_check import LayerVerdict, away_from_kinks, verify_layer
 from research.verify.layer_refs import reference_for
 
+EXAMPLE_LAYERS = Path(__file__).resolve().parents[1] / "experiments" / "layers" / "my_layers.py"
 DTYPES = [np.float64, np.float32]
 MODES = {"training": True, "evaluation": False}
 
@@ -461,19 +464,9 @@ def test_batch_norm_without_its_coupling_term_fails(jacobian: bool) -> None:
 # --- a layer of a researcher's own ------------------------------------------------------------
 
 
-class Swish:
-    """The example of ``research/engine/layers/base.py``'s docstring, as a researcher writes it."""
-
-    def init(self, rng, in_shape, dtype):
-        return {}
-
-    def forward(self, params, x, xp):
-        s = 1 / (1 + xp.exp(-x))
-        return x * s, (x, s)
-
-    def backward(self, params, cache, dy):
-        x, s = cache
-        return dy * (s + x * s * (1 - s)), {}
+#: The Swish of experiments/layers/my_layers.py (docs/layers.md's example), as a researcher
+#: writes it: its class, loaded from the file as ``my_layers.py:Swish`` is.
+Swish = type(load_layer(str(EXAMPLE_LAYERS), "Swish").layer)
 
 
 class WrongSwish(Swish):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jax
@@ -109,6 +109,7 @@ def verify_layer(
     reference: Callable[..., Any] | None = None,
     sample: Sampler = away_from_kinks,
     params: dict[str, np.ndarray] | None = None,
+    contiguous: bool = True,
 ) -> LayerVerdict:
     """Checks ``layer``'s numpy forward and backward against JAX autodiff.
 
@@ -123,32 +124,59 @@ def verify_layer(
         reference: ``reference(params, x, **extras) -> y`` in JAX; default as the module says.
         sample: draws the inputs (default :func:`away_from_kinks`).
         params: the parameters to check at; default the layer's ``init`` plus noise.
+        contiguous: False hands the layer x, dy and its parameters in non-contiguous memory
+            (:func:`strided`), as slices and transposes of other arrays are.
     Returns:
         A :class:`LayerVerdict`: output, input gradient and each parameter gradient compared.
     """
     dtype = np.dtype(dtype)
     rng = np.random.default_rng(seed)
     if params is None:
-        params = {
-            key: (value + PARAM_NOISE * rng.standard_normal(np.shape(value))).astype(dtype)
-            for key, value in layer.init(rng, tuple(in_shape), dtype).items()
-        }
+        params = noisy_params(layer, rng, in_shape, dtype)
     x = sample(rng, (batch, *in_shape), dtype)
-    extras = _extras(layer, rng, x, dtype, training)
+    extras = draw_extras(layer, rng, x, dtype, training)
+    if not contiguous:
+        params, x = {k: strided(v) for k, v in params.items()}, strided(x)
     ref = _reference(layer, reference)
+    # The reference sees the inputs as drawn, whatever the layer does to its own (a layer that
+    # changes its inputs fails layer_suite's own check for that, not this one).
+    x_drawn, params_drawn = x.copy(), {k: np.array(v) for k, v in params.items()}
     y, cache = layer.forward(params, x, np, **extras)
-    jextras = _to_jax(extras)
-    y_ref = np.asarray(_compiled(lambda p, xx: ref(p, xx, **jextras), _to_jax(params), x))
+    y_ref = np.asarray(_run(ref, "forward", extras, params_drawn, x_drawn))
     checks = [_compare("output y", y, y_ref, "layer_forward", dtype)]
+    drawn = (params_drawn, x_drawn)
     if jacobian:
-        checks.append(_jacobian_check(layer, params, x, extras, cache, y, ref, dtype))
+        checks.append(_jacobian_check(layer, params, x, extras, cache, y, ref, dtype, drawn))
     else:
-        checks += _vjp_checks(layer, params, x, extras, cache, y, ref, dtype, rng)
+        checks += _vjp_checks(layer, params, extras, cache, y, ref, dtype, rng, contiguous, drawn)
     mode = "training" if training else "evaluation"
     return LayerVerdict(describe(layer), tuple(in_shape), dtype.name, mode, tuple(checks))
 
 
-def _extras(
+def noisy_params(
+    layer: Layer, rng: np.random.Generator, in_shape: Shape, dtype: Any
+) -> dict[str, np.ndarray]:
+    """The layer's ``init`` plus noise (``PARAM_NOISE``), so that no parameter sits at a special
+    value (batch norm's gamma = 1) that could hide a wrong gradient."""
+    return {
+        key: (np.asarray(value) + PARAM_NOISE * rng.standard_normal(np.shape(value))).astype(dtype)
+        for key, value in layer.init(rng, tuple(in_shape), dtype).items()
+    }
+
+
+def strided(array: np.ndarray) -> np.ndarray:
+    """The same values in non-contiguous memory: every other element of a buffer twice as long
+    in the last axis (a view whose strides no C- or Fortran-ordered array has)."""
+    array = np.asarray(array)
+    if array.ndim == 0:
+        return array
+    buffer = np.zeros((*array.shape[:-1], 2 * array.shape[-1]), array.dtype)
+    view = buffer[..., ::2]
+    view[...] = array
+    return view
+
+
+def draw_extras(
     layer: Layer, rng: np.random.Generator, x: np.ndarray, dtype: np.dtype, training: bool
 ) -> dict[str, Any]:
     """The forward pass's keyword arguments: mode, a randomized state, a drawn mask."""
@@ -174,24 +202,68 @@ def _randomized_state(key: str, value: Any, rng: np.random.Generator, dtype: np.
 
 
 def _reference(layer: Layer, given: Callable[..., Any] | None) -> Callable[..., Any]:
+    """The JAX reference ``ref(params, x, **extras) -> y``, the same function object for equal
+    layers (hashable ones), so that its compiled forms are reused (:func:`_jitted`)."""
     if given is not None:
         return given
+    try:
+        return _cached_reference(layer)
+    except TypeError:  # an unhashable layer: a reference of its own, compiled anew
+        return _cached_reference.__wrapped__(layer)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_reference(layer: Layer) -> Callable[..., Any]:
     builtin = reference_for(layer)
     if builtin is not None:
-        return lambda params, x, **extras: builtin(layer, params, x, **extras)
-    return lambda params, x, **extras: layer.forward(params, x, jnp, **extras)[0]
+        return functools.partial(builtin, layer)
+
+    def own_forward(params: Any, x: Any, **extras: Any) -> Any:
+        return layer.forward(params, x, jnp, **extras)[0]
+
+    return own_forward
 
 
-def _compiled(function: Callable[..., Any], *args: Any) -> Any:
-    """``function(*args)`` (numpy arrays in ``args`` as JAX's) compiled as one XLA computation:
-    ~0.4 s for a new shape where JAX's op-by-op dispatch compiles every primitive (~2 s). Run op
-    by op when the function branches on values (a researcher's forward may), which tracing under
+def _run(ref: Callable[..., Any], kind: str, extras: dict[str, Any], *args: Any) -> Any:
+    """``kind`` ("forward", "vjp" or "jacobian") of ``ref`` on ``args`` (numpy arrays as JAX's),
+    compiled as one XLA computation: ~0.4 s for a new shape where JAX's op-by-op dispatch
+    compiles every primitive (~2 s), and reused for the next draw of the same shapes. Run op by
+    op when the function branches on values (a researcher's forward may), which tracing under
     jit cannot but autodiff can."""
-    args = _to_jax(args)
+    training = extras.get("training")
+    arrays = {key: value for key, value in extras.items() if key != "training"}
     try:
-        return _jit(function)(*args)
+        jitted, plain = _jitted(ref, kind, training)
+    except TypeError:  # an unhashable reference
+        jitted, plain = _jitted.__wrapped__(ref, kind, training)
+    args = _to_jax((*args, arrays))
+    try:
+        return jitted(*args)
     except jax.errors.ConcretizationTypeError:
-        return function(*args)
+        return plain(*args)
+
+
+@functools.lru_cache(maxsize=512)
+def _jitted(
+    ref: Callable[..., Any], kind: str, training: bool | None
+) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The compiled and the plain function of ``kind``; ``training`` is fixed (a Python branch
+    of the layer), the state and mask are arguments."""
+
+    def forward(p: Any, xx: Any, arrays: dict[str, Any]) -> Any:
+        mode = {} if training is None else {"training": training}
+        return ref(p, xx, **arrays, **mode)
+
+    if kind == "forward":
+        plain = forward
+    elif kind == "vjp":
+
+        def plain(p: Any, xx: Any, cotangent: Any, arrays: dict[str, Any]) -> Any:
+            return jax.vjp(lambda p, xx: forward(p, xx, arrays), p, xx)[1](cotangent)
+
+    else:
+        plain = jax.jacrev(forward, argnums=1)
+    return _jit(plain), plain
 
 
 def _to_jax(tree: Any) -> Any:
@@ -204,23 +276,21 @@ def _to_jax(tree: Any) -> Any:
 def _vjp_checks(
     layer: Layer,
     params: dict[str, np.ndarray],
-    x: np.ndarray,
     extras: dict[str, Any],
     cache: Any,
     y: np.ndarray,
     ref: Callable[..., Any],
     dtype: np.dtype,
     rng: np.random.Generator,
+    contiguous: bool,
+    drawn: tuple[dict[str, np.ndarray], np.ndarray],
 ) -> list[ArrayCheck]:
-    """∂/∂x and ∂/∂params of ⟨dy, y⟩ for a random dy: numpy's backward against jax.vjp."""
-    dy = rng.standard_normal(np.shape(y)).astype(dtype)
+    """∂/∂x and ∂/∂params of ⟨dy, y⟩ for a random dy: numpy's backward against jax.vjp at the
+    ``drawn`` parameters and inputs."""
+    dy_drawn = rng.standard_normal(np.shape(y)).astype(dtype)
+    dy = strided(dy_drawn) if not contiguous else dy_drawn.copy()
     dx, grads = layer.backward(params, cache, dy)
-    jextras = _to_jax(extras)
-
-    def pullback(p: Any, xx: Any, cotangent: Any) -> Any:
-        return jax.vjp(lambda p, xx: ref(p, xx, **jextras), p, xx)[1](cotangent)
-
-    grads_ref, dx_ref = _compiled(pullback, params, x, dy)
+    grads_ref, dx_ref = _run(ref, "vjp", extras, *drawn, dy_drawn)
     checks = [_compare("input gradient dx", dx, dx_ref, "gradients", dtype)]
     if set(grads) != set(params):
         problem = f"gradient keys {sorted(grads)}, parameter keys {sorted(params)}"
@@ -228,7 +298,7 @@ def _vjp_checks(
     for key in sorted(params):
         checks.append(_compare(f"gradient {key}", grads[key], grads_ref[key], "gradients", dtype))
     if hasattr(layer, "backward_params"):
-        alone = layer.backward_params(params, cache, dy)
+        alone = layer.backward_params(params, cache, dy_drawn.copy())
         for key in sorted(params):
             row = _compare(f"backward_params {key}", alone[key], grads_ref[key], "gradients", dtype)
             checks.append(row)
@@ -244,6 +314,7 @@ def _jacobian_check(
     y: np.ndarray,
     ref: Callable[..., Any],
     dtype: np.dtype,
+    drawn: tuple[dict[str, np.ndarray], np.ndarray],
 ) -> ArrayCheck:
     """The whole-batch Jacobian (y.size, x.size): numpy's backward of every one-hot dy against
     ``jax.jacrev`` of the reference."""
@@ -254,16 +325,30 @@ def _jacobian_check(
         dx, _ = layer.backward(params, cache, dy.reshape(y.shape))
         rows.append(np.asarray(dx).reshape(-1))
     ours = np.stack(rows)
-    jextras = _to_jax(extras)
-    theirs = _compiled(jax.jacrev(lambda p, xx: ref(p, xx, **jextras), argnums=1), params, x)
+    theirs = _run(ref, "jacobian", extras, *drawn)
     return _compare(
         "Jacobian dy/dx", ours, np.asarray(theirs).reshape(y.size, x.size), "gradients", dtype
     )
 
 
+def _compile_once(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` compiled (op by op if it branches on values), not kept."""
+    args = _to_jax(args)
+    try:
+        return _jit(function)(*args)
+    except jax.errors.ConcretizationTypeError:
+        return function(*args)
+
+
 def _compare(name: str, actual: Any, expected: Any, kind: str, dtype: np.dtype) -> ArrayCheck:
+    """``actual`` against ``expected`` at the table's ``kind`` tolerance; ``actual`` must also
+    have the inputs' dtype (a layer keeps its input's dtype: float32 stays float32)."""
     rtol, atol = tolerance(kind, dtype).for_tree([{"a": np.asarray(expected)}])
-    return compare_arrays(name, np.asarray(actual), np.asarray(expected), rtol, atol)
+    actual = np.asarray(actual)
+    row = compare_arrays(name, actual, np.asarray(expected), rtol, atol)
+    if row.problem or actual.dtype == dtype:
+        return row
+    return replace(row, problem=f"dtype {actual.dtype}, the inputs' is {dtype} ({row.worst})")
 
 
 # --- a whole network -------------------------------------------------------------------------
@@ -315,7 +400,7 @@ def network_loss_and_grads(
         )
         return value + 0.5 * network.l2 * penalty
 
-    value, grads = _compiled(jax.value_and_grad(objective), params)
+    value, grads = _compile_once(jax.value_and_grad(objective), params)
     return float(value), [{k: np.asarray(v) for k, v in g.items()} for g in grads]
 
 

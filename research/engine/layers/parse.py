@@ -19,6 +19,8 @@ Tokens, separated by spaces; numbers in parentheses, by position or as ``name=va
 ``flatten``                              (C, H, W) → (C·H·W,)
 ``res(...)``                             residual block x + f(x), f the layers inside
 ``sigmoid tanh relu gelu swish``         an activation
+``FILE.py:NAME[(numbers)]``              a researcher's own layer: the class NAME of the
+                                         file (called with the numbers), or an object
 =======================================  ====================================================
 
 The output layer (a dense layer to the classes, then the run's ``output`` and ``loss``) is added
@@ -26,7 +28,8 @@ after them. Activations: if the value names none, the run's ``activation`` follo
 and ``dense`` (after a ``batchnorm`` or ``layernorm`` right behind it) and every ``res(...)``
 block (after the sum; not after the block's own last layer); if it names any, it
 places them all. Inputs are images (1, 28, 28) when any ``conv`` or pooling layer is present,
-else rows of 784 pixels.
+else rows of 784 pixels. A user layer (:mod:`.user_file`) counts as an activation when it says
+``activation = True``, and asks for images when it says ``images = True``.
 """
 
 from __future__ import annotations
@@ -40,8 +43,11 @@ from research.engine.layers.activations import ACTIVATION_LAYERS, Activation
 from research.engine.layers.base import Layer
 from research.engine.layers.dense import Dense, Flatten
 from research.engine.layers.dropout import Dropout
+from research.engine.layers.user_file import USER_LAYER, load_layer
 
-_TOKEN = re.compile(r"\s*(?:([A-Za-z_][A-Za-z0-9_]*)|(\()|(\))|(,)|([^\s(),]+))")
+_TOKEN = re.compile(
+    r"\s*(?:([^\s(),:=]+\.py:[A-Za-z_]\w*)|([A-Za-z_][A-Za-z0-9_]*)|(\()|(\))|(,)|([^\s(),]+))"
+)
 
 
 class LayersError(ValueError):
@@ -84,7 +90,7 @@ SYNTAX: dict[str, Syntax] = {
 }
 IMAGE_LAYERS = ("conv", "maxpool", "avgpool")
 NORM_LAYERS = ("batchnorm", "layernorm")
-ALLOWED = ", ".join(s.usage for s in SYNTAX.values())
+ALLOWED = ", ".join(s.usage for s in SYNTAX.values()) + ", FILE.py:NAME (a layer of your own)"
 
 
 def tokenize(text: str) -> tuple[Token, ...]:
@@ -114,6 +120,10 @@ def _sequence(pieces: list[str], i: int, text: str, nested: bool) -> tuple[tuple
     tokens = []
     while i < len(pieces) and pieces[i] != ")":
         name = pieces[i]
+        if USER_LAYER.fullmatch(name):
+            token, i = _user_token(pieces, i + 1, name, text)
+            tokens.append(token)
+            continue
         if name not in SYNTAX:
             hint = "" if re.fullmatch(r"[A-Za-z_]\w*", name) else " (a layer's name comes first)"
             raise LayersError(f"unknown layer {name!r}{hint}; allowed: {ALLOWED}")
@@ -139,6 +149,29 @@ def _sequence(pieces: list[str], i: int, text: str, nested: bool) -> tuple[tuple
     return tuple(tokens), i
 
 
+def _user_token(pieces: list[str], i: int, name: str, text: str) -> tuple[Token, int]:
+    """``FILE.py:NAME`` with its optional numbers, which go to the class as they are."""
+    args: list[float] = []
+    kwargs: list[tuple[str, float]] = []
+    if i < len(pieces) and pieces[i] == "(":
+        i = _arguments(pieces, i + 1, name, text, args, kwargs)
+        if i >= len(pieces) or pieces[i] != ")":
+            raise LayersError(f"{name}( is not closed")
+        i += 1
+    numbers = [f"{v:g}" for v in args] + [f"{k}={v:g}" for k, v in kwargs]
+    written = name + (f"({','.join(numbers)})" if numbers else "")
+    return Token(name, tuple(args), tuple(kwargs), (), written), i
+
+
+def is_user(token: Token) -> bool:
+    return USER_LAYER.fullmatch(token.name) is not None
+
+
+def _user_layer(token: Token) -> Layer:
+    path, _, name = token.name.rpartition(":")
+    return load_layer(path, name, token.args, token.kwargs)
+
+
 def _arguments(
     pieces: list[str], i: int, name: str, text: str, args: list[float], kwargs: list[Any]
 ) -> int:
@@ -156,8 +189,9 @@ def _arguments(
         try:
             value = float(piece)
         except ValueError:
+            usage = SYNTAX[name].usage if name in SYNTAX else f"{name}(numbers)"
             raise LayersError(
-                f"{name}'s argument {piece!r} is not a number; write {SYNTAX[name].usage}"
+                f"{name}'s argument {piece!r} is not a number; write {usage}"
             ) from None
         if key is None:
             args.append(value)
@@ -211,12 +245,23 @@ def named(token: Token) -> dict[str, float]:
 
 
 def uses_images(tokens: tuple[Token, ...]) -> bool:
-    """True when any token (inside res too) needs image inputs (C, H, W)."""
-    return any(t.name in IMAGE_LAYERS or uses_images(t.inner) for t in tokens)
+    """True when any token (inside res too) needs image inputs (C, H, W): a conv or pooling
+    layer, or a user layer saying ``images = True``."""
+    return any(
+        t.name in IMAGE_LAYERS or _user_says(t, "images") or uses_images(t.inner) for t in tokens
+    )
 
 
 def names_activation(tokens: tuple[Token, ...]) -> bool:
-    return any(t.name in ACTIVATION_LAYERS or names_activation(t.inner) for t in tokens)
+    """True when any token is an activation (a user layer saying ``activation = True`` too)."""
+    return any(
+        t.name in ACTIVATION_LAYERS or _user_says(t, "activation") or names_activation(t.inner)
+        for t in tokens
+    )
+
+
+def _user_says(token: Token, flag: str) -> bool:
+    return is_user(token) and bool(getattr(_user_layer(token), flag, False))
 
 
 def build_layers(
@@ -269,6 +314,8 @@ def _make(token: Token, activation: str, init: str, dropout: float, insert: bool
     }
     if token.name in ACTIVATION_LAYERS:
         return Activation(token.name)
+    if is_user(token):
+        return _user_layer(token)
     return factories[token.name]()
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from math import prod
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -113,3 +114,49 @@ def layers_param_count(text: str) -> int:
     """The trained values of the network a (valid, non-empty) ``layers`` value describes: its
     hidden layers and the output layer (the other fields add none)."""
     return count_params(layers_network(text, output="softmax", loss="cross_entropy"))
+
+
+# --- the files of user layers (``my_layers.py:Swish``) -----------------------------------------
+
+#: The MLflow param (and artifact folder) of the user layers' files a run used.
+LAYER_FILES = "layer_files"
+
+
+def layer_files(config: Any) -> dict[str, str]:
+    """``{path as written: SHA-256}`` of the user layers in ``config``'s network ({} for none)."""
+    from research.engine.layers.user_file import user_files
+
+    network = config.network()
+    return {} if network is None else user_files(network.layers)
+
+
+def format_layer_files(files: dict[str, str]) -> str:
+    """``my_layers.py=sha256:ab12... other.py=sha256:...``, the ``layer_files`` param."""
+    return " ".join(f"{path}=sha256:{digest}" for path, digest in sorted(files.items()))
+
+
+def read_layer_files(text: str) -> dict[str, str]:
+    """The ``layer_files`` param read back: ``{path: SHA-256}``."""
+    files = {}
+    for entry in text.split():
+        path, _, digest = entry.rpartition("=sha256:")
+        if path and digest:
+            files[path] = digest
+    return files
+
+
+def changed_layer_files(text: str) -> list[str]:
+    """What differs between the logged ``layer_files`` and the files as they are now: one
+    phrase per file gone or edited (empty when every file is as the run used it)."""
+    from research.engine.layers.user_file import file_digest
+
+    problems = []
+    for path, digest in read_layer_files(text).items():
+        try:
+            now = file_digest(path)
+        except OSError:
+            problems.append(f"{path} is gone (from {Path.cwd()})")
+            continue
+        if now != digest:
+            problems.append(f"{path} has changed (sha256 {digest[:12]}... then, {now[:12]}... now)")
+    return problems

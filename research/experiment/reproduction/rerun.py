@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from research.data import N_TRAIN, N_VALIDATION
 from research.experiment.config.fields import FIELDS, ConfigError, Field, TrainConfig
+from research.experiment.config.layers_field import LAYER_FILES, changed_layer_files
 from research.experiment.config.resources import check_memory
 from research.experiment.reproduction.reproduce import splits
 from research.experiment.tracking.results import LoggedRun, check_store_exists, read_run
@@ -185,6 +186,12 @@ def rerun(
     logged = read_run(run_id, (*METRICS, EPOCHS_TRAINED), tracking_uri)
     if not any(name in logged.params for name in FIELDS):  # a study's parent, a bench run
         raise RerunError(f"run {run_id} lacks the params {', '.join(FIELDS)}; cannot rerun it")
+    changed = changed_layer_files(logged.params.get(LAYER_FILES, ""))
+    if changed:
+        raise RerunError(
+            f"run {run_id} cannot be rerun: its user layer file {'; '.join(changed)}; restore "
+            f"the run's copy (its artifacts {LAYER_FILES}/) to rerun it"
+        )
     result, missing, threads, stopped = _read_back(logged)
     config, n_rows = result.config, result.n_rows
     try:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from research.experiment.config.fields import show
+from research.experiment.config.layers_field import layer_files
 from research.experiment.config.paper_file import Paper, Row
 from research.experiment.reproduction.paper_table import RowResult
 from research.experiment.tracking.paper_runs import (
@@ -63,7 +64,8 @@ def paper_key(paper: Paper, quick: bool, holdout: bool) -> str:
 
 def row_key(paper: Paper, row: Row, n_train_rows: int, holdout: bool) -> str:
     """The digest of everything a row's result depends on: its name and paper error, every
-    training field (after ``--quick``), the rows it trains on, ``--holdout`` and the budget."""
+    training field (after ``--quick``), the rows it trains on, ``--holdout``, the budget and the
+    SHA-256 of its user layers' files."""
     return _digest(
         {
             "version": 1,
@@ -75,6 +77,8 @@ def row_key(paper: Paper, row: Row, n_train_rows: int, holdout: bool) -> str:
             "budget_minutes": paper.budget(row),
         }
         | ({"test_at": paper.test_at} if paper.best_validation_epoch else {})
+        # the code of its user layers: an edited file trains the row again
+        | ({"layer_files": files} if (files := layer_files(row.config)) else {})
     )
 
 

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from research.data import N_TRAIN, N_VALIDATION
+from research.experiment.config.layers_field import LAYER_FILES, format_layer_files, layer_files
 from research.experiment.tracking.inputs import dataset_inputs, duplicate_key
 from research.experiment.tracking.stores import (
     TrackingError,
@@ -218,6 +219,7 @@ class TrackedRun:
 
         from research.engine.blas_kernels import loaded_kernels
 
+        files = layer_files(config)
         params = {
             **config.as_texts(),  # the text TrainConfig.from_params reads back
             # the MLP's layer widths, or the network of layers as it was built
@@ -226,6 +228,8 @@ class TrackedRun:
                 if config.layers
                 else {"sizes": list(config.spec().sizes)}
             ),
+            # the files of the user layers it uses, with their SHA-256 (rerun checks them)
+            **({LAYER_FILES: format_layer_files(files)} if files else {}),
             "n_train_rows": n_train_rows,
             "blas_kernels": loaded_kernels(),
             **extra,
@@ -238,6 +242,8 @@ class TrackedRun:
                 params=[Param(key, str(value)) for key, value in params.items()],
                 tags=[RunTag(key, str(value)) for key, value in tags.items()],
             )
+        for path in files:  # the user layers' code itself, beside the run
+            self.log_artifact(Path(path), LAYER_FILES)
         splits = {"training": (0, n_train_rows)}
         if validation:
             splits["validation"] = (N_TRAIN, N_TRAIN + N_VALIDATION)
