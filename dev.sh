@@ -32,7 +32,9 @@ case "$command" in
         setup
         "$VENV/bin/ruff" check research analysis tests scripts
         "$VENV/bin/ruff" format --check research analysis tests scripts
-        exec "$VENV/bin/python" -m pytest "$@"
+        # Two processes, each test file in one of them (its module fixtures built once);
+        # `./dev.sh test -n 0` runs the suite in this process alone.
+        exec "$VENV/bin/python" -m pytest -n 2 --dist loadfile "$@"
         ;;
     *)
         echo "usage: ./dev.sh run [study flags...] | ./dev.sh test [pytest args...]" >&2
