@@ -10,6 +10,7 @@ import base64
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -334,7 +335,7 @@ figcaption { color: #555; font-size: 0.9em; }
 <p class="meta">Made {{ created }} by <code>python -m research report</code> in {{ seconds }} s.</p>
 {% for section in sections %}
 <h2>{{ section.title }}</h2>
-{% for paragraph in section.paragraphs %}<p>{{ paragraph }}</p>
+{% for paragraph in section.paragraphs %}<p>{{ paragraph | safe }}</p>
 {% endfor %}
 {% for table in section.tables %}{{ table | safe }}
 {% endfor %}
@@ -346,9 +347,16 @@ figcaption { color: #555; font-size: 0.9em; }
 """
 
 
+def code_spans(html: str) -> str:
+    """Escaped HTML with Markdown's `code` spans as ``<code>`` elements (the report's texts are
+    written for Markdown; HTML would show the backticks)."""
+    return re.sub(r"`([^`<>]+)`", r"<code>\1</code>", html)
+
+
 def write_html(report: Report, path: Path, figure_folder: Path) -> None:
     """``report.html``: one file with every figure embedded as a data URI (opens offline)."""
     import jinja2
+    from markupsafe import escape
 
     rendered = []
     for section in sections(report):
@@ -363,10 +371,11 @@ def write_html(report: Report, path: Path, figure_folder: Path) -> None:
                 }
             )
         tables = [
-            table.to_html(index=False, border=0, escape=True, na_rep="")
+            code_spans(table.to_html(index=False, border=0, escape=True, na_rep=""))
             for table in section["tables"]
         ]
-        rendered.append({**section, "figures": figures, "tables": tables})
+        paragraphs = [code_spans(str(escape(p))) for p in section["paragraphs"]]
+        rendered.append({**section, "paragraphs": paragraphs, "figures": figures, "tables": tables})
     template = jinja2.Environment(autoescape=True).from_string(HTML)
     text = template.render(
         name=report.results.name,

@@ -173,7 +173,15 @@ def _add_study_command(commands: Commands) -> None:
 
 def _add_ui_command(commands: Commands) -> None:
     """``ui``: the MLflow UI's address and store."""
-    ui = commands.add_parser("ui", help="start the MLflow UI over the tracking store")
+    ui = commands.add_parser(
+        "ui",
+        help="start the MLflow UI over the tracking store",
+        description="Start the MLflow UI over the tracking store (on 127.0.0.1 unless --host "
+        "says otherwise) and print, once it answers, a link to each study's and train "
+        "experiment's runs, best first, as a table and as charts. MLflow 3 opens in its GenAI "
+        'mode: click "Model training" at the top left once per browser (docs/tracking.md). '
+        "Ctrl-C stops it.",
+    )
     ui.add_argument("--port", type=port, default=5000, help="port to listen on (default 5000)")
     ui.add_argument(
         "--host",

@@ -19,6 +19,7 @@ signals, no mocks.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -151,6 +152,12 @@ def champion_checks(tracking: str, storage: str, folder: Path) -> tuple[list[str
         np.array_equal(a[k], b[k]) for a, b in zip(served, kept, strict=True) for k in ("W", "b")
     )
     check(same, "the parent's best_weights.npz is the champion model's weights")
+    linked = json.loads(client.get_logged_model(model_id).tags.get("mlflow.modelVersions", "[]"))
+    check(
+        {"name": NAME, "version": str(champion.version)} in linked,
+        "the champion's MLflow model names its registered version (the UI: not 'Not registered')",
+        linked,
+    )
     models = client.search_logged_models([parent.info.experiment_id])
     pending = [m.model_id for m in models if m.status.name == "PENDING"]
     check(not pending, "no MLflow model left PENDING", pending)
@@ -381,7 +388,7 @@ def killed_while_logging(body: str, argv: list[str], cwd: Path) -> subprocess.Co
 
 @pytest.mark.slow
 def test_a_model_whose_writer_was_killed_is_failed_and_a_live_ones_is_not(tmp_path):
-    from research.experiment.tracking.models import TAG_WRITER, fail_abandoned_models
+    from research.experiment.tracking.pending_models import TAG_WRITER, fail_abandoned_models
     from research.experiment.tracking.processes import process_identity
     from research.experiment.tracking.runs import TrackedRun
 

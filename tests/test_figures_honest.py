@@ -384,3 +384,22 @@ def test_the_report_names_the_method_and_how_a_divergence_counts_its_epochs(tmp_
     assert summary["importances_method"] == "fANOVA, seed 0"
     overview = sections(report)[0]["paragraphs"]
     assert not any("count from 0" in text for text in overview)  # epochs count from 1 everywhere
+
+
+def test_a_runs_loss_curves_count_epochs_from_1_as_the_cli_and_report_do():
+    """The per-run loss_curves.png artifact: epoch 1 is the first epoch trained (the CLI's
+    table and the report count from 1; MLflow's steps from 0), on whole-number ticks."""
+    from research.experiment.training.figures import plot_loss_curves
+    from research.experiment.training.train import EpochMetrics
+
+    history = [
+        EpochMetrics(e, 1.0 / (e + 1), 1.2 / (e + 1), val_accuracy=0.9, seconds=1.0)
+        for e in range(3)
+    ]
+    figure, ax = new_figure(4, 3)
+    plot_loss_curves(history, ax)
+    for line in ax.get_lines():
+        assert list(line.get_xdata()) == [1, 2, 3]
+    figure.canvas.draw()
+    ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
+    assert ticks and all(float(t).is_integer() for t in ticks)

@@ -184,6 +184,7 @@ def test_each_heavy_library_lives_in_the_rooms_that_use_it():
         "research.experiment.tracking.runs",
         "research.experiment.tracking.results",
         "research.experiment.tracking.models",
+        "research.experiment.tracking.pending_models",
         "research.experiment.tracking.inputs",
         "research.experiment.tracking.mlp_pyfunc",
     }

@@ -91,6 +91,9 @@ def test_the_report_of_a_tiny_study_has_every_figure_and_consistent_numbers(tiny
         encoded = base64.b64encode((reports / name).read_bytes()).decode()
         assert f'alt="{name}" src="data:image/png;base64,{encoded}"' in html, name
     assert not re.search(r'src="(?!data:)', html)
+    # Markdown's code spans are <code> there, never backticks shown as they are
+    body = html.split("<body>", 1)[1]
+    assert "`" not in body and "<code>python -m research" in body
     markdown = (reports / "report.md").read_text()
     for name in expected:
         assert f"]({name})" in markdown, name

@@ -395,6 +395,16 @@ def test_tiny_study_records_every_trial_in_optuna_and_mlflow(tiny):
     assert parent.data.metrics["best_value"] == best.value == study.best_value
     assert parent.data.tags["best_trial"] == str(best.number)
     assert parent.data.tags["refit_trial"] == str(best.number)  # whose best_weights.npz these are
+    # the parent's description (its page in the UI): trials by state, the best, the refit
+    states = sorted(t.state.name for t in trials.values())
+    by_state = ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states)))
+    champion = mlflow_client(tiny.uri).get_model_version_by_alias(STUDY, "champion")
+    assert parent.data.tags["mlflow.note.content"] == (
+        f"{len(trials)} trials: {by_state}. Best trial {best.number}: val/accuracy "
+        f"{100 * best.value:.2f}%. Refit of trial {best.number}: test accuracy "
+        f"{100 * test_accuracy:.2f}%, registered as {STUDY} version {champion.version} "
+        "(@champion)."
+    )
     # each run of the command retrains the best and logs its test accuracy, at step = trials
     printed = [
         line.rsplit(" ", 1)[1]

@@ -50,6 +50,7 @@ from research.experiment.studies.trials import ATTR_MLFLOW_EXPERIMENT, ATTR_MLFL
 from research.experiment.tracking import ui
 from research.experiment.tracking.runs import RunEnd, start_run
 from research.experiment.tracking.ui import (
+    MODE_HINT,
     TRAIN_PARAMS,
     VIEW_KEY,
     VIEW_TAG,
@@ -239,8 +240,9 @@ def test_ui_prints_links_to_the_best_runs_that_answer_and_stops_quietly(store, t
     base = f"http://127.0.0.1:{port}"
     with out.open("w") as stdout, err.open("w") as stderr:
         with started(command, tmp_path, env=env, stdout=stdout, stderr=stderr) as ui:
-            # the banner, then 3 lines per experiment: the study's, then train's
-            lines = wait_for_lines(out, ui, 7)
+            # the banner, then 3 lines per experiment: the study's, then train's; the mode hint
+            lines = wait_for_lines(out, ui, 8)
+            assert lines[7] == MODE_HINT
             assert lines[0] == f"MLflow UI on {base} over {store.uri} (Ctrl-C stops it)"
             study_id = mlflow_client(store.uri).get_experiment_by_name(STUDY).experiment_id
             (train,) = train_runs(store.uri)
@@ -423,7 +425,8 @@ def test_the_saved_view_is_written_only_for_an_mlflow_whose_format_is_known(
         assert not any("viewStateShareKey" in link for link in links)
         assert all("orderByKey=metrics.%60val/" in link for link in links)
         assert err.count("note:") == 1 and f"MLflow {version} may save views differently" in err
-        assert said[-1].startswith("(to see the metrics, add their columns")
+        assert said[-2].startswith("(to see the metrics, add their columns")
+    assert said[-1] == ui.MODE_HINT and '"Model training"' in said[-1]  # every version: 3.x
 
 
 def test_the_servers_warnings_are_dropped_and_nothing_passes_once_it_is_stopped(capfd):

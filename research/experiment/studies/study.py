@@ -287,6 +287,7 @@ def _run_and_finish(
         return 1
     if final and not _refit_best(study, config, splits, parent, say):
         return 1
+    _describe(study, config, parent)
     if failed:
         parent.end(RunEnd.FAIL, failure)
     say(
@@ -330,6 +331,22 @@ def _summary(
     return best
 
 
+def _describe(study: Any, config: StudyConfig, parent: Any) -> None:
+    """The parent run's description: trials by state, the best, the refit and champion."""
+    from research.experiment.tracking.study_runs import describe_parent
+
+    counts: dict[str, int] = {}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+    best = study.best_trial
+    describe_parent(
+        parent,
+        config.name,
+        counts,
+        f"trial {best.number}: {config.objective} {format_value(config, best.value)}",
+    )
+
+
 def _refit_best(
     study: Any,
     config: StudyConfig,
@@ -345,7 +362,7 @@ def _refit_best(
     told) if it diverged."""
     from types import SimpleNamespace
 
-    from research.experiment.tracking.models import fail_abandoned_models
+    from research.experiment.tracking.pending_models import fail_abandoned_models
 
     data, x_train, labels_train = splits
     if abandoned := fail_abandoned_models(parent):

@@ -8,9 +8,9 @@ example, and pip requirements passed explicitly (MLflow infers none: no environm
 extra load of the model to capture imports). :func:`publish_champion` registers a study's refit
 best under the study's name and points the alias ``champion`` at it, only if it is the refit of
 the study's best trial (checked under the store's lock when the alias moves);
-:func:`fail_abandoned_models` closes models a killed process left PENDING; :func:`load_model`
-loads a model by URI (``models:/<study>@champion``, ``models:/<model id>``). docs/models.md tells
-how to serve and call one.
+:func:`.pending_models.fail_abandoned_models` closes models a killed process left PENDING;
+:func:`load_model` loads a model by URI (``models:/<study>@champion``, ``models:/<model id>``).
+docs/models.md tells how to serve and call one.
 
 The contract, the same for every run (whatever its ``raw_inputs``):
 
@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from research.experiment.tracking.processes import process_alive, process_identity
+from research.experiment.tracking.pending_models import TAG_WRITER
+from research.experiment.tracking.processes import process_identity
 from research.experiment.tracking.stores import (
     TrackingError,
     mlflow_client,
@@ -188,7 +188,7 @@ def log_model(
             source_run_id=run.run_id,
             params={**config.as_texts(), **described},
             model_type="mlp" if network is None else "layers",
-            tags={**(tags or {}), TAG_WRITER: process_identity()},
+            tags={**(tags or {}), TAG_WRITER: process_identity()},  # (pending_models.py)
         )
         try:
             weights = Path(folder) / "weights.npz"
@@ -428,7 +428,24 @@ def _register(run: OpenRun, name: str, model_uri: str, tags: dict[str, Any]) -> 
             model_id=model_uri.removeprefix("models:/"),
             await_creation_for=0,
         )
+        _link_version(client, model_uri.removeprefix("models:/"), name, str(version.version))
     return str(version.version)
+
+
+def _link_version(client: Any, model_id: str, name: str, version: str) -> None:
+    """Names the registered version on the LoggedModel (its tag ``mlflow.modelVersions``), as
+    ``mlflow.register_model`` does and ``create_model_version`` does not: the UI's model page
+    reads it, and says "Not registered" (offering to register a duplicate) without it."""
+    import json
+
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    linked = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+    entry = {"name": name, "version": version}
+    if entry not in linked:
+        client.set_logged_model_tags(
+            model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*linked, entry])}
+        )
 
 
 def settle_alias(client: Any, name: str, run_id: str, ours: str, tracking_uri: str) -> str:
@@ -456,48 +473,3 @@ def settle_alias(client: Any, name: str, run_id: str, ours: str, tracking_uri: s
                 break
             client.set_registered_model_alias(name, CHAMPION, best)
     return holder or ours
-
-
-# --- LoggedModels left PENDING -------------------------------------------------------------------
-
-#: Tag of a LoggedModel: the process logging it, ``host:pid:start time``.
-TAG_WRITER = "research.writer"
-#: A PENDING model whose writer runs on another host (or is not named) is taken as abandoned
-#: once this old: logging one takes seconds.
-ABANDONED_SECONDS = 600
-
-
-def _abandoned(model: Any, now: float) -> bool:
-    """Whether a PENDING LoggedModel's writer is gone: on this host, its process; elsewhere
-    (or unnamed), after :data:`ABANDONED_SECONDS`."""
-    alive = process_alive(model.tags.get(TAG_WRITER, ""))
-    if alive is not None:
-        return not alive
-    return now - model.creation_timestamp / 1000 > ABANDONED_SECONDS
-
-
-def fail_abandoned_models(run: OpenRun) -> list[str]:
-    """Marks FAILED the LoggedModels of ``run``'s experiment (a study's: a few refits) left
-    PENDING by a process that died while logging them (``kill -9``: MLflow never finalized
-    them); returns their ids. Their run tells nothing: a study's parent is RUNNING again while
-    the next command works."""
-    from mlflow.entities import LoggedModelStatus
-
-    now, found, token = time.time(), [], None
-    with store_writes(run.tracking_uri):
-        # All of them, sorted out here: MLflow's SQL stores keep the status as a number, so a
-        # filter on it matches nothing in SQLite and is an error in PostgreSQL.
-        while True:
-            page = run.client.search_logged_models(
-                [run.experiment_id], max_results=100, page_token=token
-            )
-            found += [m for m in page if m.status == LoggedModelStatus.PENDING]
-            if not (token := page.token):
-                break
-        failed = [model.model_id for model in found if _abandoned(model, now)]
-        for model_id in failed:
-            run.client.set_logged_model_tags(
-                model_id, {"research.error": "its process died while logging it"}
-            )
-            run.client.finalize_logged_model(model_id, "FAILED")
-    return failed

@@ -18,6 +18,7 @@ from typing import Any
 
 from research.experiment.tracking.runs import (
     TAG_COMMIT,
+    TAG_NOTE,
     TAG_PARENT,
     TAG_ROLE,
     TAG_STATE,
@@ -251,3 +252,27 @@ class StudyTracker:
                     self.client, run.info.run_id, self.experiment_id, self.tracking_uri
                 )
                 closing.end(RunEnd.of_state(state), reason)
+
+
+def describe_parent(parent: Any, name: str, counts: dict[str, int], best: str) -> str:
+    """Sets the study's parent run's description (what MLflow's UI shows on its page) and
+    returns it: the trials by state, the best trial (``best``, e.g. ``trial 7: val/accuracy
+    98.12%``), and the refit's test accuracy and champion version when there is one:
+    ``12 trials: 8 COMPLETE, 3 PRUNED, 1 FAIL. Best trial 7: val/accuracy 98.12%. Refit of
+    trial 7: test accuracy 98.05%, registered as mnist_mlp version 3 (@champion).``"""
+    from research.experiment.tracking.models import current_champion
+
+    total = sum(counts.values())
+    states = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    note = f"{total} trials: {states}. Best {best}."
+    with store_writes(parent.tracking_uri):
+        data = parent.client.get_run(parent.run_id).data
+    refit, accuracy = data.tags.get("refit_trial"), data.metrics.get("test_accuracy")
+    champion = current_champion(parent, name)
+    if refit is not None and accuracy is not None:
+        note += f" Refit of trial {refit}: test accuracy {100 * accuracy:.2f}%"
+        if champion is not None and champion.refit is not None:
+            note += f", registered as {name} version {champion.version} (@champion)"
+        note += "."
+    parent.set_tags({TAG_NOTE: note})
+    return note

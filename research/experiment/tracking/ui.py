@@ -403,6 +403,16 @@ def say_links(base: str, say: Callable[[str], None]) -> None:
             say(f"  {kind + ':':<7} {link}")
     if not columns:
         say("(to see the metrics, add their columns with Columns: see docs/tracking.md)")
+    say(MODE_HINT)
+
+
+#: MLflow 3 keeps its mode per browser (local storage ``mlflow.workflowType``, GenAI unless set);
+#: the links above carry ``workflowType=machine_learning``, but pages reached by clicking fall
+#: back to GenAI until the toggle is clicked once (docs/tracking.md).
+MODE_HINT = (
+    'first time in this browser: click "Model training" at the top left of the page once, or '
+    "MLflow opens trials and experiments reached by clicking in its GenAI mode"
+)
 
 
 # --- MLflow's saved view: undocumented, written only for the versions whose format is known ----

@@ -9,8 +9,12 @@ from research.experiment.training.train import EpochMetrics
 
 
 def plot_loss_curves(history: Sequence[EpochMetrics], ax) -> None:
-    """Train and validation loss per epoch on ``ax``, validation accuracy on a twin axis."""
-    epochs = [m.epoch for m in history]
+    """Train and validation loss per epoch on ``ax``, validation accuracy on a twin axis;
+    epochs counted from 1, as the command line and the report count them."""
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [m.epoch + 1 for m in history]
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.plot(epochs, [m.train_loss for m in history], label="train/loss", color="tab:blue")
     ax.plot(epochs, [m.val_loss for m in history], label="val/loss", color="tab:orange")
     ax.set_xlabel("epoch")
