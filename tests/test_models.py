@@ -351,5 +351,19 @@ def test_mlflow_models_serve_answers_for_the_champion_over_rest(
         assert refused.value.code == 400
         assert "pixels scaled to [0, 1]" in json.loads(refused.value.read())["message"]
         refused.value.close()
+        # null (JSON's NaN) is named as such, not as a range "from nan to nan"
+        holes = x.tolist()
+        holes[0][:3] = [None, None, None]
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps({"inputs": holes}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        message = json.loads(refused.value.read())["message"]
+        refused.value.close()
+        assert refused.value.code == 400
+        assert "3 inputs are NaN (null or NaN in the request) and 0 infinite" in message, message
     log.close()
     assert wait_until_gone(server.pid) == [], "the server's process group outlived the test"

@@ -56,7 +56,15 @@ def _check_range(x: Any) -> None:
     import numpy as np
     from mlflow.exceptions import MlflowException
 
-    if x.size and not (np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
+    finite = np.isfinite(x)
+    if not finite.all():
+        missing = int(np.isnan(x).sum())
+        raise MlflowException.invalid_parameter_value(
+            f"{missing} inputs are NaN (null or NaN in the request) and "
+            f"{int((~finite).sum()) - missing} infinite: the model takes finite pixels scaled "
+            "to [0, 1]"
+        )
+    if x.size and not (x.min() >= 0 and x.max() <= 1):
         raise MlflowException.invalid_parameter_value(
             f"inputs range from {x.min():g} to {x.max():g}: the model takes pixels "
             "scaled to [0, 1] (pixel / 255), whatever scale the network trained on"
