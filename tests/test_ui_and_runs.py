@@ -50,6 +50,8 @@ from research.experiment.studies.trials import ATTR_MLFLOW_EXPERIMENT, ATTR_MLFL
 from research.experiment.tracking import ui
 from research.experiment.tracking.runs import RunEnd, start_run
 from research.experiment.tracking.ui import (
+    COMPLETE_FILTER,
+    COMPLETE_VIEW_KEY,
     MODE_HINT,
     TRAIN_PARAMS,
     VIEW_KEY,
@@ -66,7 +68,7 @@ from research.experiment.tracking.weights import load_weights
 from research.experiment.training.train import DivergenceError, EpochMetrics
 
 NOTE = "mlflow.note.content"
-LINK = re.compile(r"^  (runs|charts): +(http://\S+)$")
+LINK = re.compile(r"^  (runs|charts|complete): +(http://\S+)$")
 
 
 @dataclass
@@ -133,7 +135,11 @@ def test_runs_say_how_they_ended_who_made_them_and_how_to_load_their_weights(sto
     parents, children = study_runs(store.uri)
     (parent,) = parents
     check_source(parent, "study")
-    assert NOTE not in parent.data.tags  # the study command describes its parent
+    # the study command describes its parent: its trials and the best (no refit: --no-final)
+    best = load_optuna_study(store.folder).best_trial
+    assert parent.data.tags[NOTE] == (
+        f"3 trials: 3 COMPLETE. Best trial {best.number}: val/accuracy {100 * best.value:.2f}%."
+    )
     for number, run in by_trial_number(children).items():
         check_source(run, "study")
         accuracy = history(store.uri, run.info.run_id, "val/accuracy")[-1][1]
@@ -240,24 +246,25 @@ def test_ui_prints_links_to_the_best_runs_that_answer_and_stops_quietly(store, t
     base = f"http://127.0.0.1:{port}"
     with out.open("w") as stdout, err.open("w") as stderr:
         with started(command, tmp_path, env=env, stdout=stdout, stderr=stderr) as ui:
-            # the banner, then 3 lines per experiment: the study's, then train's; the mode hint
-            lines = wait_for_lines(out, ui, 8)
-            assert lines[7] == MODE_HINT
+            # the banner; the study's title and 3 links; train's title and 2; the mode hint
+            lines = wait_for_lines(out, ui, 9)
+            assert lines[8] == MODE_HINT
             assert lines[0] == f"MLflow UI on {base} over {store.uri} (Ctrl-C stops it)"
             study_id = mlflow_client(store.uri).get_experiment_by_name(STUDY).experiment_id
             (train,) = train_runs(store.uri)
             assert lines[1] == f"study {STUDY} (experiment {study_id}), best val/accuracy first:"
             train_id = train.info.experiment_id
             assert (
-                lines[4]
+                lines[5]
                 == f"train runs in 'train' (experiment {train_id}), best val/accuracy first:"
             )
             links = {}
             for line, kind, experiment_id in (
                 (lines[2], "runs", study_id),
                 (lines[3], "charts", study_id),
-                (lines[5], "runs", train_id),
-                (lines[6], "charts", train_id),
+                (lines[4], "complete", study_id),
+                (lines[6], "runs", train_id),
+                (lines[7], "charts", train_id),
             ):
                 match = LINK.match(line)
                 assert match and match[1] == kind, line
@@ -272,7 +279,8 @@ def test_ui_prints_links_to_the_best_runs_that_answer_and_stops_quietly(store, t
                 assert page == f"{base}/"
                 path, _, query = fragment.partition("?")
                 assert path == f"/experiments/{experiment_id}/runs"
-                expected = {"workflowType": ["machine_learning"], "viewStateShareKey": [VIEW_KEY]}
+                key = COMPLETE_VIEW_KEY if kind == "complete" else VIEW_KEY
+                expected = {"workflowType": ["machine_learning"], "viewStateShareKey": [key]}
                 if kind == "charts":
                     expected["compareRunsMode"] = ["CHART"]
                 assert urllib.parse.parse_qs(query) == expected, link
@@ -325,7 +333,7 @@ def test_ui_prints_links_to_the_best_runs_that_answer_and_stops_quietly(store, t
     # stopping the server printed nothing: no CancelledError traceback, no warnings, no
     # access log lines
     assert err.read_text() == ""
-    assert len(out.read_text().splitlines()) == 7
+    assert len(out.read_text().splitlines()) == 9
 
 
 def test_links_without_a_saved_view_carry_the_sort_in_the_url():
@@ -415,15 +423,22 @@ def test_the_saved_view_is_written_only_for_an_mlflow_whose_format_is_known(
     say_links(stub_mlflow, said.append)
     err = capsys.readouterr().err
     links = [line.split()[-1] for line in said if line.startswith("  ")]
-    assert len(links) == 4  # runs and charts, of the study and of the train runs
+    assert len(links) == 5  # runs and charts, of the study and of the train runs; complete
+    complete_tag = f"mlflow.sharedViewState.{COMPLETE_VIEW_KEY}"
     if version.startswith("3.17."):
-        assert [body["key"] for body in StubMLflow.tags_written] == [VIEW_TAG, VIEW_TAG]
-        assert all(f"viewStateShareKey={VIEW_KEY}" in link for link in links)
+        written = [body["key"] for body in StubMLflow.tags_written]
+        assert written == [VIEW_TAG, complete_tag, VIEW_TAG]  # the study's two, train's one
+        assert all(f"viewStateShareKey={VIEW_KEY}" in link for link in links[:2] + links[3:])
+        assert f"viewStateShareKey={COMPLETE_VIEW_KEY}" in links[2]
+        complete = json.loads(json.loads(StubMLflow.tags_written[1]["value"])["state"])
+        assert complete["searchFilter"] == COMPLETE_FILTER
         assert err == ""
     else:
         assert StubMLflow.tags_written == []
         assert not any("viewStateShareKey" in link for link in links)
         assert all("orderByKey=metrics.%60val/" in link for link in links)
+        query = urllib.parse.parse_qs(links[2].partition("?")[2])
+        assert query["searchFilter"] == [COMPLETE_FILTER]  # the filter in the URL instead
         assert err.count("note:") == 1 and f"MLflow {version} may save views differently" in err
         assert said[-2].startswith("(to see the metrics, add their columns")
     assert said[-1] == ui.MODE_HINT and '"Model training"' in said[-1]  # every version: 3.x

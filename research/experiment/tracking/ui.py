@@ -276,6 +276,10 @@ class Linked:
     tags: dict[str, str]  # the experiment's tags as listed
 
     @property
+    def is_study(self) -> bool:
+        return self.title.startswith("study ")
+
+    @property
     def metrics(self) -> tuple[str, ...]:
         """The metric columns of its view: the objective, then the others of VIEW_METRICS."""
         return (self.objective, *(m for m in VIEW_METRICS if m != self.objective))
@@ -350,13 +354,18 @@ def linked_experiments(base: str) -> list[Linked]:
     return [linked for _, linked in by_name]
 
 
-def runs_link(base: str, linked: Linked, view: bool, chart: bool = False) -> str:
+def runs_link(
+    base: str, linked: Linked, view: bool, chart: bool = False, complete: bool = False
+) -> str:
     """The link to an experiment's runs, best first: through its saved view (the sort and the
-    columns), else with the sort alone in the URL (a URL with a sort ignores a view)."""
+    columns), else with the sort alone in the URL (a URL with a sort ignores a view). With
+    ``complete``, a study's COMPLETE trials only (:data:`COMPLETE_FILTER`): its own view."""
     query = {"workflowType": "machine_learning"}
     if view:
-        query["viewStateShareKey"] = VIEW_KEY
+        query["viewStateShareKey"] = COMPLETE_VIEW_KEY if complete else VIEW_KEY
     else:
+        if complete:
+            query["searchFilter"] = COMPLETE_FILTER
         query["orderByKey"] = f"metrics.`{linked.objective}`"
         query["orderByAsc"] = "true" if linked.ascending else "false"
     if chart:
@@ -395,23 +404,28 @@ def say_links(base: str, say: Callable[[str], None]) -> None:
             "runs": runs_link(base, experiment, view),
             "charts": runs_link(base, experiment, view, chart=True),
         }
+        if experiment.is_study:  # pruned trials rank by their last epoch: these rank alone
+            complete_view = view and ensure_view(base, experiment, complete=True)
+            links["complete"] = runs_link(base, experiment, complete_view, complete=True)
         if not all(answers_200(link) for link in links.values()):
             print(f"note: the MLflow UI does not answer {links['runs']}", file=sys.stderr)
             continue
         say(f"{experiment.title}, best {experiment.objective} first:")
         for kind, link in links.items():
-            say(f"  {kind + ':':<7} {link}")
+            say(f"  {kind + ':':<9} {link}")
     if not columns:
         say("(to see the metrics, add their columns with Columns: see docs/tracking.md)")
     say(MODE_HINT)
 
 
-#: MLflow 3 keeps its mode per browser (local storage ``mlflow.workflowType``, GenAI unless set);
-#: the links above carry ``workflowType=machine_learning``, but pages reached by clicking fall
-#: back to GenAI until the toggle is clicked once (docs/tracking.md).
+#: MLflow 3.17 keeps its mode and a runs table's columns per browser (local storage): the links
+#: above carry ``workflowType=machine_learning`` and a saved view, but pages reached by clicking
+#: fall back to GenAI mode until the toggle is clicked once, and a reload (its URL has a sort
+#: then) drops the view's columns until the view is made the browser's own (docs/tracking.md).
 MODE_HINT = (
-    'first time in this browser: click "Model training" at the top left of the page once, or '
-    "MLflow opens trials and experiments reached by clicking in its GenAI mode"
+    'first time in this browser: where a page opens in GenAI mode ("Evaluations"), click "Model '
+    'training" at the top left, and on each runs page click "Override saved view", once each: '
+    "then pages stay in model-training mode, and reloads and bookmarks keep the columns"
 )
 
 
@@ -420,6 +434,10 @@ MODE_HINT = (
 #: The saved view ``ui`` gives each experiment it links to (MLflow's *Views* menu).
 VIEW_KEY = "research-best-first"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+#: The second view of a study: its COMPLETE trials only, best first (a pruned trial's last
+#: val/accuracy, of an early epoch, would otherwise rank among them).
+COMPLETE_VIEW_KEY = "research-complete-best-first"
+COMPLETE_FILTER = f"tags.`{TAG_STATE}` = 'COMPLETE' and tags.`{TAG_ROLE}` = 'trial'"
 #: The MLflow versions (major, minor) whose saved-view format :func:`ensure_view` writes: that
 #: of MLflow 3.17, read in its JS bundle (docs/tracking.md). Any other version gets no view.
 SAVED_VIEW_VERSIONS = ((3, 17),)
@@ -449,10 +467,12 @@ def saved_views_known(version: str | None = None) -> bool:
     return False
 
 
-def view_state(linked: Linked) -> dict[str, Any]:
-    """The view as MLflow 3.17 saves it: search facets (the sort) and the runs table's columns
-    (MLflow's column keys: ``metrics.`val/accuracy```, ``params.`...```)."""
+def view_state(linked: Linked, complete: bool = False) -> dict[str, Any]:
+    """The view as MLflow 3.17 saves it: search facets (the sort; the filter of COMPLETE trials
+    with ``complete``) and the runs table's columns (MLflow's column keys:
+    ``metrics.`val/accuracy```, ``params.`...```)."""
     return {
+        **({"searchFilter": COMPLETE_FILTER} if complete else {}),
         "orderByKey": f"metrics.`{linked.objective}`",
         "orderByAsc": linked.ascending,
         "selectedColumns": [
@@ -463,20 +483,23 @@ def view_state(linked: Linked) -> dict[str, Any]:
     }
 
 
-def ensure_view(base: str, linked: Linked) -> bool:
-    """Whether the experiment has the saved view :data:`VIEW_KEY`, writing it if it has none
-    (one that exists is kept: the user may have changed it in the UI). False if it cannot be
-    written (a read-only store). Only for an MLflow of :data:`SAVED_VIEW_VERSIONS`."""
-    if VIEW_TAG in linked.tags:
+def ensure_view(base: str, linked: Linked, complete: bool = False) -> bool:
+    """Whether the experiment has the saved view :data:`VIEW_KEY` (with ``complete``,
+    :data:`COMPLETE_VIEW_KEY`), writing it if it has none (one that exists is kept: the user may
+    have changed it in the UI). False if it cannot be written (a read-only store). Only for an
+    MLflow of :data:`SAVED_VIEW_VERSIONS`."""
+    tag = f"mlflow.sharedViewState.{COMPLETE_VIEW_KEY}" if complete else VIEW_TAG
+    if tag in linked.tags:
         return True
     now = int(time.time() * 1000)
+    name = f"{'complete trials, ' if complete else ''}best {linked.objective} first"
     envelope = {  # MLflow 3.17's saved view: its name, times, and the state as JSON text
-        "name": f"best {linked.objective} first",
+        "name": name,
         "createdAt": now,
         "updatedAt": now,
-        "state": json.dumps(view_state(linked)),
+        "state": json.dumps(view_state(linked, complete)),
     }
-    body = {"experiment_id": linked.experiment_id, "key": VIEW_TAG, "value": json.dumps(envelope)}
+    body = {"experiment_id": linked.experiment_id, "key": tag, "value": json.dumps(envelope)}
     try:
         _api(base, "experiments/set-experiment-tag", body)
     except (OSError, ValueError):  # (urllib's HTTPError and URLError are OSErrors)
