@@ -12,7 +12,6 @@ import base64
 import itertools
 import json
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -32,12 +31,6 @@ def chromium_path() -> str | None:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Browser:
     """One headless Chromium page: navigate, evaluate, wait on conditions, click, screenshot."""
 
@@ -45,34 +38,42 @@ class Browser:
         import websocket
 
         self.profile = tempfile.mkdtemp(prefix="research-chromium-")
-        port = _free_port()
+        # Port 0: Chromium picks a free one and writes it in the profile (no race with another
+        # process picking the same); /dev/shm may be small in a container.
         self.process = subprocess.Popen(
             [
                 executable, "--headless=new", "--no-sandbox", "--disable-gpu",
-                "--no-first-run", "--disable-extensions",
-                f"--remote-debugging-port={port}", "--remote-debugging-address=127.0.0.1",
+                "--disable-dev-shm-usage", "--no-first-run", "--disable-extensions",
+                "--remote-debugging-port=0", "--remote-debugging-address=127.0.0.1",
                 f"--user-data-dir={self.profile}", f"--window-size={width},{height}",
                 "about:blank",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        page = self._page(port)
-        self.socket = websocket.create_connection(
-            page["webSocketDebuggerUrl"], timeout=PAGE_WAIT, suppress_origin=True
-        )
+        try:
+            page = self._page()
+            self.socket = websocket.create_connection(
+                page["webSocketDebuggerUrl"], timeout=PAGE_WAIT, suppress_origin=True
+            )
+        except BaseException:
+            self._stop()
+            raise
         self.ids = itertools.count(1)
         self.call("Page.enable")
         self.call("Runtime.enable")
 
-    def _page(self, port: int) -> dict[str, Any]:
-        """The first page target, once the protocol's HTTP endpoint answers."""
+    def _page(self) -> dict[str, Any]:
+        """The first page target, once Chromium has written its port and the protocol's HTTP
+        endpoint answers."""
         deadline = time.monotonic() + 30
+        active = Path(self.profile) / "DevToolsActivePort"
         while True:
             try:
+                port = int(active.read_text().split()[0])
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/json", timeout=2) as r:
                     return next(t for t in json.loads(r.read()) if t["type"] == "page")
-            except (OSError, StopIteration, ValueError):
+            except (OSError, StopIteration, ValueError, IndexError):
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("chromium did not open its DevTools port") from None
                 time.sleep(0.1)
@@ -112,22 +113,32 @@ class Browser:
             time.sleep(0.2)
 
     def open(self, url: str) -> None:
+        """Loads ``url`` as a new document (through about:blank: two addresses that differ only
+        after ``#`` would otherwise share one page, and the last one's content)."""
+        self.call("Page.navigate", url="about:blank")
+        self.wait("location.href === 'about:blank'", "about:blank")
         self.call("Page.navigate", url=url)
+        self.wait("location.href !== 'about:blank'", f"navigating to {url}")
 
     def reload(self) -> None:
+        """Reloads the page and waits for the new document (a marker left in the old one is
+        gone), so that nothing is read from the page being replaced."""
+        self.evaluate("window.__researchOldPage = true")
         self.call("Page.reload")
+        self.wait("!window.__researchOldPage && document.readyState === 'complete'", "the reload")
 
     def text(self) -> str:
         return self.evaluate("document.body ? document.body.innerText : ''")
 
     def click_text(self, text: str, selector: str = "a, button, label, span") -> bool:
-        """Clicks the first element of ``selector`` whose visible text is ``text``."""
+        """Clicks the first element of ``selector`` whose visible text is ``text``, once there
+        is one (TimeoutError if none comes); True."""
         script = (
             f"(() => {{ const e = Array.from(document.querySelectorAll({json.dumps(selector)}))"
             f".find(e => e.innerText && e.innerText.trim() === {json.dumps(text)});"
             " if (!e) return false; e.click(); return true; })()"
         )
-        return bool(self.evaluate(script))
+        return bool(self.wait(script, f"an element ({selector}) reading {text!r} to click"))
 
     def screenshot(self, path: Path) -> Path:
         data = self.call("Page.captureScreenshot", format="png")["data"]
@@ -138,10 +149,13 @@ class Browser:
         try:
             self.socket.close()
         finally:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            shutil.rmtree(self.profile, ignore_errors=True)
+            self._stop()
+
+    def _stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        shutil.rmtree(self.profile, ignore_errors=True)

@@ -125,8 +125,8 @@ def test_every_printed_link_shows_the_runs_and_a_reload_keeps_them(served, brows
     columns_shown(browser, "the runs link before the override")
     assert browser.click_text("Override saved view", "button")
     browser.wait("!document.body.innerText.includes('Override saved view')", "the override")
-    browser.reload()
-    browser.wait("document.readyState === 'complete'", "the reload")
+    browser.reload()  # (the URL now carries the sort, which makes MLflow ignore the saved view)
+    assert "orderByKey" in browser.evaluate("location.href")
     columns_shown(browser, "the runs page after a reload")
     browser.screenshot(tmp_path / "reloaded.png")
 

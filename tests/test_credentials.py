@@ -56,7 +56,7 @@ def ui_output(uri: str, cwd: Path, seconds: float = 120) -> str:
         assert process.stdout is not None
         for line in process.stdout:
             lines.append(line)
-            if "charts:" in line:  # the last kind of link it prints
+            if line.startswith("first time in this browser"):  # its last line: the hint
                 linked.set()
 
     reader = threading.Thread(target=read, daemon=True)

@@ -234,6 +234,22 @@ class Needs:
     def backward(self, params, cache, dy):
         return dy, {}
 
+class OnlyY:
+    def init(self, rng, in_shape, dtype):
+        return {}
+    def forward(self, params, x, xp):
+        return x
+    def backward(self, params, cache, dy):
+        return dy, {}
+
+class Broken:
+    def init(self, rng, in_shape, dtype):
+        return {}
+    def forward(self, params, x, xp):
+        return x.nonexistent, None
+    def backward(self, params, cache, dy):
+        return dy, {}
+
 not_a_layer = 3
 """
 
@@ -243,10 +259,11 @@ not_a_layer = 3
     [
         ("NumpyForward", "its forward does not run under jax.numpy (TracerArrayConversionError"),
         ("NoBackward", "it has no backward method; a layer needs init(rng, in_shape, dtype)"),
-        ("Nope", "defines no 'Nope' (its classes: Needs, NoBackward, NumpyForward)"),
+        ("Nope", "defines no 'Nope' (its classes: Broken, Needs, NoBackward, NumpyForward,"),
         ("Needs", "Needs() failed: TypeError:"),
         ("Needs(1.5,2)", "Needs(1.5, 2) failed: TypeError:"),
         ("not_a_layer", "it has no init, forward, backward method"),
+        ("OnlyY", "forward must return (y, cache), a pair"),
     ],
 )
 def test_a_file_that_cannot_be_used_is_one_line_exit_2(tmp_path, capsys, target, message):
@@ -263,6 +280,9 @@ def test_a_file_that_cannot_be_used_is_one_line_exit_2(tmp_path, capsys, target,
     [
         (["nofile.py:X"], "nofile.py:X: no file nofile.py (from "),
         (["my_layers.Swish"], "'my_layers.Swish' is not FILE.py:NAME"),
+        ([f"{EXAMPLE}:Swish dense(3)"], "is not FILE.py:NAME"),
+        (["my dir/x.py:A"], "the path may hold no spaces, colons, parentheses or commas"),
+        ([f"{EXAMPLE}:Swish", "--seed", "-1"], "--seed -1 is not allowed"),
         ([f"{EXAMPLE}:Swish", "--batch-size", "0"], "--batch-size 0 is not allowed"),
     ],
 )
@@ -288,6 +308,32 @@ def test_an_import_error_names_its_line_and_no_traceback(tmp_path):
     )  # fmt: skip
     assert bad_shape.returncode == 2 and "is no shape" in bad_shape.stderr
     assert "Traceback" not in result.stderr + bad_shape.stderr
+
+
+class RaisesOnChannelsLast(Square):
+    """Right, but its backward refuses inputs in channels-last memory: the one check that hands
+    it such inputs fails, with what it raised (exit 1, not 2)."""
+
+    def backward(self, params, cache, dy):
+        if cache.ndim == 4 and cache.strides[1] < cache.strides[3]:
+            raise ValueError("channels-last memory is not supported")
+        return super().backward(params, cache, dy)
+
+
+def test_a_check_in_which_the_layer_raises_fails_with_what_it_raised():
+    report = check_layer(RaisesOnChannelsLast())
+    assert failed_checks(report) == {"channels-last inputs, float64"}
+    (failure,) = report.failures()
+    assert "the layer's code: raised ValueError: channels-last memory is not supported" in failure
+
+
+def test_a_user_layer_that_raises_is_one_line_in_a_layers_value(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("broken.py").write_text(BROKEN)
+    code, _, err = run_cli(["train", "--layers", "dense(8) broken.py:Broken", "--no-track"])
+    assert code == 2 and "Traceback" not in err
+    (line,) = err.splitlines()
+    assert "a layer of your own raised AttributeError:" in line and "verify-layer" in line
 
 
 # --- loading ------------------------------------------------------------------------------------

@@ -165,13 +165,15 @@ def noisy_params(
 
 
 def strided(array: np.ndarray) -> np.ndarray:
-    """The same values in non-contiguous memory: every other element of a buffer twice as long
-    in the last axis (a view whose strides no C- or Fortran-ordered array has)."""
+    """The same values in non-contiguous memory: every other element of a wider buffer, whose
+    rows are one element longer still (so that no single stride walks the array: reshaping it
+    to one axis must copy, as it must for slices and transposes of other arrays)."""
     array = np.asarray(array)
     if array.ndim == 0:
         return array
-    buffer = np.zeros((*array.shape[:-1], 2 * array.shape[-1]), array.dtype)
-    view = buffer[..., ::2]
+    width = 2 * array.shape[-1] + (1 if array.ndim > 1 else 0)
+    buffer = np.zeros((*array.shape[:-1], width), array.dtype)
+    view = buffer[..., : 2 * array.shape[-1] : 2]
     view[...] = array
     return view
 

@@ -154,9 +154,15 @@ def _refusal(layer: Layer, shape: Shape) -> str | None:
         params = layer.init(rng, shape, np.float64)
         x = np.zeros((2, *shape))
         extras = draw_extras(layer, rng, x, np.dtype(np.float64), training=True)
-        layer.forward(params, x, np, **extras)
+        if not isinstance(params, dict):
+            return f"init returned {type(params).__name__}, not a dict of arrays ({{}} for none)"
+        out = layer.forward(params, x, np, **extras)
     except Exception as error:  # the user's code: any error means it cannot run here
         return f"{type(error).__name__}: {error}".splitlines()[0]
+    if not (isinstance(out, tuple) and len(out) == 2):
+        return "forward must return (y, cache), a pair"
+    if np.ndim(out[0]) < 1 or np.shape(out[0])[0] != 2:
+        return f"forward's y has shape {np.shape(out[0])}, not (B, ...) for a batch of B = 2"
     return None
 
 
@@ -176,25 +182,40 @@ def _sections(
         "reference": reference,
     }
 
-    def autodiff(check: str, **more: Any) -> Section:
-        verdict = verify_layer(layer, shape, **options, **more)
-        return Section(check, shape, mode, verdict.checks)
+    def autodiff(**more: Any) -> tuple[ArrayCheck, ...]:
+        return verify_layer(layer, shape, **options, **more).checks
 
-    return [
-        autodiff("autodiff float64"),
-        Section(
-            "finite differences float64", shape, mode, _finite_differences(layer, shape, options)
-        ),
-        autodiff("autodiff float32", dtype=np.float32),
-        autodiff("non-contiguous inputs, float64", contiguous=False),
+    checks: list[tuple[str, Callable[[], Any]]] = [
+        ("autodiff float64", autodiff),
+        ("finite differences float64", lambda: _finite_differences(layer, shape, options)),
+        ("autodiff float32", lambda: autodiff(dtype=np.float32)),
+        ("non-contiguous inputs, float64", lambda: autodiff(contiguous=False)),
         *(
-            [autodiff("channels-last inputs, float64", sample=channels_last)]
+            [("channels-last inputs, float64", lambda: autodiff(sample=channels_last))]
             if len(shape) == 3
             else []
         ),
-        _per_sample(layer, shape, mode, options),
-        Section("inputs unchanged", shape, mode, _unchanged(layer, shape, options)),
+        ("per sample against batched, float64", lambda: _per_sample(layer, shape, options)),
+        ("inputs unchanged", lambda: _unchanged(layer, shape, options)),
     ]
+    sections = []
+    for name, run in checks:
+        try:
+            found = run()
+        except Exception as error:  # the layer's code raised in this check: it fails it
+            text = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            if type(error).__module__.startswith("jax") or "Tracer" in text:
+                raise LayerUnusable(
+                    f"{describe(layer)}: its forward does not run under jax.numpy ({text}); "
+                    "write it with the xp it is given (xp.exp, xp.maximum, x.reshape), not "
+                    "numpy's functions"
+                ) from None
+            found = (ArrayCheck("the layer's code", (), np.inf, np.inf, problem=f"raised {text}"),)
+        if isinstance(found, str):  # a check that does not apply, and why
+            sections.append(Section(name, shape, mode, skipped=found))
+        else:
+            sections.append(Section(name, shape, mode, tuple(found)))
+    return sections
 
 
 def channels_last(rng: np.random.Generator, shape: Shape, dtype: Any) -> np.ndarray:
@@ -260,9 +281,11 @@ def _finite_differences(layer: Layer, shape: Shape, options: dict[str, Any]) -> 
     return tuple(rows)
 
 
-def _per_sample(layer: Layer, shape: Shape, mode: str, options: dict[str, Any]) -> Section:
-    """Each example alone against its row of the batch, when the layer does not couple them."""
-    name = "per sample against batched, float64"
+def _per_sample(
+    layer: Layer, shape: Shape, options: dict[str, Any]
+) -> tuple[ArrayCheck, ...] | str:
+    """Each example alone against its row of the batch, when the layer does not couple them
+    (else why not, as text)."""
     params, x, extras, rng = _draw(layer, shape, options)
     y, cache = layer.forward(params, x, np, **extras)
     dy = rng.standard_normal(np.shape(y))
@@ -278,10 +301,9 @@ def _per_sample(layer: Layer, shape: Shape, mode: str, options: dict[str, Any]) 
         alone_grads.append(gi)
     output = compare_arrays("output y", np.concatenate(alone_y), y, *tol.for_tree([{"y": y}]))
     if not output.passed:
-        why = (
+        return (
             "skipped: the layer couples the batch (an example's output alone differs from its row)"
         )
-        return Section(name, shape, mode, skipped=why)
     rows = [
         compare_arrays(
             "input gradient dx", np.concatenate(alone_dx), dx, *tol.for_tree([{"dx": dx}])
@@ -304,7 +326,7 @@ def _per_sample(layer: Layer, shape: Shape, mode: str, options: dict[str, Any]) 
                 *tol.for_tree([{"g": grads[key]}]),
             )
         )
-    return Section(name, shape, mode, tuple(rows))
+    return tuple(rows)
 
 
 def _example(extras: dict[str, Any], i: int, batch: int) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import numpy as np
 from research.data import N_CLASSES
 from research.engine.layers.parse import ALLOWED as TOKENS
 from research.engine.layers.parse import LayersError, build_network
+from research.engine.layers.user_file import USER_LAYER
 from research.engine.network import Network
 
 #: One image as the layers see it: (channels, height, width).
@@ -61,12 +62,31 @@ def layers_network(text: str, **fields: Any) -> Network:
         raise
     except ValueError as error:  # a layer's own constructor refusing an argument
         raise LayersError(str(error)) from None
+    except Exception as error:  # a user layer's own code, run to find its output's shape
+        if not USER_LAYER.search(text):
+            raise
+        first = f"{type(error).__name__}: {error}".splitlines()[0]
+        raise LayersError(
+            f"a layer of your own raised {first}; check it with python -m research "
+            "verify-layer FILE.py:NAME"
+        ) from None
+
+
+def layers_problem(text: str) -> tuple[str, str] | None:
+    """Why ``text`` is no ``layers`` value, and what is allowed instead; None if it is one (the
+    empty text, the MLP, is). Remembered per text, unless it names a user layer, whose file may
+    change in the meantime."""
+    if USER_LAYER.search(text):
+        return _layers_problem(text)
+    return _cached_layers_problem(text)
 
 
 @functools.lru_cache(maxsize=512)
-def layers_problem(text: str) -> tuple[str, str] | None:
-    """Why ``text`` is no ``layers`` value, and what is allowed instead; None if it is one (the
-    empty text, the MLP, is)."""
+def _cached_layers_problem(text: str) -> tuple[str, str] | None:
+    return _layers_problem(text)
+
+
+def _layers_problem(text: str) -> tuple[str, str] | None:
     if text == "":
         return None
     if len(text) > MAX_LENGTH:
