@@ -132,14 +132,27 @@ def plot_importances(importances: pd.DataFrame, ax: Any, method: str = IMPORTANC
     """Horizontal bars of each hyperparameter's importance (fraction of the objective's variance
     it explains, as ``method`` measured it), the most important on top.
 
-    ``importances``: ``param`` and ``importance`` columns.
+    ``importances``: ``param`` and ``importance`` columns; with ``low`` and ``high`` (the
+    shares' range with each completed trial left out in turn), whiskers span them.
     """
     require_rows(importances, "the parameter importances", ("param", "importance"))
     ordered = importances.sort_values("importance")
     bars = ax.barh(ordered["param"], ordered["importance"], color=STATE_COLORS["COMPLETE"])
+    right = float(ordered["importance"].max())
+    if {"low", "high"} <= set(ordered):
+        # The range itself, [low, high], which need not hold the share of all the trials.
+        middle, half = (
+            (ordered["low"] + ordered["high"]) / 2,
+            (ordered["high"] - ordered["low"]) / 2,
+        )
+        ax.errorbar(
+            middle, ordered["param"], xerr=half, fmt="none", ecolor="0.25", capsize=3,
+            linewidth=1, label="leave-one-out range",
+        )  # fmt: skip
+        right = max(right, float(ordered["high"].max()))
     ax.bar_label(bars, labels=[f"{v:.0%}" for v in ordered["importance"]], padding=3, fontsize=8)
     ax.set_xlabel(f"importance (share of the objective's variance, {method})")
-    ax.set_xlim(0, min(1.0, float(ordered["importance"].max()) * 1.25 + 0.02))
+    ax.set_xlim(0, min(1.0, right * 1.25 + 0.02))
     ax.xaxis.set_major_formatter(percent_formatter(decimals=0))
     ax.grid(axis="y", visible=False)
 

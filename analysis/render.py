@@ -406,6 +406,13 @@ def write_json(report: Report, path: Path) -> None:
         if report.importances is None
         else dict(zip(report.importances["param"], report.importances["importance"])),
         "importances_method": None if report.importances is None else IMPORTANCES_METHOD,
+        # each share's range with one completed trial left out at a time (3+ completed trials)
+        "importances_leave_one_out": None
+        if report.importances is None or "low" not in report.importances
+        else {
+            row["param"]: [float(row["low"]), float(row["high"])]
+            for _, row in report.importances.iterrows()
+        },
         "figures": sorted(report.figures),
         "notes": report.notes,
         "seconds": report.seconds,

@@ -181,7 +181,14 @@ def search_figures(
             history.importances_figure(importances, history.IMPORTANCES_METHOD),
             "How much of the variance of the objective each hyperparameter explains, by "
             f"fANOVA (Optuna's FanovaImportanceEvaluator, seed {history.IMPORTANCES_SEED}, "
-            f"over the completed trials). {history.importances_caveat(n_complete)}",
+            "over the completed trials)"
+            + (
+                f"; the whiskers span the shares with each of the {n_complete} completed "
+                "trials left out in turn (how far one trial moves the ranking). "
+                if "low" in importances
+                else ". "
+            )
+            + history.importances_caveat(n_complete),
         )
     return figures, importances, note
 
@@ -235,12 +242,8 @@ def _importances(results: StudyResults, storage: str) -> tuple[pd.DataFrame | No
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            importances = optuna.importance.get_param_importances(
-                study,
-                evaluator=optuna.importance.FanovaImportanceEvaluator(
-                    seed=history.IMPORTANCES_SEED
-                ),
-            )
+            importances = _fanova(study)
+            spread = _leave_one_out(study)
     except StudyError as error:
         return None, str(error)
     except (KeyError, ValueError, RuntimeError) as error:
@@ -249,7 +252,37 @@ def _importances(results: StudyResults, storage: str) -> tuple[pd.DataFrame | No
     frame = pd.DataFrame(list(importances.items()), columns=["param", "importance"])
     if frame.empty:
         return None, "Optuna found no parameter that varied among the completed trials"
+    if spread:
+        frame["low"] = [min(s.get(p, 0.0) for s in spread) for p in frame["param"]]
+        frame["high"] = [max(s.get(p, 0.0) for s in spread) for p in frame["param"]]
     return frame, ""
+
+
+def _fanova(study: Any) -> dict[str, float]:
+    import optuna
+
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=history.IMPORTANCES_SEED)
+    return optuna.importance.get_param_importances(study, evaluator=evaluator)
+
+
+def _leave_one_out(study: Any) -> list[dict[str, float]]:
+    """The importances again with each completed trial left out in turn (in-memory copies of
+    the study): how far one trial moves each share. Empty below 3 completed trials."""
+    import optuna
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) < 3:  # (2 left: the fewest fANOVA takes)
+        return []
+    spread = []
+    for left_out in complete:
+        copy = optuna.create_study(directions=study.directions)
+        copy.add_trials([t for t in complete if t.number != left_out.number])
+        try:
+            spread.append(_fanova(copy))
+        except (ValueError, RuntimeError):  # too little variety without it
+            continue
+    return spread
 
 
 def evaluation_summary(result: Any, info: Any, source: str) -> dict[str, Any]:

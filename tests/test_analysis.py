@@ -180,6 +180,30 @@ def test_the_optimization_history_marks_every_trial():
     assert step.get_ydata()[-1] == 0.97
 
 
+def test_importances_show_their_leave_one_out_range():
+    """Whiskers span exactly [low, high], the shares with one trial left out at a time, even
+    where that range does not hold the share of all the trials."""
+    from matplotlib.container import ErrorbarContainer
+
+    frame = pd.DataFrame(
+        {
+            "param": ["batch_size", "learning_rate"],
+            "importance": [0.2, 0.8],
+            "low": [0.25, 0.5],
+            "high": [0.4, 0.9],
+        }
+    )
+    _, ax = new_figure(4, 3)
+    history.plot_importances(frame, ax)
+    (whiskers,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    segments = sorted(
+        (tuple(sorted(seg[:, 0])) for seg in whiskers.lines[2][0].get_segments()),
+        key=lambda seg: seg[0],
+    )
+    assert segments == [pytest.approx((0.25, 0.4)), pytest.approx((0.5, 0.9))]
+    assert ax.get_xlim()[1] >= 0.9
+
+
 def test_importances_are_sorted_bars():
     frame = pd.DataFrame({"param": ["batch_size", "learning_rate"], "importance": [0.2, 0.8]})
     _figure, ax = new_figure(5, 3)

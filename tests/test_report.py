@@ -155,6 +155,9 @@ def test_the_report_of_a_tiny_study_has_every_figure_and_consistent_numbers(tiny
     assert summary["best_trial"] == int(parent.data.tags["best_trial"])
     assert summary["states"] == {"COMPLETE": 3}
     assert set(summary["importances"]) == {"hidden_size", "learning_rate", "batch_size", "l2"}
+    spread = summary["importances_leave_one_out"]  # one completed trial left out at a time
+    assert set(spread) == set(summary["importances"])
+    assert all(0 <= low <= high <= 1 for low, high in spread.values()), spread
 
 
 @pytest.mark.slow
