@@ -191,19 +191,22 @@ def test_the_worked_example_fails_then_passes(capsys) -> None:
     """docs/layers.md's worked example: the first try fails on the input gradient in every
     autodiff and finite-difference check (its parameter gradient and the per-sample check
     pass); the fix passes everything."""
-    code = main(["verify-layer", f"{EXAMPLE}:RMSNormFirstTry"])
+    code = main(["verify-layer", f"{EXAMPLE}:RMSNormFirstTry", "--brief"])
     out = capsys.readouterr().out
     assert code == 1, out
     failing = [line for line in out.splitlines() if line.rstrip().endswith("FAIL")]
     assert failing and all(line.split()[0] == "input" for line in failing), failing
     assert "FAILED: 9 of 35 arrays disagree" in out
     assert "ok      per sample against batched, float64, input (6,)" in out
-    code = main(["verify-layer", f"{EXAMPLE}:RMSNorm"])
+    code = main(["verify-layer", f"{EXAMPLE}:RMSNorm", "--brief"])
     out = capsys.readouterr().out
     assert code == 0 and "PASSED: 35 arrays in 13 checks agree" in out, out
-    assert main(["verify-layer", f"{EXAMPLE}:Swish", "--shape", "4,3", "--verbose"]) == 0
+    # by default every check's table: each array, its worst element and both values
+    assert main(["verify-layer", f"{EXAMPLE}:Swish", "--shape", "4,3"]) == 0
     out = capsys.readouterr().out
-    assert "input (4, 3)" in out and "input (6,)" not in out and "worst at" in out
+    assert "input (4, 3)" in out and "input (6,)" not in out
+    assert out.count("worst at: ours vs reference") == 6  # 6 checks (no images), a table each
+    assert "input gradient dx  (4, 4, 3)" in out
 
 
 BROKEN = """

@@ -56,7 +56,9 @@ def add_verify_layer_command(commands: argparse._SubParsersAction) -> None:
     )
     command.add_argument("--seed", type=int, default=0, help="the draws' seed (default 0)")
     command.add_argument(
-        "--verbose", action="store_true", help="every array's row, also of the checks that pass"
+        "--brief",
+        action="store_true",
+        help="one line per check; tables only of the checks that fail",
     )
 
 
@@ -88,7 +90,7 @@ def run_verify_layer(args: argparse.Namespace) -> int:
         report = check_layer(layer, args.shape, batch=args.batch, seed=args.seed)
     except LayerUnusable as error:
         return _unusable(str(error))
-    print(format_report(report, verbose=args.verbose))
+    print(format_report(report, brief=args.brief))
     print(f"({time.perf_counter() - started:.1f} s, including JAX compilation)")
     return 0 if report.passed else EXIT_FAILED
 

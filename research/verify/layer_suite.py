@@ -408,9 +408,9 @@ def _same_tree(name: str, after: Any, before: Any) -> list[ArrayCheck]:
 # --- the printed report ----------------------------------------------------------------------
 
 
-def format_report(report: LayerReport, verbose: bool = False) -> str:
+def format_report(report: LayerReport, brief: bool = False) -> str:
     """The report as text: one line per check (``ok`` or ``FAILED``, its worst relative error and
-    tolerance), a failing check's table of arrays below it (every check's with ``verbose``),
+    tolerance), and below it the table of its arrays (with ``brief``, only a failing check's),
     then the verdict."""
     lines = [f"verify-layer {report.layer}"]
     lines += [f"  shape {skipped} (not checked)" for skipped in report.shapes_skipped]
@@ -425,7 +425,7 @@ def format_report(report: LayerReport, verbose: bool = False) -> str:
             f"  {verdict} {section.title}: {len(section.rows)} arrays, worst relative error "
             f"{worst:.1e} (rtol {rtol:g})"
         )
-        if verbose or not section.passed:
+        if not brief or not section.passed:
             lines.append(_table(section.rows))
     n_failed = sum(not row.passed for s in report.sections for row in s.rows)
     n_rows = sum(len(s.rows) for s in report.sections)

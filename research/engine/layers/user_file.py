@@ -25,7 +25,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from research.engine.layers.base import Layer, Shape
+from research.engine.layers.base import Shape
 
 #: ``path/to/file.py:Name``, the way a user layer is written.
 USER_LAYER = re.compile(r"(?P<path>[^\s(),:]+\.py):(?P<name>[A-Za-z_][A-Za-z0-9_]*)")
@@ -165,10 +165,6 @@ def _where_raised(error: BaseException, file: Path) -> str:
     ]
     at = f" (line {lines[-1]})" if lines else ""
     return f"{type(error).__name__}: {error}{at}".replace("\n", " ")
-
-
-def is_user_layer(layer: Layer) -> bool:
-    return isinstance(layer, FileLayer)
 
 
 def user_files(layers: Any) -> dict[str, str]:
