@@ -11,12 +11,17 @@ from analysis.style import (
     BEST,
     STATE_COLORS,
     epochs_text,
-    mark_along_bottom,
     new_figure,
     percent_formatter,
-    pruned_label,
     require_rows,
-    value_range,
+)
+from analysis.trial_axes import (
+    far_out,
+    mark_far_out,
+    mark_in_strip,
+    pruned_label,
+    set_value_axis,
+    worse_fence,
 )
 
 #: The one way the report and the study's own figures measure parameter importances: Optuna's
@@ -58,49 +63,28 @@ def plot_optimization_history(
 ) -> None:
     """Each completed trial's ``objective`` against its number, and the best value so far.
 
-    Only completed trials are drawn on the ``objective`` axis and set its range: a pruned
-    trial's value after an epoch or two is not comparable with a finished trial's, so pruned
-    trials are hollow grey circles along the bottom edge, and failed ones crosses there.
+    Only completed trials are drawn on the ``objective`` axis and set its range (far-out ones
+    at its edge, their value written: :mod:`analysis.trial_axes`): a pruned trial's value after
+    an epoch or two is not comparable with a finished trial's, so pruned trials are hollow grey
+    circles in a grey strip below the range, and failed ones crosses there.
     ``trials``: one row per trial with ``trial``, ``state`` and ``objective`` (and
     ``epochs_run``, if known, for the legend).
     """
     require_rows(trials, "the optimization history", ("trial", "state", objective))
     values = trials[objective].astype(float)
     complete = (trials["state"] == "COMPLETE") & np.isfinite(values)
-    if complete.any():
-        ran = trials[complete]
-        ran = epochs_text(ran["epochs_run"]) if "epochs_run" in ran.columns else ""
-        ax.scatter(
-            trials.loc[complete, "trial"],
-            values[complete],
-            s=28,
-            color=STATE_COLORS["COMPLETE"],
-            label=f"complete ({ran.removeprefix('after ')})" if ran else "complete",
-            zorder=3,
-        )
+    far = complete & far_out(values.where(complete), direction)
     pruned = trials["state"] == "PRUNED"
-    if pruned.any():
-        mark_along_bottom(
-            ax,
-            trials.loc[pruned, "trial"],
-            s=28,
-            facecolors="none",
-            edgecolors=STATE_COLORS["PRUNED"],
-            label=pruned_label(trials[pruned]),
-            zorder=3,
-        )
     failed = trials[~(complete | pruned)]
-    if len(failed):
-        # Failed trials have no value: mark their numbers along the bottom edge.
-        mark_along_bottom(
-            ax,
-            failed["trial"],
-            marker="x",
-            color=STATE_COLORS["FAIL"],
-            zorder=3,
-            label=f"failed ({len(failed)}; no value)",
-        )
+    strip = bool(pruned.any() or len(failed))
+    accuracy = "accuracy" in objective
+    _draw_history_trials(trials, ax, values, complete & ~far, pruned, failed)
+    if far.any():
+        mark_far_out(ax, trials.loc[far, "trial"], values[far], direction, strip, accuracy)
     best = best_so_far(trials, objective, direction)
+    fence = worse_fence(values[complete], direction)
+    if fence is not None:  # a best so far that is far out is drawn from where it is not
+        best = best.where(best >= fence if direction == "maximize" else best <= fence)
     if best.notna().any():
         # Carried half a trial past the last one, so that a single trial still shows its line.
         last = best.index.max() + 0.5
@@ -116,16 +100,55 @@ def plot_optimization_history(
         )
     numbers = trials["trial"].astype(float)
     ax.set_xlim(numbers.min() - 0.6, numbers.max() + 0.6)  # failed trials count too
-    limits = value_range(values[complete])
-    if limits is not None:
-        ax.set_ylim(*limits)
+    set_value_axis(ax, values[complete & ~far], strip, accuracy)
     ax.set_xlabel("trial number")
     ax.set_ylabel(objective)
     ax.xaxis.get_major_locator().set_params(integer=True)
-    if "accuracy" in objective:
-        ax.yaxis.set_major_formatter(percent_formatter())
     # Beside the axes: inside, it would cover trials whatever the corner.
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
+def _draw_history_trials(
+    trials: pd.DataFrame,
+    ax: Any,
+    values: pd.Series,
+    shown: pd.Series,
+    pruned: pd.Series,
+    failed: pd.DataFrame,
+) -> None:
+    """The completed trials in ``shown`` on the value axis; pruned and ``failed`` ones in the
+    strip below it, at their numbers."""
+    if shown.any():
+        ran = trials[shown]
+        ran = epochs_text(ran["epochs_run"]) if "epochs_run" in ran.columns else ""
+        ax.scatter(
+            trials.loc[shown, "trial"],
+            values[shown],
+            s=28,
+            color=STATE_COLORS["COMPLETE"],
+            label=f"complete ({ran.removeprefix('after ')})" if ran else "complete",
+            zorder=3,
+        )
+    if pruned.any():
+        mark_in_strip(
+            ax,
+            trials.loc[pruned, "trial"],
+            s=28,
+            facecolors="none",
+            edgecolors=STATE_COLORS["PRUNED"],
+            label=pruned_label(trials[pruned]),
+            zorder=3,
+        )
+    if len(failed):
+        # Failed trials have no value: mark their numbers in the strip.
+        mark_in_strip(
+            ax,
+            failed["trial"],
+            marker="x",
+            color=STATE_COLORS["FAIL"],
+            zorder=3,
+            label=f"failed ({len(failed)}; no value)",
+        )
 
 
 def plot_importances(importances: pd.DataFrame, ax: Any, method: str = IMPORTANCES_METHOD) -> None:

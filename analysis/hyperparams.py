@@ -14,13 +14,17 @@ from analysis.style import (
     BEST,
     STATE_COLORS,
     epochs_text,
-    mark_along_bottom,
     new_figure,
-    percent_formatter,
     plain_log_axis,
-    pruned_label,
     require_rows,
     value_range,
+)
+from analysis.trial_axes import (
+    far_out,
+    mark_far_out,
+    mark_in_strip,
+    pruned_label,
+    set_value_axis,
 )
 
 
@@ -30,28 +34,34 @@ def plot_metric_vs_param(
     dimension: SearchDimension,
     metric: str = "val/accuracy",
     best_run: str | None = None,
+    direction: str = "maximize",
 ) -> None:
     """Each trial's last ``metric`` against its value of ``dimension``.
 
-    Completed trials are filled dots, and only they set the range of the ``metric`` axis;
-    pruned trials, whose value after an epoch or two is not comparable with a finished trial's,
-    are hollow grey circles along the bottom edge (at their parameter value, off the ``metric``
-    axis); failed ones and any without a value are left out and counted in the legend. A log
-    axis where the search was log; categorical choices are evenly spaced, in declared order
-    (then any other value the trials used), with a small deterministic jitter so equal points
-    stay visible. ``trials``: one row per trial run with ``run_id``, ``trial``, ``state``,
-    ``metric`` and the parameter (and ``epochs_run``, if known, for the legend).
+    Completed trials are filled dots, and only they set the range of the ``metric`` axis
+    (far-out ones on the worse side of ``direction`` at its edge, their value written:
+    :mod:`analysis.trial_axes`); pruned trials, whose value after an epoch or two is not
+    comparable with a finished trial's, are hollow grey circles in a grey strip below the range
+    (at their parameter value); failed ones and any without a value are left out and counted in
+    the legend. A log axis where the search was log; categorical choices are evenly spaced, in
+    declared order (then any other value the trials used), with a small deterministic jitter so
+    equal points stay visible. ``trials``: one row per trial run with ``run_id``, ``trial``,
+    ``state``, ``metric`` and the parameter (and ``epochs_run``, if known, for the legend).
     """
     name = dimension.name
     require_rows(trials, f"{metric} against {name}", ("run_id", "trial", "state", metric, name))
     values = trials[metric].astype(float)
     x = _parameter_axis(trials, ax, dimension)
     complete = (trials["state"] == "COMPLETE") & np.isfinite(values) & np.isfinite(x)
+    far = complete & far_out(values.where(complete), direction)
     pruned = (trials["state"] == "PRUNED") & np.isfinite(x)
-    _draw_trials(trials, ax, x, values, complete, pruned, best_run)
-    limits = value_range(values[complete])
-    if limits is not None:
-        ax.set_ylim(*limits)
+    # (from the states alone: panels sharing their value axis all keep the strip, or none)
+    strip = bool((trials["state"] == "PRUNED").any())
+    accuracy = "accuracy" in metric
+    _draw_trials(trials, ax, x, values, (complete, far, pruned), best_run)
+    if far.any():
+        mark_far_out(ax, x[far], values[far], direction, strip, accuracy)
+    set_value_axis(ax, values[complete & ~far], strip, accuracy)
     if dimension.kind != "categorical":
         # The pruned trials' markers do not widen the axes by themselves.
         drawn = x[complete | pruned].to_numpy()
@@ -60,8 +70,6 @@ def plot_metric_vs_param(
             ax.set_xlim(*span)
     ax.set_xlabel(f"{name}{' (log scale)' if dimension.log else ''}")
     ax.set_ylabel(metric)
-    if "accuracy" in metric:
-        ax.yaxis.set_major_formatter(percent_formatter())
 
 
 def _parameter_axis(trials: pd.DataFrame, ax: Any, dimension: SearchDimension) -> pd.Series:
@@ -95,15 +103,18 @@ def _draw_trials(
     ax: Any,
     x: pd.Series,
     values: pd.Series,
-    complete: pd.Series,
-    pruned: pd.Series,
+    masks: tuple[pd.Series, pd.Series, pd.Series],
     best_run: str | None,
 ) -> None:
     """The trials' markers, at positions ``x`` and heights ``values`` (one per row of
-    ``trials``): pruned ones (the ``pruned`` mask) along the bottom edge, completed ones
-    (``complete``) as dots, the best run as a star; the rest counted in the legend only."""
+    ``trials``), by the masks ``(complete, far, pruned)``: pruned ones in the strip, completed
+    ones not far out as dots, the best run as a star; failed ones counted in the legend only
+    (the far-out ones are drawn by the caller)."""
+    complete, far, pruned = masks
+    hidden = int((~(complete | pruned)).sum())
+    complete = complete & ~far
     if pruned.any():
-        mark_along_bottom(
+        mark_in_strip(
             ax,
             x[pruned],
             s=26,
@@ -135,7 +146,6 @@ def _draw_trials(
             label=f"best (trial {int(trials.loc[best, 'trial'].iloc[0])})",
             zorder=4,
         )
-    hidden = int((~(complete | pruned)).sum())
     if hidden:
         failed = int((trials["state"] == "FAIL").sum())
         what = "failed" if hidden == failed else "failed or without a value"
@@ -170,6 +180,7 @@ def metric_vs_params_figure(
     search: list[SearchDimension],
     metric: str = "val/accuracy",
     best_run: str | None = None,
+    direction: str = "maximize",
 ):
     """One panel per searched hyperparameter (up to 3 per row), one legend below them all."""
     if not search:
@@ -182,7 +193,7 @@ def metric_vs_params_figure(
         3.9 * columns, 3.3 * rows + 0.5, nrows=rows, ncols=columns, sharey=True, squeeze=False
     )
     for ax, dimension in zip(axes.flat, search):
-        plot_metric_vs_param(trials, ax, dimension, metric, best_run)
+        plot_metric_vs_param(trials, ax, dimension, metric, best_run, direction)
     for ax in list(axes.flat)[len(search) :]:
         ax.set_visible(False)
     for ax in axes[:, 1:].flat:

@@ -34,6 +34,7 @@ from analysis.report_folder import (
 )
 from analysis.store import StudyResults, load_study_results
 from analysis.style import light_style, save_png
+from analysis.trial_axes import far_out_caption
 from research.data.datasets import DATASETS, DatasetInfo, UnknownDataset, dataset_info
 from research.experiment.config.fields import show
 from research.experiment.studies.storage import default_storage_url
@@ -163,16 +164,18 @@ def search_figures(
             ),
             "Final validation accuracy of each completed trial against each searched "
             "hyperparameter (log axes where the search was log); the completed trials set the "
-            "range. Pruned trials are marked apart, as hollow circles along the bottom edge at "
-            "their value of the hyperparameter: their accuracy after an epoch or two is not "
-            "comparable with a finished trial's, so it is not drawn.",
+            f"range{far_out_caption()}. Pruned trials are marked apart, as hollow circles in the "
+            "grey strip below the range at their value of the hyperparameter: their accuracy "
+            "after an epoch or two is not comparable with a finished trial's, so it is not "
+            "drawn.",
         )
     figures["optimization_history.png"] = (
         history.optimization_history_figure(results.trials, results.objective, results.direction),
         f"{results.objective} of each completed trial in the order they ran, and the best so "
-        "far; the completed trials set the range. Pruned trials are marked apart, as hollow "
-        "circles along the bottom edge (their value when stopped is not comparable, so it is "
-        "not drawn), failed ones as crosses there.",
+        "far; the completed trials set the range"
+        f"{far_out_caption(results.direction)}. Pruned trials are marked apart, as hollow "
+        "circles in the grey strip below the range (their value when stopped is not "
+        "comparable, so it is not drawn), failed ones as crosses there.",
     )
     importances, note = _importances(results, storage)
     n_complete = int((results.trials["state"] == "COMPLETE").sum())

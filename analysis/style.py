@@ -150,25 +150,3 @@ def epochs_text(epochs: Any) -> str:
     low, high = int(known.min()), int(known.max())
     plural = "" if high == 1 else "s"
     return f"after {low} epoch{plural}" if low == high else f"after {low}–{high} epochs"
-
-
-def pruned_label(trials: Any) -> str:
-    """The legend entry of pruned trials drawn apart from the completed ones: a trial stopped
-    after an epoch or two has no value comparable with a finished one, so it is marked along
-    the bottom edge, off the value axis."""
-    stopped = epochs_text(trials["epochs_run"]) if "epochs_run" in trials.columns else ""
-    return f"pruned{' ' + stopped if stopped else ''}\n(bottom edge; value not comparable)"
-
-
-def mark_along_bottom(ax: Any, x: Any, **style: Any) -> Any:
-    """Markers at data positions ``x`` on the bottom edge of ``ax`` (outside the value axis),
-    for trials that have no value comparable with the others."""
-    import numpy as np
-
-    return ax.scatter(
-        x,
-        np.zeros(len(x)),
-        transform=ax.get_xaxis_transform(),
-        clip_on=False,
-        **style,
-    )

@@ -19,6 +19,7 @@ from analysis import curves, evaluation, history, hyperparams
 from analysis.render import markdown_table
 from analysis.store import SearchDimension, curves_frame, search_dimensions, trials_frame
 from analysis.style import BEST, EmptyDataError, new_figure, save_png
+from analysis.trial_axes import STRIP
 
 
 def hand_made_curves() -> pd.DataFrame:
@@ -119,11 +120,11 @@ def test_objective_against_a_log_parameter():
     assert ax.get_xscale() == "log"
     assert ax.get_xlabel() == "learning_rate (log scale)"
     labels = ax.get_legend_handles_labels()[1]
-    assert labels == ["pruned\n(bottom edge; value not comparable)", "complete",
+    assert labels == ["pruned\n(grey strip; value not comparable)", "complete",
                       "best (trial 2)", "1 failed (not shown)"]  # fmt: skip
     pruned, complete, best, _ = ax.collections
-    # The pruned trial at its learning rate, on the bottom edge: its 0.32 is not drawn.
-    assert pruned.get_offsets().tolist() == [[0.1, 0.0]]
+    # The pruned trial at its learning rate, in the strip: its 0.32 is not drawn.
+    assert pruned.get_offsets().tolist() == [[0.1, STRIP / 2]]
     assert sorted(complete.get_offsets()[:, 0]) == [0.01, 0.05]
     assert best.get_offsets().tolist() == [[0.05, 0.97]]
 
@@ -170,7 +171,7 @@ def test_the_optimization_history_marks_every_trial():
     _figure, ax = new_figure(6, 4)
     history.plot_optimization_history(hand_made_trials(), ax)
     labels = ax.get_legend_handles_labels()[1]
-    assert labels == ["complete", "pruned\n(bottom edge; value not comparable)",
+    assert labels == ["complete", "pruned\n(grey strip; value not comparable)",
                       "failed (1; no value)", "best so far"]  # fmt: skip
     failed = ax.collections[2].get_offsets()
     assert failed[:, 0].tolist() == [3]

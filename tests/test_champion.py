@@ -189,7 +189,7 @@ def publish(run: Any, trial: int, value: float, settings: str = "s", best: bool 
         run,
         "cas",
         Refit(trial, value, "maximize", "val/accuracy", settings),
-        log=lambda tags: log_model(run, params, config, images, 0, tags),
+        log=lambda tags, _: log_model(run, params, config, images, 0, tags),
         still_best=lambda: best,
         with_champion=lambda: written.append(True),
         tags={"test_accuracy": value},

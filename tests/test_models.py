@@ -157,6 +157,9 @@ def test_a_train_runs_model_predicts_exactly_what_the_engine_does(
     assert logged.experiment_id == run.info.experiment_id
     assert logged.source_run_id == run.info.run_id
     assert TrainConfig.from_params(logged.params)[0] == TrainConfig.from_params(run.data.params)[0]
+    # its metrics are the run's at its last epoch
+    own = {metric.key: metric.value for metric in logged.metrics}
+    assert own["val/accuracy"] == run.data.metrics["val/accuracy"], own
     # the run's own artifacts are as before (report and rerun read weights.npz); the model's
     # are the LoggedModel's, not under the run's
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -277,6 +280,10 @@ def test_a_study_registers_its_refit_best_as_the_champion(
     assert champion.run_id == parent.info.run_id
     latest = max(parent.outputs.model_outputs, key=lambda output: output.step)
     assert champion.source == f"models:/{latest.model_id}"
+    # the champion's own metric is its test accuracy, not the study's best_value (a trial's
+    # validation figure) nor n_trials_complete, which the parent logs at the same step
+    own = {m.key: m.value for m in client.get_logged_model(latest.model_id).metrics}
+    assert own == {"test_accuracy": parent.data.metrics["test_accuracy"]}, own
     assert champion.tags["refit_trial"] == parent.data.tags["refit_trial"]
     assert float(champion.tags["test_accuracy"]) == parent.data.metrics["test_accuracy"]
     assert champion.tags["research.study"] == STUDY

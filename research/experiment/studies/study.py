@@ -457,7 +457,7 @@ def _publish_refit(
         return not better
 
     def with_champion() -> None:
-        parent.log_metrics({"test_accuracy": test_accuracy}, step=step)
+        # (test_accuracy is on the parent already: the champion's model logged it, as its own)
         parent.log_weights(params, result.model, "best_weights.npz", state=result.state)
         # which trial best_weights.npz and test_accuracy belong to: best_trial moves with every
         # invocation, --no-final ones included
@@ -467,8 +467,16 @@ def _publish_refit(
         parent,
         config.name,
         refit,
-        log=lambda tags: log_model(
-            parent, params, best_config, data.test.images, step, tags, state=result.state
+        # the model's metric is its test accuracy (on the parent run only if it is the champion)
+        log=lambda tags, champion: log_model(
+            parent,
+            params,
+            best_config,
+            data.test.images,
+            step,
+            tags,
+            state=result.state,
+            metrics={"test_accuracy": test_accuracy} if champion else {},
         ),
         still_best=still_best,
         with_champion=with_champion,

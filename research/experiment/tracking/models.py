@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,7 @@ def log_model(
     step: int = 0,
     tags: dict[str, str] | None = None,
     state: NetState | None = None,
+    metrics: dict[str, float] | None = None,
 ) -> str:
     """Logs the network ``params`` of ``config`` as the MLflow model of ``run``; returns its URI
     (``models:/<model id>``).
@@ -161,6 +163,10 @@ def log_model(
         step: the run's step the model belongs to (its metrics at that step are linked to it).
         tags: the LoggedModel's tags (besides :data:`TAG_WRITER`, this process).
         state: a network of layers' running statistics (``TrainResult.state``).
+        metrics: the model's own metrics, logged on ``run`` at ``step`` and linked to the model.
+            None links what ``run`` logged at ``step`` (a train run's last epoch) instead. A
+            study's parent run passes them: at its step it also logs the study's figures
+            (best_value, a trial's validation figure), which are not the model's.
     Raises:
         TrackingError: the store cannot be written (it names the store and the cause).
     """
@@ -197,7 +203,10 @@ def log_model(
                 None,  # artifact_path (deprecated): the model's name, below
                 pyfunc,
                 name=MODEL_NAME,
-                run_id=run.run_id,
+                # Model.log links every metric the run has at `step`; with our own metrics the
+                # run is linked below instead (the MLmodel file then names no run; the
+                # LoggedModel names its source run).
+                run_id=run.run_id if metrics is None else None,
                 model_id=logged.model_id,
                 step=step,
                 python_model=str(MODEL_CODE),
@@ -210,10 +219,27 @@ def log_model(
                 pip_requirements=pip_requirements(),
                 metadata=metadata,
             )
+            if metrics is not None:
+                _link_run(run, logged.model_id, step, metrics)
         except BaseException:
             run.client.finalize_logged_model(logged.model_id, "FAILED")
             raise
     return f"models:/{logged.model_id}"
+
+
+def _link_run(run: OpenRun, model_id: str, step: int, metrics: dict[str, float]) -> None:
+    """Makes ``model_id`` an output of ``run`` at ``step``, with ``metrics`` as its own."""
+    from mlflow.entities import LoggedModelOutput, Metric
+
+    run.client.log_outputs(run.run_id, [LoggedModelOutput(model_id, step=step)])
+    now = int(time.time() * 1000)
+    run.client.log_batch(
+        run.run_id,
+        metrics=[
+            Metric(key, float(value), now, step, model_id=model_id)
+            for key, value in metrics.items()
+        ],
+    )
 
 
 def model_metadata(
@@ -368,12 +394,13 @@ def publish_champion(
     run: OpenRun,
     name: str,
     refit: Refit,
-    log: Callable[[dict[str, str]], str],
+    log: Callable[[dict[str, str], bool], str],
     still_best: Callable[[], bool],
     with_champion: Callable[[], None],
     tags: dict[str, Any],
 ) -> Publication:
-    """Logs a study's refit (``log(model tags)`` returns its ``models:/`` URI), registers it
+    """Logs a study's refit (``log(model tags, champion)`` returns its ``models:/`` URI;
+    ``champion`` says whether it is to become the champion), registers it
     under ``name`` and moves the alias :data:`CHAMPION` to it, only if it is the refit of the
     study's best trial and at least as good as the champion; ``with_champion()`` writes what
     goes with it on the parent run, before the alias moves (a store that fails in between leaves
@@ -394,9 +421,9 @@ def publish_champion(
             and theirs.rank() > refit.rank()
         )
         if not still_best() or beaten:  # (asked first: the study says which trial is best)
-            uri = log(refit.tags())
+            uri = log(refit.tags(), False)
             return Publication("superseded", current.version if current else None, uri)
-        uri = log(refit.tags())
+        uri = log(refit.tags(), True)
         with_champion()
         version = _register(run, name, uri, {"research.study": name, **tags, **refit.tags()})
         holder = settle_alias(run.client, name, run.run_id, version, run.tracking_uri)
