@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -15,7 +16,9 @@ import numpy as np
 import pytest
 from helpers import assert_close
 
+from research.bench import stages
 from research.bench.contenders import CONTENDERS, ORIGIN_SPEC, WORKLOADS
+from research.bench.memory_traffic import copy_bandwidth, elementwise_bytes
 from research.bench.run import timing_groups, torch_available
 from research.cli import main
 from research.data import to_inputs
@@ -82,6 +85,15 @@ def test_quick_bench_prints_table_writes_json_and_logs_mlflow_run(tmp_path):
     assert set(results["workloads"]) == {w.key for w in WORKLOADS}
     assert 0 < results["memory"]["peak_bytes"]
     assert results["memory"]["budget_bytes"] > 0
+    # the elementwise traffic of every MLP training workload against a copy's bandwidth
+    traffic = results["memory_traffic"]
+    assert set(traffic) == {"w1-epoch", "w2-b256", "w2-b1024", "w3-b256", "w3-plain"}
+    for key, row in traffic.items():
+        assert row["total_bytes"] == pytest.approx(sum(row["bytes"].values()))
+        assert row["bandwidth"] > 0 and row["engine_step_seconds"] > 0
+        assert row["seconds_at_bandwidth"] == pytest.approx(row["total_bytes"] / row["bandwidth"])
+        (line,) = [line for line in out.splitlines() if line.startswith(f"  {key}: ")]
+        assert "GB/s" in line and "% of its" in line
 
     client = MlflowClient(tracking_uri=store)
     experiment = client.get_experiment_by_name("benchmarks")
@@ -102,6 +114,7 @@ def test_quick_bench_prints_table_writes_json_and_logs_mlflow_run(tmp_path):
     assert "w3-b256/engine-f32/baseline_ratio_median" in metrics
     assert "w4-b64/jax-f32/engine_speedup_median" in metrics
     assert "memory/ratio_to_budget" in metrics
+    assert metrics["w3-plain/engine-f32/elementwise_bytes"] == traffic["w3-plain"]["total_bytes"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert artifacts == {"bench_table.txt", "bench_results.json"}
 
@@ -274,6 +287,37 @@ def test_matmul_flops_count_forward_weight_gradients_and_inner_deltas():
     pairs = 784 * 1024 + 1024 * 1024 + 1024 * 10
     inner = 1024 * 1024 + 1024 * 10
     assert w2.matmul_flops() == 2 * 256 * (2 * pairs + inner)
+
+
+def test_the_traffic_model_counts_each_stage_by_hand():
+    """w3-b256's step, float32, counted here from the engine's code (docs/performance.md)."""
+    w3 = next(w for w in WORKLOADS if w.key == "w3-b256")
+    stages = elementwise_bytes(w3)
+    rows, hidden, inputs = 256, 3 * 1024, 256 * 784
+    weights = 784 * 1024 + 2 * 1024 * 1024
+    assert stages["optimizer"] == w3.spec.n_params * 4 * 5  # read p, g, v; write p, v
+    assert stages["max_norm"] == weights * 4 * 3
+    assert stages["activations"] == rows * hidden * (8 + 5 + 9 + 9)
+    draw = 4 + 4 + 1 + 5 + 8
+    assert stages["dropout"] == inputs * (draw + 12) + rows * hidden * (draw + 9 + 6)
+    plain = elementwise_bytes(next(w for w in WORKLOADS if w.key == "w3-plain"))
+    assert set(stages) - set(plain) == {"dropout", "max_norm"}
+    w2 = next(w for w in WORKLOADS if w.key == "w2-b256")
+    assert elementwise_bytes(w2)["optimizer"] == 0  # SGD updates inside its products
+    assert elementwise_bytes(next(w for w in WORKLOADS if w.layers)) == {}
+    assert 1e9 < copy_bandwidth(1 << 20, repeats=3) < 1e13
+
+
+@pytest.mark.slow
+def test_the_stage_profile_times_engine_and_jax_stages(mnist_folder, tmp_path):
+    table = stages.profile("w3-b256", 2, 1, lambda line: None, str(mnist_folder), str(tmp_path))
+    lines = table.splitlines()
+    assert lines[0] == "w3-b256: per step, median of 1 rounds of 2 steps"
+    rows = {line.split()[0]: line for line in lines[2:]}
+    assert list(rows) == ["forward", "backward", "optimizer", "step"]
+    for line in rows.values():
+        engine, jax_time = (float(cell) for cell in re.findall(r"(-?[\d.]+) ms", line))
+        assert engine > 0 and math.isfinite(jax_time)
 
 
 @pytest.mark.parametrize(

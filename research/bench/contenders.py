@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from research.bench import conv_workload
+from research.bench.memory_traffic import copy_bandwidth
 from research.engine.blas_kernels import VARIABLE, loaded_kernels, numpy_openblas_pool
 from research.engine.mlp import MLPSpec, init_params
 
@@ -490,6 +491,8 @@ def worker(connection: Any, name: str, source_dir: str | None, data_dir: str | N
                 answer = time.perf_counter() - started
             elif command == "peak":
                 answer = contender.peak_gflops(*args)
+            elif command == "bandwidth":
+                answer = copy_bandwidth(*args)
             else:  # memory
                 key, steps = args
                 answer = contender.peak_memory(workloads[key], steps)

@@ -42,6 +42,7 @@ from research.bench.contenders import (
     Workload,
     worker,
 )
+from research.bench.memory_traffic import describe, traffic_results
 
 # Idle time before every timed run: OpenBLAS's threads spin for 2^28 cycles after their last task
 # before sleeping; 0.3 s leaves a margin.
@@ -185,6 +186,10 @@ def run_benchmark(
                     _add_baseline_ratios(results[workload.key], times, workload)
             for name in {name for per_contender in times.values() for name in per_contender}:
                 workers.ask(name, "release")
+        say("measuring the copy bandwidth...")
+        traffic = traffic_results(
+            WORKLOADS, results, lambda nbytes: workers.ask(ENGINE, "bandwidth", nbytes), ENGINE
+        )
         (memory_workload,) = [w for w in WORKLOADS if w.key == "w2-b256"]
         memory = workers.ask(ENGINE, "memory", memory_workload.key, 3)
         memory["workload"] = memory_workload.key
@@ -202,6 +207,7 @@ def run_benchmark(
         "peak_gflops": peak,
         "workloads": results,
         "memory": memory,
+        "memory_traffic": traffic,
         "notes": notes,
     }
 
@@ -326,6 +332,7 @@ def format_table(results: dict[str, Any]) -> str:
                 f"{workload_key} / {workload['baseline']} per {workload['unit']}, median (min-max) "
                 f"of the per-round ratios: {ratios}"
             )
+    lines.extend(describe(results.get("memory_traffic", {})))
     for workload_key, workload in results["workloads"].items():
         if "steps_per_epoch" in workload:
             steps = workload["steps_per_epoch"]
@@ -370,6 +377,10 @@ def metrics_of(results: dict[str, Any]) -> dict[str, float]:
     memory = results["memory"]
     metrics["memory/peak_bytes"] = memory["peak_bytes"]
     metrics["memory/ratio_to_budget"] = memory["peak_bytes"] / memory["budget_bytes"]
+    for key, row in results.get("memory_traffic", {}).items():
+        metrics[f"{key}/engine-f32/elementwise_bytes"] = row["total_bytes"]
+        metrics[f"{key}/engine-f32/elementwise_seconds_at_bandwidth"] = row["seconds_at_bandwidth"]
+        metrics[f"{key}/copy_bandwidth"] = row["bandwidth"]
     return metrics
 
 

@@ -22,6 +22,8 @@ from typing import Literal, get_args
 
 import numpy as np
 
+from research.engine.keep_decisions import keep_decisions
+
 Params = list[dict[str, np.ndarray]]
 
 # The names each choice allows, declared once: the spec's annotations, its checks and the field
@@ -221,7 +223,7 @@ def dropout_masks(
         if rate == 0:
             masks.append(None)
             continue
-        kept = rng.random((rows, width), dtype=np.float32) >= rate
+        kept = keep_decisions(rng, (rows, width), rate)  # rng.random(float32) >= rate
         masks.append(kept.astype(dtype) * np.asarray(1 / (1 - rate), dtype=dtype))
     return masks
 

@@ -10,11 +10,13 @@ Each optimizer is a pair of pure functions, in the style of optax:
 rules match optax's ``sgd`` (with and without momentum / Nesterov) and ``adam`` exactly, which is
 how the tests check them against JAX.
 
-Each optimizer also has ``update_in_place(params, grads, state)``: the same rule, evaluated in the
-same order (so float64 results are identical to ``update``'s), but writing into ``params`` and
-``state`` and using ``grads`` as scratch space. It is what the training loop's fast path
-(:mod:`research.engine.inplace`) calls; it saves allocating and filling a fresh copy of every
-parameter and state array per step.
+Each optimizer also has ``update_in_place(params, grads, state)``: the same rule, each operation
+evaluated as ``update`` evaluates it (so the results are identical to ``update``'s, bit for bit),
+but writing into ``params`` and ``state`` (``grads`` are only read, but for plain SGD's, used as
+scratch). It is what the training loop's fast path (:mod:`research.engine.inplace`) calls: no
+fresh copy of any parameter or state array per step, and the whole rule applied block by block,
+each block in cache from its first operation to its last (:mod:`research.engine.blocks`): one
+pass over memory instead of one per operation.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
+from research.engine.blocks import BLOCKS
 from research.engine.mlp import Params
 
 OptimizerName = Literal["sgd", "momentum", "adam"]
@@ -45,7 +48,7 @@ class Optimizer:
     name: str
     init: Callable[[Params], State]
     update: Callable[[Params, Params, State], tuple[Params, State]]
-    # The same rule, overwriting params and state and clobbering grads; returns None.
+    # The same rule, overwriting params and state (and plain SGD's grads); returns None.
     update_in_place: Callable[[Params, Params, State], None]
     learning_rate: float | Schedule
 
@@ -88,6 +91,15 @@ def _zeros_like(params: Params) -> Params:
     return [{key: np.zeros_like(value) for key, value in layer.items()} for layer in params]
 
 
+def _groups(params: Params, *others: Params) -> list[tuple[np.ndarray, ...]]:
+    """Each parameter array with its gradient and state arrays, for :meth:`Blocks.run`."""
+    return [
+        (p, *(other[i][key] for other in others))
+        for i, layer in enumerate(params)
+        for key, p in layer.items()
+    ]
+
+
 def sgd(learning_rate: float | Schedule) -> Optimizer:
     """Plain SGD, the origin's rule: p ← p − learning_rate · g."""
     _check_rate(learning_rate)
@@ -105,10 +117,12 @@ def sgd(learning_rate: float | Schedule) -> Optimizer:
 
     def update_in_place(params: Params, grads: Params, state: State) -> None:
         rate = _value(learning_rate, state["count"])
-        for layer, g in zip(params, grads):
-            for key, p in layer.items():
-                step = np.multiply(g[key], p.dtype.type(rate), out=g[key])
-                np.subtract(p, step, out=p)
+
+        def kernel(p: np.ndarray, g: np.ndarray) -> None:
+            step = np.multiply(g, p.dtype.type(rate), out=g)
+            np.subtract(p, step, out=p)
+
+        BLOCKS.run(kernel, _groups(params, grads))
         state["count"] += 1
 
     update.plain_gradient_step = True  # type: ignore[attr-defined]
@@ -148,13 +162,17 @@ def momentum(
 
     def update_in_place(params: Params, grads: Params, state: State) -> None:
         rate, b = _value(learning_rate, state["count"]), _value(beta, state["count"])
-        for layer, g, v in zip(params, grads, state["velocity"]):
-            for key, p in layer.items():
-                dt = p.dtype.type
-                velocity = np.multiply(v[key], dt(b), out=v[key])
-                velocity += g[key]
-                step = np.add(g[key], dt(b) * velocity, out=g[key]) if nesterov else velocity
-                np.subtract(p, np.multiply(step, dt(rate), out=g[key]), out=p)
+
+        def kernel(p: np.ndarray, g: np.ndarray, v: np.ndarray, scratch: np.ndarray) -> None:
+            dt = p.dtype.type
+            velocity = np.multiply(v, dt(b), out=v)
+            velocity += g
+            step = velocity
+            if nesterov:  # g + β·velocity
+                step = np.add(g, np.multiply(velocity, dt(b), out=scratch), out=scratch)
+            np.subtract(p, np.multiply(step, dt(rate), out=scratch), out=p)
+
+        BLOCKS.run(kernel, _groups(params, grads, state["velocity"]), scratch=1)
         state["count"] += 1
 
     return Optimizer("momentum", init, update, update_in_place, learning_rate)
@@ -197,22 +215,23 @@ def adam(
         rate = _value(learning_rate, state["count"])
         state["count"] += 1
         count = state["count"]
-        for layer, g, m, v in zip(params, grads, state["mu"], state["nu"]):
-            for key, p in layer.items():
-                dt = p.dtype.type
-                grad = g[key]
-                mu = np.multiply(m[key], dt(beta1), out=m[key])
-                mu += dt(1 - beta1) * grad
-                nu = np.multiply(v[key], dt(beta2), out=v[key])
-                np.multiply(grad, grad, out=grad)
-                grad *= dt(1 - beta2)
-                nu += grad
-                # grad is free now: it holds the step, built in the order `update` uses.
-                step = np.divide(nu, dt(1 - beta2**count), out=grad)
-                np.sqrt(step, out=step)
-                step += dt(eps)
-                np.divide(dt(rate) * (mu / dt(1 - beta1**count)), step, out=step)
-                np.subtract(p, step, out=p)
+
+        def kernel(
+            p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, s: np.ndarray, t: np.ndarray
+        ) -> None:
+            # each operation as `update` evaluates it, in its order
+            dt = p.dtype.type
+            mu = np.multiply(m, dt(beta1), out=m)
+            mu += np.multiply(g, dt(1 - beta1), out=s)
+            nu = np.multiply(v, dt(beta2), out=v)
+            nu += np.multiply(np.multiply(g, g, out=s), dt(1 - beta2), out=s)
+            denominator = np.divide(nu, dt(1 - beta2**count), out=s)
+            np.sqrt(denominator, out=denominator)
+            denominator += dt(eps)
+            step = np.multiply(np.divide(mu, dt(1 - beta1**count), out=t), dt(rate), out=t)
+            np.subtract(p, np.divide(step, denominator, out=t), out=p)
+
+        BLOCKS.run(kernel, _groups(params, grads, state["mu"], state["nu"]), scratch=2)
 
     return Optimizer("adam", init, update, update_in_place, learning_rate)
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from research.engine.keep_decisions import keep_decisions
 from research.engine.layers.base import ArrayNamespace, LayerParams, Shape
 
 
@@ -37,7 +38,7 @@ class Dropout:
         """A fresh mask of ``shape`` (B, *in_shape) in ``dtype``; None when the rate is 0."""
         if self.rate == 0:
             return None
-        kept = rng.random(shape, dtype=np.float32) >= self.rate
+        kept = keep_decisions(rng, shape, self.rate)  # rng.random(float32) >= rate
         return kept.astype(dtype) * np.asarray(1 / (1 - self.rate), dtype=dtype)
 
     def forward(
