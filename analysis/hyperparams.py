@@ -52,16 +52,19 @@ def plot_metric_vs_param(
     require_rows(trials, f"{metric} against {name}", ("run_id", "trial", "state", metric, name))
     values = trials[metric].astype(float)
     x = _parameter_axis(trials, ax, dimension)
-    complete = (trials["state"] == "COMPLETE") & np.isfinite(values) & np.isfinite(x)
-    far = complete & far_out(values.where(complete), direction)
+    # the range and the far-out trials from every completed value, whatever its parameter: the
+    # panels of one figure share their value axis
+    valued = (trials["state"] == "COMPLETE") & np.isfinite(values)
+    far = valued & far_out(values.where(valued), direction)
+    complete = valued & np.isfinite(x)
     pruned = (trials["state"] == "PRUNED") & np.isfinite(x)
     # (from the states alone: panels sharing their value axis all keep the strip, or none)
     strip = bool((trials["state"] == "PRUNED").any())
     accuracy = "accuracy" in metric
     _draw_trials(trials, ax, x, values, (complete, far, pruned), best_run)
-    if far.any():
-        mark_far_out(ax, x[far], values[far], direction, strip, accuracy)
-    set_value_axis(ax, values[complete & ~far], strip, accuracy)
+    if (complete & far).any():
+        mark_far_out(ax, x[complete & far], values[complete & far], direction, strip, accuracy)
+    set_value_axis(ax, values[valued & ~far], strip, accuracy)
     if dimension.kind != "categorical":
         # The pruned trials' markers do not widen the axes by themselves.
         drawn = x[complete | pruned].to_numpy()

@@ -16,8 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from research.bench import conv_workload
-from research.bench.memory_traffic import copy_bandwidth
+from research.bench import conv_workload, memory_traffic
 from research.engine.blas_kernels import VARIABLE, loaded_kernels, numpy_openblas_pool
 from research.engine.mlp import MLPSpec, init_params
 
@@ -492,7 +491,7 @@ def worker(connection: Any, name: str, source_dir: str | None, data_dir: str | N
             elif command == "peak":
                 answer = contender.peak_gflops(*args)
             elif command == "bandwidth":
-                answer = copy_bandwidth(*args)
+                answer = memory_traffic.copy_bandwidth(*args)
             else:  # memory
                 key, steps = args
                 answer = contender.peak_memory(workloads[key], steps)

@@ -5,9 +5,10 @@ GFLOP/s judge the matrix products against the GEMM peak; this judges the rest. E
 counted at its least traffic given how the engine computes it: each array it reads once and each
 array it writes once per stage (the optimizer runs block by block, :mod:`research.engine.blocks`,
 so its many operations make one pass), with the bytes of each dtype (float32 values, bool masks,
-uint8 images, the uint32 words dropout draws). Small arrays (biases, the output layer's (B, 10)
-work) are left out. The time at bandwidth is those bytes over a copy's read-plus-write speed for
-arrays of the workload's parameter size: a floor for the stages, not a prediction.
+uint8 images, the uint32 words dropout draws). The output layer's softmax and loss over (B, 10)
+and max-norm's per-column factors are left out (a fraction of a percent). The time at bandwidth
+is those bytes over a copy's read-plus-write speed for arrays of the workload's parameter size:
+a floor for the stages, not a prediction.
 """
 
 from __future__ import annotations
@@ -111,12 +112,12 @@ def traffic_results(
     return traffic
 
 
-def describe(traffic: dict[str, Any]) -> list[str]:
+def describe(traffic: dict[str, Any], engine: str = "engine-f32") -> list[str]:
     """The table's lines on it (see :func:`traffic_results`)."""
     if not traffic:
         return []
     lines = [
-        "elementwise traffic per engine-f32 step (a model: research/bench/memory_traffic.py), "
+        f"elementwise traffic per {engine} step (a model: research/bench/memory_traffic.py), "
         "against a copy of the parameters' size:"
     ]
     for key, row in traffic.items():

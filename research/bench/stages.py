@@ -50,7 +50,13 @@ class _TimedStep(InPlaceTrainingStep):
         self._timed("backward", super()._backward_and_update, *args)
 
 
-def engine_stages(workload: Workload, images: np.ndarray, targets: np.ndarray, steps: int):
+#: ``run(batches)``: the seconds per step of each stage over ``batches`` (S, B) row indices.
+StageRun = Callable[[np.ndarray], dict[str, float]]
+
+
+def engine_stages(
+    workload: Workload, images: np.ndarray, targets: np.ndarray, steps: int
+) -> StageRun:
     """``run(batches) -> {stage: seconds}`` for ``steps`` engine steps over ``batches``."""
     from research.data import pixel_values
     from research.engine.mlp import dropout_masks
@@ -104,7 +110,7 @@ def engine_stages(workload: Workload, images: np.ndarray, targets: np.ndarray, s
     return run
 
 
-def jax_stages(workload: Workload, images: np.ndarray, targets: np.ndarray, steps: int):
+def jax_stages(workload: Workload, images: np.ndarray, targets: np.ndarray, steps: int) -> StageRun:
     """``run(batches) -> {stage: seconds}``: JAX's three programs over ``batches`` (see the
     module docstring)."""
     from research.bench import jax_programs

@@ -53,15 +53,24 @@ class Blocks:
         """``kernel(*blocks of one group, *scratch)`` over every block of every group, in order.
 
         Args:
-            kernel: the stage, in-place ufunc calls on its 1-D arguments.
+            kernel: the stage, in-place ufunc calls on its arguments (elementwise only).
             groups: tuples of arrays of one shape each (say a parameter, its gradient and its
-                velocity), all C-contiguous; the kernel sees them flattened.
+                velocity). C-contiguous ones are seen flattened, block by block; a group with
+                another layout (a user layer's ``W.T``) is given whole, with scratch arrays of
+                its shape.
             scratch: how many free buffers the kernel needs, one block long each.
+        Raises:
+            ValueError: the arrays of a group differ in shape (before any kernel runs).
         """
         for group in groups:
+            if any(a.shape != group[0].shape for a in group):
+                shapes = ", ".join(str(a.shape) for a in group)
+                raise ValueError(f"Blocks.run needs arrays of one shape per group, got {shapes}")
+        for group in groups:
+            if not all(a.flags.c_contiguous for a in group):
+                kernel(*group, *(np.empty_like(group[0]) for _ in range(scratch)))
+                continue
             flat = [np.reshape(a, -1) for a in group]
-            if any(not a.flags.c_contiguous for a in group):
-                raise ValueError("Blocks.run needs C-contiguous arrays")
             first = flat[0]
             length = max(1, self.block_bytes // first.itemsize)
             buffers = self._buffers(first.dtype, scratch, length) if scratch else []

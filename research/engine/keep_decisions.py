@@ -28,8 +28,10 @@ _BITS = 24
 
 def keep_decisions(rng: np.random.Generator, shape: tuple[int, ...], rate: Any) -> np.ndarray:
     """``rng.random(shape, dtype=np.float32) >= rate`` (a bool array of ``shape``), advancing
-    ``rng`` exactly as that call does."""
-    if type(rng.bit_generator) is not np.random.PCG64 or not _agrees_with_numpy():
+    ``rng`` exactly as that call does. Unlike that call it does not hold the generator's lock
+    throughout: a generator drawn from by several threads at once must not come here."""
+    plain = isinstance(rate, float | int | np.floating | np.integer)  # (a scalar, hashable)
+    if type(rng.bit_generator) is not np.random.PCG64 or not plain or not _agrees_with_numpy():
         return rng.random(shape, dtype=np.float32) >= rate
     return _from_words(rng, shape, rate)
 
@@ -56,7 +58,7 @@ def _from_words(rng: np.random.Generator, shape: tuple[int, ...], rate: Any) -> 
     return kept.reshape(shape)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=None, typed=True)  # (0.7 and float64(0.7) compare differently)
 def _threshold(rate: Any) -> int:
     """The least k in [0, 2²⁴] with ``float32(k · 2⁻²⁴) >= rate`` as numpy compares a float32
     array with ``rate`` (2²⁴ when no float32 uniform reaches it). Found by bisection, with
@@ -85,4 +87,6 @@ def _agrees_with_numpy() -> bool:
         expected = theirs.random(count, dtype=np.float32) >= rate
         if not np.array_equal(_from_words(ours, (count,), rate), expected):
             return False
-    return ours.random(3).tolist() == theirs.random(3).tolist()
+        if ours.bit_generator.state != theirs.bit_generator.state:
+            return False
+    return ours.bit_generator.state == theirs.bit_generator.state

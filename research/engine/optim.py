@@ -213,25 +213,30 @@ def adam(
 
     def update_in_place(params: Params, grads: Params, state: State) -> None:
         rate = _value(learning_rate, state["count"])
-        state["count"] += 1
-        count = state["count"]
+        count = state["count"] + 1
 
         def kernel(
-            p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, s: np.ndarray, t: np.ndarray
+            p: np.ndarray,
+            g: np.ndarray,
+            m: np.ndarray,
+            v: np.ndarray,
+            term: np.ndarray,
+            step: np.ndarray,
         ) -> None:
             # each operation as `update` evaluates it, in its order
             dt = p.dtype.type
             mu = np.multiply(m, dt(beta1), out=m)
-            mu += np.multiply(g, dt(1 - beta1), out=s)
+            mu += np.multiply(g, dt(1 - beta1), out=term)
             nu = np.multiply(v, dt(beta2), out=v)
-            nu += np.multiply(np.multiply(g, g, out=s), dt(1 - beta2), out=s)
-            denominator = np.divide(nu, dt(1 - beta2**count), out=s)
+            nu += np.multiply(np.multiply(g, g, out=term), dt(1 - beta2), out=term)
+            denominator = np.divide(nu, dt(1 - beta2**count), out=term)
             np.sqrt(denominator, out=denominator)
             denominator += dt(eps)
-            step = np.multiply(np.divide(mu, dt(1 - beta1**count), out=t), dt(rate), out=t)
-            np.subtract(p, np.divide(step, denominator, out=t), out=p)
+            np.multiply(np.divide(mu, dt(1 - beta1**count), out=step), dt(rate), out=step)
+            np.subtract(p, np.divide(step, denominator, out=step), out=p)
 
         BLOCKS.run(kernel, _groups(params, grads, state["mu"], state["nu"]), scratch=2)
+        state["count"] = count
 
     return Optimizer("adam", init, update, update_in_place, learning_rate)
 

@@ -456,6 +456,11 @@ def _publish_refit(
             better.append(now.number)
         return not better
 
+    state = result.state
+
+    def metric(champion: bool) -> dict[str, float]:
+        return {"test_accuracy": test_accuracy} if champion else {}
+
     def with_champion() -> None:
         # (test_accuracy is on the parent already: the champion's model logged it, as its own)
         parent.log_weights(params, result.model, "best_weights.npz", state=result.state)
@@ -467,16 +472,9 @@ def _publish_refit(
         parent,
         config.name,
         refit,
-        # the model's metric is its test accuracy (on the parent run only if it is the champion)
+        # the model's one metric: its test accuracy (on the parent run if it is the champion)
         log=lambda tags, champion: log_model(
-            parent,
-            params,
-            best_config,
-            data.test.images,
-            step,
-            tags,
-            state=result.state,
-            metrics={"test_accuracy": test_accuracy} if champion else {},
+            parent, params, best_config, data.test.images, step, tags, state, metric(champion)
         ),
         still_best=still_best,
         with_champion=with_champion,

@@ -203,9 +203,7 @@ def log_model(
                 None,  # artifact_path (deprecated): the model's name, below
                 pyfunc,
                 name=MODEL_NAME,
-                # Model.log links every metric the run has at `step`; with our own metrics the
-                # run is linked below instead (the MLmodel file then names no run; the
-                # LoggedModel names its source run).
+                # (Model.log would link every metric the run has at `step`: see _link_run)
                 run_id=run.run_id if metrics is None else None,
                 model_id=logged.model_id,
                 step=step,
@@ -228,7 +226,9 @@ def log_model(
 
 
 def _link_run(run: OpenRun, model_id: str, step: int, metrics: dict[str, float]) -> None:
-    """Makes ``model_id`` an output of ``run`` at ``step``, with ``metrics`` as its own."""
+    """Makes ``model_id`` an output of ``run`` at ``step``, with ``metrics`` as its own (what
+    ``Model.log(run_id=...)`` does, but with every metric of the run at that step; the MLmodel
+    file then names no run, the LoggedModel its source run)."""
     from mlflow.entities import LoggedModelOutput, Metric
 
     run.client.log_outputs(run.run_id, [LoggedModelOutput(model_id, step=step)])
