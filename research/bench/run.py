@@ -163,22 +163,7 @@ def run_benchmark(
         peak = workers.ask(ENGINE, "peak", size, repeats)
         results: dict[str, Any] = {}
         for group in timing_groups(WORKLOADS):
-            # a workload and its baseline are timed in the same rounds, one after the other
-            times: dict[str, dict[str, list[float]]] = {}
-            for workload in group:
-                steps = workload.quick_steps if quick else workload.steps
-                contenders = [name for name in workload.contenders if name in names]
-                for name in contenders:
-                    # the origin's per-sample loop is slow: a quick run times a few of its batches
-                    workers.ask(name, "prepare", workload.key, steps)
-                times[workload.key] = {name: [] for name in contenders}
-            keys = " and ".join(workload.key for workload in group)
-            for round_number in range(rounds):
-                say(f"{keys}: round {round_number + 1}/{rounds}")
-                for workload in group:
-                    for name, seconds in times[workload.key].items():
-                        time.sleep(GAP_SECONDS)
-                        seconds.append(workers.ask(name, "run", workload.key))
+            times = _time_group(workers, group, names, quick, rounds, say)
             for workload in group:
                 steps = workload.quick_steps if quick else workload.steps
                 results[workload.key] = _workload_result(workload, steps, times[workload.key], peak)
@@ -210,6 +195,35 @@ def run_benchmark(
         "memory_traffic": traffic,
         "notes": notes,
     }
+
+
+def _time_group(
+    workers: _Workers,
+    group: list[Workload],
+    names: list[str],
+    quick: bool,
+    rounds: int,
+    say: Callable[[str], None],
+) -> dict[str, dict[str, list[float]]]:
+    """Each contender's seconds per timed run, per workload of ``group``: a workload and its
+    baseline are timed in the same rounds, one after the other (the workers keep them prepared
+    until released)."""
+    times: dict[str, dict[str, list[float]]] = {}
+    for workload in group:
+        steps = workload.quick_steps if quick else workload.steps
+        contenders = [name for name in workload.contenders if name in names]
+        for name in contenders:
+            # the origin's per-sample loop is slow: a quick run times a few of its batches
+            workers.ask(name, "prepare", workload.key, steps)
+        times[workload.key] = {name: [] for name in contenders}
+    keys = " and ".join(workload.key for workload in group)
+    for round_number in range(rounds):
+        say(f"{keys}: round {round_number + 1}/{rounds}")
+        for workload in group:
+            for name, seconds in times[workload.key].items():
+                time.sleep(GAP_SECONDS)
+                seconds.append(workers.ask(name, "run", workload.key))
+    return times
 
 
 def timing_groups(workloads: tuple[Workload, ...]) -> list[list[Workload]]:
@@ -314,6 +328,13 @@ def format_table(results: dict[str, Any]) -> str:
                 f"{_time(seconds['max']):>10} {row['gflops']:>8.1f} "
                 f"{100 * row['fraction_of_peak']:>5.0f}%  {speedup}"
             )
+    lines.extend(_lines_under_the_table(results))
+    return "\n".join(lines)
+
+
+def _lines_under_the_table(results: dict[str, Any]) -> list[str]:
+    """What follows the table: peak memory, baseline ratios, elementwise traffic, epochs, notes."""
+    lines = []
     memory = results["memory"]
     lines.append(
         f"peak memory ({memory['workload']}, engine-f32, tracemalloc): "
@@ -350,7 +371,7 @@ def format_table(results: dict[str, Any]) -> str:
                 f"{workload_key}: timed {workload['steps_timed']} steps, scaled to an epoch"
             )
     lines.extend(f"note: {note}" for note in results["notes"])
-    return "\n".join(lines)
+    return lines
 
 
 def _time(seconds: float) -> str:

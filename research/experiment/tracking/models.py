@@ -183,19 +183,9 @@ def log_model(
     metadata, described = model_metadata(config, spec, network)
     # MLflow announces each step at INFO ("Validating input example against model signature").
     logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)
-    logged = None
     with store_writes(run.tracking_uri), tempfile.TemporaryDirectory() as folder:
         mlflow.set_tracking_uri(sqlalchemy_url(run.tracking_uri))  # Model.log's store
-        # Created here so that the model lands in the run's experiment: Model.log would put it in
-        # MLflow's active (else default) experiment when no run is active, as here.
-        logged = run.client.create_logged_model(
-            run.experiment_id,
-            name=MODEL_NAME,
-            source_run_id=run.run_id,
-            params={**config.as_texts(), **described},
-            model_type="mlp" if network is None else "layers",
-            tags={**(tags or {}), TAG_WRITER: process_identity()},  # (pending_models.py)
-        )
+        logged = _create_logged_model(run, config, described, network is not None, tags)
         try:
             weights = Path(folder) / "weights.npz"
             save_weights(weights, params, spec if network is None else network, state)
@@ -225,10 +215,26 @@ def log_model(
     return f"models:/{logged.model_id}"
 
 
+def _create_logged_model(
+    run: OpenRun, config: TrainConfig, described: dict[str, str], layers: bool, tags: Any
+) -> Any:
+    """The empty, PENDING LoggedModel of ``run`` that :func:`log_model` fills: created here so
+    that it lands in the run's experiment (``Model.log`` would put it in MLflow's active, else
+    default, experiment when no run is active, as here)."""
+    return run.client.create_logged_model(
+        run.experiment_id,
+        name=MODEL_NAME,
+        source_run_id=run.run_id,
+        params={**config.as_texts(), **described},
+        model_type="layers" if layers else "mlp",
+        tags={**(tags or {}), TAG_WRITER: process_identity()},  # (pending_models.py)
+    )
+
+
 def _link_run(run: OpenRun, model_id: str, step: int, metrics: dict[str, float]) -> None:
     """Makes ``model_id`` an output of ``run`` at ``step``, with ``metrics`` as its own (what
-    ``Model.log(run_id=...)`` does, but with every metric of the run at that step; the MLmodel
-    file then names no run, the LoggedModel its source run)."""
+    ``Model.log(run_id=...)`` does, but with these metrics instead of every metric the run has
+    at that step; the MLmodel file then names no run, the LoggedModel its source run)."""
     from mlflow.entities import LoggedModelOutput, Metric
 
     run.client.log_outputs(run.run_id, [LoggedModelOutput(model_id, step=step)])
