@@ -43,10 +43,11 @@ def elementwise_bytes(workload: Workload, itemsize: int = 4) -> dict[str, float]
     weights = sum(a * b for a, b in zip(spec.sizes[:-2], spec.sizes[1:-1]))  # hidden layers'
     inputs = rows * spec.sizes[0]
     stages = {
-        # bytes read and written, then converted in a cached block and copied into the batch
-        "input": inputs * (1 + 1 + 1 + s + s + s),
-        # forward: bias add (r, w), σ (relu: z > 0 as bool, then z·mask), backward: δ·σ'
-        "activations": hidden_units * ((2 * s) + (s + 1) + (2 * s + 1) + (2 * s + 1)),
+        # bytes read and written, then converted into the batch
+        "input": inputs * (1 + 1 + 1 + s),
+        # forward: bias add (r, w), σ (relu: z > 0 as bool, cast to a float factor, z·factor),
+        # backward: δ·σ'
+        "activations": hidden_units * ((2 * s) + (s + 1) + (1 + s) + (3 * s) + (3 * s)),
         "bias_gradients": rows * sum(spec.sizes[1:]) * s,
         "optimizer": spec.n_params * s * OPTIMIZER_ARRAYS.get(workload.optimizer, 5),
     }
@@ -56,8 +57,8 @@ def elementwise_bytes(workload: Workload, itemsize: int = 4) -> dict[str, float]
     if workload.input_dropout:
         dropout += inputs * (draw + 3 * s)  # x·mask
     if workload.dropout:
-        # mask·σ' (r, r, w) forward; z·that and δ·that (r, r, w) instead of z·σ' and δ·σ'
-        dropout += hidden_units * (draw + (2 * s + 1) + 2 * (s - 1))
+        # σ'·mask (r, r, w) forward, into the factor z and δ are multiplied by anyway
+        dropout += hidden_units * (draw + 3 * s)
     if dropout:
         stages["dropout"] = dropout
     if workload.max_norm:

@@ -16,11 +16,10 @@ What it does differently (docs/performance.md has the measurements behind each c
   reused uint8 buffer and turned into floats, so the training set is never held as floats (a
   quarter of the memory of float32, an eighth of float64's). The byte → value table comes in as
   data (the engine imports nothing outside itself); the step converts with the fastest of a few
-  numpy calls that gives exactly that table for all 256 bytes. It converts into a private block
-  that fits in a core's cache and copies that into the input buffer: converting straight into
-  the buffer that the previous step's two-thread matrix products read took 2–3 times as long as
-  converting alone (a w1 epoch 22% slower than from floats, on the 2-vCPU machine of
-  docs/performance.md), while a plain copy into it costs about what the float gather does (3–4%).
+  numpy calls that gives exactly that table for all 256 bytes, straight into the input buffer:
+  for float32's k/255, one division that casts as it goes. (Converting in a private block that
+  fits a core's cache and copying that over, as the step once did, was 13% slower per w1 epoch
+  on the 2-vCPU Intel Xeon of docs/performance.md, 2026-12-06.)
 - Bias add, activation and activation derivative run in place with ``out=`` (no temporaries); the
   hidden sigmoid is computed as 1/(1 + exp(−z)) in one branch (4 passes instead of ~8). It differs
   from ``mlp.sigmoid`` by an ulp or two and saturates to exactly 0 below z ≈ −88 (float32) /
@@ -59,24 +58,24 @@ def _sigmoid_in_place(z: np.ndarray) -> None:
     np.reciprocal(z, out=z)
 
 
-def _relu_in_place(z: np.ndarray, mask: np.ndarray) -> None:
-    """mask ← (z > 0), z ← z·mask: the relu and the derivative the backward pass reuses.
+def _relu_in_place(z: np.ndarray, positive: np.ndarray, factor: np.ndarray) -> None:
+    """factor ← (z > 0) as 0 and 1 in z's dtype, z ← z·factor: the relu and the derivative the
+    backward pass reuses. ``positive`` is scratch for the comparison's booleans (z's shape).
 
-    One pass less than ``np.maximum(z, 0)`` followed by a mask in the backward pass. It differs
-    from the relu of :mod:`research.engine.mlp` only in the sign of zeros (−0.0 for negative z)
-    and at z = −inf (NaN instead of 0).
+    One pass less than ``np.maximum(z, 0)`` followed by a mask in the backward pass. The factor
+    is made as booleans, then cast, because numpy multiplies by a float factor about three times
+    as fast as by booleans (cast as it goes): the comparison, the cast and two float products
+    took 88 µs against 154 µs with boolean factors for a (256, 1024) float32 layer, 2-vCPU Intel
+    Xeon. It differs from the relu of :mod:`research.engine.mlp` only in the sign of zeros
+    (−0.0 for negative z) and at z = −inf (NaN instead of 0).
     """
-    np.greater(z, 0, out=mask)
-    z *= mask
+    np.greater(z, 0, out=positive)
+    np.copyto(factor, positive)
+    z *= factor
 
 
 #: ``convert(images, out)``: uint8 ``images`` (B, n) into ``out`` (B, n), a float buffer.
 ByteConversion = Callable[[np.ndarray, np.ndarray], None]
-
-#: The largest block of a batch converted at once (bytes of floats), small enough to stay in a
-#: core's cache: w1 epochs were as fast with blocks of 64–256 float32 rows (0.2–0.8 MB) and
-#: 32–128 float64 rows (0.2–0.8 MB), 18–26% slower with 192–256 float64 rows (1.2–1.6 MB).
-BLOCK_BYTES = 1 << 19
 
 
 def _cast(images: np.ndarray, out: np.ndarray) -> None:
@@ -85,14 +84,14 @@ def _cast(images: np.ndarray, out: np.ndarray) -> None:
 
 
 def _cast_then_divide(images: np.ndarray, out: np.ndarray) -> None:
-    """out ← k, then out ← out/255 in out's dtype: two plain passes, a little faster than one
-    divide that casts as it goes (measured: an epoch of w1's gathers, 8.9 against 9.1 ms)."""
+    """out ← k, then out ← out/255 in out's dtype (two passes; float64's k/255)."""
     np.copyto(out, images)
     np.divide(out, out.dtype.type(255), out=out)
 
 
 def _divide_in_float32(images: np.ndarray, out: np.ndarray) -> None:
-    """out ← k/255 computed in float32, widened to out's dtype (one pass)."""
+    """out ← k/255 computed in float32, widened to out's dtype (one pass; float32's k/255: a w1
+    epoch 6% faster than casting, then dividing, in the same process, 2026-12-06)."""
     np.divide(images, np.float32(255), out=out, dtype=np.float32)
 
 
@@ -108,7 +107,7 @@ def _look_up(values: np.ndarray) -> ByteConversion:
 
 def byte_conversion(values: np.ndarray) -> ByteConversion:
     """The fastest conversion of uint8 images to inputs that gives ``values`` (256,) for the
-    bytes 0..255, bit for bit.
+    bytes 0..255, bit for bit (the candidates are tried fastest first).
 
     Each candidate works element by element, so trying it on all 256 bytes proves it exact for
     every batch. The table itself is the fallback, for a table that no division or cast gives.
@@ -120,7 +119,7 @@ def byte_conversion(values: np.ndarray) -> ByteConversion:
             f"{values.shape}"
         )
     probe = np.arange(256, dtype=np.uint8)
-    for convert in (_cast, _cast_then_divide, _divide_in_float32):
+    for convert in (_cast, _divide_in_float32, _cast_then_divide):
         out = np.empty_like(values)
         convert(probe, out)
         if np.array_equal(out.view(np.uint8), values.view(np.uint8)):
@@ -176,11 +175,9 @@ class InPlaceTrainingStep:
         widths = spec.sizes
         empty = np.empty
         self._x = empty((batch_size, widths[0]), self.dtype)
-        # uint8 inputs: the gathered bytes (B, n_in), how they become _x, and the block (at most
-        # BLOCK_BYTES) they are converted in before being copied into _x
+        # uint8 inputs: the gathered bytes (B, n_in) and how they become _x
         self._convert: ByteConversion | None = None
         self._bytes = empty((0, widths[0]), np.uint8)
-        self._block = empty((0, widths[0]), self.dtype)
         if pixel_values is not None:
             if np.asarray(pixel_values).dtype != self.dtype:
                 raise ValueError(
@@ -189,20 +186,16 @@ class InPlaceTrainingStep:
                 )
             self._convert = byte_conversion(pixel_values)
             self._bytes = empty((batch_size, widths[0]), np.uint8)
-            block_rows = max(1, BLOCK_BYTES // (widths[0] * self.dtype.itemsize))
-            self._block = empty((min(batch_size, block_rows), widths[0]), self.dtype)
         self._y = empty((batch_size, widths[-1]), self.dtype)
         # _outputs[i]: the output of layer i (hidden activations; the last one holds the logits).
         self._outputs = [empty((batch_size, n), self.dtype) for n in widths[1:]]
         # _deltas[i]: ∂loss/∂(pre-activation of hidden layer i), for the hidden layers only.
         self._deltas = [empty((batch_size, n), self.dtype) for n in widths[1:-1]]
-        # σ'(z) per hidden layer: a boolean mask for relu (made in the forward pass), values for
-        # sigmoid and tanh.
-        derivative_dtype = bool if spec.activation == "relu" else self.dtype
-        self._derivatives = [empty((batch_size, n), derivative_dtype) for n in widths[1:-1]]
-        # relu with dropout: mask · relu' per hidden layer, made in the forward pass (allocated
-        # at the first masked step: steps without dropout never hold them).
-        self._relu_masks: list[np.ndarray] = []
+        # σ'(z) per hidden layer: relu's 0 and 1 (made in the forward pass, from booleans in
+        # _positive, scratch as large as the widest layer), values for sigmoid and tanh.
+        self._derivatives = [empty((batch_size, n), self.dtype) for n in widths[1:-1]]
+        widest = max(widths[1:-1], default=0) if spec.activation == "relu" else 0
+        self._positive = empty(batch_size * widest, bool)
         self._ones = np.ones(batch_size, self.dtype)
         self.max_norm = max_norm
         self._norms = [empty(n, self.dtype) for n in widths[1:-1]]
@@ -304,14 +297,17 @@ class InPlaceTrainingStep:
             if i < last:
                 mask = masks[i + 1]
                 if activation == "relu" and mask is not None:
-                    # relu and dropout as one product, z ← z·(mask·(z > 0)), the factor kept
+                    # relu and dropout as one product, z ← z·((z > 0)·mask), the factor kept
                     # for the backward pass: the same values as z·(z > 0), then ·mask (every
                     # factor is 0, 1 or the mask's 1/keep, so no rounding differs)
-                    derivative = self._derivatives[i][:n]
-                    np.greater(out, 0, out=derivative)
-                    out *= np.multiply(mask, derivative, out=self._relu_mask(i)[:n])
+                    positive = self._positive[: out.size].reshape(out.shape)
+                    factor = self._derivatives[i][:n]
+                    np.greater(out, 0, out=positive)
+                    np.copyto(factor, positive)  # (floats: see _relu_in_place)
+                    out *= np.multiply(factor, mask, out=factor)
                 elif activation == "relu":
-                    _relu_in_place(out, self._derivatives[i][:n])
+                    positive = self._positive[: out.size].reshape(out.shape)
+                    _relu_in_place(out, positive, self._derivatives[i][:n])
                 else:
                     if activation == "tanh":
                         np.tanh(out, out=out)
@@ -355,32 +351,21 @@ class InPlaceTrainingStep:
             if i > 0:
                 # ∂loss/∂(pre-activation of hidden layer i − 1), from the layer's output and mask
                 derivative = self._derivatives[i - 1][:n]
-                if masks[i] is not None and spec.activation == "relu":
-                    below *= self._relu_masks[i - 1][:n]  # mask · relu', made forward
-                else:
-                    if masks[i] is None and spec.activation != "relu":
-                        self._derivative_of(inputs[i], derivative)
-                    below *= derivative  # (relu: the mask made in the forward pass)
-                    if masks[i] is not None:
-                        below *= masks[i]
+                if spec.activation != "relu" and masks[i] is None:
+                    self._derivative_of(inputs[i], derivative)
+                below *= derivative  # (relu: relu', times the mask with dropout, made forward)
+                if masks[i] is not None and spec.activation != "relu":
+                    below *= masks[i]
                 delta = below
 
     def _convert_bytes(self, images: np.ndarray, rows: np.ndarray | None, xb: np.ndarray) -> None:
-        """xb (B, n_in) ← the inputs of uint8 ``images`` (N, n_in) at ``rows`` (all if None).
-
-        The bytes are gathered first (a quarter of float32's memory traffic), then converted
-        block by block in ``_block`` and copied into xb (see the module docstring for why not
-        straight into xb).
-        """
+        """xb (B, n_in) ← the inputs of uint8 ``images`` (N, n_in) at ``rows`` (all if None):
+        the bytes gathered first (a quarter of float32's memory traffic), then converted."""
         if rows is not None:
             gathered = self._bytes[: len(rows)]
             np.take(images, rows, axis=0, out=gathered, mode="clip")
             images = gathered
-        block = self._block
-        for start in range(0, len(xb), len(block)):
-            part = images[start : start + len(block)]
-            self._convert(part, block[: len(part)])
-            np.copyto(xb[start : start + len(part)], block[: len(part)])
+        self._convert(images, xb)
 
     def _refusal(self, dtype: np.dtype) -> str:
         """Why inputs of ``dtype`` are refused."""
@@ -391,12 +376,6 @@ class InPlaceTrainingStep:
             )
         accepted = f"{self.dtype}" + (" or uint8" if self._convert is not None else "")
         return f"inputs must be {accepted}, got {dtype}"
-
-    def _relu_mask(self, i: int) -> np.ndarray:
-        """The buffer for mask · relu' of hidden layer i (all of them made at the first call)."""
-        if not self._relu_masks:
-            self._relu_masks = [np.empty_like(d, self.dtype) for d in self._derivatives]
-        return self._relu_masks[i]
 
     def _derivative_of(self, a: np.ndarray, out: np.ndarray) -> None:
         """out ← σ'(z) from the activation a = σ(z), for tanh and sigmoid (as ``mlp`` does)."""

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from research.engine.inplace import BLOCK_BYTES, ByteConversion, byte_conversion
+from research.engine.inplace import ByteConversion, byte_conversion
 from research.engine.mlp import _output
 from research.engine.network import (
     NetMasks,
@@ -104,11 +104,9 @@ class NetworkTrainingStep:
         n_in = prod(network.in_shape)
         self._x = np.empty((batch_size, n_in), self.dtype)
         self._y = np.empty((batch_size, network.n_outputs), self.dtype)
-        # uint8 inputs: the gathered bytes, how they become _x, and the block they are converted
-        # in (small enough to stay in cache, as the MLP's step does)
+        # uint8 inputs: the gathered bytes and how they become _x (as the MLP's step does)
         self._convert: ByteConversion | None = None
         self._bytes = np.empty((0, n_in), np.uint8)
-        self._block = np.empty((0, n_in), self.dtype)
         if pixel_values is not None:
             if np.asarray(pixel_values).dtype != self.dtype:
                 raise ValueError(
@@ -117,8 +115,6 @@ class NetworkTrainingStep:
                 )
             self._convert = byte_conversion(pixel_values)
             self._bytes = np.empty((batch_size, n_in), np.uint8)
-            block_rows = max(1, BLOCK_BYTES // (n_in * self.dtype.itemsize))
-            self._block = np.empty((min(batch_size, block_rows), n_in), self.dtype)
 
     def step(
         self,
@@ -173,10 +169,7 @@ class NetworkTrainingStep:
             images = flat
             if rows is not None:
                 images = np.take(flat, rows, axis=0, out=self._bytes[:n], mode="clip")
-            for start in range(0, n, len(self._block)):
-                part = images[start : start + len(self._block)]
-                self._convert(part, self._block[: len(part)])
-                np.copyto(xb[start : start + len(part)], self._block[: len(part)])
+            self._convert(images, xb)
         elif x.dtype != self.dtype:
             accepted = f"{self.dtype}" + (" or uint8" if self._convert is not None else "")
             raise ValueError(f"inputs must be {accepted}, got {x.dtype}")
