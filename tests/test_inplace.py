@@ -105,6 +105,34 @@ def test_update_in_place_is_update_exactly(optimizer):
         assert fast_state["count"] == pure_state["count"] == 5
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    dtype=st.sampled_from([np.float32, np.float64]),
+    n_out=st.integers(1, 200),
+    share_over=st.sampled_from([0.0, 0.01, 0.03, 0.1, 1.0]),
+    diverged=st.booleans(),
+    seed=st.integers(0, 2**31),
+)
+def test_max_norm_in_place_is_max_norm_exactly(dtype, n_out, share_over, diverged, seed):
+    """Column by column (few columns over the radius) or in one pass (many), the projection is
+    bit for bit ``max_norm``'s, a NaN column (a diverged W) included."""
+    rng = np.random.default_rng(seed)
+    params = [
+        {"W": rng.standard_normal((7, n_out)).astype(dtype), "b": np.ones(n_out, dtype)},
+        {"W": rng.standard_normal((n_out, 3)).astype(dtype), "b": np.ones(3, dtype)},
+    ]
+    radius = 10.0  # no column of standard normals over it, but those blown up here
+    over = rng.random(n_out) < share_over
+    params[0]["W"][:, over] *= 100
+    if diverged:
+        params[0]["W"][2, rng.integers(n_out)] = np.nan
+    expected = optim.max_norm(params, radius)
+    projected = copy_params(params)
+    optim.max_norm_in_place(projected, radius, [np.empty(n_out, dtype)])
+    assert_close(projected, expected, EXACT, what="projected params")
+    assert_close(projected[1:], params[1:], EXACT, what="the output layer, untouched")
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_blas_gemm_update_accumulates_into_its_output(dtype):
     update = gemm_update()

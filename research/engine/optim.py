@@ -332,6 +332,13 @@ def units_at_max_norm(params: Params, radius: float, rtol: float = 1e-5) -> floa
     return at_radius / total if total else 0.0
 
 
+#: :func:`max_norm_in_place` scales the columns over the radius one by one while they are at
+#: most this share of a layer's columns, else the whole of W in one pass (a factor of 1 leaves a
+#: weight as it is, so both give the same bits). A (1024, 1024) float32 W, 2-vCPU Intel Xeon:
+#: ~9 µs per column against 300–370 µs for the pass; w3's bench steps had 0–9 columns over 1.5.
+COLUMN_BY_COLUMN_SHARE = 1 / 32
+
+
 def max_norm_in_place(params: Params, radius: float, scratch: list[np.ndarray]) -> None:
     """:func:`max_norm`, overwriting ``params``; ``scratch`` holds one (n_out,) array per hidden
     layer, in the parameters' dtype."""
@@ -345,9 +352,13 @@ def max_norm_in_place(params: Params, radius: float, scratch: list[np.ndarray]) 
         np.maximum(norms, np.finfo(W.dtype).tiny, out=norms)
         np.divide(dtype(radius), norms, out=norms)
         np.minimum(norms, 1, out=norms)
-        # Every factor exactly 1 (no column over the radius): W would not change. (Written so
-        # that a NaN factor, from a diverged W, still scales as it always did.)
-        if not norms.min() >= 1:
+        # Only the columns whose factor is not exactly 1 change. (Written so that a NaN factor,
+        # from a diverged W, still scales as it always did.)
+        over = np.flatnonzero(~(norms >= 1))
+        if len(over) <= COLUMN_BY_COLUMN_SHARE * len(norms):
+            for column in over:
+                np.multiply(W[:, column], norms[column], out=W[:, column])
+        else:
             W *= norms
 
 
