@@ -10,6 +10,10 @@ Within one process both versions share the process's luck (a fresh process's spe
 machine is set at its start, docs/measurements/2026-12-06-elementwise-second-pass.md), so small
 changes show here that separate bench runs drown. For w3's step with a bit-for-bit check of the
 parameters, see ``scripts/compare_steps.py``.
+
+Each version's modules are imported while it prepares; a version that imported a module of its
+own lazily inside a timed run would get the other's. The process is not set up as ``python -m
+research`` sets up the bench's workers (glibc's ``mallopt`` thresholds), for both versions alike.
 """
 
 from __future__ import annotations

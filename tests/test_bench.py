@@ -297,10 +297,10 @@ def test_the_traffic_model_counts_each_stage_by_hand():
     weights = 784 * 1024 + 2 * 1024 * 1024
     assert stages["optimizer"] == w3.spec.n_params * 4 * 5  # read p, g, v; write p, v
     assert stages["max_norm"] == weights * 4  # the column norms; few columns are scaled
-    assert stages["activations"] == rows * hidden * (8 + 5 + 5 + 12 + 12)
+    assert stages["activations"] == rows * hidden * (8 + 5 + 9 + 9)
     assert stages["input"] == inputs * (1 + 1 + 1 + 4)  # gather the bytes, convert them
     draw = 4 + 4 + 1 + 5 + 8
-    assert stages["dropout"] == inputs * (draw + 12) + rows * hidden * (draw + 12)
+    assert stages["dropout"] == inputs * (draw + 12) + rows * hidden * (draw + 9 + 6)
     plain = elementwise_bytes(next(w for w in WORKLOADS if w.key == "w3-plain"))
     assert set(stages) - set(plain) == {"dropout", "max_norm"}
     w2 = next(w for w in WORKLOADS if w.key == "w2-b256")

@@ -133,6 +133,54 @@ def test_max_norm_in_place_is_max_norm_exactly(dtype, n_out, share_over, diverge
     assert_close(projected[1:], params[1:], EXACT, what="the output layer, untouched")
 
 
+@pytest.mark.parametrize("share", [0.0, 1.0])
+@pytest.mark.parametrize("diverged", [False, True])
+def test_both_ways_of_max_norm_scaling_are_max_norm_exactly(monkeypatch, share, diverged):
+    """Every column over the radius scaled one by one (share 1), or W in one pass (share 0)."""
+    monkeypatch.setattr(optim, "COLUMN_BY_COLUMN_SHARE", share)
+    rng = np.random.default_rng(5)
+    params = [
+        {"W": rng.standard_normal((9, 64)).astype(np.float32), "b": np.zeros(64, np.float32)},
+        {"W": rng.standard_normal((64, 3)).astype(np.float32), "b": np.zeros(3, np.float32)},
+    ]
+    params[0]["W"][:, [3, 17, 40]] *= 100
+    if diverged:
+        params[0]["W"][4, 17] = np.nan
+    expected = optim.max_norm(params, 10.0)
+    projected = copy_params(params)
+    optim.max_norm_in_place(projected, 10.0, [np.empty(64, np.float32)])
+    assert_close(projected, expected, EXACT, what=f"projected params, share {share}")
+    assert not np.array_equal(projected[0]["W"][:, 3], params[0]["W"][:, 3])  # it did scale
+
+
+def test_relu_steps_with_masks_on_some_layers_only():
+    """ReLU's factor (z > 0), times the mask where a layer has one, with masks on the inputs and
+    the second hidden layer only: the fast path follows the pure functions step after step
+    (float64, as the module's other comparisons)."""
+    dtype = np.float64
+    spec = mlp.MLPSpec((6, 5, 4, 3), "relu", "softmax", "cross_entropy")
+    rng = np.random.default_rng(11)
+    start = mlp.init_params(spec, rng, dtype=dtype, scheme="he")
+    x = rng.standard_normal((20, 6)).astype(dtype)
+    y = np.eye(3, dtype=dtype)[rng.integers(0, 3, 20)]
+    update = optim.momentum(0.05, beta=0.9, nesterov=True)
+    params, state = start, update.init(start)
+    stepper = InPlaceTrainingStep(spec, start, optim.momentum(0.05, 0.9, True), 8)
+    for step in range(6):
+        n = 8 if step % 2 else 5
+        rows = rng.permutation(20)[:n]
+        masks = [
+            (rng.random((n, 6)) >= 0.3).astype(dtype) / dtype(0.7),
+            None,
+            (rng.random((n, 4)) >= 0.5).astype(dtype) * dtype(2),
+        ]
+        expected_loss, grads = mlp.loss_and_grads(params, x[rows], y[rows], spec, masks)
+        params, state = update.update(params, grads, state)
+        loss_value = stepper.step(x, y, rows, masks)
+        assert_close(loss_value, expected_loss, "same_operations", f"loss of step {step + 1}")
+        assert_close(stepper.params, params, "same_operations", f"params after step {step + 1}")
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_blas_gemm_update_accumulates_into_its_output(dtype):
     update = gemm_update()

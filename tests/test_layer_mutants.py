@@ -528,7 +528,7 @@ class ReluZeroesDyInPlace(Mutant):
     def backward(self, params: LayerParams, cache: Any, dy: np.ndarray) -> Grads:
         if not self.bug:
             dy = dy.copy()
-        dy[cache == 0] = 0  # (the cache: 0 and 1 in x's dtype)
+        dy[~cache] = 0
         return dy, {}
 
 

@@ -86,8 +86,8 @@ DEEP_SPEC = MLPSpec((784, 1024, 1024, 1024, 10), "relu", "softmax", "cross_entro
 CONV_HEAD = MLPSpec((784, 10), "relu", "softmax", "cross_entropy")
 # The dropout paper's MNIST recipe (Srivastava et al., 2014): what w3 trains.
 W3_SETTINGS = {"optimizer": "momentum", "beta": 0.95}
-# Radius 1.5 (reproduce row 4's) binds in each of the 40 timed steps, so the projection's
-# scaling pass is timed too; at 3.5 no unit reached it and only the norms were.
+# Radius 1.5 (reproduce row 4's) binds in each of the 40 timed steps (0-9 columns of 1,024 per
+# layer), so the projection's scaling is timed too; at 3.5 no unit reached it.
 W3_REGULARIZATION = {"input_dropout": 0.2, "dropout": 0.5, "max_norm": 1.5}
 WORKLOADS = (
     Workload(
@@ -307,7 +307,7 @@ class _Engine(_Contender):
 
         numpy reports its allocations to tracemalloc; the training data (uint8 images) and the
         starting parameters exist before tracing starts (the stepper's own copy of the
-        parameters, its uint8 batch buffer and its conversion block are counted). OpenBLAS's
+        parameters and its uint8 batch buffer are counted). OpenBLAS's
         internal work buffer, allocated once per process, is not seen.
         """
         import tracemalloc

@@ -31,10 +31,11 @@ OPTIMIZER_ARRAYS = {"sgd": 0, "momentum": 5, "adam": 7}
 
 def elementwise_bytes(workload: Workload, itemsize: int = 4) -> dict[str, float]:
     """Bytes per step of the engine's elementwise stages of an MLP ``workload`` (see the module
-    docstring), by stage: ``input`` (gather the uint8 rows, convert them, copy them in),
+    docstring), by stage: ``input`` (gather the uint8 rows, convert them into the batch),
     ``activations`` (bias add, activation and derivative forward, the derivative product
-    backward), ``bias_gradients``, ``optimizer``, ``dropout`` (drawing the masks and applying them),
-    ``max_norm`` (column norms, then the scaling); {} for a ``layers`` workload or an evaluation."""
+    backward; counted as ReLU's passes, whatever the activation: w1's sigmoid layer is 30 units),
+    ``bias_gradients``, ``optimizer``, ``dropout`` (drawing the masks and applying them),
+    ``max_norm`` (the column norms); {} for a ``layers`` workload or an evaluation."""
     if workload.layers or workload.steps == 0:
         return {}
     spec, rows, s = workload.spec, workload.batch_size, itemsize
@@ -45,9 +46,8 @@ def elementwise_bytes(workload: Workload, itemsize: int = 4) -> dict[str, float]
     stages = {
         # bytes read and written, then converted into the batch
         "input": inputs * (1 + 1 + 1 + s),
-        # forward: bias add (r, w), σ (relu: z > 0 as bool, cast to a float factor, z·factor),
-        # backward: δ·σ'
-        "activations": hidden_units * ((2 * s) + (s + 1) + (1 + s) + (3 * s) + (3 * s)),
+        # forward: bias add (r, w), σ (relu: z > 0 as bool, then z·mask), backward: δ·σ'
+        "activations": hidden_units * ((2 * s) + (s + 1) + (2 * s + 1) + (2 * s + 1)),
         "bias_gradients": rows * sum(spec.sizes[1:]) * s,
         "optimizer": spec.n_params * s * OPTIMIZER_ARRAYS.get(workload.optimizer, 5),
     }
@@ -57,8 +57,8 @@ def elementwise_bytes(workload: Workload, itemsize: int = 4) -> dict[str, float]
     if workload.input_dropout:
         dropout += inputs * (draw + 3 * s)  # x·mask
     if workload.dropout:
-        # σ'·mask (r, r, w) forward, into the factor z and δ are multiplied by anyway
-        dropout += hidden_units * (draw + 3 * s)
+        # mask·σ' (r, r, w) forward; z·that and δ·that (r, r, w) instead of z·σ' and δ·σ'
+        dropout += hidden_units * (draw + (2 * s + 1) + 2 * (s - 1))
     if dropout:
         stages["dropout"] = dropout
     if workload.max_norm:

@@ -17,9 +17,9 @@ What it does differently (docs/performance.md has the measurements behind each c
   quarter of the memory of float32, an eighth of float64's). The byte → value table comes in as
   data (the engine imports nothing outside itself); the step converts with the fastest of a few
   numpy calls that gives exactly that table for all 256 bytes, straight into the input buffer:
-  for float32's k/255, one division that casts as it goes. (Converting in a private block that
-  fits a core's cache and copying that over, as the step once did, was 13% slower per w1 epoch
-  on the 2-vCPU Intel Xeon of docs/performance.md, 2026-12-06.)
+  for k/255, one division that casts as it goes; for raw inputs, a cast. (Converting in a
+  private block that fits a core's cache and copying that over, as the step once did, made w1
+  epochs 15% longer on the 2-vCPU Intel Xeon of docs/performance.md, 2026-12-06.)
 - Bias add, activation and activation derivative run in place with ``out=`` (no temporaries); the
   hidden sigmoid is computed as 1/(1 + exp(−z)) in one branch (4 passes instead of ~8). It differs
   from ``mlp.sigmoid`` by an ulp or two and saturates to exactly 0 below z ≈ −88 (float32) /
@@ -58,20 +58,15 @@ def _sigmoid_in_place(z: np.ndarray) -> None:
     np.reciprocal(z, out=z)
 
 
-def _relu_in_place(z: np.ndarray, positive: np.ndarray, factor: np.ndarray) -> None:
-    """factor ← (z > 0) as 0 and 1 in z's dtype, z ← z·factor: the relu and the derivative the
-    backward pass reuses. ``positive`` is scratch for the comparison's booleans (z's shape).
+def _relu_in_place(z: np.ndarray, mask: np.ndarray) -> None:
+    """mask ← (z > 0), z ← z·mask: the relu and the derivative the backward pass reuses.
 
-    One pass less than ``np.maximum(z, 0)`` followed by a mask in the backward pass. The factor
-    is made as booleans, then cast, because numpy multiplies by a float factor about three times
-    as fast as by booleans (cast as it goes): the comparison, the cast and two float products
-    took 88 µs against 154 µs with boolean factors for a (256, 1024) float32 layer, 2-vCPU Intel
-    Xeon. It differs from the relu of :mod:`research.engine.mlp` only in the sign of zeros
-    (−0.0 for negative z) and at z = −inf (NaN instead of 0).
+    One pass less than ``np.maximum(z, 0)`` followed by a mask in the backward pass. It differs
+    from the relu of :mod:`research.engine.mlp` only in the sign of zeros (−0.0 for negative z)
+    and at z = −inf (NaN instead of 0).
     """
-    np.greater(z, 0, out=positive)
-    np.copyto(factor, positive)
-    z *= factor
+    np.greater(z, 0, out=mask)
+    z *= mask
 
 
 #: ``convert(images, out)``: uint8 ``images`` (B, n) into ``out`` (B, n), a float buffer.
@@ -191,11 +186,13 @@ class InPlaceTrainingStep:
         self._outputs = [empty((batch_size, n), self.dtype) for n in widths[1:]]
         # _deltas[i]: ∂loss/∂(pre-activation of hidden layer i), for the hidden layers only.
         self._deltas = [empty((batch_size, n), self.dtype) for n in widths[1:-1]]
-        # σ'(z) per hidden layer: relu's 0 and 1 (made in the forward pass, from booleans in
-        # _positive, scratch as large as the widest layer), values for sigmoid and tanh.
-        self._derivatives = [empty((batch_size, n), self.dtype) for n in widths[1:-1]]
-        widest = max(widths[1:-1], default=0) if spec.activation == "relu" else 0
-        self._positive = empty(batch_size * widest, bool)
+        # σ'(z) per hidden layer: a boolean mask for relu (made in the forward pass), values for
+        # sigmoid and tanh.
+        derivative_dtype = bool if spec.activation == "relu" else self.dtype
+        self._derivatives = [empty((batch_size, n), derivative_dtype) for n in widths[1:-1]]
+        # relu with dropout: mask · relu' per hidden layer, made in the forward pass (allocated
+        # at the first masked step: steps without dropout never hold them).
+        self._relu_masks: list[np.ndarray] = []
         self._ones = np.ones(batch_size, self.dtype)
         self.max_norm = max_norm
         self._norms = [empty(n, self.dtype) for n in widths[1:-1]]
@@ -297,17 +294,14 @@ class InPlaceTrainingStep:
             if i < last:
                 mask = masks[i + 1]
                 if activation == "relu" and mask is not None:
-                    # relu and dropout as one product, z ← z·((z > 0)·mask), the factor kept
+                    # relu and dropout as one product, z ← z·(mask·(z > 0)), the factor kept
                     # for the backward pass: the same values as z·(z > 0), then ·mask (every
                     # factor is 0, 1 or the mask's 1/keep, so no rounding differs)
-                    positive = self._positive[: out.size].reshape(out.shape)
-                    factor = self._derivatives[i][:n]
-                    np.greater(out, 0, out=positive)
-                    np.copyto(factor, positive)  # (floats: see _relu_in_place)
-                    out *= np.multiply(factor, mask, out=factor)
+                    derivative = self._derivatives[i][:n]
+                    np.greater(out, 0, out=derivative)
+                    out *= np.multiply(mask, derivative, out=self._relu_mask(i)[:n])
                 elif activation == "relu":
-                    positive = self._positive[: out.size].reshape(out.shape)
-                    _relu_in_place(out, positive, self._derivatives[i][:n])
+                    _relu_in_place(out, self._derivatives[i][:n])
                 else:
                     if activation == "tanh":
                         np.tanh(out, out=out)
@@ -351,11 +345,14 @@ class InPlaceTrainingStep:
             if i > 0:
                 # ∂loss/∂(pre-activation of hidden layer i − 1), from the layer's output and mask
                 derivative = self._derivatives[i - 1][:n]
-                if spec.activation != "relu" and masks[i] is None:
-                    self._derivative_of(inputs[i], derivative)
-                below *= derivative  # (relu: relu', times the mask with dropout, made forward)
-                if masks[i] is not None and spec.activation != "relu":
-                    below *= masks[i]
+                if masks[i] is not None and spec.activation == "relu":
+                    below *= self._relu_masks[i - 1][:n]  # mask · relu', made forward
+                else:
+                    if masks[i] is None and spec.activation != "relu":
+                        self._derivative_of(inputs[i], derivative)
+                    below *= derivative  # (relu: the mask made in the forward pass)
+                    if masks[i] is not None:
+                        below *= masks[i]
                 delta = below
 
     def _convert_bytes(self, images: np.ndarray, rows: np.ndarray | None, xb: np.ndarray) -> None:
@@ -376,6 +373,12 @@ class InPlaceTrainingStep:
             )
         accepted = f"{self.dtype}" + (" or uint8" if self._convert is not None else "")
         return f"inputs must be {accepted}, got {dtype}"
+
+    def _relu_mask(self, i: int) -> np.ndarray:
+        """The buffer for mask · relu' of hidden layer i (all of them made at the first call)."""
+        if not self._relu_masks:
+            self._relu_masks = [np.empty_like(d, self.dtype) for d in self._derivatives]
+        return self._relu_masks[i]
 
     def _derivative_of(self, a: np.ndarray, out: np.ndarray) -> None:
         """out ← σ'(z) from the activation a = σ(z), for tanh and sigmoid (as ``mlp`` does)."""

@@ -1,10 +1,8 @@
 """Elementwise nonlinearities as layers, forward beside backward.
 
 Each backward pass is expressed through what the forward pass kept (the output for sigmoid and
-tanh, for relu a mask of 0 and 1 in the input's dtype: numpy multiplies floats by floats about
-three times as fast as by booleans, which it casts as it goes). ReLU's kink: the derivative at
-exactly 0 is taken as 0 (as JAX does: its relu's gradient at 0 is 0); the verifier draws inputs
-away from 0.
+tanh, a boolean mask for relu). ReLU's kink: the derivative at exactly 0 is taken as 0 (as JAX
+does: its relu's gradient at 0 is 0); the verifier draws inputs away from 0.
 gelu is the tanh approximation (``jax.nn.gelu``'s default); swish is x·σ(x) (``jax.nn.swish``).
 """
 
@@ -56,7 +54,7 @@ class Activation:
             y = xp.tanh(x)
             return y, y
         if name == "relu":
-            positive = (x > 0).astype(x.dtype)
+            positive = x > 0
             return x * positive, positive
         if name == "swish":
             s = _sigmoid(x, xp)
