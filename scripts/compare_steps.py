@@ -25,13 +25,14 @@ import numpy as np
 MODULES = ("research.engine.inplace", "research.engine.optim", "research.engine.mlp")
 
 
-def load(root: Path) -> dict[str, Any]:
-    """The engine's modules of the checkout at ``root`` (imported afresh)."""
+def load(root: Path, names: tuple[str, ...] = (*MODULES, "research.data")) -> dict[str, Any]:
+    """The modules ``names`` of the ``research`` package of the checkout at ``root``, imported
+    afresh (every ``research`` module imported before is forgotten first)."""
     for name in [m for m in sys.modules if m == "research" or m.startswith("research.")]:
         del sys.modules[name]
     sys.path.insert(0, str(root))
     try:
-        modules = {name: importlib.import_module(name) for name in (*MODULES, "research.data")}
+        modules = {name: importlib.import_module(name) for name in names}
     finally:
         sys.path.pop(0)
     return modules

@@ -18,23 +18,12 @@ research`` sets up the bench's workers (glibc's ``mallopt`` thresholds), for bot
 
 from __future__ import annotations
 
-import importlib
 import statistics
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
-
-def load(root: Path) -> ModuleType:
-    """``research.bench.contenders`` of the checkout at ``root`` (imported afresh)."""
-    for name in [m for m in sys.modules if m == "research" or m.startswith("research.")]:
-        del sys.modules[name]
-    sys.path.insert(0, str(root))
-    try:
-        return importlib.import_module("research.bench.contenders")
-    finally:
-        sys.path.pop(0)
+from compare_steps import load  # (this folder is on the path of a script run from it)
 
 
 def main() -> None:
@@ -42,7 +31,7 @@ def main() -> None:
     rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 20
     runs = {}
     for label, root in (("before", before_root), ("after", Path(__file__).resolve().parents[1])):
-        contenders = load(root)
+        contenders = load(root, ("research.bench.contenders",))["research.bench.contenders"]
         workload = next(w for w in contenders.WORKLOADS if w.key == key)
         contender = contenders._make_contender("engine-f32", contenders._Data(None, None))
         runs[label] = contender.prepare(workload, workload.steps)

@@ -36,6 +36,16 @@ def keep_decisions(rng: np.random.Generator, shape: tuple[int, ...], rate: Any) 
     return _from_words(rng, shape, rate)
 
 
+def inverted_dropout_mask(
+    rng: np.random.Generator, shape: tuple[int, ...], rate: float, dtype: Any
+) -> np.ndarray:
+    """A fresh inverted-dropout mask of ``shape``: 0 where a unit is dropped, 1/(1 − rate) where
+    it is kept (:func:`keep_decisions`), in ``dtype``; what ``mlp.dropout_masks`` and the
+    ``dropout`` layer draw."""
+    kept = keep_decisions(rng, shape, rate)  # rng.random(float32) >= rate
+    return kept.astype(dtype) * np.asarray(1 / (1 - rate), dtype=dtype)
+
+
 def _from_words(rng: np.random.Generator, shape: tuple[int, ...], rate: Any) -> np.ndarray:
     """:func:`keep_decisions` from PCG64's raw 64-bit outputs (see the module docstring)."""
     generator = rng.bit_generator

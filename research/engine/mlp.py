@@ -22,7 +22,7 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from research.engine.keep_decisions import keep_decisions
+from research.engine.keep_decisions import inverted_dropout_mask
 
 Params = list[dict[str, np.ndarray]]
 
@@ -223,8 +223,7 @@ def dropout_masks(
         if rate == 0:
             masks.append(None)
             continue
-        kept = keep_decisions(rng, (rows, width), rate)  # rng.random(float32) >= rate
-        masks.append(kept.astype(dtype) * np.asarray(1 / (1 - rate), dtype=dtype))
+        masks.append(inverted_dropout_mask(rng, (rows, width), rate, dtype))
     return masks
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from research.engine.keep_decisions import keep_decisions
+from research.engine.keep_decisions import inverted_dropout_mask
 from research.engine.layers.base import ArrayNamespace, LayerParams, Shape
 
 
@@ -38,8 +38,7 @@ class Dropout:
         """A fresh mask of ``shape`` (B, *in_shape) in ``dtype``; None when the rate is 0."""
         if self.rate == 0:
             return None
-        kept = keep_decisions(rng, shape, self.rate)  # rng.random(float32) >= rate
-        return kept.astype(dtype) * np.asarray(1 / (1 - self.rate), dtype=dtype)
+        return inverted_dropout_mask(rng, tuple(shape), self.rate, dtype)
 
     def forward(
         self, params: LayerParams, x: Any, xp: ArrayNamespace, *, mask: Any = None

@@ -463,7 +463,7 @@ def _publish_refit(
 
     def with_champion() -> None:
         # (test_accuracy is on the parent already: the champion's model logged it, as its own)
-        parent.log_weights(params, result.model, "best_weights.npz", state=result.state)
+        parent.log_weights(params, result.model, "best_weights.npz", state=state)
         # which trial best_weights.npz and test_accuracy belong to: best_trial moves with every
         # invocation, --no-final ones included
         parent.set_tags({"refit_trial": str(best.number)})
